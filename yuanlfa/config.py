@@ -1,0 +1,481 @@
+"""Configuration: frozen dataclasses, a strict YAML loader, dotted overrides and validation.
+
+Each component receives only its own sub-config. YAML enters the program only through
+:func:`load_config`; everything after that works on typed, validated, immutable objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = 24
+    hidden_size: int = 2048
+    num_heads: int = 32
+    # None means 4 * hidden_size (Yuan 2.0's SwiGLU width).
+    ffn_hidden_size: int | None = None
+    # None means the tokenizer's vocabulary padded to a multiple of 128 * tp.
+    vocab_size: int | None = 135040
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    lfa: bool = True
+    # Restart the filter at document starts inside packed samples (the reference does not).
+    lfa_reset_at_doc_start: bool = False
+    lfa_impl: Literal["auto", "reference", "triton"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # None: derived from the world size as world // (tp * pp * cp).
+    dp: int | None = None
+    cp: int = 1
+    pipeline_blocks: tuple[int, ...] | None = None
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 1900
+    # None: decay over train.steps.
+    decay_steps: int | None = None
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    distributed: bool = False
+    # None: fused AdamW where torch supports it on the device.
+    fused: bool | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A .bin/.idx prefix; None means the embedded default corpus (tokenized once into a cache).
+    path: str | None = None
+    tokenizer: Literal["byte"] = "byte"
+    split: str = "98,1,1"
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Evaluate on the held-out split every N steps (0: only at the end).
+    eval_interval: int = 0
+    eval_iters: int = 4
+    # Stop the run (instead of skipping the step) when the gradients hold inf or NaN.
+    stop_on_nan: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 0
+    resume: bool = False
+    keep_last: int = 2
+    save_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    jsonl: str | None = None
+    tensorboard_dir: str | None = None
+    log_interval: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            )
+        return value
+    if origin is tuple:
+        (elem,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown key '{full}'{hint}; valid keys here: {valid}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, data[name], full)
+        else:
+            kwargs[name] = _coerce(data[name], tp, full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is YAML so lists and numbers keep their types."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Return a copy of ``data`` with dotted overrides applied; unknown keys fail later."""
+    data = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def config_from_dict(data: dict | None, overrides: typing.Iterable[str] = ()) -> Config:
+    cfg = _from_dict(Config, apply_overrides(data or {}, overrides), "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a YAML config strictly, apply ``--set`` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; see configs/ for presets")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(data or {}, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-data form (tuples as lists) for JSON manifests and logs."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(out)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value is None or value > 0, f"{section}.{name}: must be > 0, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check each section and the relations between sections; raise ConfigError on the first."""
+    m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
+    _positive("model", m, "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+    _positive("model", m, "vocab_size", "rope_base", "norm_eps", "init_std")
+    _require(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    _require(
+        m.head_dim % 2 == 0,
+        f"model.hidden_size / model.num_heads = {m.head_dim} must be even for RoPE",
+    )
+    _require(
+        m.hidden_size % 2 == 0,
+        f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
+    )
+
+    _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages")
+    _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
+    _require(
+        m.num_heads % p.tp == 0,
+        f"parallel.tp: {p.tp} does not divide model.num_heads={m.num_heads}",
+    )
+    _require(
+        m.ffn_size % p.tp == 0,
+        f"parallel.tp: {p.tp} does not divide the ffn size {m.ffn_size}",
+    )
+    if m.vocab_size is not None:
+        _require(
+            m.vocab_size % p.tp == 0,
+            f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp={p.tp}; "
+            "pad it to a multiple of 128 * tp",
+        )
+    _require(
+        p.virtual_stages == 1 or p.pp > 1,
+        "parallel.virtual_stages: needs parallel.pp > 1",
+    )
+    if p.pipeline_blocks is not None:
+        blocks = p.pipeline_blocks
+        stages = p.pp * p.virtual_stages
+        _require(
+            len(blocks) == stages,
+            f"parallel.pipeline_blocks: has {len(blocks)} entries but parallel.pp * "
+            f"parallel.virtual_stages = {stages}",
+        )
+        _require(
+            all(b >= 0 for b in blocks),
+            f"parallel.pipeline_blocks: entries must be >= 0, got {list(blocks)}",
+        )
+        _require(
+            sum(blocks) == m.num_layers,
+            f"parallel.pipeline_blocks: sums to {sum(blocks)} but model.num_layers = "
+            f"{m.num_layers}",
+        )
+    elif p.pp * p.virtual_stages > 1:
+        _require(
+            m.num_layers % (p.pp * p.virtual_stages) == 0,
+            f"parallel.pp: model.num_layers={m.num_layers} is not divisible by "
+            f"{p.pp * p.virtual_stages} stages; give parallel.pipeline_blocks",
+        )
+    _require(
+        not p.sequence_parallel or p.tp > 1,
+        "parallel.sequence_parallel: needs parallel.tp > 1",
+    )
+
+    _positive("optim", o, "lr", "eps", "decay_steps")
+    for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+        value = getattr(o, name)
+        _require(value >= 0, f"optim.{name}: must be >= 0, got {value}")
+    _require(o.min_lr <= o.lr, f"optim.min_lr: {o.min_lr} is larger than optim.lr={o.lr}")
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        _require(0.0 <= value < 1.0, f"optim.{name}: must be in [0, 1), got {value}")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        value = getattr(o, name)
+        _require(math.isfinite(value), f"optim.{name}: must be finite, got {value}")
+
+    _positive("train", t, "steps", "micro_batch_size", "global_batch_size", "seq_length")
+    _require(t.eval_interval >= 0, f"train.eval_interval: must be >= 0, got {t.eval_interval}")
+    _require(t.eval_iters >= 0, f"train.eval_iters: must be >= 0, got {t.eval_iters}")
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+        f"train.micro_batch_size={t.micro_batch_size}",
+    )
+    if p.dp is not None:
+        per_step = t.micro_batch_size * p.dp
+        _require(
+            t.global_batch_size % per_step == 0,
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * parallel.dp = {per_step}",
+        )
+    _require(
+        not p.sequence_parallel or t.seq_length % p.tp == 0,
+        f"train.seq_length: {t.seq_length} is not divisible by parallel.tp={p.tp} "
+        "(needed by sequence parallelism)",
+    )
+
+    c = cfg.checkpoint
+    _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    _require(
+        not (c.resume and c.dir is None),
+        "checkpoint.resume: needs checkpoint.dir to know where to resume from",
+    )
+    _require(
+        not (c.interval > 0 and c.dir is None),
+        "checkpoint.interval: needs checkpoint.dir",
+    )
+    _require(
+        cfg.logging.log_interval >= 1,
+        f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
+    )
+    _validate_split(cfg.data.split)
+
+
+def _validate_split(split: str) -> None:
+    parts = split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"data.split: {split!r} must be comma-separated numbers") from None
+    _require(
+        len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
+        f"data.split: {split!r} must be up to three non-negative weights (train,valid,test)",
+    )
+
+
+def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) -> Config:
+    """Fill the derived fields (dp from the world size, the padded vocabulary) and re-validate."""
+    p, m = cfg.parallel, cfg.model
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"parallel: tp * pp * cp = {model_parallel} does not divide the world size "
+            f"{world_size}; launch a multiple of {model_parallel} processes"
+        )
+    dp = world_size // model_parallel
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(
+            f"parallel.dp: {p.dp} but world size {world_size} / (tp * pp * cp = "
+            f"{model_parallel}) = {dp}; omit parallel.dp or launch {model_parallel * p.dp} "
+            "processes"
+        )
+    vocab = m.vocab_size
+    if vocab is None:
+        if tokenizer_vocab is None:
+            raise ConfigError("model.vocab_size: null needs a tokenizer to derive it from")
+        multiple = 128 * p.tp
+        vocab = -(-tokenizer_vocab // multiple) * multiple
+    elif tokenizer_vocab is not None and vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            "set it to null to derive it"
+        )
+    cfg = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(p, dp=dp),
+        model=dataclasses.replace(m, vocab_size=vocab),
+    )
+    validate(cfg)
+    return cfg

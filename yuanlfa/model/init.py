@@ -1,0 +1,87 @@
+"""Layout-independent construction: build on the meta device, then give every parameter a value
+that depends only on (seed, global parameter name).
+
+Any tensor/pipeline layout therefore builds exactly the same model, and any checkpoint loads into
+any layout. Values are drawn on the CPU so they do not depend on the device either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from yuanlfa.config import ModelConfig
+from yuanlfa.model.transformer import YuanModel
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one parameter (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial fp32 value of the full (unsharded) parameter ``name``."""
+    gen = torch.Generator().manual_seed(name_seed(seed, name))
+    out = torch.empty(shape, dtype=torch.float32)
+    if name.endswith("norm.weight"):
+        return out.fill_(1.0)
+    if ".lf_gate.conv" in name:
+        # torch.nn.Conv2d's default (what the released model was trained from): U(+-1/sqrt(fan_in)).
+        in_channels = cfg.hidden_size if ".conv1." in name else cfg.hidden_size // 2
+        bound = 1.0 / math.sqrt(in_channels * 2)
+        return out.uniform_(-bound, bound, generator=gen)
+    if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
+        # Megatron's scaled init for projections that feed the residual stream.
+        std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+        return out.normal_(0.0, std, generator=gen)
+    if name.endswith("weight"):
+        return out.normal_(0.0, cfg.init_std, generator=gen)
+    raise ValueError(f"no initialization rule for parameter {name!r}")
+
+
+def build_model(
+    cfg: ModelConfig,
+    layer_ids: Iterable[int] | None = None,
+    has_embedding: bool = True,
+    has_head: bool = True,
+    device: str | torch.device = "meta",
+) -> YuanModel:
+    """Construct without allocating (device="meta"); call :func:`materialize` to fill values."""
+    with torch.device(device):
+        return YuanModel(cfg, layer_ids, has_embedding, has_head)
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module,
+    cfg: ModelConfig,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Allocate the parameters on ``device`` and fill each from (seed, its global name)."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        value = init_value(name, tuple(param.shape), cfg, seed)
+        param.data = value.to(device=device, dtype=dtype)
+    return model
+
+
+def create_model(
+    cfg: ModelConfig,
+    seed: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer_ids: Iterable[int] | None = None,
+    has_embedding: bool = True,
+    has_head: bool = True,
+) -> YuanModel:
+    """Build on meta and materialize: the model (or stage) ready to train."""
+    model = build_model(cfg, layer_ids, has_embedding, has_head)
+    materialize(model, cfg, seed, device, dtype)
+    return model

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for per-token positions.
+
+    position_ids: [s, b] (any integer dtype). Returns cos, sin: [s, b, 1, head_dim], broadcast over
+    heads. Angles are computed in fp32 from the positions themselves, so positions that restart
+    at document boundaries rotate exactly like the start of a sequence.
+    """
+    device = position_ids.device
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # [s, b, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [s, b, 1, head_dim]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [s, b, heads, head_dim] (the rotate-half convention used by Yuan 2.0)."""
+    return x * cos + _rotate_half(x) * sin
