@@ -105,6 +105,9 @@ class TrainConfig:
     eval_iters: int = 4
     # Stop the run (instead of skipping the step) when the gradients hold inf or NaN.
     stop_on_nan: bool = False
+    # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
+    # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
+    exit_interval: int = 0
 
 
 @dataclass(frozen=True)
@@ -397,6 +400,7 @@ def validate(cfg: Config) -> None:
     _positive("train", t, "steps", "micro_batch_size", "global_batch_size", "seq_length")
     _require(t.eval_interval >= 0, f"train.eval_interval: must be >= 0, got {t.eval_interval}")
     _require(t.eval_iters >= 0, f"train.eval_iters: must be >= 0, got {t.eval_iters}")
+    _require(t.exit_interval >= 0, f"train.exit_interval: must be >= 0, got {t.exit_interval}")
     _require(
         t.global_batch_size % t.micro_batch_size == 0,
         f"train.global_batch_size: {t.global_batch_size} is not divisible by "

@@ -25,7 +25,9 @@ def generate(
     Sequences that produced ``eod_id`` keep emitting it. Returns [b, s + new].
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch, seq], got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty [batch, seq], got {tuple(input_ids.shape)}"
+        )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     cache = InferenceCache()

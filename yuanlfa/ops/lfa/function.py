@@ -71,11 +71,21 @@ def localized_filtering(
             f"LFA state must be x [{b}, {h}] and y [{b}, {h // 2}], got "
             f"{tuple(state.x.shape)} and {tuple(state.y.shape)}"
         )
-    if doc_start is not None and (tuple(doc_start.shape) != (s, b) or doc_start.dtype != torch.bool):
-        raise ValueError(f"LFA doc_start must be bool [{s}, {b}], got {doc_start.dtype} "
-                         f"{tuple(doc_start.shape)}")
+    if doc_start is not None and (
+        tuple(doc_start.shape) != (s, b) or doc_start.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"LFA doc_start must be bool [{s}, {b}], got {doc_start.dtype} {tuple(doc_start.shape)}"
+        )
     resolve_impl(impl, x.device)
     return lfa_reference(
-        x, conv1_weight, conv1_bias, conv2_weight, conv2_bias, norm_weight, eps,
-        state=state, doc_start=doc_start,
+        x,
+        conv1_weight,
+        conv1_bias,
+        conv2_weight,
+        conv2_bias,
+        norm_weight,
+        eps,
+        state=state,
+        doc_start=doc_start,
     )

@@ -1,0 +1,143 @@
+"""Single-process training end to end on a small real corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from yuanlfa.checkpoint import latest_checkpoint
+from yuanlfa.config import ConfigError, config_from_dict
+from yuanlfa.data import DataError, IndexedDatasetBuilder
+from yuanlfa.train import train
+from yuanlfa.train.trainer import NonFiniteGradients
+
+from .conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(corpus: str, **extra: object):
+    return train(config_from_dict(tiny_overrides(corpus, **extra)), progress=False)
+
+
+@pytest.mark.slow
+def test_loss_falls_and_log_has_every_step(small_corpus: str, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    result = _run(small_corpus, train__steps=40, logging__jsonl=str(log))
+    losses = [r["loss"] for r in result.records]
+    assert len(losses) == 40
+    # Uniform guessing over 384 ids costs ln(384) = 5.95 nats; real text must go well below.
+    assert losses[0] > 5.0
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
+    assert records[-1]["loss"] == losses[-1]
+    assert "eval_loss" in records[-1] and math.isfinite(records[-1]["eval_loss"])
+
+
+def test_accumulation_matches_one_big_microbatch(small_corpus: str) -> None:
+    """The gradient is the global-batch mean however the batch is cut into microbatches."""
+    a = _run(small_corpus, train__steps=3, train__micro_batch_size=1)
+    b = _run(small_corpus, train__steps=3, train__micro_batch_size=8)
+    for ra, rb in zip(a.records, b.records):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_resume_is_exact(small_corpus: str, tmp_path: Path) -> None:
+    full = _run(small_corpus, train__steps=8)
+    ckpt = str(tmp_path / "ckpt")
+    first = _run(small_corpus, train__steps=8, train__exit_interval=4, checkpoint__dir=ckpt)
+    assert len(first.records) == 4
+    assert latest_checkpoint(ckpt).name == "step_0000004"
+    second = _run(small_corpus, train__steps=8, checkpoint__dir=ckpt, checkpoint__resume=True)
+    assert [r["step"] for r in second.records] == [5, 6, 7, 8]
+    resumed = [r["loss"] for r in first.records + second.records]
+    assert resumed == [r["loss"] for r in full.records]  # bit for bit
+
+
+def test_existing_checkpoints_are_not_overwritten(small_corpus: str, tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    _run(small_corpus, train__steps=2, checkpoint__dir=ckpt)
+    before = (Path(ckpt) / "step_0000002" / "model.pt").read_bytes()
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        _run(small_corpus, train__steps=2, checkpoint__dir=ckpt)
+    assert (Path(ckpt) / "step_0000002" / "model.pt").read_bytes() == before
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(
+    small_corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    _run(small_corpus, train__steps=2, checkpoint__dir=str(ckpt))
+    good = (ckpt / "step_0000002" / "model.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if str(f).endswith("optim.pt"):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        _run(small_corpus, train__steps=4, checkpoint__dir=str(ckpt), checkpoint__resume=True)
+    monkeypatch.undo()
+    assert latest_checkpoint(ckpt).name == "step_0000002"
+    assert (ckpt / "step_0000002" / "model.pt").read_bytes() == good
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]
+    again = _run(small_corpus, train__steps=4, checkpoint__dir=str(ckpt), checkpoint__resume=True)
+    assert [r["step"] for r in again.records] == [3, 4]
+
+
+def test_nonfinite_gradients_skip_or_stop(small_corpus: str) -> None:
+    # A huge learning rate blows the weights up after the first update; later gradients are NaN.
+    skipped = _run(small_corpus, train__steps=4, optim__lr=1e30, optim__min_lr=0.0)
+    assert any(r.get("skipped") for r in skipped.records)
+    with pytest.raises(NonFiniteGradients, match=r"step \d+"):
+        _run(
+            small_corpus,
+            train__steps=4,
+            optim__lr=1e30,
+            optim__min_lr=0.0,
+            train__stop_on_nan=True,
+        )
+
+
+def test_data_tokens_outside_vocab_are_refused(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "bad")
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        builder.add_document(list(range(200)) + [1000] + list(range(200)))
+        builder.finalize()
+    with pytest.raises(DataError, match="1000"):
+        _run(prefix, train__steps=1)
+
+
+def test_cli_bad_config_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: -1.0\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "yuanlfa.cli.train", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "optim.lr" in out.stderr
+
+
+def test_tensorboard_scalars_written(small_corpus: str, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    tb = tmp_path / "tb"
+    _run(small_corpus, train__steps=2, logging__tensorboard_dir=str(tb))
+    events = list(tb.glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

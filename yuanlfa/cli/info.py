@@ -1,0 +1,124 @@
+"""yuanlfa-info: sizes and costs of a config, without building or allocating the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from yuanlfa.config import Config, ConfigError, load_config, resolve
+from yuanlfa.planner import flops_per_token, param_counts, stage_memory
+
+GIB = 2**30
+
+
+def summarize(cfg: Config, world_size: int | None = None) -> dict:
+    p = cfg.parallel
+    if cfg.model.vocab_size is None:
+        raise ConfigError(
+            "model.vocab_size: null is derived from the tokenizer at train time; give a number "
+            "to size the model"
+        )
+    if world_size is None:
+        world_size = p.tp * p.pp * p.cp * (p.dp or 1)
+    cfg = resolve(cfg, world_size)
+    dp = cfg.parallel.dp
+    counts = param_counts(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.train.seq_length)
+    stages = stage_memory(cfg, dp)
+    return {
+        "params_total": counts.total,
+        "params_embedding": counts.embedding,
+        "params_per_layer": counts.per_layer,
+        "params_lfa_per_layer": counts.lfa_per_layer,
+        "lfa_share": counts.lfa_share,
+        "lfa_share_of_layer": counts.lfa_per_layer / counts.per_layer,
+        "flops_per_token": flops,
+        "seq_length": cfg.train.seq_length,
+        "layout": {
+            "tp": p.tp,
+            "pp": p.pp,
+            "dp": dp,
+            "virtual_stages": p.virtual_stages,
+            "world_size": world_size,
+            "pipeline_blocks": [s.layers for s in stages],
+            "distributed_optimizer": cfg.optim.distributed,
+        },
+        "per_rank": [
+            {
+                "pipeline_rank": s.stage,
+                "layers": s.layers,
+                "params": s.params,
+                "weights_bytes": s.weights_bytes,
+                "grads_bytes": s.grads_bytes,
+                "optimizer_bytes": s.optimizer_bytes,
+                "total_bytes": s.total_bytes,
+            }
+            for s in stages
+        ],
+        "max_rank_bytes": max(s.total_bytes for s in stages),
+    }
+
+
+def _print_text(info: dict) -> None:
+    lay = info["layout"]
+    print(f"parameters      {info['params_total'] / 1e9:.3f} B")
+    print(f"  embedding     {info['params_embedding'] / 1e6:.1f} M (tied with the head)")
+    print(
+        f"  per layer     {info['params_per_layer'] / 1e6:.2f} M, of which LFA "
+        f"{info['params_lfa_per_layer'] / 1e6:.2f} M ({100 * info['lfa_share_of_layer']:.1f}%)"
+    )
+    print(f"  LFA share     {100 * info['lfa_share']:.2f}% of the model")
+    f = info["flops_per_token"]
+    print(
+        f"FLOPs/token     forward {f['forward'] / 1e9:.2f} G, train {f['train'] / 1e9:.2f} G "
+        f"at seq {info['seq_length']} (LFA {f['lfa'] / 1e9:.2f} G forward)"
+    )
+    print(
+        f"layout          tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} = {lay['world_size']} "
+        f"ranks, distributed optimizer {'on' if lay['distributed_optimizer'] else 'off'}"
+    )
+    print("pipeline rank   layers   params     weights   grads   optimizer   total (GiB)")
+    for r in info["per_rank"]:
+        print(
+            f"{r['pipeline_rank']:>13}   {r['layers']:>6}   {r['params'] / 1e9:6.3f} B  "
+            f"{r['weights_bytes'] / GIB:7.2f}  {r['grads_bytes'] / GIB:6.2f}  "
+            f"{r['optimizer_bytes'] / GIB:10.2f}  {r['total_bytes'] / GIB:10.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="yuanlfa-info", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. parallel.pp=8",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="number of ranks (default: tp * pp * dp from the config, dp=1 when unset)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = summarize(cfg, args.world_size)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_text(info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

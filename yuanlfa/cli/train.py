@@ -1,0 +1,39 @@
+"""yuanlfa-train: train a model from a YAML config, alone or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from yuanlfa.checkpoint import CheckpointError
+from yuanlfa.config import ConfigError, load_config
+from yuanlfa.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="yuanlfa-train", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted overrides parsed as YAML, e.g. train.steps=20",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    from yuanlfa.train import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, progress=not args.quiet)
+    except (ConfigError, CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

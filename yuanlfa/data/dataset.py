@@ -1,0 +1,243 @@
+"""Documents packed into fixed-length training samples, as Megatron's GPTDataset does it.
+
+Three index arrays define the samples: the document order (one seeded permutation per epoch), the
+sample index (where each sample starts and ends in that order) and a seeded shuffle of the
+samples. A sample holds ``seq_length + 1`` tokens: inputs are the first ``seq_length``, labels
+the last ``seq_length``; consecutive samples share one token.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
+
+
+def build_sample_index(
+    doc_lengths: np.ndarray, doc_order: np.ndarray, seq_length: int, num_samples: int
+) -> np.ndarray:
+    """Sample boundaries as (position in ``doc_order``, token offset in that document).
+
+    Row i is where sample i starts and row i + 1 holds its last token (inclusive), which is also
+    the first token of sample i + 1. ``doc_lengths`` is indexed by document id, ``doc_order`` is
+    a sequence of ids. Returns int64 [num_samples + 1, 2]; equal to Megatron's build_sample_idx.
+    """
+    if seq_length < 1 or num_samples < 0:
+        raise DataError(
+            f"need seq_length >= 1 and num_samples >= 0, got {seq_length}, {num_samples}"
+        )
+    lengths = np.asarray(doc_lengths)[np.asarray(doc_order)].astype(np.int64)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    needed = num_samples * seq_length + 1
+    if starts[-1] < needed:
+        raise DataError(
+            f"the document order holds {starts[-1]} tokens, {num_samples} samples of "
+            f"{seq_length} need {needed}"
+        )
+    out = np.zeros((num_samples + 1, 2), dtype=np.int64)
+    # Sample i ends on stream token (i + 1) * seq_length. side="right" picks the document that
+    # contains it, stepping over empty documents exactly as Megatron's walk does.
+    ends = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
+    doc = np.searchsorted(starts, ends, side="right") - 1
+    out[1:, 0] = doc
+    out[1:, 1] = ends - starts[doc]
+    return out
+
+
+def _one_sequence_per_document(indexed: MMapIndexedDataset) -> bool:
+    doc_idx = indexed.doc_idx
+    return len(doc_idx) == len(indexed) + 1 and bool(np.all(np.diff(doc_idx) == 1))
+
+
+def _document_lengths(indexed: MMapIndexedDataset, single: bool) -> np.ndarray:
+    sizes = indexed.sizes
+    if single:
+        return sizes
+    cumulative = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=cumulative[1:])
+    doc_idx = indexed.doc_idx
+    return cumulative[doc_idx[1:]] - cumulative[doc_idx[:-1]]
+
+
+def position_ids_from_tokens(tokens: np.ndarray, eod_id: int) -> np.ndarray:
+    """Positions that restart at 0 on the token after each EOD (and at the sample start)."""
+    n = len(tokens)
+    restart = np.zeros(n, dtype=np.int64)
+    after_eod = np.flatnonzero(tokens[:-1] == eod_id) + 1
+    restart[after_eod] = after_eod
+    np.maximum.accumulate(restart, out=restart)
+    return np.arange(n, dtype=np.int64) - restart
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Fixed-length samples of ``seq_length`` tokens packed from ``documents`` of ``indexed``.
+
+    ``documents`` are document indices (entries of ``indexed.doc_idx``); a document made of
+    several sequences is read as their concatenation. Sample ``i`` is the same for a given
+    seed whatever the process, worker or layout that asks for it.
+    """
+
+    def __init__(
+        self,
+        indexed: MMapIndexedDataset,
+        *,
+        seq_length: int,
+        num_samples: int,
+        seed: int,
+        eod_id: int,
+        documents: np.ndarray,
+        shuffle: bool = True,
+    ) -> None:
+        if seq_length < 1:
+            raise DataError(f"seq_length must be >= 1, got {seq_length}")
+        if num_samples < 0:
+            raise DataError(f"num_samples must be >= 0, got {num_samples}")
+        if not 0 <= seed < 2**32:
+            raise DataError(f"seed must be in [0, 2**32), got {seed}")
+        documents = np.asarray(documents, dtype=np.int64)
+        num_docs = indexed.num_documents
+        if documents.ndim != 1 or len(documents) == 0:
+            raise DataError(f"{indexed.prefix}: no documents selected for this dataset")
+        if documents.min() < 0 or documents.max() >= num_docs:
+            raise DataError(
+                f"{indexed.prefix}: document indices must be in [0, {num_docs}), got "
+                f"{documents.min()}..{documents.max()}"
+            )
+        self.indexed = indexed
+        self.seq_length = seq_length
+        self.num_samples = num_samples
+        self.eod_id = eod_id
+        self._single = _one_sequence_per_document(indexed)
+        self.doc_lengths = _document_lengths(indexed, self._single)
+        tokens_per_epoch = int(self.doc_lengths[documents].sum())
+        if tokens_per_epoch < seq_length + 1:
+            raise DataError(
+                f"{indexed.prefix}: the {len(documents)} selected documents hold "
+                f"{tokens_per_epoch} tokens, fewer than one sample needs (seq_length + 1 = "
+                f"{seq_length + 1}); use a shorter train.seq_length or more data"
+            )
+        needed = num_samples * seq_length + 1
+        epochs = -(-needed // tokens_per_epoch)
+        # RandomState, not Generator: its streams are frozen across numpy versions, so a seed
+        # names the same samples forever.
+        rng = np.random.RandomState(seed)
+        order_dtype = np.int32 if num_docs < 2**31 else np.int64
+        orders = [rng.permutation(documents) if shuffle else documents for _ in range(epochs)]
+        self.doc_order = np.concatenate(orders).astype(order_dtype)
+        self.sample_index = build_sample_index(
+            self.doc_lengths, self.doc_order, seq_length, num_samples
+        )
+        self.shuffle_index = (
+            rng.permutation(num_samples) if shuffle else np.arange(num_samples)
+        ).astype(np.int64)
+
+    def __getstate__(self) -> dict:
+        # The lengths may be a view of the memory map: recompute them instead of copying.
+        state = self.__dict__.copy()
+        del state["doc_lengths"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.doc_lengths = _document_lengths(self.indexed, self._single)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _read(self, doc: int, offset: int, length: int) -> list[np.ndarray]:
+        if self._single:
+            return [self.indexed.get(doc, offset, length)]
+        parts = []
+        doc_idx = self.indexed.doc_idx
+        for seq in range(int(doc_idx[doc]), int(doc_idx[doc + 1])):
+            size = int(self.indexed.sizes[seq])
+            if offset >= size:
+                offset -= size
+                continue
+            take = min(size - offset, length)
+            parts.append(self.indexed.get(seq, offset, take))
+            length -= take
+            offset = 0
+            if length == 0:
+                break
+        return parts
+
+    def sample_tokens(self, i: int) -> np.ndarray:
+        """The ``seq_length + 1`` tokens of sample ``i`` (after shuffling), as int64."""
+        if not -self.num_samples <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range ({self.num_samples} samples)")
+        j = int(self.shuffle_index[i])
+        (first, start), (last, end) = self.sample_index[j], self.sample_index[j + 1]
+        first, start, last, end = int(first), int(start), int(last), int(end)
+        lengths = self.doc_lengths
+        order = self.doc_order
+        if first == last:
+            parts = self._read(int(order[first]), start, end - start + 1)
+        else:
+            doc = int(order[first])
+            parts = self._read(doc, start, int(lengths[doc]) - start)
+            for k in range(first + 1, last):
+                doc = int(order[k])
+                parts += self._read(doc, 0, int(lengths[doc]))
+            parts += self._read(int(order[last]), 0, end + 1)
+        return np.concatenate(parts).astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = self.sample_tokens(i)
+        tokens = sample[:-1]
+        return {
+            "tokens": torch.from_numpy(tokens.copy()),
+            "labels": torch.from_numpy(sample[1:].copy()),
+            "position_ids": torch.from_numpy(position_ids_from_tokens(tokens, self.eod_id)),
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+        }
+
+
+def split_documents(num_documents: int, split: str = "98,1,1") -> tuple[np.ndarray, ...]:
+    """Contiguous train/valid/test ranges of document indices from weights like ``"98,1,1"``.
+
+    Every split with a positive weight gets at least one document when there are enough.
+    """
+    parts = [p.strip() for p in re.split(r"[,/]", split)]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 or w != w for w in weights) or sum(weights) <= 0:
+        raise DataError(
+            f"invalid data split {split!r}: give up to three non-negative weights with a "
+            "positive sum, like '98,1,1' (train, valid, test)"
+        )
+    weights += [0.0] * (3 - len(weights))
+    if num_documents < 1:
+        raise DataError("cannot split a dataset with no documents")
+    total = sum(weights)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + round(w / total * num_documents))
+    # Rounding can overshoot or undershoot; the last boundary must be the document count.
+    shift = bounds[-1] - num_documents
+    bounds = [max(0, b - shift) if i else 0 for i, b in enumerate(bounds)]
+    counts = [bounds[i + 1] - bounds[i] for i in range(3)]
+    wanted = [i for i in range(3) if weights[i] > 0]
+    if len(wanted) > num_documents:
+        raise DataError(
+            f"data split {split!r} needs at least {len(wanted)} documents, the dataset has "
+            f"{num_documents}; set a split with fewer non-zero parts, e.g. '1,0,0'"
+        )
+    # The shift above can hand documents to a zero-weight split; they belong to the others.
+    for i in range(3):
+        if weights[i] == 0 and counts[i]:
+            counts[max(wanted, key=lambda k: counts[k])] += counts[i]
+            counts[i] = 0
+    for i in wanted:
+        if counts[i] == 0:
+            donor = max(range(3), key=lambda k: counts[k])
+            counts[donor] -= 1
+            counts[i] += 1
+    edges = np.cumsum([0, *counts])
+    return tuple(np.arange(edges[i], edges[i + 1], dtype=np.int64) for i in range(3))

@@ -1,0 +1,213 @@
+"""Tokenize text files and JSON-lines files into a Megatron ``.bin``/``.idx`` pair."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from yuanlfa.data.indexed_dataset import DataError, IndexedDatasetBuilder, best_dtype
+from yuanlfa.data.tokenizer import Tokenizer, build_tokenizer
+
+# A JSON-lines task carries this many bytes of lines, so workers get batches big enough to
+# amortize the pickling and small enough to keep memory flat.
+_JSONL_TASK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Settings:
+    tokenizer: Tokenizer
+    json_key: str
+    append_eod: bool
+
+
+# Set by the pool initializer, in worker processes only.
+_worker_settings: _Settings | None = None
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.lower().endswith(".jsonl")
+
+
+def _tasks(paths: Sequence[str]) -> Iterator[tuple]:
+    """Work items in output order: a whole text file, or a batch of numbered JSON lines."""
+    for path in paths:
+        if not _is_jsonl(path):
+            yield ("text", path)
+            continue
+        with open(path, "rb") as f:
+            batch: list[bytes] = []
+            first, size = 1, 0
+            for lineno, line in enumerate(f, start=1):
+                if not batch:
+                    first = lineno
+                batch.append(line)
+                size += len(line)
+                if size >= _JSONL_TASK_BYTES:
+                    yield ("jsonl", path, first, batch)
+                    batch, size = [], 0
+            if batch:
+                yield ("jsonl", path, first, batch)
+
+
+def _encode(text: str, tok: Tokenizer) -> np.ndarray:
+    encode_np = getattr(tok, "encode_np", None)
+    return encode_np(text) if encode_np is not None else np.asarray(tok.encode(text), np.int64)
+
+
+def _add(text: str, settings: _Settings, docs: list[np.ndarray]) -> None:
+    tokens = _encode(text, settings.tokenizer)
+    # Empty documents would only add lone EOD tokens.
+    if tokens.size == 0:
+        return
+    if settings.append_eod:
+        tokens = np.append(tokens, settings.tokenizer.eod)
+    docs.append(tokens)
+
+
+def _run_task(task: tuple, settings: _Settings) -> tuple[list[np.ndarray], int]:
+    """Tokenize one work item; returns its documents and the input bytes it consumed."""
+    docs: list[np.ndarray] = []
+    if task[0] == "text":
+        raw = Path(task[1]).read_bytes()
+        _add(raw.decode("utf-8", errors="replace"), settings, docs)
+        return docs, len(raw)
+    _, path, first, lines = task
+    key = settings.json_key
+    nbytes = 0
+    for lineno, line in enumerate(lines, start=first):
+        nbytes += len(line)
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{where}: invalid JSON ({exc.msg}); each line must be one JSON object"
+            ) from None
+        if not isinstance(record, dict) or key not in record:
+            raise DataError(
+                f"{where}: no field {key!r} in this record; choose the text field with "
+                "--json-key (json_key=...)"
+            )
+        text = record[key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {key!r} is {type(text).__name__}, expected a string")
+        _add(text, settings, docs)
+    return docs, nbytes
+
+
+def _init_worker(settings: _Settings) -> None:
+    global _worker_settings
+    _worker_settings = settings
+
+
+def _run_in_worker(task: tuple) -> tuple[list[np.ndarray], int]:
+    assert _worker_settings is not None
+    return _run_task(task, _worker_settings)
+
+
+def _ordered_map(
+    pool: Any, fn: Callable[[tuple], Any], tasks: Iterable[tuple], window: int
+) -> Iterator[Any]:
+    """Like ``pool.imap`` (results in input order) but with at most ``window`` tasks in flight.
+
+    ``Pool.imap`` drains its input eagerly, which would read a large JSON-lines file into memory
+    ahead of the workers.
+    """
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _progress_bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing")
+
+
+def preprocess_files(
+    paths: Sequence[str | os.PathLike[str]],
+    output_prefix: str | os.PathLike[str],
+    tokenizer: Tokenizer | str,
+    *,
+    workers: int = 1,
+    json_key: str | None = None,
+    append_eod: bool = True,
+    progress: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Tokenize ``paths`` in order into ``output_prefix.bin``/``.idx``; returns statistics.
+
+    A ``.jsonl`` file gives one document per line (its ``json_key`` field, default "text"); any
+    other file is one document. The output is identical for every number of workers.
+    """
+    files = [str(p) for p in paths]
+    if not files:
+        raise DataError("no input files given; pass at least one file to tokenize")
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataError(f"input {path} is not a readable file")
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    if isinstance(tokenizer, str):
+        tokenizer = build_tokenizer(tokenizer)
+    prefix = str(output_prefix)
+    existing = [p for p in (prefix + ".bin", prefix + ".idx") if os.path.exists(p)]
+    if existing and not force:
+        raise DataError(
+            f"{' and '.join(existing)} already exist; pass --force (force=True) to overwrite"
+        )
+    parent = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(parent, exist_ok=True)
+
+    start = time.perf_counter()
+    total_bytes = sum(os.path.getsize(p) for p in files)
+    settings = _Settings(tokenizer, json_key or "text", append_eod)
+    bar = _progress_bar(progress, total_bytes)
+    documents = 0
+    pool = None
+    try:
+        with IndexedDatasetBuilder(prefix, best_dtype(tokenizer.vocab_size)) as builder:
+            if workers == 1:
+                results: Iterable[Any] = (_run_task(t, settings) for t in _tasks(files))
+            else:
+                pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings,))
+                results = _ordered_map(pool, _run_in_worker, _tasks(files), window=4 * workers)
+            for docs, nbytes in results:
+                for doc in docs:
+                    builder.add_document(doc)
+                documents += len(docs)
+                if bar is not None:
+                    bar.update(nbytes)
+            tokens = builder.num_tokens
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    return {
+        "files": len(files),
+        "documents": documents,
+        "tokens": tokens,
+        "bytes": total_bytes,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,119 @@
+"""Tokenizers. The built-in one maps UTF-8 bytes to ids, so it needs no vocabulary file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+
+from yuanlfa.data.indexed_dataset import DataError
+
+
+class Tokenizer(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eod(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+# The order is part of the format: token files written with these ids must stay readable.
+SPECIAL_TOKENS = ("<eod>", "<pad>", "<sep>", "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>")
+
+
+class ByteTokenizer:
+    """Ids 0..255 are raw UTF-8 bytes; the specials follow from 256 in SPECIAL_TOKENS order."""
+
+    name = "byte"
+
+    def __init__(self) -> None:
+        self._special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
+
+    @property
+    def eod(self) -> int:
+        return self._special["<eod>"]
+
+    @property
+    def pad(self) -> int:
+        return self._special["<pad>"]
+
+    @property
+    def sep(self) -> int:
+        return self._special["<sep>"]
+
+    @property
+    def fim_prefix(self) -> int:
+        return self._special["<FIM_PREFIX>"]
+
+    @property
+    def fim_middle(self) -> int:
+        return self._special["<FIM_MIDDLE>"]
+
+    @property
+    def fim_suffix(self) -> int:
+        return self._special["<FIM_SUFFIX>"]
+
+    def encode(self, text: str) -> list[int]:
+        # Iterating bytes yields ints in C, far faster than per-character work in Python.
+        return list(text.encode("utf-8"))
+
+    def encode_np(self, text: str) -> np.ndarray:
+        """Token ids as an int32 array (wide enough to append special tokens)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; specials appear as their names, invalid UTF-8 as U+FFFD."""
+        parts: list[str] = []
+        run = bytearray()
+        for raw in ids:
+            t = int(raw)
+            if 0 <= t < 256:
+                run.append(t)
+                continue
+            if not 256 <= t < self.vocab_size:
+                raise DataError(
+                    f"token id {t} is outside the byte vocabulary (0..{self.vocab_size - 1})"
+                )
+            parts.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            parts.append(SPECIAL_TOKENS[t - 256])
+        parts.append(run.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def token_to_id(self, name: str) -> int:
+        if name not in self._special:
+            raise DataError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
+        return self._special[name]
+
+
+_TOKENIZERS = {"byte": ByteTokenizer}
+
+
+def build_tokenizer(name: str) -> ByteTokenizer:
+    if name not in _TOKENIZERS:
+        raise DataError(f"unknown tokenizer {name!r}; supported: {', '.join(sorted(_TOKENIZERS))}")
+    return _TOKENIZERS[name]()
+
+
+def pad_vocab_size(vocab_size: int, multiple: int = 128, tp: int = 1) -> int:
+    """Round up so each tensor-parallel embedding shard has a multiple of ``multiple`` rows."""
+    if vocab_size < 1 or multiple < 1 or tp < 1:
+        raise DataError(
+            f"pad_vocab_size needs positive numbers, got vocab_size={vocab_size}, "
+            f"multiple={multiple}, tp={tp}"
+        )
+    step = multiple * tp
+    return math.ceil(vocab_size / step) * step

@@ -1,0 +1,84 @@
+"""Step metrics: one console line, one JSON record and TensorBoard scalars per logged step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from yuanlfa.config import ConfigError, LoggingConfig
+
+
+def check_tensorboard(cfg: LoggingConfig) -> None:
+    """Fail before training if TensorBoard logging was asked for but cannot work."""
+    if cfg.tensorboard_dir is None:
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "logging.tensorboard_dir: the tensorboard package is not installed; "
+            "pip install tensorboard (or unset logging.tensorboard_dir)"
+        ) from None
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.3e}"
+        if key in ("tokens_per_s",):
+            return f"{key} {value:,.0f}"
+        if math.isfinite(value) and abs(value) < 1e4:
+            return f"{key} {value:.4f}"
+        return f"{key} {value:.4g}"
+    return f"{key} {value}"
+
+
+class MetricsLogger:
+    """Writes what the process holding the loss sees. Other ranks construct it with enabled=False."""
+
+    def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        if cfg.jsonl:
+            Path(cfg.jsonl).parent.mkdir(parents=True, exist_ok=True)
+            # Appending keeps the history of a resumed run in one file.
+            self._jsonl = open(cfg.jsonl, "a", encoding="utf-8")  # noqa: SIM115
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(cfg.tensorboard_dir)
+
+    def log(self, record: dict[str, Any], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        step = record.get("step")
+        if console:
+            fields = [f"step {step}/{self.total_steps}"]
+            fields += [_fmt(k, v) for k, v in record.items() if k != "step"]
+            print(" | ".join(fields), flush=True)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+        if self._tb is not None:
+            for key, value in record.items():
+                if (
+                    key != "step"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    self._tb.add_scalar(f"train/{key}" if "eval" not in key else key, value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,218 @@
+"""The training loop for one process (CPU or one GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
+from yuanlfa.data import build_tokenizer
+from yuanlfa.model import create_model
+from yuanlfa.train.data import build_datasets, get_batch
+from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
+from yuanlfa.train.optimizer import build_optimizer
+from yuanlfa.train.schedule import learning_rate
+
+
+@dataclass
+class TrainResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    final_checkpoint: Path | None = None
+
+
+class NonFiniteGradients(RuntimeError):
+    pass
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda requested but no CUDA device is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def pick_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def prepare_config(cfg: Config) -> Config:
+    """Resolve derived fields for a single process and check what can be checked up front."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ConfigError(
+            f"WORLD_SIZE={world}: this trainer runs one process; multi-process (tp/pp/dp) "
+            "training is not available in this version"
+        )
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    cfg = resolve(cfg, world_size=1, tokenizer_vocab=tokenizer.vocab_size)
+    if cfg.parallel.tp * cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel: tp={cfg.parallel.tp}, pp={cfg.parallel.pp} need that many processes; "
+            "this trainer runs one (set parallel.tp=1 parallel.pp=1)"
+        )
+    check_tensorboard(cfg.logging)
+    ckpt = cfg.checkpoint
+    if ckpt.dir is not None and not ckpt.resume and (Path(ckpt.dir) / "latest").exists():
+        raise ConfigError(
+            f"checkpoint.dir: {ckpt.dir} already holds checkpoints; set checkpoint.resume=true "
+            "to continue from them, or choose another directory (nothing was overwritten)"
+        )
+    return cfg
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Config, device, dtype) -> float:
+    """Mean per-token loss over the first eval_iters global batches of the held-out split."""
+    model.eval()
+    total, count = 0.0, 0.0
+    micro = cfg.train.micro_batch_size
+    for start in range(0, len(dataset) - micro + 1, micro):
+        batch = get_batch(dataset, start, micro, device)
+        with _autocast(device, dtype):
+            losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+        total += float((losses * batch["loss_mask"]).sum())
+        count += float(batch["loss_mask"].sum())
+    model.train()
+    return total / max(count, 1.0)
+
+
+def train(cfg: Config, progress: bool = True) -> TrainResult:
+    """Train per ``cfg``; return the per-step records (the same ones written to the JSONL log)."""
+    cfg = prepare_config(cfg)
+    t, o = cfg.train, cfg.optim
+    device = pick_device(cfg)
+    dtype = pick_precision(cfg, device)
+    torch.manual_seed(t.seed)
+
+    micro_batches = t.global_batch_size // t.micro_batch_size
+    evals = (t.steps // t.eval_interval if t.eval_interval else 0) + 1
+    data = build_datasets(
+        cfg.data,
+        vocab_size=cfg.model.vocab_size,
+        seq_length=t.seq_length,
+        train_samples=t.steps * t.global_batch_size,
+        valid_samples=t.eval_iters * t.global_batch_size if evals and t.eval_iters else 0,
+        seed=t.seed,
+        progress=progress,
+    )
+
+    model = create_model(cfg.model, seed=t.seed, device=device)
+    optimizer = build_optimizer(model, o)
+    model_dict = config_to_dict(cfg.model)
+
+    step, consumed = 0, 0
+    if cfg.checkpoint.resume:
+        path = latest_checkpoint(cfg.checkpoint.dir)
+        if path is not None:
+            state = load_checkpoint(path, model, optimizer, model_dict)
+            step, consumed = state.step, state.consumed_samples
+            print(f"resumed from {path} at step {step}", flush=True)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden "
+        f"{cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) | "
+        f"device {device}, {str(dtype).removeprefix('torch.')}",
+        flush=True,
+    )
+    logger = MetricsLogger(cfg.logging, t.steps)
+    result = TrainResult()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = t.global_batch_size * t.seq_length
+    try:
+        while step < t.steps:
+            started = time.perf_counter()
+            lr = learning_rate(o, step, t.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            batches = [
+                get_batch(data.train, consumed + m * t.micro_batch_size, t.micro_batch_size, device)
+                for m in range(micro_batches)
+            ]
+            # Normalize by the tokens of the whole global batch, so the gradient is that of the
+            # global-batch mean loss however the batch is split into microbatches.
+            num_tokens = sum(b["loss_mask"].sum() for b in batches)
+            for batch in batches:
+                with _autocast(device, dtype):
+                    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
+                loss = (losses * batch["loss_mask"]).sum() / num_tokens
+                loss.backward()
+                loss_sum += loss.detach()
+            max_norm = o.clip_grad if o.clip_grad > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            skipped = not math.isfinite(grad_norm)
+            if skipped:
+                message = f"step {step + 1}: gradient norm is {grad_norm}"
+                if t.stop_on_nan:
+                    raise NonFiniteGradients(message + "; stopping (train.stop_on_nan=true)")
+                print(message + "; skipping the update", flush=True)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            consumed += t.global_batch_size
+            elapsed = time.perf_counter() - started
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": float(loss_sum),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "step_time_s": elapsed,
+                "mem_gb": _memory_gb(device),
+            }
+            if skipped:
+                record["skipped"] = True
+            exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps
+            last = step == t.steps or exiting
+            if data.valid is not None and (
+                last or (t.eval_interval and step % t.eval_interval == 0)
+            ):
+                record["eval_loss"] = evaluate(model, data.valid, cfg, device, dtype)
+            console = last or step == 1 or step % cfg.logging.log_interval == 0
+            logger.log(record, console=console or "eval_loss" in record)
+            result.records.append(record)
+            ckpt = cfg.checkpoint
+            interval_due = ckpt.interval and step % ckpt.interval == 0
+            if ckpt.dir is not None and (interval_due or exiting or (last and ckpt.save_at_end)):
+                result.final_checkpoint = save_checkpoint(
+                    ckpt.dir,
+                    model,
+                    optimizer,
+                    TrainingState(step, consumed, model_dict, {"config": config_to_dict(cfg)}),
+                    keep_last=ckpt.keep_last,
+                )
+                print(f"saved checkpoint {result.final_checkpoint}", flush=True)
+            if exiting:
+                print(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
+                break
+    finally:
+        logger.close()
+    return result
