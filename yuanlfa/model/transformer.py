@@ -20,7 +20,7 @@ from yuanlfa.ops.rope import rope_cos_sin
 
 
 class SwiGLU(nn.Module):
-    """fc1's rows are [SiLU branch; linear branch] (Yuan's dense_h_to_4h); out = fc2(silu(a) * g)."""
+    """fc1's rows are [SiLU branch; linear branch] (Yuan's dense_h_to_4h): fc2(silu(a) * g)."""
 
     def __init__(self, hidden_size: int, ffn_size: int) -> None:
         super().__init__()

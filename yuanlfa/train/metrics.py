@@ -37,7 +37,7 @@ def _fmt(key: str, value: Any) -> str:
 
 
 class MetricsLogger:
-    """Writes what the process holding the loss sees. Other ranks construct it with enabled=False."""
+    """Writes what the process holding the loss sees; other ranks pass enabled=False."""
 
     def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool = True) -> None:
         self.enabled = enabled
