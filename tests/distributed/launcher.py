@@ -92,7 +92,9 @@ def run_distributed(
                 target=_child,
                 args=(rank, world_size, port, results, fn, args, kwargs),
                 name=f"rank{rank}",
-                daemon=True,
+                # Not daemonic, so that a rank may start processes of its own (data loader
+                # workers); hung ranks are killed below instead.
+                daemon=False,
             )
             p.start()
             procs.append(p)

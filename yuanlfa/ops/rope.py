@@ -9,14 +9,15 @@ def rope_cos_sin(
     """Rotary tables for per-token positions.
 
     position_ids: [s, b] (any integer dtype). Returns cos, sin: [s, b, 1, head_dim], broadcast over
-    heads. Angles are computed in fp32 from the positions themselves, so positions that restart
-    at document boundaries rotate exactly like the start of a sequence.
+    heads. Angles are computed in fp32 (fp64 for fp64) from the positions themselves, so
+    positions that restart at document boundaries rotate exactly like the start of a sequence.
     """
     device = position_ids.device
+    compute = torch.promote_types(dtype, torch.float32)
     inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=compute) / head_dim)
     )
-    angles = position_ids.float().unsqueeze(-1) * inv_freq  # [s, b, head_dim/2]
+    angles = position_ids.to(compute).unsqueeze(-1) * inv_freq  # [s, b, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)  # [s, b, 1, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

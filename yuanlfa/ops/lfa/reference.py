@@ -80,3 +80,26 @@ def lfa_reference(
     z = _causal_conv2(y, conv2_weight, conv2_bias, prev_y, keep)  # [s, b, h]
     out = rms_norm(z + x, norm_weight, eps)
     return out, LFAState(x[-1], y[-1])
+
+
+def halo_state(
+    halo: torch.Tensor,
+    conv1_weight: torch.Tensor,
+    conv1_bias: torch.Tensor,
+    halo_doc_start: torch.Tensor | None = None,
+) -> LFAState:
+    """The state entering a sequence shard, from the previous shard's last two inputs.
+
+    halo: [2, b, h] = (x_{s0-2}, x_{s0-1}). y_{s0-1} needs both, which is why sequence
+    parallelism exchanges two tokens. halo_doc_start: optional bool [b], True where x_{s0-1}
+    starts a document (then x_{s0-2} does not reach it). Differentiable: the halo's gradient
+    flows back through this function to be returned to the previous rank.
+    """
+    if halo.dim() != 3 or halo.shape[0] != 2:
+        raise ValueError(f"LFA halo must be [2, batch, hidden], got {tuple(halo.shape)}")
+    w_prev, w_cur = conv1_weight[:, :, 0, 0], conv1_weight[:, :, 1, 0]
+    from_prev = F.linear(halo[0], w_prev)
+    if halo_doc_start is not None:
+        from_prev = from_prev * (~halo_doc_start).unsqueeze(-1).to(halo.dtype)
+    y_last = F.linear(halo[1], w_cur, conv1_bias) + from_prev
+    return LFAState(halo[1], y_last)
