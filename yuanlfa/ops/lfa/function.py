@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -12,20 +13,28 @@ IMPLS = ("auto", "reference", "triton")
 ENV_VAR = "YUANLFA_LFA_IMPL"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Pick the implementation: the environment variable overrides ``impl`` ("auto" by default).
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
-    Only the reference exists so far; asking for Triton explicitly fails loudly rather than
-    silently running the reference under its name.
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Pick the implementation: ``YUANLFA_LFA_IMPL`` overrides ``impl`` ("auto" by default).
+
+    auto: the Triton kernels on CUDA (when triton is installed), the reference elsewhere.
+    triton: the kernels, which on CPU run only under ``TRITON_INTERPRET=1`` (for tests).
     """
     chosen = os.environ.get(ENV_VAR, impl) or "auto"
     if chosen not in IMPLS:
         raise ValueError(f"LFA implementation {chosen!r} is not one of {', '.join(IMPLS)}")
     if chosen == "auto":
-        return "reference"
-    if chosen == "triton":
-        raise NotImplementedError(
-            "the Triton LFA kernels are not part of this build yet; use lfa_impl=reference"
+        usable = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return "triton" if usable else "reference"
+    if chosen == "triton" and not _triton_usable(device):
+        raise RuntimeError(
+            f"lfa_impl=triton needs the triton package and a CUDA device (or TRITON_INTERPRET=1 "
+            f"on CPU); got device {device.type}. Use lfa_impl=auto or reference"
         )
     return chosen
 
@@ -77,15 +86,21 @@ def localized_filtering(
         raise ValueError(
             f"LFA doc_start must be bool [{s}, {b}], got {doc_start.dtype} {tuple(doc_start.shape)}"
         )
-    resolve_impl(impl, x.device)
+    if resolve_impl(impl, x.device) == "triton":
+        if h % 16:
+            raise ValueError(
+                f"the Triton LFA kernels need hidden % 16 == 0, got {h}; use lfa_impl=reference"
+            )
+        from yuanlfa.ops.lfa.autograd import lfa_triton
+
+        prev_x = state.x if state is not None else None
+        prev_y = state.y if state is not None else None
+        out, y = lfa_triton(
+            x, conv1_weight, conv1_bias, conv2_weight, conv2_bias, norm_weight, eps,
+            prev_x, prev_y, doc_start,
+        )  # fmt: skip
+        return out, LFAState(x[-1], y[-1])
     return lfa_reference(
-        x,
-        conv1_weight,
-        conv1_bias,
-        conv2_weight,
-        conv2_bias,
-        norm_weight,
-        eps,
-        state=state,
-        doc_start=doc_start,
-    )
+        x, conv1_weight, conv1_bias, conv2_weight, conv2_bias, norm_weight, eps,
+        state=state, doc_start=doc_start,
+    )  # fmt: skip
