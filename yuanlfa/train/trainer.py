@@ -17,6 +17,7 @@ from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model import create_model
+from yuanlfa.ops.lfa import resolve_impl
 from yuanlfa.train.data import build_datasets, get_batch
 from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
 from yuanlfa.train.optimizer import build_optimizer
@@ -80,6 +81,21 @@ def prepare_config(cfg: Config) -> Config:
     return cfg
 
 
+def check_lfa_impl(cfg: Config, device: torch.device) -> None:
+    """Fail before loading data when the requested LFA implementation cannot run here."""
+    if not cfg.model.lfa:
+        return
+    try:
+        impl = resolve_impl(cfg.model.lfa_impl, device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"model.lfa_impl: {exc}") from None
+    if impl == "triton" and cfg.model.hidden_size % 16:
+        raise ConfigError(
+            f"model.lfa_impl: the Triton kernels need model.hidden_size % 16 == 0, got "
+            f"{cfg.model.hidden_size}; use lfa_impl=reference"
+        )
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -107,6 +123,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     cfg = prepare_config(cfg)
     t, o = cfg.train, cfg.optim
     device = pick_device(cfg)
+    check_lfa_impl(cfg, device)
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)
 
