@@ -90,6 +90,16 @@ def lfa_triton(
     doc_start: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton filter: returns (out [s, b, h], y [s, b, h/2]). Inputs as in the reference."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Behave like F.linear under autocast: compute in the autocast dtype (gradients flow back
+        # to the fp32 parameters through the casts), with autocast off inside the kernels.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
+            return lfa_triton(
+                cast(x), cast(conv1_weight), cast(conv1_bias), cast(conv2_weight),
+                cast(conv2_bias), cast(norm_weight), eps, cast(prev_x), cast(prev_y), doc_start,
+            )  # fmt: skip
     keep = None
     if doc_start is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
