@@ -40,6 +40,9 @@ class ModelConfig:
     lfa_reset_at_doc_start: bool = False
     lfa_impl: Literal["auto", "reference", "triton"] = "auto"
     attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
+    # logits are never materialized there).
+    loss_block_size: int = 2048
 
     @property
     def head_dim(self) -> int:
@@ -323,7 +326,7 @@ def validate(cfg: Config) -> None:
     """Check each section and the relations between sections; raise ConfigError on the first."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
     _positive("model", m, "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
-    _positive("model", m, "vocab_size", "rope_base", "norm_eps", "init_std")
+    _positive("model", m, "vocab_size", "rope_base", "norm_eps", "init_std", "loss_block_size")
     _require(
         m.hidden_size % m.num_heads == 0,
         f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}",

@@ -86,8 +86,11 @@ class LFAAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """x: [s, b, h] (the normed layer input); cos/sin: [s, b, 1, head_dim]."""
-        s, b, _ = x.shape
-        v = self.v_proj(x).view(s, b, self.num_heads, self.head_dim)
+        v = self.v_proj(x)
+        # The projections define the sequence length: a sequence-parallel plan feeds this block
+        # a shard of x and projections that gather the full sequence.
+        s, b = v.shape[:2]
+        v = v.view(s, b, self.num_heads, self.head_dim)
         filtered = x
         if self.lf_gate is not None:
             state = cache.lfa if cache is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -63,11 +63,28 @@ def materialize(
     seed: int,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
-    """Allocate the parameters on ``device`` and fill each from (seed, its global name)."""
+    """Allocate the parameters on ``device`` and fill each from (seed, its global name).
+
+    ``shard(name, full_value)`` cuts this rank's piece out of a parameter's full value, for models
+    whose modules a parallel plan has already replaced by shards: every layout then starts from
+    exactly the single-device values.
+    """
+    full_shapes = None
+    if shard is not None:
+        full_shapes = {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
+    # to_empty creates new Parameter objects; keep the attributes plans put on them.
+    attrs = {name: dict(param.__dict__) for name, param in model.named_parameters()}
     model.to_empty(device=device)
     for name, param in model.named_parameters():
-        value = init_value(name, tuple(param.shape), cfg, seed)
+        param.__dict__.update(attrs[name])
+        shape = full_shapes[name] if full_shapes is not None else tuple(param.shape)
+        value = init_value(name, shape, cfg, seed)
+        if shard is not None:
+            value = shard(name, value)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: initial value {tuple(value.shape)} vs {tuple(param.shape)}")
         param.data = value.to(device=device, dtype=dtype)
     return model
 

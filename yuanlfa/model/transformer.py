@@ -16,6 +16,7 @@ from yuanlfa.config import ModelConfig
 from yuanlfa.model.attention import LFAAttention
 from yuanlfa.model.cache import InferenceCache
 from yuanlfa.model.norm import RMSNorm
+from yuanlfa.ops.cross_entropy import blockwise_lm_loss
 from yuanlfa.ops.rope import rope_cos_sin
 
 
@@ -30,6 +31,25 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, g = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(F.silu(a) * g)
+
+
+class LMHead(nn.Module):
+    """Logits, or per-token losses, from the final hidden states. Holds no parameters: the (tied)
+    output matrix is passed in, so a tensor-parallel plan can swap this module for a
+    vocab-parallel one without renaming anything. Losses use the block-wise cross entropy, so
+    full fp32 logits are never materialized."""
+
+    def __init__(self, block_size: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """hidden: [s, b, h]; weight: [vocab, h]; labels: [s, b] -> losses [s, b] or logits."""
+        if labels is None:
+            return F.linear(hidden, weight)  # [s, b, vocab]
+        return blockwise_lm_loss(hidden, weight, labels, block_size=self.block_size)
 
 
 class DecoderLayer(nn.Module):
@@ -83,6 +103,7 @@ class YuanModel(nn.Module):
         self.output = None
         if has_head and not cfg.tie_embeddings:
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.loss_block_size) if has_head else None
 
     def head_weight(self) -> torch.Tensor:
         return self.output.weight if self.output is not None else self.embed.weight
@@ -109,7 +130,7 @@ class YuanModel(nn.Module):
             hidden = self.embed(input_ids.t())
         elif hidden is None:
             raise ValueError("this stage has no embedding: pass hidden [s, b, h]")
-        s, b, _ = hidden.shape
+        s, b, _ = hidden.shape  # s is the local shard under sequence parallelism
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + s, device=hidden.device).expand(b, s)
@@ -123,10 +144,5 @@ class YuanModel(nn.Module):
         if not self.has_head:
             return hidden
         hidden = self.final_norm(hidden)
-        logits = F.linear(hidden, self.head_weight())  # [s, b, vocab]
-        if labels is None:
-            return logits.transpose(0, 1)
-        losses = F.cross_entropy(
-            logits.float().reshape(s * b, -1), labels.t().reshape(-1), reduction="none"
-        )
-        return losses.view(s, b).t()
+        out = self.lm_head(hidden, self.head_weight(), labels.t() if labels is not None else None)
+        return out.transpose(0, 1)

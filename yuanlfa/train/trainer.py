@@ -12,13 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
-from yuanlfa.model import create_model
 from yuanlfa.ops.lfa import resolve_impl
+from yuanlfa.parallel.grads import allreduce_replicated_grads, clip_grads, global_grad_norm
 from yuanlfa.train.data import build_datasets, get_batch
+from yuanlfa.train.distributed import (
+    build_local_model,
+    check_supported_layout,
+    init_distributed,
+    world_from_env,
+)
 from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
 from yuanlfa.train.optimizer import build_optimizer
 from yuanlfa.train.schedule import learning_rate
@@ -57,20 +64,11 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def prepare_config(cfg: Config) -> Config:
-    """Resolve derived fields for a single process and check what can be checked up front."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise ConfigError(
-            f"WORLD_SIZE={world}: this trainer runs one process; multi-process (tp/pp/dp) "
-            "training is not available in this version"
-        )
+    """Resolve derived fields for this launch and check what can be checked up front."""
+    world, _ = world_from_env()
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    cfg = resolve(cfg, world_size=1, tokenizer_vocab=tokenizer.vocab_size)
-    if cfg.parallel.tp * cfg.parallel.pp != 1:
-        raise ConfigError(
-            f"parallel: tp={cfg.parallel.tp}, pp={cfg.parallel.pp} need that many processes; "
-            "this trainer runs one (set parallel.tp=1 parallel.pp=1)"
-        )
+    cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
+    check_supported_layout(cfg)
     check_tensorboard(cfg.logging)
     ckpt = cfg.checkpoint
     if ckpt.dir is not None and not ckpt.resume and (Path(ckpt.dir) / "latest").exists():
@@ -121,13 +119,13 @@ def evaluate(model, dataset, cfg: Config, device, dtype) -> float:
 def train(cfg: Config, progress: bool = True) -> TrainResult:
     """Train per ``cfg``; return the per-step records (the same ones written to the JSONL log)."""
     cfg = prepare_config(cfg)
-    t, o = cfg.train, cfg.optim
+    t = cfg.train
     device = pick_device(cfg)
     check_lfa_impl(cfg, device)
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)
+    progress = progress and world_from_env()[1] == 0
 
-    micro_batches = t.global_batch_size // t.micro_batch_size
     evals = (t.steps // t.eval_interval if t.eval_interval else 0) + 1
     data = build_datasets(
         cfg.data,
@@ -139,7 +137,20 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         progress=progress,
     )
 
-    model = create_model(cfg.model, seed=t.seed, device=device)
+    mesh, owns_group = init_distributed(cfg, device)
+    try:
+        return _train(cfg, mesh, device, dtype, data, progress)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResult:
+    t, o = cfg.train, cfg.optim
+    micro_batches = t.global_batch_size // t.micro_batch_size
+    is_logger = mesh.rank == 0
+    say = print if is_logger else (lambda *a, **k: None)
+    model = build_local_model(cfg, mesh, device)
     optimizer = build_optimizer(model, o)
     model_dict = config_to_dict(cfg.model)
 
@@ -149,16 +160,17 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         if path is not None:
             state = load_checkpoint(path, model, optimizer, model_dict)
             step, consumed = state.step, state.consumed_samples
-            print(f"resumed from {path} at step {step}", flush=True)
+            say(f"resumed from {path} at step {step}", flush=True)
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(
+    say(
         f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden "
         f"{cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) | "
-        f"device {device}, {str(dtype).removeprefix('torch.')}",
+        f"device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp}"
+        f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}",
         flush=True,
     )
-    logger = MetricsLogger(cfg.logging, t.steps)
+    logger = MetricsLogger(cfg.logging, t.steps, enabled=is_logger)
     result = TrainResult()
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = t.global_batch_size * t.seq_length
@@ -182,14 +194,16 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                 loss = (losses * batch["loss_mask"]).sum() / num_tokens
                 loss.backward()
                 loss_sum += loss.detach()
-            max_norm = o.clip_grad if o.clip_grad > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if mesh.tp > 1 and cfg.parallel.sequence_parallel:
+                allreduce_replicated_grads(params, mesh.tp_group)
+            grad_norm = global_grad_norm(params, mesh.tp_group)
+            clip_grads(params, o.clip_grad, grad_norm)
             skipped = not math.isfinite(grad_norm)
             if skipped:
                 message = f"step {step + 1}: gradient norm is {grad_norm}"
                 if t.stop_on_nan:
                     raise NonFiniteGradients(message + "; stopping (train.stop_on_nan=true)")
-                print(message + "; skipping the update", flush=True)
+                say(message + "; skipping the update", flush=True)
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -226,9 +240,9 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                     TrainingState(step, consumed, model_dict, {"config": config_to_dict(cfg)}),
                     keep_last=ckpt.keep_last,
                 )
-                print(f"saved checkpoint {result.final_checkpoint}", flush=True)
+                say(f"saved checkpoint {result.final_checkpoint}", flush=True)
             if exiting:
-                print(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
+                say(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
                 break
     finally:
         logger.close()
