@@ -13,9 +13,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from yuanlfa.config import Config, config_from_dict, resolve  # noqa: E402
+from yuanlfa.data import ByteTokenizer, IndexedDatasetBuilder, best_dtype  # noqa: E402
 
 
 @pytest.fixture
@@ -28,3 +32,31 @@ def tiny_cfg() -> Config:
         }
     )
     return resolve(cfg, world_size=1)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A .bin/.idx prefix of a few real Python source files, byte-tokenized, EOD-separated."""
+    tok = ByteTokenizer()
+    prefix = str(tmp_path_factory.mktemp("corpus") / "stdlib")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        "abc.py",
+        "bisect.py",
+        "colorsys.py",
+        "copy.py",
+        "fnmatch.py",
+        "heapq.py",
+        "keyword.py",
+        "numbers.py",
+        "queue.py",
+        "sched.py",
+        "shlex.py",
+        "textwrap.py",
+    ]
+    with IndexedDatasetBuilder(prefix, best_dtype(tok.vocab_size)) as builder:
+        for name in files:
+            text = (stdlib / name).read_text(encoding="utf-8", errors="replace")
+            builder.add_document(tok.encode(text) + [tok.eod])
+        builder.finalize()
+    return prefix

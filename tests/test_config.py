@@ -230,7 +230,7 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def padded_vocab(tokenizer_vocab: int, tp: int) -> int:
-    multiple = 128 * tp
+    multiple = 128 if 128 % tp == 0 else 128 * tp
     return math.ceil(tokenizer_vocab / multiple) * multiple
 
 
@@ -248,16 +248,19 @@ def test_resolve_derives_dp_and_pads_vocab(tp: int, pp: int, world: int, dp: int
     out = resolve(cfg, world_size=world, tokenizer_vocab=262)
     assert out.parallel.dp == world // (tp * pp) == dp
     assert out.model.vocab_size == padded_vocab(262, tp)
-    assert out.model.vocab_size % (128 * tp) == 0
+    assert out.model.vocab_size % 128 == 0 and out.model.vocab_size % tp == 0
     # Nothing else changes.
     assert dataclasses.replace(out, parallel=cfg.parallel, model=cfg.model) == cfg
 
 
 def test_resolve_vocab_examples() -> None:
-    # 262 byte-level tokens: one 128-block is not enough, three are (tp=1); two 256-blocks (tp=2).
-    assert padded_vocab(262, 1) == 384 and padded_vocab(262, 2) == 512
+    # 262 byte-level tokens need three 128-blocks, whatever the (power-of-two) tp: the model
+    # must not change with the layout.
+    assert padded_vocab(262, 1) == 384 and padded_vocab(262, 2) == 384
     cfg = load_config(CONFIGS / "tiny.yaml", ["parallel.tp=2"])
-    assert resolve(cfg, 2, tokenizer_vocab=262).model.vocab_size == 512
+    assert resolve(cfg, 2, tokenizer_vocab=262).model.vocab_size == 384
+    cfg3 = load_config(CONFIGS / "tiny.yaml", ["parallel.tp=1"])
+    assert resolve(cfg3, 1, tokenizer_vocab=262).model.vocab_size == 384
     assert resolve(cfg, 2, tokenizer_vocab=256).model.vocab_size == 256
 
 

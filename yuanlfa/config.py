@@ -29,7 +29,7 @@ class ModelConfig:
     num_heads: int = 32
     # None means 4 * hidden_size (Yuan 2.0's SwiGLU width).
     ffn_hidden_size: int | None = None
-    # None means the tokenizer's vocabulary padded to a multiple of 128 * tp.
+    # None means the tokenizer's vocabulary padded to a multiple of lcm(128, tp).
     vocab_size: int | None = 135040
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -472,7 +472,9 @@ def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) ->
     if vocab is None:
         if tokenizer_vocab is None:
             raise ConfigError("model.vocab_size: null needs a tokenizer to derive it from")
-        multiple = 128 * p.tp
+        # A multiple of 128 (not of 128 * tp as Megatron pads): the vocabulary, and so the
+        # model, stays the same for every power-of-two tp, which keeps layouts interchangeable.
+        multiple = math.lcm(128, p.tp)
         vocab = -(-tokenizer_vocab // multiple) * multiple
     elif tokenizer_vocab is not None and vocab < tokenizer_vocab:
         raise ConfigError(

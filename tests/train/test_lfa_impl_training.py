@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.tiny import tiny_overrides
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.train import train
-
-from .conftest import tiny_overrides
 
 pytest.importorskip("triton")
 

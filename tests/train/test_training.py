@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint import latest_checkpoint
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.data import DataError, IndexedDatasetBuilder
 from yuanlfa.train import train
 from yuanlfa.train.trainer import NonFiniteGradients
-
-from .conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed reduce_scatter_tensor; accept both so a range of torch versions works.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _size(group) -> int:
     return dist.get_world_size(group)
@@ -28,7 +31,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     if x.shape[0] % n:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tp size {n}")
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter(out, x.contiguous(), group=group)
     return out
 
 
