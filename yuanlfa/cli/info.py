@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import Config, ConfigError, load_config, resolve
 from yuanlfa.planner import flops_per_token, param_counts, stage_memory
 
@@ -89,16 +90,7 @@ def _print_text(info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="yuanlfa-info", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. parallel.pp=8",
-    )
+    add_config_args(parser)
     parser.add_argument(
         "--world-size",
         type=int,

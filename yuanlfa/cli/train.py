@@ -6,22 +6,14 @@ import argparse
 import sys
 
 from yuanlfa.checkpoint import CheckpointError
+from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import ConfigError, load_config
 from yuanlfa.data import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="yuanlfa-train", description=__doc__)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted overrides parsed as YAML, e.g. train.steps=20",
-    )
+    add_config_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     from yuanlfa.train import train

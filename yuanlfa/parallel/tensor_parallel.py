@@ -22,7 +22,7 @@ from yuanlfa.config import ModelConfig
 from yuanlfa.model.lfa import LocalizedFiltering
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss
-from yuanlfa.ops.lfa import LFAState, halo_state, localized_filtering
+from yuanlfa.ops.lfa import LFAState, halo_state
 from yuanlfa.parallel.comm import (
     copy_to_tp,
     gather_seq,
@@ -126,12 +126,12 @@ class VocabParallelLMHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-class SequenceParallelLFA(nn.Module):
+class SequenceParallelLFA(LocalizedFiltering):
     """LFA on this rank's sequence shard. The shard's first tokens need the previous shard's last
     two inputs (x_{s0-2}, x_{s0-1}); they arrive as a halo and their gradient is sent back."""
 
     def __init__(self, inner: LocalizedFiltering, group) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         # Take over the submodules so parameter names stay lf_gate.conv1.weight etc.
         self.conv1, self.conv2, self.norm = inner.conv1, inner.conv2, inner.norm
         self.eps, self.impl = inner.eps, inner.impl
@@ -143,6 +143,7 @@ class SequenceParallelLFA(nn.Module):
         state: LFAState | None = None,
         doc_start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, LFAState]:
+        """x: [s/tp, b, h] (this rank's shard); doc_start: [s, b] for the whole sequence."""
         if state is not None:
             raise NotImplementedError("incremental decoding under sequence parallelism")
         rank = dist.get_rank(self.group)
@@ -160,18 +161,7 @@ class SequenceParallelLFA(nn.Module):
             # backward collective (otherwise rank 0 would skip it and the others would hang).
             zero = halo[1] * 0
             state = LFAState(zero, zero[..., : zero.shape[-1] // 2])
-        return localized_filtering(
-            x,
-            self.conv1.weight,
-            self.conv1.bias,
-            self.conv2.weight,
-            self.conv2.bias,
-            self.norm.weight,
-            self.eps,
-            state=state,
-            doc_start=local_start,
-            impl=self.impl,
-        )
+        return super().forward(x, state=state, doc_start=local_start)
 
 
 def shard_full_tensor(
