@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yuanlfa.parallel.data_parallel import allreduce_flat
+
 
 def is_sharded(param: nn.Parameter) -> bool:
     return getattr(param, "tensor_parallel", False)
@@ -20,15 +22,7 @@ def allreduce_replicated_grads(params: list[nn.Parameter], group) -> None:
     Under sequence parallelism each rank's gradient covers only its sequence shard; the sum is
     the full gradient, identical on every rank afterwards. One flat buffer, one collective.
     """
-    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    allreduce_flat([p.grad for p in params if p.grad is not None and not is_sharded(p)], group)
 
 
 def global_grad_norm(params: list[nn.Parameter], tp_group=None) -> float:

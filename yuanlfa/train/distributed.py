@@ -23,10 +23,16 @@ def world_from_env() -> tuple[int, int]:
 
 def check_supported_layout(cfg: Config) -> None:
     p = cfg.parallel
-    if p.pp > 1 or (p.dp or 1) > 1:
+    dp = p.dp or 1
+    if p.pp > 1:
         raise ConfigError(
-            f"parallel: pp={p.pp}, dp={p.dp}: this version trains with tensor (and sequence) "
-            "parallelism only; launch tp processes (world size = parallel.tp)"
+            f"parallel.pp: {p.pp}: pipeline parallelism is not available in this version; "
+            "launch tp * dp processes with parallel.pp=1"
+        )
+    if cfg.optim.distributed and dp > 1:
+        raise ConfigError(
+            "optim.distributed: the sharded (distributed) optimizer is not available in this "
+            "version; set optim.distributed=false (data parallelism then keeps full replicas)"
         )
     if p.tp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(

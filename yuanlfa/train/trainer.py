@@ -18,6 +18,7 @@ from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
+from yuanlfa.parallel.data_parallel import allreduce_gradients
 from yuanlfa.parallel.grads import allreduce_replicated_grads, clip_grads, global_grad_norm
 from yuanlfa.train.data import build_datasets, get_batch
 from yuanlfa.train.distributed import (
@@ -147,7 +148,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 
 def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResult:
     t, o = cfg.train, cfg.optim
-    micro_batches = t.global_batch_size // t.micro_batch_size
+    local_batch = t.global_batch_size // mesh.dp
+    micro_batches = local_batch // t.micro_batch_size
     is_logger = mesh.rank == 0
     say = print if is_logger else (lambda *a, **k: None)
     model = build_local_model(cfg, mesh, device)
@@ -181,19 +183,26 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            # This data-parallel rank's contiguous share of the global batch.
+            start = consumed + mesh.dp_rank * local_batch
             batches = [
-                get_batch(data.train, consumed + m * t.micro_batch_size, t.micro_batch_size, device)
+                get_batch(data.train, start + m * t.micro_batch_size, t.micro_batch_size, device)
                 for m in range(micro_batches)
             ]
             # Normalize by the tokens of the whole global batch, so the gradient is that of the
-            # global-batch mean loss however the batch is split into microbatches.
+            # global-batch mean loss however the batch is split into microbatches and ranks.
             num_tokens = sum(b["loss_mask"].sum() for b in batches)
+            if mesh.dp > 1:
+                dist.all_reduce(num_tokens, group=mesh.dp_group)
             for batch in batches:
                 with _autocast(device, dtype):
                     losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
                 loss = (losses * batch["loss_mask"]).sum() / num_tokens
                 loss.backward()
                 loss_sum += loss.detach()
+            if mesh.dp > 1:
+                allreduce_gradients(params, mesh.dp_group)
+                dist.all_reduce(loss_sum, group=mesh.dp_group)
             if mesh.tp > 1 and cfg.parallel.sequence_parallel:
                 allreduce_replicated_grads(params, mesh.tp_group)
             grad_norm = global_grad_norm(params, mesh.tp_group)
@@ -233,14 +242,19 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             ckpt = cfg.checkpoint
             interval_due = ckpt.interval and step % ckpt.interval == 0
             if ckpt.dir is not None and (interval_due or exiting or (last and ckpt.save_at_end)):
-                result.final_checkpoint = save_checkpoint(
-                    ckpt.dir,
-                    model,
-                    optimizer,
-                    TrainingState(step, consumed, model_dict, {"config": config_to_dict(cfg)}),
-                    keep_last=ckpt.keep_last,
-                )
-                say(f"saved checkpoint {result.final_checkpoint}", flush=True)
+                # Without tensor parallelism every rank holds the same model and optimizer
+                # state (dp replicas), so one writer suffices.
+                if mesh.rank == 0:
+                    result.final_checkpoint = save_checkpoint(
+                        ckpt.dir,
+                        model,
+                        optimizer,
+                        TrainingState(step, consumed, model_dict, {"config": config_to_dict(cfg)}),
+                        keep_last=ckpt.keep_last,
+                    )
+                    say(f"saved checkpoint {result.final_checkpoint}", flush=True)
+                if mesh.world_size > 1:
+                    dist.barrier()
             if exiting:
                 say(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
                 break
