@@ -166,9 +166,9 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
 
     n_params = sum(p.numel() for p in model.parameters())
     say(
-        f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden "
+        f"model: {n_params / 1e6:.2f}M parameters on rank 0, {cfg.model.num_layers} layers, hidden "
         f"{cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) | "
-        f"device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp}"
+        f"device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
         f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}",
         flush=True,
     )
