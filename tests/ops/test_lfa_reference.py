@@ -366,13 +366,16 @@ def test_rejects_odd_hidden() -> None:
         call(t)
 
 
-def test_env_triton_is_not_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_triton_overrides_impl(monkeypatch: pytest.MonkeyPatch) -> None:
+    # conftest.py sets TRITON_INTERPRET=1, so "triton" runs the kernels on CPU. The variable
+    # overrides an explicit impl too (the contract of resolve_impl): hidden 8 is below the
+    # kernels' multiple of 16, so the Triton path is recognisable by its error.
+    pytest.importorskip("triton")
     monkeypatch.setenv("YUANLFA_LFA_IMPL", "triton")
-    with pytest.raises(NotImplementedError):
-        call(valid())
-    # The variable overrides an explicit impl too (the contract of resolve_impl).
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="16"):
         call(valid(), impl="reference")
+    t = make_inputs(4, 2, 16, seed=2)
+    torch.testing.assert_close(call(t, impl="reference")[0], naive_lfa(**t)[0], **TOL)
 
 
 def test_env_unknown_impl_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,7 +389,23 @@ def test_explicit_impls(monkeypatch: pytest.MonkeyPatch) -> None:
     exp = naive_lfa(**valid())[0]
     for impl in ("auto", "reference"):
         torch.testing.assert_close(call(valid(), impl=impl)[0], exp, **TOL)
-    with pytest.raises(NotImplementedError):
-        call(valid(), impl="triton")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nope"):
         call(valid(), impl="nope")
+
+
+def test_explicit_triton_impl(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.delenv("YUANLFA_LFA_IMPL", raising=False)
+    # The Triton kernels (interpreted on CPU) need hidden % 16 == 0; the reference does not.
+    with pytest.raises(ValueError, match="16"):
+        call(valid(), impl="triton")
+    t = make_inputs(4, 2, 16, seed=2)
+    torch.testing.assert_close(call(t, impl="triton")[0], naive_lfa(**t)[0], **TOL)
+
+
+def test_triton_on_cpu_without_interpreter_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("YUANLFA_LFA_IMPL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        call(make_inputs(4, 2, 16), impl="triton")
+    torch.testing.assert_close(call(valid(), impl="auto")[0], naive_lfa(**valid())[0], **TOL)

@@ -78,17 +78,21 @@ def _shifted_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        a = tl.load(IN + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :])
-        a_s = tl.load(IN + rs[:, None] * K + kk[None, :], mask=shift_ok[:, None] & k_ok[None, :])
+        a = tl.load(
+            IN + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        a_s = tl.load(
+            IN + rs[:, None] * K + kk[None, :], mask=shift_ok[:, None] & k_ok[None, :], other=0.0
+        )
         if HAS_PREV:
             first = rm < B
             a_s += tl.load(
-                PREV + rm[:, None] * K + kk[None, :], mask=first[:, None] & k_ok[None, :]
+                PREV + rm[:, None] * K + kk[None, :], mask=first[:, None] & k_ok[None, :], other=0.0
             )
         w_off = kk[:, None] * stride_wk + rn[None, :] * stride_wn
         w_ok = k_ok[:, None] & (rn[None, :] < N)
-        w_c = tl.load(W_CUR + w_off, mask=w_ok)
-        w_s = tl.load(W_SHIFT + w_off, mask=w_ok)
+        w_c = tl.load(W_CUR + w_off, mask=w_ok, other=0.0)
+        w_s = tl.load(W_SHIFT + w_off, mask=w_ok, other=0.0)
         if UPCAST:
             # The interpreter multiplies bf16 bit patterns in tl.dot; compute in ACC there.
             a, a_s, w_c, w_s = a.to(ACC), a_s.to(ACC), w_c.to(ACC), w_s.to(ACC)
@@ -143,15 +147,21 @@ def _weight_grad_kernel(
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         row_ok = rm < M
-        g_t = tl.load(GRAD + rm[None, :] * N + rn[:, None], mask=n_ok[:, None] & row_ok[None, :])
-        a = tl.load(IN + rm[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :])
+        g_t = tl.load(
+            GRAD + rm[None, :] * N + rn[:, None], mask=n_ok[:, None] & row_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            IN + rm[:, None] * K + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
         rs = rm - B
         shift_ok = (rs >= 0) & row_ok
-        a_s = tl.load(IN + rs[:, None] * K + rk[None, :], mask=shift_ok[:, None] & k_ok[None, :])
+        a_s = tl.load(
+            IN + rs[:, None] * K + rk[None, :], mask=shift_ok[:, None] & k_ok[None, :], other=0.0
+        )
         if HAS_PREV:
             first = rm < B
             a_s += tl.load(
-                PREV + rm[:, None] * K + rk[None, :], mask=first[:, None] & k_ok[None, :]
+                PREV + rm[:, None] * K + rk[None, :], mask=first[:, None] & k_ok[None, :], other=0.0
             )
         if UPCAST:
             g_t, a, a_s = g_t.to(ACC), a.to(ACC), a_s.to(ACC)
