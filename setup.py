@@ -1,4 +1,4 @@
-"""Packaging for yuanlfa. The C++ helpers in csrc/ are optional and are added here when present."""
+"""Packaging for yuanlfa (pure Python for now; optional C++ helpers will live in csrc/)."""
 
 from __future__ import annotations
 

@@ -9,4 +9,5 @@ exec torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_
   --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   -m yuanlfa.cli.train --config configs/tiny.yaml --set \
   data.path=runs/data/stdlib_byte parallel.tp=2 parallel.sequence_parallel=true \
+  train.micro_batch_size=4 train.global_batch_size=32 \
   logging.jsonl=runs/tiny_tp2_dp2/log.jsonl "$@"

@@ -160,14 +160,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -416,6 +415,11 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size: {t.global_batch_size} is not divisible by "
             f"train.micro_batch_size * parallel.dp = {per_step}",
         )
+    _require(
+        not p.sequence_parallel or t.seq_length // p.tp >= 2,
+        f"train.seq_length: {t.seq_length} / parallel.tp = {t.seq_length // p.tp} tokens per "
+        "sequence shard; sequence parallelism needs at least 2 (the LFA halo)",
+    )
     _require(
         not p.sequence_parallel or t.seq_length % p.tp == 0,
         f"train.seq_length: {t.seq_length} is not divisible by parallel.tp={p.tp} "

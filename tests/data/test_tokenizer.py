@@ -51,8 +51,11 @@ def test_pad_vocab_size():
     assert pad_vocab_size(262) == 384
     assert pad_vocab_size(256) == 256
     assert pad_vocab_size(134953) == 135040  # Yuan 2.0's released vocabulary
-    assert pad_vocab_size(134953, tp=8) == 135168
-    assert pad_vocab_size(1, multiple=64, tp=2) == 128
+    # The same padding for every tp dividing the multiple (layout-independent models) ...
+    assert pad_vocab_size(134953, tp=8) == 135040
+    assert pad_vocab_size(1, multiple=64, tp=2) == 64
+    # ... and divisibility by any other tp.
+    assert pad_vocab_size(262, tp=3) == 384 and pad_vocab_size(400, tp=3) == 768
     with pytest.raises(ValueError):
         pad_vocab_size(0)
 

@@ -4,6 +4,7 @@ with multi-process training."""
 from yuanlfa.checkpoint.simple import (
     CheckpointError,
     TrainingState,
+    holds_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -12,6 +13,7 @@ from yuanlfa.checkpoint.simple import (
 __all__ = [
     "CheckpointError",
     "TrainingState",
+    "holds_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",

@@ -114,8 +114,19 @@ def save_checkpoint(
     return final
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (meta.json is written last) in step order."""
+    found = [p for p in root.glob("step_*") if (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def holds_checkpoints(directory: str | Path) -> bool:
+    root = Path(directory)
+    return (root / LATEST).exists() or bool(_step_dirs(root))
+
+
 def _prune(root: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = _step_dirs(root)
     for old in steps[:-keep_last]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -126,7 +137,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     root = Path(directory)
     pointer = root / LATEST
     if not pointer.is_file():
-        return None
+        # A crash between the checkpoint's rename and the pointer's: the newest complete one.
+        steps = _step_dirs(root)
+        return steps[-1] if steps else None
     name = pointer.read_text().strip()
     path = root / name
     if not (path / "meta.json").is_file():

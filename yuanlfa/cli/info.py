@@ -8,6 +8,7 @@ import sys
 
 from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import Config, ConfigError, load_config, resolve
+from yuanlfa.data import build_tokenizer
 from yuanlfa.planner import flops_per_token, param_counts, stage_memory
 
 GIB = 2**30
@@ -15,14 +16,12 @@ GIB = 2**30
 
 def summarize(cfg: Config, world_size: int | None = None) -> dict:
     p = cfg.parallel
-    if cfg.model.vocab_size is None:
-        raise ConfigError(
-            "model.vocab_size: null is derived from the tokenizer at train time; give a number "
-            "to size the model"
-        )
     if world_size is None:
         world_size = p.tp * p.pp * p.cp * (p.dp or 1)
-    cfg = resolve(cfg, world_size)
+    tokenizer_vocab = None
+    if cfg.model.vocab_size is None:
+        tokenizer_vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
+    cfg = resolve(cfg, world_size, tokenizer_vocab)
     dp = cfg.parallel.dp
     counts = param_counts(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_length)

@@ -17,12 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     from yuanlfa.train import train
+    from yuanlfa.train.trainer import NonFiniteGradients
 
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, progress=not args.quiet)
     except (ConfigError, CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteGradients as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc} (check the paths in checkpoint.dir and logging.*)", file=sys.stderr)
         return 2
     return 0
 

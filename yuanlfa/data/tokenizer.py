@@ -109,11 +109,13 @@ def build_tokenizer(name: str) -> ByteTokenizer:
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = 128, tp: int = 1) -> int:
-    """Round up so each tensor-parallel embedding shard has a multiple of ``multiple`` rows."""
+    """Round up to a multiple of lcm(multiple, tp): divisible by tp, and the same for every tp
+    that divides ``multiple`` (so the model does not change with the layout; see
+    ``yuanlfa.config.resolve``)."""
     if vocab_size < 1 or multiple < 1 or tp < 1:
         raise DataError(
             f"pad_vocab_size needs positive numbers, got vocab_size={vocab_size}, "
             f"multiple={multiple}, tp={tp}"
         )
-    step = multiple * tp
+    step = math.lcm(multiple, tp)
     return math.ceil(vocab_size / step) * step

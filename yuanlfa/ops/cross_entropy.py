@@ -27,11 +27,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# torch.mm(out_dtype=) is recent; older torch rounds the product to bf16 first, like F.linear.
+_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
+
+
 def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """a @ b returned in ``acc``. On CUDA, fp16/bf16 GEMMs can write their fp32 accumulator
     directly (no rounding of the logits to 16 bits); elsewhere the product is rounded to the
     input dtype and then upcast, exactly as the plain head does."""
-    if a.dtype in _LOW_PRECISION and a.is_cuda and acc == torch.float32:
+    if a.dtype in _LOW_PRECISION and a.is_cuda and acc == torch.float32 and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).to(acc)
 
@@ -213,6 +217,15 @@ def blockwise_lm_loss(
     they cannot be checked cheaply and give a target logit of 0.
     """
     _check(hidden, weight, labels, group, vocab_start, block_size)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach into the backward's recomputation; cast once here (as F.linear
+        # would) so forward and backward form the logits in the same precision.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _BlockwiseLMLoss.apply(
+                hidden.to(dtype), weight.to(dtype), labels.long(), group, vocab_start, block_size
+            )
     return _BlockwiseLMLoss.apply(hidden, weight, labels.long(), group, vocab_start, block_size)
 
 

@@ -28,5 +28,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [s, b, heads, head_dim] (the rotate-half convention used by Yuan 2.0)."""
+    """Rotate x: [s, b, heads, head_dim] (the rotate-half convention used by Yuan 2.0).
+
+    The result keeps x's dtype (bf16 q/k under autocast stay bf16, so flash-attn can run).
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin

@@ -11,7 +11,8 @@ BUCKET_ELEMENTS = 1 << 24
 
 def allreduce_flat(tensors: list[torch.Tensor], group, bucket_elements: int = BUCKET_ELEMENTS):
     """Sum ``tensors`` in place over ``group``, packed into contiguous buckets (one collective per
-    bucket instead of one per tensor). Reduction happens in fp32 whatever the gradient dtype."""
+    bucket instead of one per tensor). Reduction happens in fp32 (fp64 for fp64) whatever the
+    gradient dtype."""
     bucket: list[torch.Tensor] = []
     size = 0
     for t in tensors + [None]:
@@ -20,7 +21,8 @@ def allreduce_flat(tensors: list[torch.Tensor], group, bucket_elements: int = BU
             size += t.numel()
             continue
         if bucket:
-            flat = torch.cat([b.reshape(-1).float() for b in bucket])
+            dtype = torch.promote_types(bucket[0].dtype, torch.float32)
+            flat = torch.cat([b.reshape(-1).to(dtype) for b in bucket])
             dist.all_reduce(flat, group=group)
             offset = 0
             for b in bucket:

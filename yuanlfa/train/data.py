@@ -10,6 +10,7 @@ import torch
 
 from yuanlfa.config import ConfigError, DataConfig
 from yuanlfa.data import (
+    DataError,
     MMapIndexedDataset,
     PackedDataset,
     build_tokenizer,
@@ -61,9 +62,17 @@ def build_datasets(
     train = PackedDataset(indexed, num_samples=train_samples, documents=train_docs, **common)
     valid = None
     if valid_samples > 0 and len(valid_docs) > 0:
-        valid = PackedDataset(
-            indexed, num_samples=valid_samples, documents=valid_docs, shuffle=False, **common
-        )
+        try:
+            valid = PackedDataset(
+                indexed, num_samples=valid_samples, documents=valid_docs, shuffle=False, **common
+            )
+        except DataError as exc:
+            # Too little held-out text is no reason to stop training: say so and go on.
+            print(
+                f"warning: evaluation disabled, the validation split of data.split="
+                f"{cfg.split!r} is too small ({exc})",
+                flush=True,
+            )
     return TrainData(train, valid, prefix)
 
 

@@ -50,7 +50,8 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
     created = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(minutes=10), **kwargs)
         created = True
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     return mesh, created

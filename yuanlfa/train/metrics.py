@@ -36,10 +36,29 @@ def _fmt(key: str, value: Any) -> str:
     return f"{key} {value}"
 
 
+def _open_log(path: Path, start_step: int):
+    """A fresh run starts the log anew; a resumed one keeps the records up to its starting step
+    (records of steps replayed after a crash would otherwise appear twice)."""
+    kept = []
+    if start_step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    log = open(path, "w", encoding="utf-8")  # noqa: SIM115
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
 class MetricsLogger:
     """Writes what the process holding the loss sees; other ranks pass enabled=False."""
 
-    def __init__(self, cfg: LoggingConfig, total_steps: int, enabled: bool = True) -> None:
+    def __init__(
+        self, cfg: LoggingConfig, total_steps: int, enabled: bool = True, start_step: int = 0
+    ) -> None:
+        """start_step: the step a resumed run continues from (0 for a fresh run)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._jsonl = None
@@ -48,8 +67,7 @@ class MetricsLogger:
             return
         if cfg.jsonl:
             Path(cfg.jsonl).parent.mkdir(parents=True, exist_ok=True)
-            # Appending keeps the history of a resumed run in one file.
-            self._jsonl = open(cfg.jsonl, "a", encoding="utf-8")  # noqa: SIM115
+            self._jsonl = _open_log(Path(cfg.jsonl), start_step)
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from yuanlfa.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    holds_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
@@ -47,7 +54,10 @@ def pick_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda requested but no CUDA device is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # Triton launches and NCCL use the current device: make it this rank's GPU.
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
@@ -72,12 +82,42 @@ def prepare_config(cfg: Config) -> Config:
     check_supported_layout(cfg)
     check_tensorboard(cfg.logging)
     ckpt = cfg.checkpoint
-    if ckpt.dir is not None and not ckpt.resume and (Path(ckpt.dir) / "latest").exists():
+    if ckpt.dir is not None and not ckpt.resume and holds_checkpoints(ckpt.dir):
         raise ConfigError(
             f"checkpoint.dir: {ckpt.dir} already holds checkpoints; set checkpoint.resume=true "
             "to continue from them, or choose another directory (nothing was overwritten)"
         )
     return cfg
+
+
+def run_settings(cfg: Config, data_prefix: str) -> dict[str, Any]:
+    """What fixes the sample order and the lr schedule: a resumed run must keep all of it."""
+    t = cfg.train
+    return {
+        "train.steps": t.steps,
+        "train.seed": t.seed,
+        "train.global_batch_size": t.global_batch_size,
+        "train.seq_length": t.seq_length,
+        "data.path": str(Path(data_prefix).resolve()),
+        "data.split": cfg.data.split,
+        "optim.lr_schedule": cfg.optim.lr_schedule,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.decay_steps": cfg.optim.decay_steps,
+    }
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    changed = [
+        f"{k} {saved[k]!r} -> {current[k]!r}"
+        for k in current
+        if k in saved and saved[k] != current[k]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({'; '.join(changed)}); the sample "
+            "order and lr schedule depend on them, so resuming would not continue that run. "
+            "Restore the settings, or start a new run in another checkpoint.dir"
+        )
 
 
 def check_lfa_impl(cfg: Config, device: torch.device) -> None:
@@ -127,13 +167,12 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     torch.manual_seed(t.seed)
     progress = progress and world_from_env()[1] == 0
 
-    evals = (t.steps // t.eval_interval if t.eval_interval else 0) + 1
     data = build_datasets(
         cfg.data,
         vocab_size=cfg.model.vocab_size,
         seq_length=t.seq_length,
         train_samples=t.steps * t.global_batch_size,
-        valid_samples=t.eval_iters * t.global_batch_size if evals and t.eval_iters else 0,
+        valid_samples=t.eval_iters * t.global_batch_size,
         seed=t.seed,
         progress=progress,
     )
@@ -156,13 +195,24 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     optimizer = build_optimizer(model, o)
     model_dict = config_to_dict(cfg.model)
 
+    extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
     step, consumed = 0, 0
     if cfg.checkpoint.resume:
         path = latest_checkpoint(cfg.checkpoint.dir)
         if path is not None:
             state = load_checkpoint(path, model, optimizer, model_dict)
+            check_same_run(state.extra.get("run", {}), run_settings(cfg, data.prefix), path)
             step, consumed = state.step, state.consumed_samples
             say(f"resumed from {path} at step {step}", flush=True)
+    if mesh.world_size > 1:
+        # Every rank must resume from the same step (e.g. not from a non-shared filesystem).
+        steps = torch.tensor([step, -step], dtype=torch.float64)
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        if steps[0] != -steps[1]:
+            raise CheckpointError(
+                f"ranks resumed from different steps ({int(steps[0])} to {int(-steps[1])}); "
+                "checkpoint.dir must be on a filesystem every rank sees"
+            )
 
     n_params = sum(p.numel() for p in model.parameters())
     say(
@@ -172,7 +222,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
         f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}",
         flush=True,
     )
-    logger = MetricsLogger(cfg.logging, t.steps, enabled=is_logger)
+    logger = MetricsLogger(cfg.logging, t.steps, enabled=is_logger, start_step=step)
     result = TrainResult()
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = t.global_batch_size * t.seq_length
@@ -249,7 +299,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                         ckpt.dir,
                         model,
                         optimizer,
-                        TrainingState(step, consumed, model_dict, {"config": config_to_dict(cfg)}),
+                        TrainingState(step, consumed, model_dict, extra),
                         keep_last=ckpt.keep_last,
                     )
                     say(f"saved checkpoint {result.final_checkpoint}", flush=True)
