@@ -29,10 +29,11 @@ def check_supported_layout(cfg: Config) -> None:
             f"parallel.pp: {p.pp}: pipeline parallelism is not available in this version; "
             "launch tp * dp processes with parallel.pp=1"
         )
-    if cfg.optim.distributed and dp > 1:
+    if cfg.optim.distributed and dp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(
-            "optim.distributed: the sharded (distributed) optimizer is not available in this "
-            "version; set optim.distributed=false (data parallelism then keeps full replicas)"
+            "checkpoint.dir: saving the sharded optimizer needs the layout-free checkpoint "
+            "format, which this version does not have; unset checkpoint.dir or set "
+            "optim.distributed=false"
         )
     if p.tp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(

@@ -4,11 +4,7 @@ import torch
 from torch import nn
 
 from yuanlfa.config import OptimConfig
-
-
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and norm weights are not decayed (Megatron's rule: every 1-D parameter)."""
-    return param.dim() == 1 or name.endswith(".bias")
+from yuanlfa.parallel.optimizer import no_weight_decay
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

@@ -27,6 +27,7 @@ from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
 from yuanlfa.parallel.data_parallel import allreduce_gradients
 from yuanlfa.parallel.grads import allreduce_replicated_grads, clip_grads, global_grad_norm
+from yuanlfa.parallel.optimizer import ShardedAdamW
 from yuanlfa.train.data import build_datasets, get_batch
 from yuanlfa.train.distributed import (
     build_local_model,
@@ -192,7 +193,11 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     is_logger = mesh.rank == 0
     say = print if is_logger else (lambda *a, **k: None)
     model = build_local_model(cfg, mesh, device)
-    optimizer = build_optimizer(model, o)
+    sharded_optimizer = o.distributed and mesh.dp > 1
+    if sharded_optimizer:
+        optimizer = ShardedAdamW(model, o, mesh.dp_group, mesh.tp_group)
+    else:
+        optimizer = build_optimizer(model, o)
     model_dict = config_to_dict(cfg.model)
 
     extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
@@ -219,7 +224,8 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
         f"model: {n_params / 1e6:.2f}M parameters on rank 0, {cfg.model.num_layers} layers, hidden "
         f"{cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) | "
         f"device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
-        f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}",
+        f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}"
+        f"{' | sharded optimizer (ZeRO-1)' if sharded_optimizer else ''}",
         flush=True,
     )
     logger = MetricsLogger(cfg.logging, t.steps, enabled=is_logger, start_step=step)
@@ -251,12 +257,17 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                 loss.backward()
                 loss_sum += loss.detach()
             if mesh.dp > 1:
-                allreduce_gradients(params, mesh.dp_group)
                 dist.all_reduce(loss_sum, group=mesh.dp_group)
+                if not sharded_optimizer:
+                    allreduce_gradients(params, mesh.dp_group)
             if mesh.tp > 1 and cfg.parallel.sequence_parallel:
                 allreduce_replicated_grads(params, mesh.tp_group)
-            grad_norm = global_grad_norm(params, mesh.tp_group)
-            clip_grads(params, o.clip_grad, grad_norm)
+            if sharded_optimizer:
+                grad_norm = optimizer.reduce_gradients()
+                optimizer.clip(o.clip_grad, grad_norm)
+            else:
+                grad_norm = global_grad_norm(params, mesh.tp_group)
+                clip_grads(params, o.clip_grad, grad_norm)
             skipped = not math.isfinite(grad_norm)
             if skipped:
                 message = f"step {step + 1}: gradient norm is {grad_norm}"

@@ -1,0 +1,121 @@
+"""The distributed optimizer (ZeRO-1, the paper's "optimizer parallel").
+
+Parameters are grouped into flat buckets (by weight decay, and by whether tensor parallelism
+shards them); each data-parallel rank owns one contiguous 1/dp slice of every bucket and keeps
+fp32 master weights and AdamW moments for that slice only. A step reduce-scatters the gradients
+(each rank receives the summed gradient of its slice), computes the global norm from the slices,
+clips, steps its slice, and all-gathers the updated parameters into every replica.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from yuanlfa.config import OptimConfig
+from yuanlfa.parallel.comm import _reduce_scatter
+from yuanlfa.parallel.grads import is_sharded
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and norm weights are not decayed (Megatron's rule: every 1-D parameter)."""
+    return param.dim() == 1 or name.endswith(".bias")
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    tp_sharded: bool
+    numel: int
+    shard: nn.Parameter  # this rank's fp32 master slice [numel_padded / dp]
+
+
+class ShardedAdamW:
+    def __init__(self, model: nn.Module, cfg: OptimConfig, dp_group, tp_group=None) -> None:
+        self.dp_group, self.tp_group = dp_group, tp_group
+        self.dp = dist.get_world_size(dp_group)
+        rank = dist.get_rank(dp_group)
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                key = (not no_weight_decay(name, p), is_sharded(p))
+                groups.setdefault(key, []).append(p)
+        self.buckets: list[_Bucket] = []
+        param_groups = []
+        for (decay, tp_sharded), params in sorted(groups.items()):
+            numel = sum(p.numel() for p in params)
+            per_rank = -(-numel // self.dp)
+            flat = self._flat([p.detach() for p in params], per_rank * self.dp)
+            shard = nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone())
+            self.buckets.append(_Bucket(params, tp_sharded, numel, shard))
+            param_groups.append({"params": [shard], "weight_decay": cfg.weight_decay * decay})
+        self.inner = torch.optim.AdamW(
+            param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        )
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @staticmethod
+    def _flat(tensors: list[torch.Tensor], padded: int) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        return torch.nn.functional.pad(flat, (0, padded - flat.numel()))
+
+    def reduce_gradients(self) -> float:
+        """Reduce-scatter the gradients onto the slices; return the global gradient norm."""
+        sharded_sq = torch.zeros((), dtype=torch.float64)
+        replicated_sq = torch.zeros((), dtype=torch.float64)
+        for b in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+            flat = self._flat(grads, b.shard.numel() * self.dp)
+            shard_grad = torch.empty_like(b.shard)
+            _reduce_scatter(shard_grad, flat, group=self.dp_group)
+            b.shard.grad = shard_grad
+            sq = shard_grad.double().pow(2).sum()
+            if b.tp_sharded:
+                sharded_sq += sq
+            else:
+                replicated_sq += sq
+        totals = torch.stack((sharded_sq, replicated_sq))
+        dist.all_reduce(totals, group=self.dp_group)  # the slices partition each bucket
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            # Tensor-parallel shards differ across tp ranks; replicated parameters count once.
+            dist.all_reduce(totals[:1], group=self.tp_group)
+        return math.sqrt(float(totals.sum()))
+
+    def clip(self, max_norm: float, total_norm: float) -> None:
+        if max_norm > 0 and math.isfinite(total_norm):
+            coef = max_norm / (total_norm + 1e-6)
+            if coef < 1.0:
+                for b in self.buckets:
+                    b.shard.grad.mul_(coef)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+        for b in self.buckets:
+            parts = [torch.empty_like(b.shard) for _ in range(self.dp)]
+            dist.all_gather(parts, b.shard.detach(), group=self.dp_group)
+            flat = torch.cat(parts)
+            offset = 0
+            for p in b.params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for b in self.buckets:
+            b.shard.grad = None
+            for p in b.params:
+                p.grad = None
+
+    def state_bytes(self) -> int:
+        """Bytes of master weights and optimizer states held by this rank."""
+        total = sum(b.shard.numel() * b.shard.element_size() for b in self.buckets)
+        for state in self.inner.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0)
+        return total
