@@ -108,6 +108,8 @@ class TrainConfig:
     eval_iters: int = 4
     # Stop the run (instead of skipping the step) when the gradients hold inf or NaN.
     stop_on_nan: bool = False
+    # Activation recompute: none, selective (core attention only) or full (whole layers).
+    recompute: Literal["none", "selective", "full"] = "none"
     # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
     # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
     exit_interval: int = 0

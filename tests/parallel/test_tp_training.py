@@ -13,9 +13,12 @@ from yuanlfa.train import train
 STEPS = 20
 
 
-def _train(corpus: str, tp: int, sequence_parallel: bool) -> list[tuple[float, float]]:
+def _train(
+    corpus: str, tp: int, sequence_parallel: bool, recompute: str = "none"
+) -> list[tuple[float, float]]:
     cfg = tiny_overrides(
         corpus,
+        train__recompute=recompute,
         train__steps=STEPS,
         parallel__tp=tp,
         parallel__sequence_parallel=sequence_parallel,
@@ -25,8 +28,12 @@ def _train(corpus: str, tp: int, sequence_parallel: bool) -> list[tuple[float, f
     return [(r["loss"], r["grad_norm"]) for r in records]
 
 
-def _tp_runs(rank: int, world: int, corpus: str) -> dict[bool, list[tuple[float, float]]]:
-    return {sp: _train(corpus, world, sp) for sp in (False, True)}
+def _tp_runs(rank: int, world: int, corpus: str) -> dict[str, list[tuple[float, float]]]:
+    runs = {f"sp={sp}": _train(corpus, world, sp) for sp in (False, True)}
+    if world == 2:
+        # Recompute re-runs the layers' collectives in backward: still the same numbers.
+        runs["sp+full recompute"] = _train(corpus, world, True, "full")
+    return runs
 
 
 @pytest.mark.slow

@@ -183,3 +183,38 @@ def test_bf16_autocast_tracks_fp32(small_corpus: str) -> None:
     for a, b in zip(fp32.records, bf16.records):
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-1)
+
+
+def test_recompute_modes_give_identical_training(small_corpus: str) -> None:
+    runs = {
+        mode: [r["loss"] for r in _run(small_corpus, train__steps=3, train__recompute=mode).records]
+        for mode in ("none", "selective", "full")
+    }
+    assert runs["selective"] == runs["none"]
+    assert runs["full"] == runs["none"]
+
+
+def test_recompute_drops_saved_activations() -> None:
+    from yuanlfa.model import create_model
+    from yuanlfa.train.recompute import apply_recompute
+
+    cfg = config_from_dict(
+        {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 128}}
+    ).model
+    ids = torch.randint(0, 128, (2, 32))
+
+    def saved_numel(mode: str) -> int:
+        model = apply_recompute(create_model(cfg, 1), mode)
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+        return total
+
+    none, selective, full = (saved_numel(m) for m in ("none", "selective", "full"))
+    assert full < selective < none

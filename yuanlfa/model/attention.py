@@ -77,6 +77,10 @@ class LFAAttention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention alone (a method so selective recompute can wrap just this)."""
+        return causal_attention(q, k, v, self.backend)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -102,5 +106,5 @@ class LFAAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.backend)  # [s, b, heads, d]
+        out = self.core_attention(q, k, v)  # [s, b, heads, d]
         return self.o_proj(out.reshape(s, b, self.num_heads * self.head_dim))

@@ -37,6 +37,7 @@ from yuanlfa.train.distributed import (
 )
 from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
 from yuanlfa.train.optimizer import build_optimizer
+from yuanlfa.train.recompute import apply_recompute
 from yuanlfa.train.schedule import learning_rate
 
 
@@ -192,7 +193,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     micro_batches = local_batch // t.micro_batch_size
     is_logger = mesh.rank == 0
     say = print if is_logger else (lambda *a, **k: None)
-    model = build_local_model(cfg, mesh, device)
+    model = apply_recompute(build_local_model(cfg, mesh, device), t.recompute)
     sharded_optimizer = o.distributed and mesh.dp > 1
     if sharded_optimizer:
         optimizer = ShardedAdamW(model, o, mesh.dp_group, mesh.tp_group)
