@@ -68,8 +68,9 @@ class ShardedAdamW:
 
     def reduce_gradients(self) -> float:
         """Reduce-scatter the gradients onto the slices; return the global gradient norm."""
-        sharded_sq = torch.zeros((), dtype=torch.float64)
-        replicated_sq = torch.zeros((), dtype=torch.float64)
+        device = self.buckets[0].shard.device  # NCCL reduces device tensors only
+        sharded_sq = torch.zeros((), dtype=torch.float64, device=device)
+        replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
         for b in self.buckets:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
             flat = self._flat(grads, b.shard.numel() * self.dp)

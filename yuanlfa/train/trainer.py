@@ -212,7 +212,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             say(f"resumed from {path} at step {step}", flush=True)
     if mesh.world_size > 1:
         # Every rank must resume from the same step (e.g. not from a non-shared filesystem).
-        steps = torch.tensor([step, -step], dtype=torch.float64)
+        steps = torch.tensor([step, -step], dtype=torch.float64, device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MIN)
         if steps[0] != -steps[1]:
             raise CheckpointError(
