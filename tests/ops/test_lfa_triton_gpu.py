@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 import yuanlfa.ops.lfa.triton_kernels as triton_kernels  # noqa: E402
+from tests.ops.test_lfa_triton import make_inputs as make_host_inputs  # noqa: E402
 from yuanlfa.ops.lfa import LFAState, lfa_reference, localized_filtering  # noqa: E402
 
 pytestmark = [
@@ -42,17 +43,9 @@ FP32_REL = 1e-4
 
 
 def make_inputs(s: int, b: int, h: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Values scaled like real ones (randn / sqrt(fan_in)), drawn on the host for determinism."""
-    g = torch.Generator().manual_seed(seed)
-    t = {
-        "x": torch.randn(s, b, h, generator=g, dtype=F64),
-        "conv1_weight": torch.randn(h // 2, h, 2, 1, generator=g, dtype=F64) / (2 * h) ** 0.5,
-        "conv1_bias": 0.5 * torch.randn(h // 2, generator=g, dtype=F64),
-        "conv2_weight": torch.randn(h, h // 2, 2, 1, generator=g, dtype=F64) / h**0.5,
-        "conv2_bias": 0.5 * torch.randn(h, generator=g, dtype=F64),
-        "norm_weight": 1.0 + 0.5 * torch.randn(h, generator=g, dtype=F64),
-    }
-    return {k: v.to("cuda", dtype).requires_grad_(True) for k, v in t.items()}
+    """The CPU tests' inputs (drawn on the host for determinism), moved to the GPU."""
+    host = make_host_inputs(s, b, h, dtype, seed, requires_grad=False)
+    return {k: v.to("cuda").requires_grad_(True) for k, v in host.items()}
 
 
 def make_state(b: int, h: int, dtype: torch.dtype, seed: int) -> LFAState:

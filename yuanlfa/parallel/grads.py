@@ -30,7 +30,11 @@ def global_grad_norm(params: list[nn.Parameter], tp_group=None) -> float:
     sharded = [p.grad for p in params if p.grad is not None and is_sharded(p)]
     replicated = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
     device = (sharded or replicated)[0].device
-    sq = lambda gs: sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=device))  # noqa: E731
+    acc = torch.promote_types((sharded or replicated)[0].dtype, torch.float32)
+
+    def sq(gs: list[torch.Tensor]) -> torch.Tensor:
+        return sum((g.to(acc).pow(2).sum() for g in gs), torch.zeros((), dtype=acc, device=device))
+
     sharded_sq = sq(sharded)
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(sharded_sq, group=tp_group)
