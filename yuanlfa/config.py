@@ -60,9 +60,14 @@ class ParallelConfig:
     # None: derived from the world size as world // (tp * pp * cp).
     dp: int | None = None
     cp: int = 1
-    pipeline_blocks: tuple[int, ...] | None = None
+    # Layers per stage (Yuan style), or "auto" for the balancer's split; None: even.
+    pipeline_blocks: tuple[int, ...] | Literal["auto"] | None = None
+    # Megatron-style layout string ("Et*2|t*3|t*3L"); exclusive with pipeline_blocks.
+    pipeline_layout: str | None = None
     virtual_stages: int = 1
     sequence_parallel: bool = False
+    # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (torch's
+    # interleaved zero-bubble) run virtual_stages stages per rank.
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
 
@@ -361,7 +366,11 @@ def validate(cfg: Config) -> None:
         p.virtual_stages == 1 or p.pp > 1,
         "parallel.virtual_stages: needs parallel.pp > 1",
     )
-    if p.pipeline_blocks is not None:
+    _require(
+        p.pipeline_layout is None or p.pipeline_blocks is None,
+        "parallel.pipeline_layout: give either pipeline_layout or pipeline_blocks, not both",
+    )
+    if p.pipeline_blocks is not None and p.pipeline_blocks != "auto":
         blocks = p.pipeline_blocks
         stages = p.pp * p.virtual_stages
         _require(
@@ -378,12 +387,18 @@ def validate(cfg: Config) -> None:
             f"parallel.pipeline_blocks: sums to {sum(blocks)} but model.num_layers = "
             f"{m.num_layers}",
         )
-    elif p.pp * p.virtual_stages > 1:
+    elif p.pipeline_blocks is None and p.pipeline_layout is None and p.pp * p.virtual_stages > 1:
         _require(
             m.num_layers % (p.pp * p.virtual_stages) == 0,
             f"parallel.pp: model.num_layers={m.num_layers} is not divisible by "
-            f"{p.pp * p.virtual_stages} stages; give parallel.pipeline_blocks",
+            f"{p.pp * p.virtual_stages} stages; give parallel.pipeline_blocks (a list, or auto) "
+            "or parallel.pipeline_layout",
         )
+    _require(
+        p.virtual_stages == 1 or p.schedule in ("interleaved_1f1b", "zero_bubble"),
+        f"parallel.schedule: {p.schedule} runs one stage per rank but parallel.virtual_stages = "
+        f"{p.virtual_stages}; use interleaved_1f1b or zero_bubble, or set virtual_stages=1",
+    )
     _require(
         not p.sequence_parallel or p.tp > 1,
         "parallel.sequence_parallel: needs parallel.tp > 1",

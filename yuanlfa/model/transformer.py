@@ -127,9 +127,29 @@ class YuanModel(nn.Module):
         if self.has_embedding:
             if input_ids is None:
                 raise ValueError("this stage holds the embedding: pass input_ids")
-            hidden = self.embed(input_ids.t())
+            hidden = self.embed_tokens(input_ids)
         elif hidden is None:
             raise ValueError("this stage has no embedding: pass hidden [s, b, h]")
+        hidden = self.run_layers(hidden, position_ids, self.layers.keys(), cache)
+        if not self.has_head:
+            return hidden
+        return self.head_forward(hidden, labels)
+
+    # The pieces below let a pipeline stage run a subset of this model's layers (see
+    # yuanlfa.parallel.pipeline.stage) with the same code as the whole model.
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] -> hidden [s, b, h]."""
+        return self.embed(input_ids.t())
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        layer_ids: Iterable[str],
+        cache: InferenceCache | None = None,
+    ) -> torch.Tensor:
+        """Run the layers named by ``layer_ids`` (keys of ``self.layers``) in order."""
         s, b, _ = hidden.shape  # s is the local shard under sequence parallelism
         if position_ids is None:
             start = cache.length if cache is not None else 0
@@ -137,12 +157,14 @@ class YuanModel(nn.Module):
         pos = position_ids.t()  # [s, b]
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base, hidden.dtype)
         doc_start = (pos == 0) if self.cfg.lfa_reset_at_doc_start else None
-        for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin, doc_start, cache)
+        for key in layer_ids:
+            hidden = self.layers[key](hidden, cos, sin, doc_start, cache)
         if cache is not None:
             cache.length += s
-        if not self.has_head:
-            return hidden
+        return hidden
+
+    def head_forward(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and head: per-token losses [b, s] given labels [b, s], else logits."""
         hidden = self.final_norm(hidden)
         out = self.lm_head(hidden, self.head_weight(), labels.t() if labels is not None else None)
         return out.transpose(0, 1)

@@ -16,6 +16,18 @@ def is_sharded(param: nn.Parameter) -> bool:
     return getattr(param, "tensor_parallel", False)
 
 
+def is_pipeline_copy(param: nn.Parameter) -> bool:
+    """A second copy of a parameter another pipeline stage owns (the last stage's tied
+    embedding): its gradient is synchronized with the owner's and counted there, once."""
+    return getattr(param, "pipeline_copy", False)
+
+
+def sum_over(value: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, group=group)
+    return value
+
+
 def allreduce_replicated_grads(params: list[nn.Parameter], group) -> None:
     """Sum the gradients of tp-replicated parameters (norms, LFA) over the tp group.
 
@@ -25,20 +37,21 @@ def allreduce_replicated_grads(params: list[nn.Parameter], group) -> None:
     allreduce_flat([p.grad for p in params if p.grad is not None and not is_sharded(p)], group)
 
 
-def global_grad_norm(params: list[nn.Parameter], tp_group=None) -> float:
-    """L2 norm of the whole model's gradient: sharded parts summed over tp, replicated ones once."""
-    sharded = [p.grad for p in params if p.grad is not None and is_sharded(p)]
-    replicated = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
-    device = (sharded or replicated)[0].device
-    acc = torch.promote_types((sharded or replicated)[0].dtype, torch.float32)
+def global_grad_norm(params: list[nn.Parameter], tp_group=None, pp_group=None) -> float:
+    """L2 norm of the whole model's gradient: sharded parts summed over tp, replicated ones once,
+    every pipeline stage's part summed over pp (pipeline copies counted once)."""
+    owned = [p for p in params if p.grad is not None and not is_pipeline_copy(p)]
+    sharded = [p.grad for p in owned if is_sharded(p)]
+    replicated = [p.grad for p in owned if not is_sharded(p)]
+    ref = next(p.grad for p in params if p.grad is not None)
+    device = ref.device
+    acc = torch.promote_types(ref.dtype, torch.float32)
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
         return sum((g.to(acc).pow(2).sum() for g in gs), torch.zeros((), dtype=acc, device=device))
 
-    sharded_sq = sq(sharded)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded_sq, group=tp_group)
-    return float((sharded_sq + sq(replicated)).sqrt())
+    total = sum_over(sq(sharded), tp_group) + sq(replicated)
+    return float(sum_over(total, pp_group).sqrt())
 
 
 def clip_grads(params: list[nn.Parameter], max_norm: float, total_norm: float) -> None:

@@ -55,6 +55,19 @@ class Mesh:
     def pp_group(self) -> dist.ProcessGroup | None:
         return self.groups.get("pp")
 
+    @property
+    def embed_group(self) -> dist.ProcessGroup | None:
+        """First and last pipeline rank of this tp/dp slice (they share the tied embedding)."""
+        return self.groups.get("embed")
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
 
 def _sizes(parallel: ParallelConfig, world_size: int) -> dict[str, int]:
     dp = parallel.dp if parallel.dp is not None else world_size // (parallel.tp * parallel.pp)
@@ -125,4 +138,13 @@ def build_mesh(
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
+    if sizes["pp"] > 1:
+        # The tied embedding lives on the first stage (input) and the last (head): their
+        # gradients are summed over this two-rank group each step.
+        for fixed in itertools.product(range(sizes["tp"]), range(sizes["dp"])):
+            base = dict(zip(("tp", "dp"), fixed))
+            ranks = [coords_rank(order, sizes, {**base, "pp": i}) for i in (0, sizes["pp"] - 1)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mesh.groups["embed"] = group
     return mesh

@@ -18,7 +18,7 @@ from torch import nn
 
 from yuanlfa.config import OptimConfig
 from yuanlfa.parallel.comm import _reduce_scatter
-from yuanlfa.parallel.grads import is_sharded
+from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded, sum_over
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -30,28 +30,31 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 class _Bucket:
     params: list[nn.Parameter]
     tp_sharded: bool
+    pipeline_copy: bool  # counted in the gradient norm by the stage owning the original
     numel: int
     shard: nn.Parameter  # this rank's fp32 master slice [numel_padded / dp]
 
 
 class ShardedAdamW:
-    def __init__(self, model: nn.Module, cfg: OptimConfig, dp_group, tp_group=None) -> None:
-        self.dp_group, self.tp_group = dp_group, tp_group
+    def __init__(
+        self, model: nn.Module, cfg: OptimConfig, dp_group, tp_group=None, pp_group=None
+    ) -> None:
+        self.dp_group, self.tp_group, self.pp_group = dp_group, tp_group, pp_group
         self.dp = dist.get_world_size(dp_group)
         rank = dist.get_rank(dp_group)
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                key = (not no_weight_decay(name, p), is_sharded(p))
+                key = (not no_weight_decay(name, p), is_sharded(p), is_pipeline_copy(p))
                 groups.setdefault(key, []).append(p)
         self.buckets: list[_Bucket] = []
         param_groups = []
-        for (decay, tp_sharded), params in sorted(groups.items()):
+        for (decay, tp_sharded, copy), params in sorted(groups.items()):
             numel = sum(p.numel() for p in params)
             per_rank = -(-numel // self.dp)
             flat = self._flat([p.detach() for p in params], per_rank * self.dp)
             shard = nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone())
-            self.buckets.append(_Bucket(params, tp_sharded, numel, shard))
+            self.buckets.append(_Bucket(params, tp_sharded, copy, numel, shard))
             param_groups.append({"params": [shard], "weight_decay": cfg.weight_decay * decay})
         self.inner = torch.optim.AdamW(
             param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
@@ -78,16 +81,17 @@ class ShardedAdamW:
             _reduce_scatter(shard_grad, flat, group=self.dp_group)
             b.shard.grad = shard_grad
             sq = shard_grad.double().pow(2).sum()
+            if b.pipeline_copy:
+                continue
             if b.tp_sharded:
                 sharded_sq += sq
             else:
                 replicated_sq += sq
         totals = torch.stack((sharded_sq, replicated_sq))
         dist.all_reduce(totals, group=self.dp_group)  # the slices partition each bucket
-        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
-            # Tensor-parallel shards differ across tp ranks; replicated parameters count once.
-            dist.all_reduce(totals[:1], group=self.tp_group)
-        return math.sqrt(float(totals.sum()))
+        # Tensor-parallel shards differ across tp ranks; replicated parameters count once.
+        sum_over(totals[:1], self.tp_group)
+        return math.sqrt(float(sum_over(totals.sum(), self.pp_group)))
 
     def clip(self, max_norm: float, total_norm: float) -> None:
         if max_norm > 0 and math.isfinite(total_norm):

@@ -9,9 +9,11 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import Config, ConfigError
-from yuanlfa.model import build_model, create_model, materialize
+from yuanlfa.model import build_model, materialize
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel import Mesh, apply_tensor_parallel, build_mesh, shard_full_tensor
+from yuanlfa.parallel.pipeline import PipelineLayout
+from yuanlfa.parallel.pipeline.stage import stage_flags
 
 
 def world_from_env() -> tuple[int, int]:
@@ -24,10 +26,10 @@ def world_from_env() -> tuple[int, int]:
 def check_supported_layout(cfg: Config) -> None:
     p = cfg.parallel
     dp = p.dp or 1
-    if p.pp > 1:
+    if p.pp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(
-            f"parallel.pp: {p.pp}: pipeline parallelism is not available in this version; "
-            "launch tp * dp processes with parallel.pp=1"
+            "checkpoint.dir: saving checkpoints under pipeline parallelism needs the layout-free "
+            "checkpoint format, which this version does not have; unset checkpoint.dir"
         )
     if cfg.optim.distributed and dp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(
@@ -58,17 +60,30 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
     return mesh, created
 
 
-def build_local_model(cfg: Config, mesh: Mesh, device: torch.device) -> YuanModel:
-    """This rank's model: the whole single-device model, or its tensor-parallel shard with every
-    parameter cut from the same full initial value a single process would use."""
+def build_local_model(
+    cfg: Config, mesh: Mesh, device: torch.device, layout: PipelineLayout | None = None
+) -> YuanModel:
+    """This rank's model: the whole single-device model, or the layers of this rank's pipeline
+    stages (with the embedding on the first, norm and head on the last), cut to this rank's
+    tensor-parallel shard. Every parameter starts from the full initial value a single process
+    would use, so every layout trains the same model."""
     m, seed = cfg.model, cfg.train.seed
-    if mesh.tp == 1:
-        return create_model(m, seed=seed, device=device)
-    model = build_model(m)
-    apply_tensor_parallel(model, mesh.tp_group, cfg.parallel.sequence_parallel, m.loss_block_size)
+    layer_ids, has_embedding, has_head = None, True, True
+    if layout is not None and mesh.pp > 1:
+        layer_ids, has_embedding, has_head = stage_flags(layout, mesh.pp_rank)
+    model = build_model(m, layer_ids, has_embedding, has_head)
+    shard = None
+    if mesh.tp > 1:
+        apply_tensor_parallel(
+            model, mesh.tp_group, cfg.parallel.sequence_parallel, m.loss_block_size
+        )
 
-    def shard(name: str, full: torch.Tensor) -> torch.Tensor:
-        return shard_full_tensor(name, full, m, mesh.tp_rank, mesh.tp)
+        def shard(name: str, full: torch.Tensor) -> torch.Tensor:
+            return shard_full_tensor(name, full, m, mesh.tp_rank, mesh.tp)
 
     materialize(model, m, seed, device, shard=shard)
+    if mesh.pp > 1 and has_head and not has_embedding and model.embed is not None:
+        # The head's copy of the tied embedding: kept equal to the first stage's by summing
+        # their gradients; counted once (there) in the gradient norm.
+        model.embed.weight.pipeline_copy = True
     return model

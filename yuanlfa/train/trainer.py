@@ -37,6 +37,14 @@ from yuanlfa.train.distributed import (
 )
 from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
 from yuanlfa.train.optimizer import build_optimizer
+from yuanlfa.train.pipeline import (
+    build_runner,
+    concat_batches,
+    evaluate_pipeline,
+    from_last_stage,
+    pipeline_layout,
+    sync_tied_embedding_grads,
+)
 from yuanlfa.train.recompute import apply_recompute
 from yuanlfa.train.schedule import learning_rate
 
@@ -82,6 +90,8 @@ def prepare_config(cfg: Config) -> Config:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
     check_supported_layout(cfg)
+    if cfg.parallel.pp > 1:
+        pipeline_layout(cfg)  # a bad block list or layout string fails here, before any data
     check_tensorboard(cfg.logging)
     ckpt = cfg.checkpoint
     if ckpt.dir is not None and not ckpt.resume and holds_checkpoints(ckpt.dir):
@@ -191,12 +201,17 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     t, o = cfg.train, cfg.optim
     local_batch = t.global_batch_size // mesh.dp
     micro_batches = local_batch // t.micro_batch_size
-    is_logger = mesh.rank == 0
+    # The process holding the loss logs: last pipeline stage, first tp and dp rank.
+    is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.dp_rank == 0
     say = print if is_logger else (lambda *a, **k: None)
-    model = apply_recompute(build_local_model(cfg, mesh, device), t.recompute)
+    layout = pipeline_layout(cfg) if mesh.pp > 1 else None
+    model = apply_recompute(build_local_model(cfg, mesh, device, layout), t.recompute)
+    runner = None
+    if layout is not None:
+        runner = build_runner(cfg, mesh, model, layout, device, micro_batches)
     sharded_optimizer = o.distributed and mesh.dp > 1
     if sharded_optimizer:
-        optimizer = ShardedAdamW(model, o, mesh.dp_group, mesh.tp_group)
+        optimizer = ShardedAdamW(model, o, mesh.dp_group, mesh.tp_group, mesh.pp_group)
     else:
         optimizer = build_optimizer(model, o)
     model_dict = config_to_dict(cfg.model)
@@ -221,11 +236,17 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             )
 
     n_params = sum(p.numel() for p in model.parameters())
+    pipeline = ""
+    if layout is not None:
+        pipeline = (
+            f" x pp {mesh.pp} ({cfg.parallel.schedule}, blocks {list(layout.blocks)}, "
+            f"{micro_batches} microbatches)"
+        )
     say(
-        f"model: {n_params / 1e6:.2f}M parameters on rank 0, {cfg.model.num_layers} layers, hidden "
-        f"{cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) | "
-        f"device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
-        f"{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}"
+        f"model: {n_params / 1e6:.2f}M parameters on this rank, {cfg.model.num_layers} layers, "
+        f"hidden {cfg.model.hidden_size} | data: {data.prefix} ({len(data.train)} train samples) "
+        f"| device {device}, {str(dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
+        f"{pipeline}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}"
         f"{' | sharded optimizer (ZeRO-1)' if sharded_optimizer else ''}",
         flush=True,
     )
@@ -251,7 +272,12 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             num_tokens = sum(b["loss_mask"].sum() for b in batches)
             if mesh.dp > 1:
                 dist.all_reduce(num_tokens, group=mesh.dp_group)
-            for batch in batches:
+            if runner is not None:
+                with _autocast(device, dtype):
+                    part = runner.train_step(concat_batches(batches), num_tokens)
+                loss_sum = from_last_stage(part, mesh, loss_sum)
+                sync_tied_embedding_grads(model, mesh)
+            for batch in batches if runner is None else ():
                 with _autocast(device, dtype):
                     losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
                 loss = (losses * batch["loss_mask"]).sum() / num_tokens
@@ -267,7 +293,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                 grad_norm = optimizer.reduce_gradients()
                 optimizer.clip(o.clip_grad, grad_norm)
             else:
-                grad_norm = global_grad_norm(params, mesh.tp_group)
+                grad_norm = global_grad_norm(params, mesh.tp_group, mesh.pp_group)
                 clip_grads(params, o.clip_grad, grad_norm)
             skipped = not math.isfinite(grad_norm)
             if skipped:
@@ -297,7 +323,18 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             if data.valid is not None and (
                 last or (t.eval_interval and step % t.eval_interval == 0)
             ):
-                record["eval_loss"] = evaluate(model, data.valid, cfg, device, dtype)
+                if runner is not None:
+                    record["eval_loss"] = evaluate_pipeline(
+                        runner,
+                        model,
+                        data.valid,
+                        cfg,
+                        mesh,
+                        device,
+                        lambda: _autocast(device, dtype),
+                    )
+                else:
+                    record["eval_loss"] = evaluate(model, data.valid, cfg, device, dtype)
             console = last or step == 1 or step % cfg.logging.log_interval == 0
             logger.log(record, console=console or "eval_loss" in record)
             result.records.append(record)

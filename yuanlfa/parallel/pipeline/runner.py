@@ -1,0 +1,115 @@
+"""Running a training step through torch.distributed.pipelining's schedules.
+
+Every rank passes the same keyword inputs (position ids for RoPE on every stage, labels for the
+loss on the last); the first stage also gets the token ids, the last the loss mask as target.
+The loss of microbatch i is sum(losses_i * mask_i) / tokens_of_global_batch, so the gradient
+summed over microbatches, and then over data-parallel ranks, is that of the global-batch mean
+(hence ``scale_grads=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+
+from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.parallel.pipeline.stage import StageModule
+
+SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+MULTI_STAGE = {
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+}
+
+
+class PipelineRunner:
+    def __init__(
+        self,
+        modules: list[StageModule],
+        stage_ids: list[int],
+        layout: PipelineLayout,
+        pp_group,
+        device: torch.device,
+        *,
+        schedule: str,
+        num_microbatches: int,
+        micro_batch_size: int,
+        seq_length: int,
+        hidden_size: int,
+        hidden_dtype: torch.dtype,
+        seq_shards: int = 1,
+    ) -> None:
+        """``seq_shards``: tp under sequence parallelism (stages exchange sequence shards)."""
+        self.is_first = 0 in stage_ids
+        self.is_last = layout.num_stages - 1 in stage_ids
+        self.num_tokens: torch.Tensor | None = None
+        b, s = micro_batch_size, seq_length
+        # Example tensors give the shapes to exchange; requires_grad tells torch that the
+        # hidden states (not the token ids) carry gradients back to the previous stage.
+        hidden = torch.empty(
+            s // seq_shards, b, hidden_size, dtype=hidden_dtype, device="meta", requires_grad=True
+        )
+        tokens = torch.empty(b, s, dtype=torch.long, device="meta")
+        losses = torch.empty(b, s, dtype=torch.float32, device="meta", requires_grad=True)
+        self.stages = [
+            PipelineStage(
+                module,
+                stage,
+                layout.num_stages,
+                device,
+                input_args=(tokens if layout.is_first(stage) else hidden,),
+                output_args=(losses if layout.is_last(stage) else hidden,),
+                group=pp_group,
+            )
+            for module, stage in zip(modules, stage_ids, strict=True)
+        ]
+        common = {"loss_fn": self._loss, "scale_grads": False}
+        if schedule in SINGLE_STAGE:
+            if len(self.stages) != 1:
+                raise ValueError(f"schedule {schedule} runs one stage per rank")
+            self.schedule = SINGLE_STAGE[schedule](self.stages[0], num_microbatches, **common)
+        elif schedule in MULTI_STAGE:
+            self.schedule = MULTI_STAGE[schedule](self.stages, num_microbatches, **common)
+        else:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}")
+
+    def _loss(self, losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (losses * mask).sum() / self.num_tokens
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+        args = (batch["tokens"],) if self.is_first else ()
+        kwargs = {"position_ids": batch["position_ids"], "labels": batch["labels"]}
+        return args, kwargs
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], num_tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Forward and backward of this rank's share of the batch ([local batch, s] tensors).
+
+        Returns the summed microbatch losses on the rank holding the last stage, else None.
+        """
+        self.num_tokens = num_tokens
+        args, kwargs = self._inputs(batch)
+        losses: list[torch.Tensor] = []
+        self.schedule.step(
+            *args, target=batch["loss_mask"], losses=losses, return_outputs=False, **kwargs
+        )
+        if not self.is_last:
+            return None
+        return torch.stack([x.detach() for x in losses]).sum()
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Forward only: the masked sum of per-token losses over this rank's batch, on the rank
+        holding the last stage, else None."""
+        self.num_tokens = torch.ones((), device=batch["loss_mask"].device)
+        args, kwargs = self._inputs(batch)
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(*args, target=batch["loss_mask"], losses=losses, **kwargs)
+        return torch.stack(losses).sum() if self.is_last else None

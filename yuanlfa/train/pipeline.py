@@ -1,0 +1,102 @@
+"""The trainer's pipeline-parallel pieces: the stage split, the runner, tied-embedding gradients
+and evaluation through the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.distributed as dist
+
+from yuanlfa.config import Config
+from yuanlfa.model.transformer import YuanModel
+from yuanlfa.parallel.mesh import Mesh
+from yuanlfa.parallel.pipeline import PipelineLayout, build_layout
+from yuanlfa.parallel.pipeline.runner import PipelineRunner
+from yuanlfa.parallel.pipeline.stage import build_stage_modules
+from yuanlfa.train.data import get_batch
+
+
+def pipeline_layout(cfg: Config) -> PipelineLayout:
+    """The configured split; ``pipeline_blocks: auto`` asks the balancer (time objective, no
+    memory limit unless the GPU is a known preset)."""
+    auto = None
+    if cfg.parallel.pipeline_blocks == "auto":
+        from yuanlfa.planner.balance import auto_blocks
+
+        auto = auto_blocks(cfg)
+    return build_layout(cfg.parallel, cfg.model, auto)
+
+
+def build_runner(
+    cfg: Config,
+    mesh: Mesh,
+    model: YuanModel,
+    layout: PipelineLayout,
+    device: torch.device,
+    num_microbatches: int,
+) -> PipelineRunner:
+    t, p = cfg.train, cfg.parallel
+    modules = build_stage_modules(model, layout, mesh.pp_rank)
+    return PipelineRunner(
+        modules,
+        layout.stages_of_rank(mesh.pp_rank),
+        layout,
+        mesh.pp_group,
+        device,
+        schedule=p.schedule,
+        num_microbatches=num_microbatches,
+        micro_batch_size=t.micro_batch_size,
+        seq_length=t.seq_length,
+        hidden_size=cfg.model.hidden_size,
+        hidden_dtype=next(model.parameters()).dtype,
+        seq_shards=p.tp if p.sequence_parallel else 1,
+    )
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def sync_tied_embedding_grads(model: YuanModel, mesh: Mesh) -> None:
+    """Sum the embedding gradient of the first stage (input) and the last (head)."""
+    if mesh.embed_group is None or model.embed is None:
+        return
+    weight = model.embed.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=mesh.embed_group)
+
+
+def from_last_stage(value: torch.Tensor | None, mesh: Mesh, like: torch.Tensor) -> torch.Tensor:
+    """A value only the last stage computes, on every pipeline rank (a sum with zeros)."""
+    out = value if value is not None else torch.zeros_like(like)
+    dist.all_reduce(out, group=mesh.pp_group)
+    return out
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    runner: PipelineRunner,
+    model: YuanModel,
+    dataset,
+    cfg: Config,
+    mesh: Mesh,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> float:
+    """Mean per-token loss over the held-out split, run forward-only through the pipeline."""
+    model.eval()
+    chunk = cfg.train.micro_batch_size * runner.schedule._n_microbatches
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(0, len(dataset) - chunk + 1, chunk):
+        batch = get_batch(dataset, start, chunk, device)
+        with autocast():
+            loss_sum = runner.eval_loss_sum(batch)
+        if loss_sum is not None:
+            totals[0] += loss_sum.double()
+            totals[1] += batch["loss_mask"].sum()
+    model.train()
+    totals = from_last_stage(totals, mesh, totals)
+    return float(totals[0] / totals[1].clamp(min=1.0))
