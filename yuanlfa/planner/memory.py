@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import Config
-from yuanlfa.planner.params import param_counts, stage_blocks
+from yuanlfa.planner.activations import resolve_gpu, training_dtype_bytes
+from yuanlfa.planner.params import param_counts
 
 
 @dataclass(frozen=True)
@@ -22,44 +23,86 @@ class StageMemory:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
 
 
-def stage_memory(cfg: Config, dp: int) -> list[StageMemory]:
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter: weights, gradients, and optimizer states before dp sharding."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    optimizer_shards: int  # dp with the distributed optimizer, else 1
+
+    def of(self, params: int) -> tuple[int, int, int]:
+        return (
+            params * self.weights,
+            params * self.grads,
+            -(-params * self.optimizer // self.optimizer_shards),
+        )
+
+
+def state_bytes(cfg: Config, dp: int, gpu: bool | None = None) -> StateBytes:
+    """bf16 training keeps bf16 weights and gradients plus fp32 master weights and two Adam
+    moments (12 bytes per parameter); fp32 training keeps fp32 weights and gradients and the two
+    moments. The distributed optimizer divides the optimizer bytes by dp. Precision ``auto`` is
+    bf16 on a GPU (``gpu``, default from train.device as the trainer decides)."""
+    bf16 = training_dtype_bytes(cfg, resolve_gpu(cfg, gpu)) == 2
+    weight_b, grad_b, optim_b = (2, 2, 12) if bf16 else (4, 4, 8)
+    return StateBytes(weight_b, grad_b, optim_b, dp if cfg.optim.distributed else 1)
+
+
+def layer_params(cfg: Config) -> int:
+    """Parameters of one decoder layer on one tensor-parallel rank. Replicated parameters
+    (norms, and the LFA filter) are held whole by every rank."""
+    counts = param_counts(cfg.model)
+    return counts.per_layer_replicated + counts.per_layer_sharded // cfg.parallel.tp
+
+
+def stage_extra_params(cfg: Config, first: bool, last: bool, num_stages: int) -> int:
+    """Parameters besides the layers: the embedding on the first stage; the final norm, the head
+    and (tied, pp > 1) the last stage's copy of the embedding matrix."""
+    counts, tp = param_counts(cfg.model), cfg.parallel.tp
+    params = counts.embedding // tp if first else 0
+    if last:
+        params += counts.final_norm + counts.head // tp
+        if num_stages > 1 and cfg.model.tie_embeddings:
+            params += counts.embedding // tp
+    return params
+
+
+def config_blocks(cfg: Config) -> tuple[int, ...]:
+    """The configured split (block list, layout string, or ``auto``: the balancer's time-optimal
+    split without a memory limit)."""
+    from yuanlfa.parallel.pipeline.layout import resolve_blocks
+
+    auto = None
+    if cfg.parallel.pipeline_blocks == "auto":
+        from yuanlfa.planner.balance import auto_blocks
+
+        auto = auto_blocks(cfg)
+    return resolve_blocks(cfg.parallel, cfg.model, auto)
+
+
+def stage_memory(
+    cfg: Config, dp: int, blocks: tuple[int, ...] | None = None, *, gpu: bool | None = None
+) -> list[StageMemory]:
     """Static memory of one rank of each pipeline rank's stages (activations excluded).
 
-    bf16 training keeps bf16 weights and gradients plus fp32 master weights and two Adam moments
-    (12 bytes per parameter); fp32 training keeps fp32 weights and gradients and the two moments.
-    The distributed optimizer divides the optimizer bytes by dp. Replicated parameters (norms, and
-    LFA without sequence parallelism) are held whole by every tensor-parallel rank.
+    ``blocks`` defaults to the configured split. Under interleaving, virtual stage s runs on
+    pipeline rank s % pp, and the rank holds the sum of its stages.
     """
-    m, p = cfg.model, cfg.parallel
-    counts = param_counts(m)
-    blocks = stage_blocks(m, p)
-    bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and cfg.train.device == "cuda"
-    )
-    weight_b, grad_b, optim_b = (2, 2, 12) if bf16 else (4, 4, 8)
-    shard = dp if cfg.optim.distributed else 1
-    per_layer = counts.per_layer_replicated + counts.per_layer_sharded // p.tp
-    # Under interleaving, virtual stage s runs on pipeline rank s % pp.
-    layers_on = [0] * p.pp
-    params_on = [0] * p.pp
+    pp = cfg.parallel.pp
+    blocks = tuple(blocks) if blocks is not None else config_blocks(cfg)
+    state = state_bytes(cfg, dp, gpu)
+    per_layer = layer_params(cfg)
+    layers_on = [0] * pp
+    params_on = [0] * pp
     for stage, layers in enumerate(blocks):
-        rank = stage % p.pp
+        rank = stage % pp
         layers_on[rank] += layers
-        params_on[rank] += layers * per_layer
-        if stage == 0:
-            params_on[rank] += counts.embedding // p.tp
-        if stage == len(blocks) - 1:
-            params_on[rank] += counts.final_norm + counts.head // p.tp
-            if len(blocks) > 1 and m.tie_embeddings:
-                params_on[rank] += counts.embedding // p.tp  # the last stage's tied copy
-    return [
-        StageMemory(
-            stage=rank,
-            layers=layers_on[rank],
-            params=params,
-            weights_bytes=params * weight_b,
-            grads_bytes=params * grad_b,
-            optimizer_bytes=-(-params * optim_b // shard),
-        )
-        for rank, params in enumerate(params_on)
-    ]
+        first, last = stage == 0, stage == len(blocks) - 1
+        params_on[rank] += layers * per_layer + stage_extra_params(cfg, first, last, len(blocks))
+    out = []
+    for rank, params in enumerate(params_on):
+        weights, grads, optimizer = state.of(params)
+        out.append(StageMemory(rank, layers_on[rank], params, weights, grads, optimizer))
+    return out

@@ -25,6 +25,8 @@ def check_tensorboard(cfg: LoggingConfig) -> None:
 
 
 def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return f"{key} [{', '.join(f'{v:.3g}' for v in value)}]"
     if isinstance(value, float):
         if key == "lr":
             return f"{key} {value:.3e}"
@@ -87,7 +89,10 @@ class MetricsLogger:
             os.fsync(self._jsonl.fileno())
         if self._tb is not None:
             for key, value in record.items():
-                if (
+                if isinstance(value, list):  # per pipeline stage
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"stage/{key}/{i}", v, step)
+                elif (
                     key != "step"
                     and isinstance(value, (int, float))
                     and not isinstance(value, bool)

@@ -100,3 +100,17 @@ def evaluate_pipeline(
     model.train()
     totals = from_last_stage(totals, mesh, totals)
     return float(totals[0] / totals[1].clamp(min=1.0))
+
+
+def stage_stats(
+    runner: PipelineRunner, mesh: Mesh, mem_gb: float, device: torch.device
+) -> dict[str, list[float]]:
+    """Per pipeline rank: compute time of the last step (the rest is bubble and transfers) and
+    peak memory, gathered over the pipeline group for the log."""
+    mine = torch.tensor([runner.busy_s, mem_gb], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(mesh.pp)]
+    dist.all_gather(parts, mine, group=mesh.pp_group)
+    return {
+        "stage_busy_s": [round(float(p[0]), 5) for p in parts],
+        "stage_mem_gb": [round(float(p[1]), 4) for p in parts],
+    }

@@ -43,6 +43,7 @@ from yuanlfa.train.pipeline import (
     evaluate_pipeline,
     from_last_stage,
     pipeline_layout,
+    stage_stats,
     sync_tied_embedding_grads,
 )
 from yuanlfa.train.recompute import apply_recompute
@@ -316,6 +317,8 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                 "step_time_s": elapsed,
                 "mem_gb": _memory_gb(device),
             }
+            if runner is not None:
+                record.update(stage_stats(runner, mesh, _memory_gb(device), device))
             if skipped:
                 record["skipped"] = True
             exiting = bool(t.exit_interval) and step % t.exit_interval == 0 and step < t.steps

@@ -9,6 +9,8 @@ summed over microbatches, and then over data-parallel ranks, is that of the glob
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -69,6 +71,9 @@ class PipelineRunner:
             )
             for module, stage in zip(modules, stage_ids, strict=True)
         ]
+        self.busy_s = 0.0
+        for stage in self.stages:
+            self._time_compute(stage, device)
         common = {"loss_fn": self._loss, "scale_grads": False}
         if schedule in SINGLE_STAGE:
             if len(self.stages) != 1:
@@ -78,6 +83,29 @@ class PipelineRunner:
             self.schedule = MULTI_STAGE[schedule](self.stages, num_microbatches, **common)
         else:
             raise ValueError(f"unknown pipeline schedule {schedule!r}")
+
+    def _time_compute(self, stage: PipelineStage, device: torch.device) -> None:
+        """Accumulate the time this rank spends computing (forward, backward, weight gradients)
+        in ``busy_s``; the rest of a step is waiting for other stages (the bubble).
+
+        The stage's methods are wrapped per instance; torch's schedules call exactly these.
+        """
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+            method = getattr(stage, name, None)
+            if method is None:
+                continue
+
+            def timed(*args, _method=method, **kwargs):
+                sync()
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    sync()
+                    self.busy_s += time.perf_counter() - start
+
+            setattr(stage, name, timed)
 
     def _loss(self, losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (losses * mask).sum() / self.num_tokens
@@ -95,6 +123,7 @@ class PipelineRunner:
         Returns the summed microbatch losses on the rank holding the last stage, else None.
         """
         self.num_tokens = num_tokens
+        self.busy_s = 0.0
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
         self.schedule.step(
