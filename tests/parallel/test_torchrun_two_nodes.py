@@ -1,5 +1,6 @@
-"""A multi-node launch emulated on this machine: two torchrun "nodes" of 2 processes each share a
-c10d rendezvous on localhost and train the tiny model at tp=2 x dp=2; losses equal one process."""
+"""A multi-node launch emulated on this machine: two torchrun "nodes" of 4 processes each share a
+c10d rendezvous on localhost and train the tiny model in 3D, tp=2 (sequence parallel) x pp=2
+(uneven split) x dp=2 with the sharded optimizer; the losses equal one process's."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _losses(path: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_nodes_tp2_dp2_equal_one_process(small_corpus: str, tmp_path: Path) -> None:
+def test_two_nodes_tp2_pp2_dp2_equal_one_process(small_corpus: str, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train_args = [
         "-m", "yuanlfa.cli.train", "--config", "configs/tiny.yaml", "--quiet", "--set",
@@ -41,7 +42,7 @@ def test_two_nodes_tp2_dp2_equal_one_process(small_corpus: str, tmp_path: Path) 
                 "--node_rank",
                 str(node),
                 "--nproc_per_node",
-                "2",
+                "4",
                 "--rdzv_backend",
                 "c10d",
                 "--rdzv_endpoint",
@@ -51,6 +52,9 @@ def test_two_nodes_tp2_dp2_equal_one_process(small_corpus: str, tmp_path: Path) 
                 *train_args,
                 "parallel.tp=2",
                 "parallel.sequence_parallel=true",
+                "parallel.pp=2",
+                "parallel.pipeline_blocks=[1,3]",
+                "optim.distributed=true",
                 f"logging.jsonl={tmp_path / 'nodes.jsonl'}",
             ],
             cwd=ROOT,
@@ -72,4 +76,4 @@ def test_two_nodes_tp2_dp2_equal_one_process(small_corpus: str, tmp_path: Path) 
     one, nodes_losses = _losses(tmp_path / "one.jsonl"), _losses(tmp_path / "nodes.jsonl")
     assert len(one) == len(nodes_losses) == STEPS
     assert nodes_losses == pytest.approx(one, rel=1e-5)
-    assert "tp 2 x dp 2" in outputs[0] + outputs[1]
+    assert "tp 2 x dp 2 x pp 2 (1f1b, blocks [1, 3]" in outputs[0] + outputs[1]
