@@ -115,6 +115,9 @@ class TrainConfig:
     stop_on_nan: bool = False
     # Activation recompute: none, selective (core attention only) or full (whole layers).
     recompute: Literal["none", "selective", "full"] = "none"
+    # Per pipeline rank (pp entries), overriding recompute: early stages hold more microbatches
+    # in flight under 1F1B, so they gain most from recomputing, e.g. [full, selective, none].
+    recompute_stages: tuple[Literal["none", "selective", "full"], ...] | None = None
     # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
     # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
     exit_interval: int = 0
@@ -442,6 +445,13 @@ def validate(cfg: Config) -> None:
         f"train.seq_length: {t.seq_length} is not divisible by parallel.tp={p.tp} "
         "(needed by sequence parallelism)",
     )
+
+    if t.recompute_stages is not None:
+        _require(
+            len(t.recompute_stages) == p.pp,
+            f"train.recompute_stages: has {len(t.recompute_stages)} entries but parallel.pp = "
+            f"{p.pp}; give one mode (none, selective, full) per pipeline rank",
+        )
 
     c = cfg.checkpoint
     _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")

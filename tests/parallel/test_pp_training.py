@@ -93,7 +93,10 @@ def test_pipeline_gradients_equal_one_process(parallel: dict) -> None:
 
 
 def _train(corpus: str, **parallel: object) -> list[tuple[float, float, float | None]]:
-    extra = {f"parallel__{k}": v for k, v in parallel.items() if k != "distributed"}
+    train_keys = ("distributed", "recompute_stages")
+    extra = {f"parallel__{k}": v for k, v in parallel.items() if k not in train_keys}
+    if "recompute_stages" in parallel:
+        extra["train__recompute_stages"] = parallel["recompute_stages"]
     cfg = tiny_overrides(
         corpus,
         model__num_layers=4,
@@ -122,7 +125,11 @@ LAYOUTS = {
         "pp2 v2 zero bubble": {"pp": 2, "virtual_stages": 2, "schedule": "zero_bubble"},
     },
     4: {
-        "pp4 [1,1,2,0] head-only last stage": {"pp": 4, "pipeline_blocks": [1, 1, 2, 0]},
+        "pp4 [1,1,2,0] head-only last stage, recompute per stage": {
+            "pp": 4,
+            "pipeline_blocks": [1, 1, 2, 0],
+            "recompute_stages": ["full", "selective", "none", "none"],
+        },
         "tp2 x pp2 [3,1] + sp": {
             "tp": 2,
             "pp": 2,

@@ -206,7 +206,8 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.dp_rank == 0
     say = print if is_logger else (lambda *a, **k: None)
     layout = pipeline_layout(cfg) if mesh.pp > 1 else None
-    model = apply_recompute(build_local_model(cfg, mesh, device, layout), t.recompute)
+    recompute = t.recompute_stages[mesh.pp_rank] if t.recompute_stages else t.recompute
+    model = apply_recompute(build_local_model(cfg, mesh, device, layout), recompute)
     runner = None
     if layout is not None:
         runner = build_runner(cfg, mesh, model, layout, device, micro_batches)
