@@ -106,7 +106,11 @@ class TrainConfig:
     global_batch_size: int = 8
     seq_length: int = 256
     seed: int = 1234
+    # Compute precision: bf16 autocast (auto: on GPU), or fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Parameter (and gradient) storage. bf16 halves weight memory; the optimizer then keeps fp32
+    # master weights (sharded over dp with optim.distributed) and accumulates gradients in fp32.
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Evaluate on the held-out split every N steps (0: only at the end).
     eval_interval: int = 0

@@ -50,8 +50,8 @@ def _reference_grads(cfg, batch) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def _config(parallel: dict):
-    data = {"model": MODEL, "parallel": parallel, "train": {"micro_batch_size": 2, "seq_length": 16}}
-    return config_from_dict(data)
+    train = {"micro_batch_size": 2, "seq_length": 16}
+    return config_from_dict({"model": MODEL, "parallel": parallel, "train": train})
 
 
 def _pipeline_grads(rank: int, world: int, parallel: dict):

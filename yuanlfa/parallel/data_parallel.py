@@ -37,4 +37,7 @@ def allreduce_gradients(params: list[nn.Parameter], group) -> None:
     The trainer divides each rank's loss by the token count of the whole global batch, so the sum
     over ranks is exactly the gradient of the global-batch mean loss.
     """
-    allreduce_flat([p.grad for p in params if p.grad is not None], group)
+    from yuanlfa.parallel.grads import grad_of
+
+    grads = [grad_of(p) for p in params]
+    allreduce_flat([g for g in grads if g is not None], group)

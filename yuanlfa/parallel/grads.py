@@ -22,6 +22,31 @@ def is_pipeline_copy(param: nn.Parameter) -> bool:
     return getattr(param, "pipeline_copy", False)
 
 
+def grad_of(param: nn.Parameter) -> torch.Tensor | None:
+    """The gradient to reduce and step with: the fp32 accumulator of a low-precision parameter
+    (see :func:`accumulate_grads_in_fp32`), else ``param.grad``."""
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
+def accumulate_grads_in_fp32(params: list[nn.Parameter]) -> None:
+    """Move each low-precision gradient into an fp32 ``main_grad`` as soon as autograd has
+    accumulated it, so gradients summed over many microbatches keep fp32 precision (Megatron
+    accumulates in fp32 for bf16 for the same reason). ``main_grad`` is None after zero_grad."""
+
+    def hook(param: nn.Parameter) -> None:
+        grad = param.grad.float()
+        if param.main_grad is None:
+            param.main_grad = grad
+        else:
+            param.main_grad.add_(grad)
+        param.grad = None
+
+    for p in params:
+        if p.requires_grad and p.dtype != torch.float32 and p.dtype != torch.float64:
+            p.main_grad = None
+            p.register_post_accumulate_grad_hook(hook)
+
+
 def sum_over(value: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(value, group=group)
@@ -34,16 +59,17 @@ def allreduce_replicated_grads(params: list[nn.Parameter], group) -> None:
     Under sequence parallelism each rank's gradient covers only its sequence shard; the sum is
     the full gradient, identical on every rank afterwards. One flat buffer, one collective.
     """
-    allreduce_flat([p.grad for p in params if p.grad is not None and not is_sharded(p)], group)
+    grads = [grad_of(p) for p in params if not is_sharded(p)]
+    allreduce_flat([g for g in grads if g is not None], group)
 
 
 def global_grad_norm(params: list[nn.Parameter], tp_group=None, pp_group=None) -> float:
     """L2 norm of the whole model's gradient: sharded parts summed over tp, replicated ones once,
     every pipeline stage's part summed over pp (pipeline copies counted once)."""
-    owned = [p for p in params if p.grad is not None and not is_pipeline_copy(p)]
-    sharded = [p.grad for p in owned if is_sharded(p)]
-    replicated = [p.grad for p in owned if not is_sharded(p)]
-    ref = next(p.grad for p in params if p.grad is not None)
+    owned = [p for p in params if grad_of(p) is not None and not is_pipeline_copy(p)]
+    sharded = [grad_of(p) for p in owned if is_sharded(p)]
+    replicated = [grad_of(p) for p in owned if not is_sharded(p)]
+    ref = next(grad_of(p) for p in params if grad_of(p) is not None)
     device = ref.device
     acc = torch.promote_types(ref.dtype, torch.float32)
 
@@ -61,5 +87,5 @@ def clip_grads(params: list[nn.Parameter], max_norm: float, total_norm: float) -
     coef = max_norm / (total_norm + 1e-6)
     if coef < 1.0:
         for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+            if grad_of(p) is not None:
+                grad_of(p).mul_(coef)

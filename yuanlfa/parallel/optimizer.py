@@ -18,7 +18,7 @@ from torch import nn
 
 from yuanlfa.config import OptimConfig
 from yuanlfa.parallel.comm import _reduce_scatter
-from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded, sum_over
+from yuanlfa.parallel.grads import grad_of, is_pipeline_copy, is_sharded, sum_over
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -39,9 +39,11 @@ class ShardedAdamW:
     def __init__(
         self, model: nn.Module, cfg: OptimConfig, dp_group, tp_group=None, pp_group=None
     ) -> None:
+        """dp_group None: one replica holds the whole fp32 master copy (the unsharded mode of
+        low-precision parameters, and data parallelism of 1)."""
         self.dp_group, self.tp_group, self.pp_group = dp_group, tp_group, pp_group
-        self.dp = dist.get_world_size(dp_group)
-        rank = dist.get_rank(dp_group)
+        self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
+        rank = dist.get_rank(dp_group) if dp_group is not None else 0
         groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -75,10 +77,14 @@ class ShardedAdamW:
         sharded_sq = torch.zeros((), dtype=torch.float64, device=device)
         replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
         for b in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+            grads = [grad_of(p) for p in b.params]
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, b.params)]
             flat = self._flat(grads, b.shard.numel() * self.dp)
-            shard_grad = torch.empty_like(b.shard)
-            _reduce_scatter(shard_grad, flat, group=self.dp_group)
+            if self.dp > 1:
+                shard_grad = torch.empty_like(b.shard)
+                _reduce_scatter(shard_grad, flat, group=self.dp_group)
+            else:
+                shard_grad = flat
             b.shard.grad = shard_grad
             sq = shard_grad.double().pow(2).sum()
             if b.pipeline_copy:
@@ -88,7 +94,7 @@ class ShardedAdamW:
             else:
                 replicated_sq += sq
         totals = torch.stack((sharded_sq, replicated_sq))
-        dist.all_reduce(totals, group=self.dp_group)  # the slices partition each bucket
+        sum_over(totals, self.dp_group)  # the slices partition each bucket
         # Tensor-parallel shards differ across tp ranks; replicated parameters count once.
         sum_over(totals[:1], self.tp_group)
         return math.sqrt(float(sum_over(totals.sum(), self.pp_group)))
@@ -104,9 +110,11 @@ class ShardedAdamW:
     def step(self) -> None:
         self.inner.step()
         for b in self.buckets:
-            parts = [torch.empty_like(b.shard) for _ in range(self.dp)]
-            dist.all_gather(parts, b.shard.detach(), group=self.dp_group)
-            flat = torch.cat(parts)
+            flat = b.shard.detach()
+            if self.dp > 1:
+                parts = [torch.empty_like(b.shard) for _ in range(self.dp)]
+                dist.all_gather(parts, b.shard.detach(), group=self.dp_group)
+                flat = torch.cat(parts)
             offset = 0
             for p in b.params:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -117,6 +125,8 @@ class ShardedAdamW:
             b.shard.grad = None
             for p in b.params:
                 p.grad = None
+                if hasattr(p, "main_grad"):
+                    p.main_grad = None
 
     def state_bytes(self) -> int:
         """Bytes of master weights and optimizer states held by this rank."""

@@ -37,6 +37,12 @@ def check_supported_layout(cfg: Config) -> None:
             "format, which this version does not have; unset checkpoint.dir or set "
             "optim.distributed=false"
         )
+    if cfg.train.param_dtype != "fp32" and cfg.checkpoint.dir is not None:
+        raise ConfigError(
+            "checkpoint.dir: saving fp32 master weights of bf16 parameters needs the layout-free "
+            "checkpoint format, which this version does not have; unset checkpoint.dir or use "
+            "train.param_dtype=fp32"
+        )
     if p.tp > 1 and cfg.checkpoint.dir is not None:
         raise ConfigError(
             "checkpoint.dir: saving checkpoints under tensor parallelism needs the layout-free "
@@ -61,7 +67,11 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
 
 
 def build_local_model(
-    cfg: Config, mesh: Mesh, device: torch.device, layout: PipelineLayout | None = None
+    cfg: Config,
+    mesh: Mesh,
+    device: torch.device,
+    layout: PipelineLayout | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> YuanModel:
     """This rank's model: the whole single-device model, or the layers of this rank's pipeline
     stages (with the embedding on the first, norm and head on the last), cut to this rank's
@@ -81,7 +91,7 @@ def build_local_model(
         def shard(name: str, full: torch.Tensor) -> torch.Tensor:
             return shard_full_tensor(name, full, m, mesh.tp_rank, mesh.tp)
 
-    materialize(model, m, seed, device, shard=shard)
+    materialize(model, m, seed, device, dtype, shard=shard)
     if mesh.pp > 1 and has_head and not has_embedding and model.embed is not None:
         # The head's copy of the tied embedding: kept equal to the first stage's by summing
         # their gradients; counted once (there) in the gradient norm.

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from yuanlfa.config import Config
 from yuanlfa.model.transformer import YuanModel
+from yuanlfa.parallel.grads import grad_of
 from yuanlfa.parallel.mesh import Mesh
 from yuanlfa.parallel.pipeline import PipelineLayout, build_layout
 from yuanlfa.parallel.pipeline.runner import PipelineRunner
@@ -64,9 +65,14 @@ def sync_tied_embedding_grads(model: YuanModel, mesh: Mesh) -> None:
     if mesh.embed_group is None or model.embed is None:
         return
     weight = model.embed.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=mesh.embed_group)
+    grad = grad_of(weight)
+    if grad is None:  # no microbatch reached it (cannot happen in training; keep ranks in step)
+        grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if hasattr(weight, "main_grad"):
+            weight.main_grad = grad
+        else:
+            weight.grad = grad = grad.to(weight.dtype)
+    dist.all_reduce(grad, group=mesh.embed_group)
 
 
 def from_last_stage(value: torch.Tensor | None, mesh: Mesh, like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,12 @@ from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
 from yuanlfa.parallel.data_parallel import allreduce_gradients
-from yuanlfa.parallel.grads import allreduce_replicated_grads, clip_grads, global_grad_norm
+from yuanlfa.parallel.grads import (
+    accumulate_grads_in_fp32,
+    allreduce_replicated_grads,
+    clip_grads,
+    global_grad_norm,
+)
 from yuanlfa.parallel.optimizer import ShardedAdamW
 from yuanlfa.train.data import build_datasets, get_batch
 from yuanlfa.train.distributed import (
@@ -207,13 +212,19 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     say = print if is_logger else (lambda *a, **k: None)
     layout = pipeline_layout(cfg) if mesh.pp > 1 else None
     recompute = t.recompute_stages[mesh.pp_rank] if t.recompute_stages else t.recompute
-    model = apply_recompute(build_local_model(cfg, mesh, device, layout), recompute)
+    param_dtype = torch.bfloat16 if t.param_dtype == "bf16" else torch.float32
+    model = build_local_model(cfg, mesh, device, layout, param_dtype)
+    model = apply_recompute(model, recompute)
     runner = None
     if layout is not None:
         runner = build_runner(cfg, mesh, model, layout, device, micro_batches)
     sharded_optimizer = o.distributed and mesh.dp > 1
-    if sharded_optimizer:
-        optimizer = ShardedAdamW(model, o, mesh.dp_group, mesh.tp_group, mesh.pp_group)
+    if sharded_optimizer or param_dtype != torch.float32:
+        # Low-precision parameters step through fp32 master weights: sharded over dp, or whole
+        # on every replica (dp group None) in the unsharded mode.
+        accumulate_grads_in_fp32(list(model.parameters()))
+        dp_group = mesh.dp_group if sharded_optimizer else None
+        optimizer = ShardedAdamW(model, o, dp_group, mesh.tp_group, mesh.pp_group)
     else:
         optimizer = build_optimizer(model, o)
     model_dict = config_to_dict(cfg.model)
@@ -291,7 +302,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                     allreduce_gradients(params, mesh.dp_group)
             if mesh.tp > 1 and cfg.parallel.sequence_parallel:
                 allreduce_replicated_grads(params, mesh.tp_group)
-            if sharded_optimizer:
+            if isinstance(optimizer, ShardedAdamW):
                 grad_norm = optimizer.reduce_gradients()
                 optimizer.clip(o.clip_grad, grad_norm)
             else:
