@@ -24,8 +24,11 @@ setup(
     extras_require={
         "tensorboard": ["tensorboard>=2.12"],
         "triton": ["triton>=3.0"],
+        # yuanlfa-plan --plot
+        "plot": ["matplotlib>=3.5"],
         # triton runs the LFA kernels' tests on CPU through its interpreter.
         "dev": [
+            "matplotlib>=3.5",
             "pytest>=8",
             "ruff>=0.5",
             "tensorboard>=2.12",
@@ -37,6 +40,7 @@ setup(
             "yuanlfa-train=yuanlfa.cli.train:main",
             "yuanlfa-info=yuanlfa.cli.info:main",
             "yuanlfa-preprocess=yuanlfa.cli.preprocess:main",
+            "yuanlfa-plan=yuanlfa.cli.plan:main",
         ]
     },
 )

@@ -9,7 +9,8 @@ import sys
 from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import Config, ConfigError, load_config, resolve
 from yuanlfa.data import build_tokenizer
-from yuanlfa.planner import flops_per_token, param_counts, stage_memory
+from yuanlfa.planner import cost_model, flops_per_token, param_counts, stage_memory
+from yuanlfa.planner.memory import config_blocks
 
 GIB = 2**30
 
@@ -25,7 +26,10 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
     dp = cfg.parallel.dp
     counts = param_counts(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_length)
-    stages = stage_memory(cfg, dp)
+    blocks = config_blocks(cfg)
+    stages = stage_memory(cfg, dp, blocks)
+    # Activations at the schedule's peak and transient buffers, from the planner's cost model.
+    ranks = cost_model(cfg).evaluate(blocks).ranks
     return {
         "params_total": counts.total,
         "params_embedding": counts.embedding,
@@ -53,10 +57,15 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
                 "grads_bytes": s.grads_bytes,
                 "optimizer_bytes": s.optimizer_bytes,
                 "total_bytes": s.total_bytes,
+                "activation_bytes": r.activation_bytes,
+                "workspace_bytes": r.workspace_bytes,
+                "in_flight_microbatches": r.in_flight,
+                "total_with_activations_bytes": r.memory_bytes,
             }
-            for s in stages
+            for s, r in zip(stages, ranks)
         ],
         "max_rank_bytes": max(s.total_bytes for s in stages),
+        "max_rank_bytes_with_activations": max(r.memory_bytes for r in ranks),
     }
 
 
@@ -78,12 +87,16 @@ def _print_text(info: dict) -> None:
         f"layout          tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} = {lay['world_size']} "
         f"ranks, distributed optimizer {'on' if lay['distributed_optimizer'] else 'off'}"
     )
-    print("pipeline rank   layers   params     weights   grads   optimizer   total (GiB)")
+    print(
+        "pipeline rank   layers   params     weights   grads   optimizer   total   "
+        "+activations (GiB)"
+    )
     for r in info["per_rank"]:
         print(
             f"{r['pipeline_rank']:>13}   {r['layers']:>6}   {r['params'] / 1e9:6.3f} B  "
             f"{r['weights_bytes'] / GIB:7.2f}  {r['grads_bytes'] / GIB:6.2f}  "
-            f"{r['optimizer_bytes'] / GIB:10.2f}  {r['total_bytes'] / GIB:10.2f}"
+            f"{r['optimizer_bytes'] / GIB:10.2f}  {r['total_bytes'] / GIB:6.2f}  "
+            f"{r['total_with_activations_bytes'] / GIB:10.2f}"
         )
 
 

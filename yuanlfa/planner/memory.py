@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import Config
-from yuanlfa.planner.activations import resolve_gpu, training_dtype_bytes
 from yuanlfa.planner.params import param_counts
 
 
@@ -41,12 +40,15 @@ class StateBytes:
 
 
 def state_bytes(cfg: Config, dp: int, gpu: bool | None = None) -> StateBytes:
-    """bf16 training keeps bf16 weights and gradients plus fp32 master weights and two Adam
-    moments (12 bytes per parameter); fp32 training keeps fp32 weights and gradients and the two
-    moments. The distributed optimizer divides the optimizer bytes by dp. Precision ``auto`` is
-    bf16 on a GPU (``gpu``, default from train.device as the trainer decides)."""
-    bf16 = training_dtype_bytes(cfg, resolve_gpu(cfg, gpu)) == 2
-    weight_b, grad_b, optim_b = (2, 2, 12) if bf16 else (4, 4, 8)
+    """As the trainer stores them. ``train.param_dtype: bf16``: bf16 weights, gradients
+    accumulated in fp32, fp32 master weights and two Adam moments (2 + 4 + 12 bytes per
+    parameter). fp32 parameters (also under bf16 autocast): fp32 weights and gradients and the
+    two moments (4 + 4 + 8). The distributed optimizer divides the optimizer bytes by dp.
+    ``gpu`` is accepted for symmetry with the activation model (precision does not change the
+    stored state)."""
+    del gpu
+    bf16_params = cfg.train.param_dtype == "bf16"
+    weight_b, grad_b, optim_b = (2, 4, 12) if bf16_params else (4, 4, 8)
     return StateBytes(weight_b, grad_b, optim_b, dp if cfg.optim.distributed else 1)
 
 

@@ -2,7 +2,8 @@
 
 Used to check the planner's activation model against what a pipeline stage really holds
 (tests/parallel/test_activation_memory.py) and for ad-hoc memory studies. Tensors sharing a
-storage are counted once; parameters (and views of them) are not activations and are skipped.
+storage are counted once. Tensors that live anyway (parameters, the input batch, and views of
+them) are not activations held for backward: pass them as ``exclude``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import weakref
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 
 class _Saved:
@@ -24,10 +24,10 @@ class _Saved:
 
 
 class SavedActivationProbe:
-    def __init__(self, params: Iterable[nn.Parameter] = ()) -> None:
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
         self.live = 0
         self.peak = 0
-        self._skip = {p.untyped_storage().data_ptr() for p in params}
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude}
         self._refs: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 

@@ -1,0 +1,233 @@
+"""The pipeline balancer: the exact best block list under the cost model.
+
+A pipeline rank's cost depends only on the layers of its own stages (s = r, r + pp, ...): its
+time on their sum n_r (layers cost the same wherever they are; the embedding, head and links are
+fixed per stage), its memory and its slowest stage on how n_r is spread over its v stages (each
+stage's in-flight count comes from the schedule, independent of the split). So the search
+separates:
+
+1. per rank: every spread of at most L layers over its v stages, C(L + v, v) candidates, each
+   with its peak memory (against the schedule's K candidate peak vectors), its time and its
+   slowest stage, vectorized with numpy: O(pp * C(L + v, v) * K * v); for v = 1, pp * L;
+2. over ranks: a min-max dynamic program over "layers left" choosing n_r with sum L,
+   O(pp * L^2), once per criterion of the lexicographic objective, each phase keeping only the
+   candidates within the earlier optima (so the result is the exact lexicographic optimum).
+
+objective "time": minimize the slowest rank's time per microbatch among the splits where every
+rank fits the memory limit, then the slowest stage (with v > 1 the stages of a rank pass the
+microbatches on one after another, so an uneven spread lengthens the pipeline bubble), then the
+largest rank memory.
+objective "memory": minimize the largest rank memory, then the slowest rank, then the slowest
+stage.
+Among splits equal on every criterion the even split (layout.uniform_blocks) is preferred.
+Tests compare the result with exhaustive search. 102B on PP32 (v = 1) takes well under a
+second, v = 2 about a second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from yuanlfa.config import Config, ConfigError
+from yuanlfa.parallel.pipeline.layout import uniform_blocks
+from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
+from yuanlfa.planner.devices import DevicePreset
+
+Objective = Literal["time", "memory"]
+CRITERIA: dict[str, tuple[str, ...]] = {
+    "time": ("time", "stage_time", "memory"),
+    "memory": ("memory", "time", "stage_time"),
+}
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class RankCandidates:
+    """Every allowed spread of layers over one rank's stages, with its costs."""
+
+    spreads: np.ndarray  # [C, v] layers per local stage
+    layers: np.ndarray  # [C] their sum
+    memory: np.ndarray  # [C] peak bytes
+    time: np.ndarray  # [C] seconds per microbatch (a function of ``layers`` only)
+    stage_time: np.ndarray  # [C] seconds per microbatch of the slowest of its stages
+
+
+@dataclass(frozen=True)
+class BalanceResult:
+    blocks: tuple[int, ...]
+    objective: Objective
+    cost: PlanCost
+
+
+def _compositions(total: int, parts: int, low: int) -> np.ndarray:
+    """Every tuple of ``parts`` integers >= ``low`` whose sum is at most ``total``."""
+    rows: list[tuple[int, ...]] = [()]
+    for _ in range(parts):
+        rows = [r + (b,) for r in rows for b in range(low, total - sum(r) + 1)]
+    return np.array(rows, dtype=np.int64).reshape(len(rows), parts)
+
+
+def rank_candidates(model: CostModel, rank: int, allow_empty_stages: bool = True) -> RankCandidates:
+    """The costs of every spread, computed as :meth:`CostModel.rank_memory`, ``rank_time`` and
+    ``stage_time`` compute them for one spread."""
+    L, v = model.num_layers, model.virtual_stages
+    stages = model.stages_of(rank)
+    spreads = _compositions(L, v, 0 if allow_empty_stages else 1)
+    cols = np.arange(v)[None, :]
+    unit = np.array([[model.microbatch_bytes(s, b) for b in range(L + 1)] for s in stages])
+    params = np.array([[model.stage_params(s, b) for b in range(L + 1)] for s in stages])
+    held = np.array(model.held[rank], dtype=np.int64)  # [K, v]
+    activations = (unit[cols, spreads] @ held.T).max(axis=1)
+    p = params[cols, spreads].sum(axis=1)
+    st = model.state
+    static = p * (st.weights + st.grads) - (-p * st.optimizer // st.optimizer_shards)
+    layers = spreads.sum(axis=1)
+    # CostModel.workspace_bytes: recompute needs a layer, the loss the last stage.
+    loss = model.loss_workspace_bytes() if model.num_stages - 1 in stages else 0
+    workspace = np.maximum(np.where(layers > 0, model.recompute_workspace_bytes(rank), 0), loss)
+    by_layers = np.array([model.rank_time(rank, (n,) + (0,) * (v - 1)) for n in range(L + 1)])
+    per_stage = np.array([[model.stage_time(s, b).total_s for b in range(L + 1)] for s in stages])
+    return RankCandidates(
+        spreads=spreads,
+        layers=layers,
+        memory=static + activations + workspace,
+        time=by_layers[layers],
+        stage_time=per_stage[cols, spreads].max(axis=1),
+    )
+
+
+def _best_per_layers(values: np.ndarray, layers: np.ndarray, ok: np.ndarray, total: int):
+    """For each layer count n: the least value among the allowed candidates holding n layers."""
+    best = np.full(total + 1, math.inf)
+    np.minimum.at(best, layers[ok], values[ok].astype(float))
+    return best.tolist()
+
+
+def _minmax(costs: list[list[float]], total: int) -> tuple[float, list[int] | None]:
+    """Split ``total`` over the rows (n_r for row r, sum = total) minimizing max_r costs[r][n_r];
+    returns (optimum, choice), or (inf, None) when every split has an infinite cost."""
+    rows = len(costs)
+    inf = math.inf
+    best = [[inf] * (total + 1) for _ in range(rows + 1)]
+    best[rows][0] = -inf
+    for r in reversed(range(rows)):
+        row, nxt, cur = costs[r], best[r + 1], best[r]
+        for k in range(total + 1):
+            value = inf
+            for n in range(k + 1):
+                rest = nxt[k - n]
+                cost = row[n] if row[n] > rest else rest
+                if cost < value:
+                    value = cost
+            cur[k] = value
+    optimum = best[0][total]
+    if optimum == inf:
+        return inf, None
+    choice, left = [], total
+    for r in range(rows):
+        n = next(n for n in range(left + 1) if max(costs[r][n], best[r + 1][left - n]) <= optimum)
+        choice.append(n)
+        left -= n
+    return optimum, choice
+
+
+def best_blocks(
+    model: CostModel, objective: Objective = "time", allow_empty_stages: bool = True
+) -> tuple[int, ...]:
+    """The exact best block list (see the module doc); ConfigError when nothing fits."""
+    if objective not in CRITERIA:
+        raise ConfigError(f"objective: {objective!r} is not one of time, memory")
+    L, pp, v = model.num_layers, model.pp, model.virtual_stages
+    if not allow_empty_stages and pp * v > L:
+        raise ConfigError(
+            f"model.num_layers={L} is fewer than the {pp * v} pipeline stages; allow empty stages"
+        )
+    ranks = [rank_candidates(model, r, allow_empty_stages) for r in range(pp)]
+    limit = model.memory_limit_bytes
+    ok = [np.ones(len(c.layers), dtype=bool) for c in ranks]
+    if objective == "time" and limit is not None:
+        ok = [c.memory <= limit for c in ranks]
+    optima = []
+    choice: list[int] | None = None
+    for criterion in CRITERIA[objective]:
+        costs = [
+            _best_per_layers(getattr(c, criterion), c.layers, mask, L) for c, mask in zip(ranks, ok)
+        ]
+        optimum, choice = _minmax(costs, L)
+        if choice is None:
+            every = [_best_per_layers(c.memory, c.layers, c.memory >= 0, L) for c in ranks]
+            raise ConfigError(_infeasible_message(model, _minmax(every, L)[0]))
+        optima.append(optimum)
+        ok = [mask & (getattr(c, criterion) <= optimum) for c, mask in zip(ranks, ok)]
+    even = uniform_blocks(L, model.num_stages)
+    if (allow_empty_stages or min(even) > 0) and _within(model, even, objective, optima):
+        return even
+    blocks = [0] * model.num_stages
+    for rank, (c, mask, n) in enumerate(zip(ranks, ok, choice)):
+        pick = np.flatnonzero(mask & (c.layers == n))
+        best = pick[np.argmin(c.memory[pick])]
+        for stage, b in zip(model.stages_of(rank), c.spreads[best]):
+            blocks[stage] = int(b)
+    return tuple(blocks)
+
+
+def plan_scores(model: CostModel, blocks: tuple[int, ...]) -> dict[str, float]:
+    """The balancer's criteria for one split: largest rank memory, slowest rank, slowest stage."""
+    mine = [tuple(blocks[s] for s in model.stages_of(r)) for r in range(model.pp)]
+    return {
+        "memory": max(model.rank_memory(r, b) for r, b in enumerate(mine)),
+        "time": max(model.rank_time(r, b) for r, b in enumerate(mine)),
+        "stage_time": max(model.stage_time(s, b).total_s for s, b in enumerate(blocks)),
+    }
+
+
+def _within(model: CostModel, blocks: tuple[int, ...], objective: str, optima: list) -> bool:
+    scores = plan_scores(model, blocks)
+    limit = model.memory_limit_bytes
+    if objective == "time" and limit is not None and scores["memory"] > limit:
+        return False
+    return all(scores[c] <= opt for c, opt in zip(CRITERIA[objective], optima))
+
+
+def _infeasible_message(model: CostModel, least: float) -> str:
+    limit = model.memory_limit_bytes or 0
+    return (
+        f"no split of {model.num_layers} layers over {model.pp} pipeline ranks fits "
+        f"{limit / GIB:.1f} GiB per device ({model.device.name}): the most memory-even split "
+        f"needs {least / GIB:.1f} GiB; set train.recompute=full (or selective), "
+        "optim.distributed=true with dp > 1, a smaller train.micro_batch_size or a larger "
+        "parallel.pp/tp, or use a device with more memory"
+    )
+
+
+def balance(
+    cfg: Config,
+    device: DevicePreset | None = None,
+    objective: Objective = "time",
+    *,
+    allow_empty_stages: bool = True,
+    require_fit: bool = True,
+    model: CostModel | None = None,
+    **cost_options,
+) -> BalanceResult:
+    """Balance a resolved ``cfg`` for ``device`` (None: no memory limit). ``cost_options`` go to
+    :func:`~yuanlfa.planner.cost.cost_model`. With ``require_fit`` a result over the memory
+    limit (possible with objective "memory") raises ConfigError naming the fixes."""
+    model = model if model is not None else cost_model(cfg, device, **cost_options)
+    blocks = best_blocks(model, objective, allow_empty_stages)
+    cost = model.evaluate(blocks)
+    if require_fit and not cost.fits:
+        raise ConfigError(_infeasible_message(model, cost.memory_max_bytes))
+    return BalanceResult(blocks, objective, cost)
+
+
+def auto_blocks(
+    cfg: Config, device: DevicePreset | None = None, objective: Objective = "time"
+) -> tuple[int, ...]:
+    """The split for ``parallel.pipeline_blocks: auto``: without a device, the time-optimal
+    split with no memory limit; with one, the best split that fits it."""
+    return balance(cfg, device, objective).blocks

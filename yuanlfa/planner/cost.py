@@ -1,0 +1,502 @@
+"""Cost model per pipeline rank: memory (states + activations) and time (compute + links).
+
+Memory of a pipeline rank = weights + gradients + optimizer states of its layers and extras
+(:mod:`.memory`), + activations at the schedule's peak (each in-flight microbatch's bytes of the
+stages it runs, :mod:`.activations`), + the largest transient workspace (one layer's recompute,
+the loss's logits block and fp32 weight-gradient accumulator on the last stage).
+
+Time per microbatch of a stage = FLOPs / (device peak * mfu) for forward (projections, LFA, MLP
+and the causal attention term growing with seq; the head 2hV per token) and backward (2x the
+forward; the block-wise loss recomputes its logits, 3x; recompute adds one layer forward (full)
+or the attention core (selective)), + tensor-parallel collectives (ring all-reduce of [s, b, h]
+twice per layer each way, 2 (tp - 1) / tp of the bytes each) at ``tp_gbps``, + the stage's P2P
+sends ([s / tp under SP, b, h] forward to the next stage and its gradient back) at ``p2p_gbps``.
+A step is the schedule simulated with those per-stage times (ops in torch's order, each waiting
+for its dependency on the neighbouring stage) plus the data-parallel gradient reduce-scatter and
+parameter all-gather (all-reduce without the distributed optimizer), not overlapped, at
+``dp_gbps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from yuanlfa.config import Config, ConfigError
+from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.planner.activations import (
+    ActivationSpec,
+    Op,
+    activation_spec,
+    loss_workspace_bytes,
+    microbatch_activations,
+    num_microbatches,
+    outstanding_profile,
+    rank_ops,
+    recompute_workspace_bytes,
+)
+from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset
+from yuanlfa.planner.flops import flops_per_token
+from yuanlfa.planner.memory import StateBytes, layer_params, stage_extra_params, state_bytes
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """Seconds per microbatch of one stage: compute, and the links each pass waits on."""
+
+    forward_s: float
+    backward_s: float
+    weight_grad_s: float  # of backward_s: the weight-gradient GEMMs (zero bubble's W op)
+    comm_s: float  # P2P and tensor-parallel collectives, forward + backward
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.comm_s
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """One pipeline rank (one tensor-parallel rank of it); times are per microbatch."""
+
+    rank: int
+    stages: tuple[int, ...]
+    blocks: tuple[int, ...]  # layers of each of its stages
+    params: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int  # at the schedule's peak
+    workspace_bytes: int  # transient: recompute, loss blocks
+    in_flight: int  # (microbatch, stage) activations held at that peak
+    forward_s: float
+    backward_s: float
+    comm_s: float
+    dp_comm_s: float  # once per step
+
+    @property
+    def layers(self) -> int:
+        return sum(self.blocks)
+
+    @property
+    def memory_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.grads_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+            + self.workspace_bytes
+        )
+
+    @property
+    def time_s(self) -> float:
+        return self.forward_s + self.backward_s + self.comm_s
+
+
+@dataclass(frozen=True)
+class TimelineOp:
+    rank: int
+    kind: str  # F, B or W
+    stage: int
+    microbatch: int
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    blocks: tuple[int, ...]
+    pp: int
+    virtual_stages: int
+    ranks: tuple[RankCost, ...]
+    num_microbatches: int
+    pipeline_s: float  # the simulated schedule over all microbatches
+    memory_limit_bytes: int | None
+    timeline: tuple[TimelineOp, ...] = field(default=(), repr=False)
+
+    @property
+    def memory_max_bytes(self) -> int:
+        return max(r.memory_bytes for r in self.ranks)
+
+    @property
+    def memory_min_bytes(self) -> int:
+        return min(r.memory_bytes for r in self.ranks)
+
+    @property
+    def memory_max_min_ratio(self) -> float:
+        return self.memory_max_bytes / max(self.memory_min_bytes, 1)
+
+    @property
+    def time_max_s(self) -> float:
+        return max(r.time_s for r in self.ranks)
+
+    @property
+    def dp_comm_s(self) -> float:
+        return max(r.dp_comm_s for r in self.ranks)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.pipeline_s + self.dp_comm_s
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle time of the busiest rank over its busy time, (pp - 1) / (v * m) for even stages
+        (Megatron's definition)."""
+        busy = self.num_microbatches * self.time_max_s
+        return max(self.pipeline_s - busy, 0.0) / busy
+
+    @property
+    def fits(self) -> bool:
+        limit = self.memory_limit_bytes
+        return limit is None or self.memory_max_bytes <= limit
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The per-layer and per-stage terms of one config on one device.
+
+    Build it with :func:`cost_model`; :meth:`evaluate` costs a block list, and the balancer uses
+    :meth:`rank_memory` / :meth:`rank_time` on candidate splits.
+    """
+
+    cfg: Config
+    device: DevicePreset
+    specs: tuple[ActivationSpec, ...]  # per pipeline rank (its recompute mode)
+    state: StateBytes
+    mfu: float
+    p2p_gbps: float
+    tp_gbps: float
+    dp_gbps: float
+    num_microbatches: int
+    memory_limit_bytes: int | None
+    # Per rank: microbatches held per local stage at the schedule's candidate peaks.
+    held: tuple[tuple[tuple[int, ...], ...], ...] = field(repr=False)
+
+    @property
+    def pp(self) -> int:
+        return self.cfg.parallel.pp
+
+    @property
+    def spec(self) -> ActivationSpec:
+        """The settings every rank shares (dtype, kernels); recompute is per rank."""
+        return self.specs[0]
+
+    @property
+    def virtual_stages(self) -> int:
+        return self.cfg.parallel.virtual_stages
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.model.num_layers
+
+    # Memory
+
+    def stage_params(self, stage: int, layers: int) -> int:
+        first, last = stage == 0, stage == self.num_stages - 1
+        return layers * layer_params(self.cfg) + stage_extra_params(
+            self.cfg, first, last, self.num_stages
+        )
+
+    def microbatch_bytes(self, stage: int, layers: int) -> int:
+        """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
+        first, last = stage == 0, stage == self.num_stages - 1
+        spec = self.specs[stage % self.pp]
+        return microbatch_activations(
+            self.cfg.model, spec, layers, first, last, self.num_stages
+        ).total
+
+    def recompute_workspace_bytes(self, rank: int) -> int:
+        return recompute_workspace_bytes(self.cfg.model, self.specs[rank])
+
+    def loss_workspace_bytes(self) -> int:
+        return loss_workspace_bytes(self.cfg.model, self.spec)
+
+    def workspace_bytes(self, stages: tuple[int, ...], blocks: tuple[int, ...]) -> int:
+        """The largest transient buffer: one layer's recompute (if the rank holds a layer), the
+        loss's blocks and weight-gradient accumulator (if it holds the last stage)."""
+        recompute = self.recompute_workspace_bytes(stages[0] % self.pp) if sum(blocks) else 0
+        loss = self.loss_workspace_bytes() if self.num_stages - 1 in stages else 0
+        return max(recompute, loss)
+
+    def rank_ops(self, rank: int) -> list[Op]:
+        p = self.cfg.parallel
+        return rank_ops(p.schedule, self.pp, rank, self.num_microbatches, self.virtual_stages)
+
+    def rank_activation_bytes(self, rank: int, blocks: tuple[int, ...]) -> tuple[int, int]:
+        """(peak activation bytes, microbatches held then) of ``rank`` holding ``blocks``."""
+        per_mb = [self.microbatch_bytes(s, b) for s, b in zip(self.stages_of(rank), blocks)]
+        best, count = 0, 0
+        for held in self.held[rank]:
+            total = sum(c * b for c, b in zip(held, per_mb))
+            if total > best or (total == best and sum(held) > count):
+                best, count = total, sum(held)
+        return best, count
+
+    def rank_memory(self, rank: int, blocks: tuple[int, ...]) -> int:
+        stages = self.stages_of(rank)
+        params = sum(self.stage_params(s, b) for s, b in zip(stages, blocks))
+        static = sum(self.state.of(params))
+        activations, _ = self.rank_activation_bytes(rank, blocks)
+        return static + activations + self.workspace_bytes(stages, blocks)
+
+    # Time
+
+    def _seconds(self, flops: float) -> float:
+        return flops / (self.device.peak_flops * self.mfu)
+
+    def _all_reduce_s(self, nbytes: float) -> float:
+        tp = self.cfg.parallel.tp
+        return 2 * (tp - 1) / tp * nbytes / (self.tp_gbps * GB) if tp > 1 else 0.0
+
+    def layer_time(self, rank: int = 0) -> StageTime:
+        """One layer on pipeline rank ``rank`` (its recompute mode)."""
+        m, p, spec = self.cfg.model, self.cfg.parallel, self.specs[rank]
+        terms = flops_per_token(m, spec.seq_length)
+        L, tp, T = m.num_layers, p.tp, spec.tokens
+        # The LFA is replicated over tp (whole sequence) unless sequence parallelism shards it.
+        lfa_div = tp if p.sequence_parallel else 1
+        sharded = (terms["projections"] + terms["mlp"]) / L / tp
+        attention = terms["attention"] / L / tp
+        lfa = terms["lfa"] / L / lfa_div
+        forward = self._seconds((sharded + attention + lfa) * T)
+        recompute = {"none": 0.0, "selective": self._seconds(attention * T), "full": forward}
+        weight_grad = self._seconds((sharded + lfa) * T)  # dW GEMMs mirror the forward GEMMs
+        backward = 2 * forward + recompute[spec.recompute]
+        # Two activation all-reduces (or reduce-scatter + all-gather pairs under SP) per layer
+        # forward, two for the input gradients, two more when full recompute re-runs forward.
+        collectives = 4 + (2 if spec.recompute == "full" else 0)
+        comm = collectives * self._all_reduce_s(spec.dtype_bytes * m.hidden_size * T)
+        return StageTime(forward, backward, weight_grad, comm)
+
+    def stage_time(self, stage: int, layers: int) -> StageTime:
+        m, spec = self.cfg.model, self.spec
+        layer = self.layer_time(stage % self.pp)
+        first, last = stage == 0, stage == self.num_stages - 1
+        forward, backward = layers * layer.forward_s, layers * layer.backward_s
+        weight_grad, comm = layers * layer.weight_grad_s, layers * layer.comm_s
+        boundary = spec.dtype_bytes * m.hidden_size * spec.tokens
+        if first:
+            comm += self._all_reduce_s(boundary)  # vocab-parallel embedding's output
+        if last:
+            head = self._seconds(2.0 * m.hidden_size * m.vocab_size / self.cfg.parallel.tp)
+            head *= spec.tokens
+            forward += head
+            backward += 3 * head  # the block-wise loss recomputes each block's logits
+            weight_grad += head
+            comm += self._all_reduce_s(boundary)  # the head input's gradient
+        send = spec.dtype_bytes * m.hidden_size * spec.shard_tokens / (self.p2p_gbps * GB)
+        comm += (0 if last else send) + (0 if first else send)
+        return StageTime(forward, backward, weight_grad, comm)
+
+    def rank_stage_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> StageTime:
+        """The rank's stages together. Computed from the layer count and the stages' fixed
+        parts only, so every spread of the same layers gives bit-identical times."""
+        n, layer = sum(layers_per_stage), self.layer_time(rank)
+        fixed = [self.stage_time(s, 0) for s in self.stages_of(rank)]
+        return StageTime(
+            n * layer.forward_s + sum(t.forward_s for t in fixed),
+            n * layer.backward_s + sum(t.backward_s for t in fixed),
+            n * layer.weight_grad_s + sum(t.weight_grad_s for t in fixed),
+            n * layer.comm_s + sum(t.comm_s for t in fixed),
+        )
+
+    def rank_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> float:
+        return self.rank_stage_time(rank, layers_per_stage).total_s
+
+    def dp_comm_s(self, params: int) -> float:
+        dp = self.cfg.parallel.dp or 1
+        if dp == 1:
+            return 0.0
+        if self.cfg.optim.distributed:
+            nbytes = params * (self.state.grads + self.state.weights) * (dp - 1) / dp
+        else:
+            nbytes = params * self.state.grads * 2 * (dp - 1) / dp
+        return nbytes / (self.dp_gbps * GB)
+
+    # Whole plans
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(rank + k * self.pp for k in range(self.virtual_stages))
+
+    def check_blocks(self, blocks: tuple[int, ...]) -> None:
+        if len(blocks) != self.num_stages or sum(blocks) != self.num_layers or min(blocks) < 0:
+            raise ConfigError(
+                f"pipeline blocks {list(blocks)}: need {self.num_stages} non-negative entries "
+                f"summing to model.num_layers={self.num_layers}"
+            )
+
+    def rank_cost(self, rank: int, blocks: tuple[int, ...]) -> RankCost:
+        stages = self.stages_of(rank)
+        mine = tuple(blocks[s] for s in stages)
+        params = sum(self.stage_params(s, b) for s, b in zip(stages, mine))
+        weights, grads, optimizer = self.state.of(params)
+        activations, in_flight = self.rank_activation_bytes(rank, mine)
+        times = self.rank_stage_time(rank, mine)
+        return RankCost(
+            rank=rank,
+            stages=stages,
+            blocks=mine,
+            params=params,
+            weights_bytes=weights,
+            grads_bytes=grads,
+            optimizer_bytes=optimizer,
+            activation_bytes=activations,
+            workspace_bytes=self.workspace_bytes(stages, mine),
+            in_flight=in_flight,
+            forward_s=times.forward_s,
+            backward_s=times.backward_s,
+            comm_s=times.comm_s,
+            dp_comm_s=self.dp_comm_s(params),
+        )
+
+    def evaluate(self, blocks: tuple[int, ...] | PipelineLayout) -> PlanCost:
+        if isinstance(blocks, PipelineLayout):
+            blocks = blocks.blocks
+        blocks = tuple(int(b) for b in blocks)
+        self.check_blocks(blocks)
+        ranks = tuple(self.rank_cost(r, blocks) for r in range(self.pp))
+        timeline = simulate(self, blocks)
+        return PlanCost(
+            blocks=blocks,
+            pp=self.pp,
+            virtual_stages=self.virtual_stages,
+            ranks=ranks,
+            num_microbatches=self.num_microbatches,
+            pipeline_s=max(op.end_s for op in timeline),
+            memory_limit_bytes=self.memory_limit_bytes,
+            timeline=timeline,
+        )
+
+
+def cost_model(
+    cfg: Config,
+    device: DevicePreset | None = None,
+    *,
+    mfu: float = DEFAULT_MFU,
+    p2p_gbps: float | None = None,
+    tp_gbps: float | None = None,
+    dp_gbps: float | None = None,
+    memory_limit_bytes: int | None = None,
+    gpu: bool | None = None,
+) -> CostModel:
+    """The cost model of a resolved ``cfg`` (vocab and dp known; dp None counts as 1).
+
+    ``device`` None plans without a memory limit on a nominal device (H100-SXM on a GPU, "cpu"
+    otherwise), which is enough to compare splits by time. Links default to the device's
+    intra-node bandwidth (P2P and tp) and to the P2P bandwidth (dp). ``memory_limit_bytes``
+    defaults to the device's memory when a device is given. ``gpu`` (precision ``auto``, fused
+    kernels) defaults to the device kind, else to train.device.
+    """
+    if cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size: resolve the config (yuanlfa.config.resolve) first")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"mfu: the sustained fraction of peak must be in (0, 1], got {mfu}")
+    limit = memory_limit_bytes
+    if device is not None:
+        gpu = device.gpu if gpu is None else gpu
+        limit = device.memory_bytes if limit is None else limit
+    specs = tuple(activation_spec(cfg, gpu, r) for r in range(cfg.parallel.pp))
+    gpu = specs[0].fused_norm
+    if device is None:
+        device = PRESETS["h100-sxm" if gpu else "cpu"]
+    p2p = p2p_gbps if p2p_gbps is not None else device.link_gbps
+    for name, value in (("p2p_gbps", p2p), ("tp_gbps", tp_gbps), ("dp_gbps", dp_gbps)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: link bandwidth must be > 0 GB/s, got {value}")
+    m = num_microbatches(cfg)
+    if m < 1:
+        raise ConfigError(
+            "train.global_batch_size: smaller than micro_batch_size * dp; no microbatch to run"
+        )
+    p = cfg.parallel
+    held = tuple(
+        held_counts(rank_ops(p.schedule, p.pp, r, m, p.virtual_stages), p.pp, p.virtual_stages)
+        for r in range(p.pp)
+    )
+    return CostModel(
+        cfg=cfg,
+        device=device,
+        specs=specs,
+        state=state_bytes(cfg, cfg.parallel.dp or 1, gpu),
+        mfu=mfu,
+        p2p_gbps=p2p,
+        tp_gbps=tp_gbps if tp_gbps is not None else device.link_gbps,
+        dp_gbps=dp_gbps if dp_gbps is not None else p2p,
+        num_microbatches=m,
+        memory_limit_bytes=limit,
+        held=held,
+    )
+
+
+def held_counts(ops: list[Op], pp: int, virtual_stages: int) -> tuple[tuple[int, ...], ...]:
+    """Microbatches held per local stage (k-th entry: the rank's k-th stage, s // pp = k) after
+    each forward, keeping only vectors no other one dominates (the only candidate peaks)."""
+    vectors = set()
+    for held in outstanding_profile(ops):
+        vec = [0] * virtual_stages
+        for s, c in held.items():
+            vec[s // pp] = c
+        vectors.add(tuple(vec))
+    keep: list[tuple[int, ...]] = []
+    for v in sorted(vectors, reverse=True):  # a dominating vector sorts before what it dominates
+        if not any(all(a >= b for a, b in zip(w, v)) for w in keep):
+            keep.append(v)
+    return tuple(keep)
+
+
+def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...]:
+    """Run every rank's ops in schedule order; an op starts when its rank is free and its input
+    exists: a forward needs the previous stage's forward of that microbatch, a backward the next
+    stage's backward (the last stage its own forward), a weight-gradient op its backward."""
+    times = [model.stage_time(s, b) for s, b in enumerate(blocks)]
+    last = len(blocks) - 1
+    zero_bubble = model.cfg.parallel.schedule == "zero_bubble"
+
+    def duration(op: Op) -> float:
+        # Links are split evenly between the passes: a forward sends the activation and runs
+        # half the collectives, a backward sends the gradient and runs the other half.
+        t = times[op.stage]
+        if op.kind == "F":
+            return t.forward_s + t.comm_s / 2
+        if op.kind == "W":
+            return t.weight_grad_s
+        return t.backward_s - (t.weight_grad_s if zero_bubble else 0.0) + t.comm_s / 2
+
+    def dependency(op: Op) -> tuple[str, int, int] | None:
+        if op.kind == "F":
+            return ("F", op.stage - 1, op.microbatch) if op.stage > 0 else None
+        if op.kind == "B":
+            if op.stage == last:
+                return ("F", op.stage, op.microbatch)
+            return ("B", op.stage + 1, op.microbatch)
+        return ("B", op.stage, op.microbatch)
+
+    queues = [model.rank_ops(r) for r in range(model.pp)]
+    pos = [0] * model.pp
+    free = [0.0] * model.pp
+    done: dict[tuple[str, int, int], float] = {}
+    out: list[TimelineOp] = []
+    remaining = sum(len(q) for q in queues)
+    while remaining:
+        progressed = False
+        for r in range(model.pp):
+            while pos[r] < len(queues[r]):
+                op = queues[r][pos[r]]
+                dep = dependency(op)
+                if dep is not None and dep not in done:
+                    break
+                start = max(free[r], done[dep] if dep is not None else 0.0)
+                end = start + duration(op)
+                done[(op.kind, op.stage, op.microbatch)] = end
+                free[r] = end
+                out.append(TimelineOp(r, op.kind, op.stage, op.microbatch, start, end))
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("pipeline schedule simulation deadlocked (schedule order bug)")
+    return tuple(out)
