@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: the tiny config trained in 3D on 8 CPU processes on the embedded
 # corpus, 300 steps: tensor parallel 2 (with sequence parallelism) x pipeline parallel 2 with a
-# non-uniform split (3 layers, then 1 layer + the head and loss; 1F1B) x data parallel 2 with
+# non-uniform split in the Yuan 2.0 manner (1 layer on the first stage, which holds the most
+# microbatches in flight under 1F1B, then 3 layers + the head and loss) x data parallel 2 with
 # the sharded optimizer. Extra arguments are passed on as overrides, e.g.
 #   examples/quickstart.sh train.steps=50 parallel.schedule=gpipe
 set -euo pipefail
@@ -9,5 +10,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 yuanlfa-preprocess --default-corpus --output-prefix runs/data/stdlib_byte --skip-existing
 exec torchrun --standalone --nproc_per_node 8 -m yuanlfa.cli.train --config configs/tiny.yaml \
   --set data.path=runs/data/stdlib_byte parallel.tp=2 parallel.sequence_parallel=true \
-  parallel.pp=2 "parallel.pipeline_blocks=[3,1]" optim.distributed=true \
+  parallel.pp=2 "parallel.pipeline_blocks=[1,3]" optim.distributed=true \
   train.micro_batch_size=4 logging.jsonl=runs/quickstart/log.jsonl "$@"

@@ -11,5 +11,5 @@ exec torchrun --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --nproc_per_node 
   --rdzv_id "${RDZV_ID:-tiny3d}" \
   -m yuanlfa.cli.train --config configs/tiny.yaml --set \
   data.path=runs/data/stdlib_byte parallel.tp=2 parallel.sequence_parallel=true \
-  parallel.pp=2 "parallel.pipeline_blocks=[3,1]" optim.distributed=true \
+  parallel.pp=2 "parallel.pipeline_blocks=[1,3]" optim.distributed=true \
   train.micro_batch_size=4 logging.jsonl=runs/tiny_3d/log.jsonl "$@"

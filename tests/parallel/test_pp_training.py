@@ -116,6 +116,7 @@ LAYOUTS = {
         "pp2 [1,3] 1f1b": {"pp": 2, "pipeline_blocks": [1, 3]},
         "pp2 [3,1] gpipe": {"pp": 2, "pipeline_blocks": [3, 1], "schedule": "gpipe"},
         "pp2 layout string": {"pp": 2, "pipeline_layout": "Et|tttL"},
+        "pp2 balancer's split": {"pp": 2, "pipeline_blocks": "auto"},
         "pp2 v2 [1,2,0,1] interleaved": {
             "pp": 2,
             "virtual_stages": 2,

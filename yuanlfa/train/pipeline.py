@@ -19,14 +19,18 @@ from yuanlfa.parallel.pipeline.stage import build_stage_modules
 from yuanlfa.train.data import get_batch
 
 
-def pipeline_layout(cfg: Config) -> PipelineLayout:
-    """The configured split; ``pipeline_blocks: auto`` asks the balancer (time objective, no
-    memory limit unless the GPU is a known preset)."""
+def pipeline_layout(cfg: Config, device: torch.device | None = None) -> PipelineLayout:
+    """The configured split; ``pipeline_blocks: auto`` asks the balancer for the time-optimal
+    split, within the GPU's memory when it is a known preset. Every rank computes the same."""
     auto = None
     if cfg.parallel.pipeline_blocks == "auto":
         from yuanlfa.planner.balance import auto_blocks
+        from yuanlfa.planner.devices import device_from_cuda_name
 
-        auto = auto_blocks(cfg)
+        preset = None
+        if device is not None and device.type == "cuda":
+            preset = device_from_cuda_name(torch.cuda.get_device_name(device))
+        auto = auto_blocks(cfg, preset)
     return build_layout(cfg.parallel, cfg.model, auto)
 
 

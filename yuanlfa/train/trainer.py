@@ -210,7 +210,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     # The process holding the loss logs: last pipeline stage, first tp and dp rank.
     is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.dp_rank == 0
     say = print if is_logger else (lambda *a, **k: None)
-    layout = pipeline_layout(cfg) if mesh.pp > 1 else None
+    layout = pipeline_layout(cfg, device) if mesh.pp > 1 else None
     recompute = t.recompute_stages[mesh.pp_rank] if t.recompute_stages else t.recompute
     param_dtype = torch.bfloat16 if t.param_dtype == "bf16" else torch.float32
     model = build_local_model(cfg, mesh, device, layout, param_dtype)
