@@ -98,7 +98,7 @@ def evaluate_pipeline(
 ) -> float:
     """Mean per-token loss over the held-out split, run forward-only through the pipeline."""
     model.eval()
-    chunk = cfg.train.micro_batch_size * runner.schedule._n_microbatches
+    chunk = cfg.train.micro_batch_size * runner.num_microbatches
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, len(dataset) - chunk + 1, chunk):
         batch = get_batch(dataset, start, chunk, device)

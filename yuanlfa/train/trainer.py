@@ -286,16 +286,20 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             if mesh.dp > 1:
                 dist.all_reduce(num_tokens, group=mesh.dp_group)
             if runner is not None:
+                # The schedule splits this rank's batch back into the same microbatches.
                 with _autocast(device, dtype):
                     part = runner.train_step(concat_batches(batches), num_tokens)
                 loss_sum = from_last_stage(part, mesh, loss_sum)
                 sync_tied_embedding_grads(model, mesh)
-            for batch in batches if runner is None else ():
-                with _autocast(device, dtype):
-                    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])
-                loss = (losses * batch["loss_mask"]).sum() / num_tokens
-                loss.backward()
-                loss_sum += loss.detach()
+            else:
+                for batch in batches:
+                    with _autocast(device, dtype):
+                        losses = model(
+                            batch["tokens"], batch["position_ids"], labels=batch["labels"]
+                        )
+                    loss = (losses * batch["loss_mask"]).sum() / num_tokens
+                    loss.backward()
+                    loss_sum += loss.detach()
             if mesh.dp > 1:
                 dist.all_reduce(loss_sum, group=mesh.dp_group)
                 if not sharded_optimizer:

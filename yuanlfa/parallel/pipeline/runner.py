@@ -48,6 +48,7 @@ class PipelineRunner:
         seq_shards: int = 1,
     ) -> None:
         """``seq_shards``: tp under sequence parallelism (stages exchange sequence shards)."""
+        self.num_microbatches = num_microbatches
         self.is_first = 0 in stage_ids
         self.is_last = layout.num_stages - 1 in stage_ids
         self.num_tokens: torch.Tensor | None = None
