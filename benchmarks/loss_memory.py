@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss, plain_lm_loss
 
@@ -137,17 +138,6 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _what_was_measured(gpu: bool, reset: bool) -> str:
     if gpu:
         return "torch.cuda.max_memory_allocated above the inputs, one fresh process per variant"
@@ -190,7 +180,7 @@ def main() -> None:
     results = {v: run_variant(args, v) for v in ("plain", "blockwise")}
     ratio = results["plain"]["peak_bytes"] / max(results["blockwise"]["peak_bytes"], 1)
     measured = _what_was_measured(gpu, all(r["peak_reset"] for r in results.values()))
-    device_name = torch.cuda.get_device_name(args.device) if gpu else _cpu_name()
+    device_name = torch.cuda.get_device_name(args.device) if gpu else cpu_name()
     print(
         f"LM head + loss, forward + backward: vocab {args.vocab}, hidden {args.hidden}, "
         f"{args.tokens} tokens, {args.dtype}, block {args.block_size}, on {args.device} "

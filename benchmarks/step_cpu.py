@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
+
 WORLD = 4  # pp 2 x dp 2
 PP = 2
 TARGET = 0.8  # issue #6: ours at most 0.8x DeepSpeed's step time
@@ -250,17 +252,6 @@ def worker_deepspeed(args: argparse.Namespace) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -419,7 +410,7 @@ def main() -> int:
     args.data = ensure_default_corpus("byte", progress=True)
     print(
         f"pp {PP} x dp {WORLD // PP} on CPU/gloo, {WORLD} processes per side, "
-        f"OMP_NUM_THREADS=1, {_cpu_name()} ({os.cpu_count()} cores)",
+        f"OMP_NUM_THREADS=1, {cpu_name()} ({os.cpu_count()} cores)",
         flush=True,
     )
     cases = [run_case(args, hidden, seq) for hidden, seq in args.cases]
@@ -437,7 +428,7 @@ def main() -> int:
 
         payload = {
             "benchmark": "step_cpu",
-            "device": _cpu_name(),
+            "device": cpu_name(),
             "cores": os.cpu_count(),
             "torch_version": torch.__version__,
             "deepspeed_version": _version("deepspeed"),
