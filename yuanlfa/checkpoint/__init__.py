@@ -1,14 +1,13 @@
-"""Checkpoints. For now a single-process format with atomic saves; the layout-free format comes
-with multi-process training."""
+"""Checkpoints: the layout-free format (torch.distributed.checkpoint, global names and shapes),
+written atomically, loadable into any tp / pp / dp layout."""
 
-from yuanlfa.checkpoint.simple import (
+from yuanlfa.checkpoint.files import (
     CheckpointError,
     TrainingState,
     holds_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
+from yuanlfa.checkpoint.layout_free import load_checkpoint, read_meta, save_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -16,5 +15,6 @@ __all__ = [
     "holds_checkpoints",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_meta",
     "save_checkpoint",
 ]

@@ -164,27 +164,41 @@ class SequenceParallelLFA(LocalizedFiltering):
         return super().forward(x, state=state, doc_start=local_start)
 
 
-def shard_full_tensor(
-    name: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int
-) -> torch.Tensor:
-    """This rank's slice of the full parameter ``name`` (replicated parameters are returned whole).
+def shard_pieces(
+    name: str, full_shape: tuple[int, ...], tp_rank: int, tp: int
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """Where this rank's shard of the full parameter ``name`` comes from: ``(dim, pieces)`` with
+    pieces ``(local_start, global_start, length)`` along ``dim`` (one source of truth for
+    initialization, checkpoints and conversion).
 
     Fused QK rows are laid out per head as [q_head; k_head], so a contiguous block of rows is a
     block of whole heads. fc1's rows are [SiLU branch; linear branch]: each rank keeps its slice
-    of both halves, in that order, as the Yuan 2.0 release does.
+    of both halves, in that order, as the Yuan 2.0 release does. Replicated parameters are one
+    piece covering the whole tensor.
     """
-    if tp == 1:
-        return full
-    if name.endswith(("attn.qk_proj.weight", "attn.v_proj.weight", "embed.weight")) or (
-        name == "output.weight"
-    ):
-        return full.chunk(tp, dim=0)[tp_rank]
-    if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
-        return full.chunk(tp, dim=1)[tp_rank]
-    if name.endswith("mlp.fc1.weight"):
-        silu, linear = full.chunk(2, dim=0)
-        return torch.cat((silu.chunk(tp, dim=0)[tp_rank], linear.chunk(tp, dim=0)[tp_rank]))
-    return full
+    if tp > 1:
+        if name.endswith(("attn.qk_proj.weight", "attn.v_proj.weight", "embed.weight")) or (
+            name == "output.weight"
+        ):
+            n = full_shape[0] // tp
+            return 0, [(0, tp_rank * n, n)]
+        if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
+            n = full_shape[1] // tp
+            return 1, [(0, tp_rank * n, n)]
+        if name.endswith("mlp.fc1.weight"):
+            half = full_shape[0] // 2
+            n = half // tp
+            return 0, [(0, tp_rank * n, n), (n, half + tp_rank * n, n)]
+    return 0, [(0, 0, full_shape[0])]
+
+
+def shard_full_tensor(
+    name: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int
+) -> torch.Tensor:
+    """This rank's slice of the full parameter ``name`` (replicated ones are returned whole)."""
+    dim, pieces = shard_pieces(name, tuple(full.shape), tp_rank, tp)
+    parts = [full.narrow(dim, start, length) for _, start, length in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def apply_tensor_parallel(

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from yuanlfa.config import Config, ConfigError
+from yuanlfa.config import Config
 from yuanlfa.model import build_model, materialize
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel import Mesh, apply_tensor_parallel, build_mesh, shard_full_tensor
@@ -21,33 +21,6 @@ def world_from_env() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-
-
-def check_supported_layout(cfg: Config) -> None:
-    p = cfg.parallel
-    dp = p.dp or 1
-    if p.pp > 1 and cfg.checkpoint.dir is not None:
-        raise ConfigError(
-            "checkpoint.dir: saving checkpoints under pipeline parallelism needs the layout-free "
-            "checkpoint format, which this version does not have; unset checkpoint.dir"
-        )
-    if cfg.optim.distributed and dp > 1 and cfg.checkpoint.dir is not None:
-        raise ConfigError(
-            "checkpoint.dir: saving the sharded optimizer needs the layout-free checkpoint "
-            "format, which this version does not have; unset checkpoint.dir or set "
-            "optim.distributed=false"
-        )
-    if cfg.train.param_dtype != "fp32" and cfg.checkpoint.dir is not None:
-        raise ConfigError(
-            "checkpoint.dir: saving fp32 master weights of bf16 parameters needs the layout-free "
-            "checkpoint format, which this version does not have; unset checkpoint.dir or use "
-            "train.param_dtype=fp32"
-        )
-    if p.tp > 1 and cfg.checkpoint.dir is not None:
-        raise ConfigError(
-            "checkpoint.dir: saving checkpoints under tensor parallelism needs the layout-free "
-            "checkpoint format, which this version does not have; unset checkpoint.dir"
-        )
 
 
 def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:

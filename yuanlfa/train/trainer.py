@@ -36,7 +36,6 @@ from yuanlfa.parallel.optimizer import ShardedAdamW
 from yuanlfa.train.data import build_datasets, get_batch
 from yuanlfa.train.distributed import (
     build_local_model,
-    check_supported_layout,
     init_distributed,
     world_from_env,
 )
@@ -95,7 +94,6 @@ def prepare_config(cfg: Config) -> Config:
     world, _ = world_from_env()
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
-    check_supported_layout(cfg)
     if cfg.parallel.pp > 1:
         pipeline_layout(cfg)  # a bad block list or layout string fails here, before any data
     check_tensorboard(cfg.logging)
@@ -136,6 +134,21 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
             "order and lr schedule depend on them, so resuming would not continue that run. "
             "Restore the settings, or start a new run in another checkpoint.dir"
         )
+
+
+def layout_record(cfg: Config, layout) -> dict[str, Any]:
+    """The layout a checkpoint was written from (informational: any layout loads it)."""
+    p = cfg.parallel
+    return {
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": p.dp,
+        "virtual_stages": p.virtual_stages,
+        "pipeline_blocks": list(layout.blocks) if layout is not None else None,
+        "sequence_parallel": p.sequence_parallel,
+        "distributed_optimizer": cfg.optim.distributed,
+        "param_dtype": cfg.train.param_dtype,
+    }
 
 
 def check_lfa_impl(cfg: Config, device: torch.device) -> None:
@@ -234,7 +247,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     if cfg.checkpoint.resume:
         path = latest_checkpoint(cfg.checkpoint.dir)
         if path is not None:
-            state = load_checkpoint(path, model, optimizer, model_dict)
+            state = load_checkpoint(path, model, optimizer, model_dict, mesh, cfg.model)
             check_same_run(state.extra.get("run", {}), run_settings(cfg, data.prefix), path)
             step, consumed = state.step, state.consumed_samples
             say(f"resumed from {path} at step {step}", flush=True)
@@ -360,19 +373,17 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             ckpt = cfg.checkpoint
             interval_due = ckpt.interval and step % ckpt.interval == 0
             if ckpt.dir is not None and (interval_due or exiting or (last and ckpt.save_at_end)):
-                # Without tensor parallelism every rank holds the same model and optimizer
-                # state (dp replicas), so one writer suffices.
-                if mesh.rank == 0:
-                    result.final_checkpoint = save_checkpoint(
-                        ckpt.dir,
-                        model,
-                        optimizer,
-                        TrainingState(step, consumed, model_dict, extra),
-                        keep_last=ckpt.keep_last,
-                    )
-                    say(f"saved checkpoint {result.final_checkpoint}", flush=True)
-                if mesh.world_size > 1:
-                    dist.barrier()
+                result.final_checkpoint = save_checkpoint(
+                    ckpt.dir,
+                    model,
+                    optimizer,
+                    TrainingState(step, consumed, model_dict, extra),
+                    mesh,
+                    cfg.model,
+                    layout_record(cfg, layout),
+                    keep_last=ckpt.keep_last,
+                )
+                say(f"saved checkpoint {result.final_checkpoint}", flush=True)
             if exiting:
                 say(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
                 break

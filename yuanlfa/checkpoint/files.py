@@ -1,0 +1,92 @@
+"""The checkpoint directory: step directories, the ``latest`` pointer, atomic replacement.
+
+Layout of ``checkpoint.dir``::
+
+    step_0000100/  meta.json (written last)  ...the format's files
+    latest         (text: the name of the newest complete checkpoint)
+
+A checkpoint is written into a hidden temporary directory and renamed into place only when every
+file is on disk; ``latest`` is then replaced atomically. A crash at any point leaves the previous
+checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
+
+
+@dataclass
+class TrainingState:
+    step: int
+    consumed_samples: int
+    model_config: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints (meta.json is written last) in step order."""
+    found = [p for p in root.glob("step_*") if (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def holds_checkpoints(directory: str | Path) -> bool:
+    root = Path(directory)
+    return (root / LATEST).exists() or bool(step_dirs(root))
+
+
+def prune(root: Path, keep_last: int, keep: str) -> None:
+    steps = step_dirs(root)
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint ``latest`` points to, or None when the directory holds none."""
+    root = Path(directory)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        # A crash between the checkpoint's rename and the pointer's: the newest complete one.
+        steps = step_dirs(root)
+        return steps[-1] if steps else None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is missing or incomplete; point it at an existing "
+            "step_* directory or remove it to start fresh"
+        )
+    return path

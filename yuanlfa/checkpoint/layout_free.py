@@ -1,0 +1,366 @@
+"""The layout-free checkpoint: every tensor under its global name with its global shape.
+
+Written with torch.distributed.checkpoint by the ranks that own each block (one owner per block:
+dp rank 0 for replicated state, tp rank 0 for tp-replicated parameters, every dp rank for its
+slice of the distributed optimizer), plus ``meta.json`` (format, model config, layout, step,
+consumed samples, run settings) and per-rank RNG states named by rank coordinates. Any tp / pp /
+dp / stage split / optimizer mode loads any checkpoint: each rank reads the blocks it needs and
+DCP computes the overlaps with the saved ones.
+
+Keys: ``model.<name>`` (parameters, in their training dtype), ``optim.<name>.exp_avg`` and
+``optim.<name>.exp_avg_sq`` (AdamW moments, fp32), ``optim.<name>.master`` (fp32 master weights,
+when the parameters are kept in lower precision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from yuanlfa.checkpoint.blocks import Block, local_blocks
+from yuanlfa.checkpoint.files import (
+    LATEST,
+    CheckpointError,
+    TrainingState,
+    fsync_dir,
+    prune,
+    write_text_atomic,
+)
+from yuanlfa.checkpoint.planners import BlockLoadPlanner, BlockSavePlanner
+from yuanlfa.config import ModelConfig
+from yuanlfa.model import build_model
+from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
+from yuanlfa.parallel.mesh import Mesh
+from yuanlfa.parallel.optimizer import ShardedAdamW
+from yuanlfa.parallel.tensor_parallel import shard_pieces
+
+FORMAT = "yuanlfa-dcp-v1"
+IGNORED_MODEL_KEYS = ("lfa_impl", "attention_backend", "loss_block_size")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it assumes a single process when no process group exists: that is the
+    # intent here (one-process training and the conversion tools).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
+
+
+class _Placer:
+    """Blocks of this rank's tensors in the global tensors."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh) -> None:
+        self.shapes = _full_shapes(cfg)
+        self.mesh = mesh
+
+    def blocks(
+        self, key: str, name: str, local_shape, flat: torch.Tensor, start=0, stop=None
+    ) -> list[Block]:
+        full = self.shapes[name]
+        pieces = shard_pieces(name, full, self.mesh.tp_rank, self.mesh.tp)
+        return local_blocks(key, full, pieces, tuple(local_shape), flat, start, stop)
+
+
+def _owns_param(p: nn.Parameter, mesh: Mesh, replicas_write: bool = False) -> bool:
+    """One writer per block: never the pipeline copy; tp rank 0 for tp-replicated parameters;
+    dp rank 0 unless the dp replicas hold disjoint slices (``replicas_write``)."""
+    if is_pipeline_copy(p):
+        return False
+    if not is_sharded(p) and mesh.tp_rank != 0:
+        return False
+    return replicas_write or mesh.dp_rank == 0
+
+
+def _param_blocks(
+    model: nn.Module, placer: _Placer, mesh: Mesh, saving: bool, keys: set[str] | None = None
+) -> list[Block]:
+    out = []
+    for name, p in model.named_parameters():
+        if saving and not _owns_param(p, mesh):
+            continue
+        key = f"model.{name}"
+        # A lower-precision run saved fp32 master weights: an fp32 model loads those.
+        master = f"optim.{name}.master"
+        if not saving and keys is not None and master in keys and p.dtype == torch.float32:
+            key = master
+        out += placer.blocks(key, name, p.shape, p.data.view(-1))
+    return out
+
+
+def _adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Updates taken so far (fewer than training steps when some were skipped)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _init_adamw_state(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Create the AdamW state tensors (torch creates them lazily at the first update) so a
+    checkpoint can be read into them, and set every parameter's step count."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "exp_avg" not in state:
+                device = p.device if on_device else "cpu"
+                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state["step"].fill_(float(step))
+
+
+def _optimizer_blocks(
+    optimizer, model: nn.Module, placer: _Placer, mesh: Mesh, saving: bool, keys: set[str]
+) -> list[Block]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: list[Block] = []
+    if isinstance(optimizer, ShardedAdamW):
+        rank = dist.get_rank(optimizer.dp_group) if optimizer.dp > 1 else 0
+        for b in optimizer.buckets:
+            state = optimizer.inner.state[b.shard]
+            per_rank = b.shard.numel()
+            lo_rank = rank * per_rank
+            offset = 0
+            for p in b.params:
+                name = names[id(p)]
+                lo, hi = max(lo_rank, offset), min(lo_rank + per_rank, offset + p.numel())
+                own = _owns_param(p, mesh, replicas_write=optimizer.dp > 1)
+                if lo < hi and (own or not saving):
+                    master = f"optim.{name}.master"
+                    if not saving and master not in keys:
+                        master = f"model.{name}"  # saved from fp32 parameters
+                    for key, flat in (
+                        (master, b.shard.data),
+                        (f"optim.{name}.exp_avg", state["exp_avg"]),
+                        (f"optim.{name}.exp_avg_sq", state["exp_avg_sq"]),
+                    ):
+                        part = flat[lo - lo_rank : hi - lo_rank]
+                        out += placer.blocks(key, name, p.shape, part, lo - offset, hi - offset)
+                offset += p.numel()
+        return out
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if saving and not _owns_param(p, mesh):
+                continue
+            state, name = optimizer.state[p], names[id(p)]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                key = f"optim.{name}.{moment}"
+                out += placer.blocks(key, name, p.shape, state[moment].view(-1))
+    return out
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    return optimizer.inner if isinstance(optimizer, ShardedAdamW) else optimizer
+
+
+def _coords(mesh: Mesh) -> str:
+    return f"tp{mesh.tp_rank}-pp{mesh.pp_rank}-dp{mesh.dp_rank}"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer,
+    state: TrainingState,
+    mesh: Mesh,
+    model_cfg: ModelConfig,
+    layout: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Collective: every rank calls it. Writes ``step_<N>`` atomically (a hidden directory renamed
+    into place once complete), points ``latest`` at it and keeps the newest ``keep_last``."""
+    root = Path(directory)
+    name = f"step_{state.step:07d}"
+    final, tmp = root / name, root / f".{name}.tmp"
+    if mesh.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save of this step
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    placer = _Placer(model_cfg, mesh)
+    adam_steps = _adam_steps(_inner(optimizer))
+    _init_adamw_state(_inner(optimizer), adam_steps)  # before the first update it has none
+    blocks = _param_blocks(model, placer, mesh, saving=True)
+    blocks += _optimizer_blocks(optimizer, model, placer, mesh, saving=True, keys=set())
+    try:
+        with _quiet_single_process():
+            dcp.save(
+                {},
+                storage_writer=dcp.FileSystemWriter(tmp),
+                planner=BlockSavePlanner(blocks),
+                no_dist=not _distributed(),
+            )
+        rng_file = tmp / "rng" / f"{_coords(mesh)}.pt"
+        torch.save(_rng_state(), rng_file)
+        with open(rng_file, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        # The previous checkpoints are untouched; drop the partial one (a save of the same
+        # step also clears it first, should this process die before getting here).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if mesh.rank == 0:
+        meta = {
+            "format": FORMAT,
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "model_config": state.model_config,
+            "layout": layout,
+            "optimizer": {
+                "type": "adamw",
+                "steps": adam_steps,
+                "sharded": isinstance(optimizer, ShardedAdamW) and optimizer.dp > 1,
+            },
+            **state.extra,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        with open(tmp / "meta.json", "rb") as f:
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step (after a resume): keep a complete copy on disk at every moment.
+            backup = root / f".{name}.old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(final, backup)
+            os.replace(tmp, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+        write_text_atomic(root / LATEST, name + "\n")
+        prune(root, keep_last, keep=name)
+    _barrier()
+    return final
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: no meta.json; not a complete yuanlfa checkpoint")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; convert it with "
+            "yuanlfa-reshard"
+        )
+    return meta
+
+
+def _agree(problem: str | None) -> None:
+    """Raise on every rank when any rank found a problem (a lone raise would hang the others
+    in the collective load)."""
+    bad = torch.tensor([0 if problem is None else 1])
+    if _distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if problem is not None:
+        raise CheckpointError(problem)
+    if bad.item():
+        raise CheckpointError("another rank refused the checkpoint (its message says why)")
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer,
+    model_config: dict[str, Any],
+    mesh: Mesh,
+    model_cfg: ModelConfig,
+) -> TrainingState:
+    """Collective. Restore this rank's parameters and optimizer state (any layout), and its RNG
+    when the checkpoint has one for the same rank coordinates. Refuses a checkpoint of another
+    model, or whose tensors are missing or shaped differently, naming the first ones."""
+    path = Path(path)
+    problem = None
+    try:
+        meta = read_meta(path)
+        saved = meta.get("model_config", {})
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}"
+            for k in sorted(set(saved) | set(model_config))
+            if saved.get(k) != model_config.get(k) and k not in IGNORED_MODEL_KEYS
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"{path} was saved for another model ({'; '.join(diffs[:3])}); use a matching "
+                "config or another checkpoint.dir"
+            )
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        keys = set(stored)
+        placer = _Placer(model_cfg, mesh)
+        blocks = _param_blocks(model, placer, mesh, saving=False, keys=keys)
+        if optimizer is not None:
+            steps = meta.get("optimizer", {}).get("steps", meta["step"])
+            _init_adamw_state(_inner(optimizer), steps)
+            blocks += _optimizer_blocks(optimizer, model, placer, mesh, saving=False, keys=keys)
+        missing = sorted({b.key for b in blocks if b.key not in keys})
+        shapes = sorted(
+            {
+                f"{b.key} {tuple(stored[b.key].size)} vs {b.global_shape}"
+                for b in blocks
+                if b.key in keys and tuple(stored[b.key].size) != b.global_shape
+            }
+        )
+        if missing or shapes:
+            raise CheckpointError(
+                f"{path} does not match the model: "
+                + (
+                    f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                    if missing
+                    else ""
+                )
+                + (f"shape checkpoint vs model: {shapes[:3]}" if shapes else "")
+            )
+    except (CheckpointError, OSError, ValueError) as exc:
+        problem = str(exc)
+    _agree(problem)
+    with _quiet_single_process():
+        dcp.load(
+            {},
+            storage_reader=dcp.FileSystemReader(path),
+            planner=BlockLoadPlanner(blocks),
+            no_dist=not _distributed(),
+        )
+    rng_file = path / "rng" / f"{_coords(mesh)}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
+    skip = ("format", "step", "consumed_samples", "model_config")
+    extra = {k: v for k, v in meta.items() if k not in skip}
+    return TrainingState(meta["step"], meta["consumed_samples"], saved, extra)
