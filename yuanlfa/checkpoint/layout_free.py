@@ -152,14 +152,17 @@ def _optimizer_blocks(
                 lo, hi = max(lo_rank, offset), min(lo_rank + per_rank, offset + p.numel())
                 own = _owns_param(p, mesh, replicas_write=optimizer.dp > 1)
                 if lo < hi and (own or not saving):
+                    # fp32 masters of fp32 parameters equal them: saved once, as model.<name>.
                     master = f"optim.{name}.master"
                     if not saving and master not in keys:
-                        master = f"model.{name}"  # saved from fp32 parameters
-                    for key, flat in (
-                        (master, b.shard.data),
+                        master = f"model.{name}"
+                    tensors = [
                         (f"optim.{name}.exp_avg", state["exp_avg"]),
                         (f"optim.{name}.exp_avg_sq", state["exp_avg_sq"]),
-                    ):
+                    ]
+                    if not (saving and p.dtype == torch.float32):
+                        tensors.append((master, b.shard.data))
+                    for key, flat in tensors:
                         part = flat[lo - lo_rank : hi - lo_rank]
                         out += placer.blocks(key, name, p.shape, part, lo - offset, hi - offset)
                 offset += p.numel()

@@ -8,6 +8,8 @@ with the saved chunks, whatever layout wrote them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
@@ -65,9 +67,13 @@ class BlockSavePlanner(DefaultSavePlanner):
 
 
 class BlockLoadPlanner(DefaultLoadPlanner):
+    """Several destinations may read the same saved region (e.g. a parameter and the
+    distributed optimizer's fp32 master slice both from ``model.<name>``): each read item's
+    destination is its block's position in the list, not the tensor name."""
+
     def __init__(self, blocks: list[Block]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.blocks = {_index(b): b for b in blocks}
+        self.block_list = list(blocks)
 
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
         self.state_dict = state_dict
@@ -77,13 +83,15 @@ class BlockLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         items: list[ReadItem] = []
         saved = self.metadata.state_dict_metadata
-        for b in self.blocks.values():
+        for i, b in enumerate(self.block_list):
             chunk = ChunkStorageMetadata(torch.Size(b.offsets), b.tensor.size())
-            items += create_read_items_for_chunk_list(b.key, saved[b.key], [chunk])
+            for item in create_read_items_for_chunk_list(b.key, saved[b.key], [chunk]):
+                dest = MetadataIndex(f"block{i}", item.dest_index.offset)
+                items.append(dataclasses.replace(item, dest_index=dest))
         return LoadPlan(items)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        block = self.blocks[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+        block = self.block_list[int(read_item.dest_index.fqn.removeprefix("block"))]
         view = block.tensor
         for dim, (start, length) in enumerate(
             zip(read_item.dest_offsets, read_item.lengths, strict=True)

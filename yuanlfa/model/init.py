@@ -85,7 +85,9 @@ def materialize(
             value = shard(name, value)
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"{name}: initial value {tuple(value.shape)} vs {tuple(param.shape)}")
-        param.data = value.to(device=device, dtype=dtype)
+        # A fresh contiguous tensor: a shard cut from the full value is a view whose storage
+        # would otherwise keep the whole tensor alive (and column shards are strided).
+        param.data = torch.empty(value.shape, device=device, dtype=dtype).copy_(value)
     return model
 
 
