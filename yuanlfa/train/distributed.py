@@ -23,6 +23,24 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
 
 
+def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
+    """After a torchrun restart (``--max-restarts``), the job's store still holds the previous
+    attempt's keys, and a fast rank can read a dead peer's address from them (gloo then fails
+    with "connectFullMesh ... Connection refused"). Each attempt gets its own key prefix."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    # Only where the torchrun agent hosts the store (its workers are all clients).
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"yuanlfa/attempt{attempt}", base)
+
+
 def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and build the mesh.
 
@@ -32,8 +50,12 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
     created = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=10), **kwargs)
+        kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+        timeout = timedelta(minutes=10)
+        store = _restart_store(world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
         created = True
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     return mesh, created
