@@ -26,11 +26,14 @@ setup(
         "triton": ["triton>=3.0"],
         # yuanlfa-plan --plot
         "plot": ["matplotlib>=3.5"],
+        # yuanlfa-reshard to and from the Hugging Face format
+        "hf": ["safetensors>=0.4"],
         # triton runs the LFA kernels' tests on CPU through its interpreter.
         "dev": [
             "matplotlib>=3.5",
             "pytest>=8",
             "ruff>=0.5",
+            "safetensors>=0.4",
             "tensorboard>=2.12",
             "triton>=3.0; platform_system=='Linux'",
         ],
@@ -41,6 +44,7 @@ setup(
             "yuanlfa-info=yuanlfa.cli.info:main",
             "yuanlfa-preprocess=yuanlfa.cli.preprocess:main",
             "yuanlfa-plan=yuanlfa.cli.plan:main",
+            "yuanlfa-reshard=yuanlfa.cli.reshard:main",
         ]
     },
 )

@@ -134,6 +134,9 @@ class CheckpointConfig:
     resume: bool = False
     keep_last: int = 2
     save_at_end: bool = True
+    # Initialize the model's weights (not the optimizer or the step) from this checkpoint, e.g.
+    # one imported with yuanlfa-reshard --to yuanlfa; ignored when resuming from checkpoint.dir.
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

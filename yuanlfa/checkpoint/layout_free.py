@@ -250,23 +250,30 @@ def save_checkpoint(
             },
             **state.extra,
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        with open(tmp / "meta.json", "rb") as f:
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (after a resume): keep a complete copy on disk at every moment.
-            backup = root / f".{name}.old"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(final, backup)
-            os.replace(tmp, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        write_text_atomic(root / LATEST, name + "\n")
-        prune(root, keep_last, keep=name)
+        publish(root, name, tmp, meta, keep_last)
     _barrier()
+    return final
+
+
+def publish(root: Path, name: str, tmp: Path, meta: dict[str, Any], keep_last: int) -> Path:
+    """Finish a checkpoint written into ``tmp``: meta.json last, rename to ``root/name``
+    (keeping a complete copy on disk at every moment), point ``latest`` at it, prune."""
+    final = root / name
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    with open(tmp / "meta.json", "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if final.exists():
+        backup = root / f".{name}.old"
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(final, backup)
+        os.replace(tmp, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    write_text_atomic(root / LATEST, name + "\n")
+    prune(root, keep_last, keep=name)
     return final
 
 

@@ -9,6 +9,7 @@ with the saved chunks, whatever layout wrote them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -101,3 +102,46 @@ class BlockLoadPlanner(DefaultLoadPlanner):
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A whole tensor to save, produced only when the writer reaches it (bounded memory)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+class LazySavePlanner(DefaultSavePlanner):
+    """Saves whole tensors that are read from elsewhere one at a time (conversion tools)."""
+
+    def __init__(self, tensors: list[LazyTensor]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.tensors = {t.key: t for t in tensors}
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        self.state_dict = state_dict
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for t in self.tensors.values():
+            offsets = torch.Size([0] * len(t.shape))
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(t.key, offsets),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(t.shape)),
+                        properties=TensorProperties(dtype=t.dtype),
+                        size=torch.Size(t.shape),
+                    ),
+                )
+            )
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.tensors[write_item.index.fqn].load().contiguous()

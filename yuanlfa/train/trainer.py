@@ -96,6 +96,8 @@ def prepare_config(cfg: Config) -> Config:
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
     if cfg.parallel.pp > 1:
         pipeline_layout(cfg)  # a bad block list or layout string fails here, before any data
+    if cfg.checkpoint.init_from is not None:
+        init_source(cfg.checkpoint.init_from)
     check_tensorboard(cfg.logging)
     ckpt = cfg.checkpoint
     if ckpt.dir is not None and not ckpt.resume and holds_checkpoints(ckpt.dir):
@@ -134,6 +136,20 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
             "order and lr schedule depend on them, so resuming would not continue that run. "
             "Restore the settings, or start a new run in another checkpoint.dir"
         )
+
+
+def init_source(path: str) -> Path:
+    """The checkpoint ``checkpoint.init_from`` names: a step directory or a checkpoint.dir."""
+    root = Path(path)
+    if (root / "meta.json").is_file():
+        return root
+    found = latest_checkpoint(root) if root.is_dir() else None
+    if found is None:
+        raise ConfigError(
+            f"checkpoint.init_from: {path} holds no checkpoint (no meta.json, no latest); give a "
+            "step directory or a checkpoint.dir, e.g. the output of yuanlfa-reshard --to yuanlfa"
+        )
+    return found
 
 
 def layout_record(cfg: Config, layout) -> dict[str, Any]:
@@ -231,6 +247,12 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     runner = None
     if layout is not None:
         runner = build_runner(cfg, mesh, model, layout, device, micro_batches)
+    resuming = cfg.checkpoint.resume and latest_checkpoint(cfg.checkpoint.dir) is not None
+    if cfg.checkpoint.init_from and not resuming:
+        # Weights only, before the optimizer copies them into its fp32 masters.
+        source = init_source(cfg.checkpoint.init_from)
+        load_checkpoint(source, model, None, config_to_dict(cfg.model), mesh, cfg.model)
+        say(f"initialized the weights from {source}", flush=True)
     sharded_optimizer = o.distributed and mesh.dp > 1
     if sharded_optimizer or param_dtype != torch.float32:
         # Low-precision parameters step through fp32 master weights: sharded over dp, or whole

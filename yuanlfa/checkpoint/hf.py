@@ -1,0 +1,327 @@
+"""Conversion between our checkpoints and the Hugging Face Yuan 2.0 layout (weights only).
+
+Names and splits are the public format's (DESIGN.md 3): q_proj / k_proj are the first and
+second halves (rows) of our fused per-head [q; k] projection, up_proj (the SiLU branch) and
+gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding. Tensors are
+streamed one at a time: the export holds at most one output shard, the import one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from yuanlfa.checkpoint.blocks import Block
+from yuanlfa.checkpoint.files import CheckpointError, latest_checkpoint
+from yuanlfa.checkpoint.layout_free import FORMAT, _quiet_single_process, publish, read_meta
+from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazySavePlanner, LazyTensor
+from yuanlfa.config import ModelConfig
+from yuanlfa.model import build_model
+
+INDEX = "model.safetensors.index.json"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        raise CheckpointError(
+            "the Hugging Face format needs the safetensors package: pip install safetensors "
+            '(or pip install -e ".[hf]")'
+        ) from None
+    return st
+
+
+def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]]:
+    """The HF tensors our parameter ``name`` is made of, concatenated along rows in order:
+    ``(hf_name, rows)``."""
+    h, f = cfg.hidden_size, cfg.ffn_size
+    if name == "embed.weight":
+        return [("model.embed_tokens.weight", cfg.vocab_size)]
+    if name == "final_norm.weight":
+        return [("model.norm.weight", h)]
+    if not name.startswith("layers."):
+        raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
+    _, index, rest = name.split(".", 2)
+    prefix = f"model.layers.{index}."
+    simple = {
+        "input_norm.weight": "input_layernorm.weight",
+        "post_attn_norm.weight": "post_attention_layernorm.weight",
+        "attn.v_proj.weight": "self_attn.v_proj.weight",
+        "attn.o_proj.weight": "self_attn.o_proj.weight",
+        "attn.lf_gate.norm.weight": "self_attn.lf_gate.output_layernorm.weight",
+        "mlp.fc2.weight": "mlp.down_proj.weight",
+    }
+    if rest in simple:
+        return [(prefix + simple[rest], -1)]
+    if rest.startswith("attn.lf_gate.conv"):
+        return [(prefix + "self_attn." + rest.removeprefix("attn."), -1)]
+    if rest == "attn.qk_proj.weight":
+        return [(prefix + "self_attn.q_proj.weight", h), (prefix + "self_attn.k_proj.weight", h)]
+    if rest == "mlp.fc1.weight":
+        return [(prefix + "mlp.up_proj.weight", f), (prefix + "mlp.gate_proj.weight", f)]
+    raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    return {
+        "architectures": ["YuanForCausalLM"],
+        "model_type": "yuan",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": False,  # the HF model stores lm_head as its own copy
+        "use_lfa": cfg.lfa,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        # Our full model config, so that a round trip restores it exactly.
+        "yuanlfa_model_config": dataclasses.asdict(cfg),
+    }
+
+
+def model_config_from_hf(config: dict) -> ModelConfig:
+    if "yuanlfa_model_config" in config:
+        return ModelConfig(**config["yuanlfa_model_config"])
+    return ModelConfig(
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        num_heads=config["num_attention_heads"],
+        ffn_hidden_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        rope_base=config.get("rope_theta", 10000.0),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        lfa=config.get("use_lfa", True),
+    )
+
+
+def _our_checkpoint(path: Path) -> Path:
+    if (path / "meta.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{path}: no yuanlfa checkpoint (meta.json) here or under latest")
+    return found
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One whole tensor of our checkpoint ``path`` (any layout wrote it)."""
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata[key]
+    out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    block = Block(key, tuple(md.size), (0,) * len(md.size), out)
+    with _quiet_single_process():
+        dcp.load(
+            {},
+            storage_reader=dcp.FileSystemReader(path),
+            planner=BlockLoadPlanner([block]),
+            no_dist=True,
+        )
+    return out
+
+
+def _weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str]]:
+    """(parameter name, key holding its best copy): fp32 masters when the run kept them."""
+    keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    for name, _ in build_model(cfg).named_parameters():
+        master = f"optim.{name}.master"
+        yield name, master if master in keys else f"model.{name}"
+
+
+def _prepare_output(output: Path, force: bool) -> Path:
+    if output.exists() and any(output.iterdir()) and not force:
+        raise CheckpointError(
+            f"{output} exists and is not empty; choose another output or pass --force"
+        )
+    tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _replace(tmp: Path, output: Path) -> None:
+    """Move the finished output into place; an existing one (--force) is removed only after."""
+    old = output.parent / f".{output.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(
+    src: Path,
+    output: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 2**30,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Our checkpoint (a step directory, or a checkpoint.dir with ``latest``) -> HF safetensors
+    shards + index + config.json in ``output``."""
+    from tqdm import tqdm
+
+    st = _safetensors()
+    src = _our_checkpoint(Path(src))
+    cfg = ModelConfig(**read_meta(src)["model_config"])
+    tmp = _prepare_output(Path(output), force)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []
+    out_dtype = dtype
+
+    def flush() -> None:
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            st.save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            files.append(list(shard))
+            weight_map.update(dict.fromkeys(shard, name))
+            shard.clear()
+
+    total = 0
+    params = list(_weights(src, cfg))
+    for name, key in tqdm(params, desc="export", disable=not progress, unit="tensor"):
+        full = read_tensor(src, key)
+        out_dtype = out_dtype or full.dtype
+        parts = hf_parts(name, cfg)
+        pieces = [(hf, full.shape[0] if rows < 0 else rows) for hf, rows in parts]
+        if name == "embed.weight":
+            pieces.append(("lm_head.weight", full.shape[0]))
+        start = 0
+        for hf, rows in pieces:
+            # Own storage for each (the lm_head copy must not alias the embedding).
+            tensor = full[start : start + rows].to(out_dtype, copy=True).contiguous()
+            start = 0 if hf == "model.embed_tokens.weight" else start + rows
+            size = tensor.numel() * tensor.element_size()
+            if shard and sum(t.numel() * t.element_size() for t in shard.values()) + size > (
+                max_shard_bytes
+            ):
+                flush()
+            shard[hf] = tensor
+            total += size
+    flush()
+    names = {hf: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
+             for hf in files[i]}  # fmt: skip
+    for i in range(len(files)):
+        os.replace(
+            tmp / f"model-{i + 1:05d}.safetensors",
+            tmp / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors",
+        )
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(names.items()))}
+    (tmp / INDEX).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, out_dtype), indent=2))
+    _replace(tmp, Path(output))
+    return Path(output)
+
+
+class _HFReader:
+    """Tensors of an HF checkpoint directory by name, opening shard files lazily."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if (path / INDEX).is_file():
+            self.where = json.loads((path / INDEX).read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            self.where = None
+        else:
+            raise CheckpointError(f"{path}: neither {INDEX} nor model.safetensors")
+        self._st = _safetensors()
+
+    def _file(self, name: str) -> Path:
+        return self.path / (self.where[name] if self.where is not None else "model.safetensors")
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._file(name)), framework="pt") as f:
+                return f.get_tensor(name)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} missing") from None
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file(name)), framework="pt") as f:
+            sl = f.get_slice(name)
+            dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+                sl.get_dtype(), "float32"))  # fmt: skip
+            return tuple(sl.get_shape()), dtype
+
+
+def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = True) -> Path:
+    """HF Yuan 2.0 directory -> our checkpoint directory (``output/step_0000000`` + latest),
+    weights only: start training from it with ``checkpoint.init_from``."""
+    src = Path(src)
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{src}: no config.json; not a Hugging Face model directory")
+    cfg = model_config_from_hf(json.loads(config_file.read_text()))
+    reader = _HFReader(src)
+    tensors = []
+    for name, param in build_model(cfg).named_parameters():
+        parts = hf_parts(name, cfg)
+        _, dtype = reader.meta(parts[0][0])
+
+        def load(parts=parts) -> torch.Tensor:
+            return torch.cat([reader.get(hf) for hf, _ in parts])
+
+        tensors.append(LazyTensor(f"model.{name}", tuple(param.shape), dtype, load))
+    for hf in ("lm_head.weight",):
+        try:
+            head = reader.get(hf)
+        except CheckpointError:
+            continue
+        if not torch.equal(head, reader.get("model.embed_tokens.weight")):
+            raise CheckpointError(
+                f"{src}: lm_head.weight differs from model.embed_tokens.weight; this model "
+                "ties them, so an untied checkpoint cannot be imported"
+            )
+    out_root = Path(output)
+    tmp = _prepare_output(out_root, force)
+    inner = tmp / ".step_0000000.tmp"
+    writer = dcp.FileSystemWriter(inner, thread_count=1, single_file_per_rank=True)
+    if progress:
+        print(f"import: writing {len(tensors)} tensors", flush=True)
+    with _quiet_single_process():
+        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    meta = {
+        "format": FORMAT,
+        "step": 0,
+        "consumed_samples": 0,
+        "model_config": dataclasses.asdict(cfg),
+        "layout": {"source": "huggingface", "path": str(src.resolve())},
+        "optimizer": None,
+    }
+    publish(tmp, "step_0000000", inner, meta, keep_last=1)
+    _replace(tmp, out_root)
+    return out_root
+
+
+def verify_hf(ours: Path, hf: Path, progress: bool = True) -> int:
+    """Compare every parameter of our checkpoint with the HF directory, tensor by tensor
+    (exactly, after casting ours to the HF dtype); raise on the first difference. Returns the
+    number of tensors compared."""
+    from tqdm import tqdm
+
+    ours = _our_checkpoint(Path(ours))
+    cfg = ModelConfig(**read_meta(ours)["model_config"])
+    reader = _HFReader(Path(hf))
+    params = list(_weights(ours, cfg))
+    for name, key in tqdm(params, desc="verify", disable=not progress, unit="tensor"):
+        theirs = torch.cat([reader.get(n) for n, _ in hf_parts(name, cfg)])
+        mine = read_tensor(ours, key).to(theirs.dtype)
+        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+            raise CheckpointError(f"verify: {name} differs between {ours} and {hf}")
+    return len(params)
