@@ -21,8 +21,6 @@ from yuanlfa.model import create_model
 from yuanlfa.parallel import build_mesh
 from yuanlfa.train import train
 
-pytest.importorskip("safetensors")
-
 
 def _trained_checkpoint(rank: int, world: int, corpus: str, ckpt: str) -> None:
     # A 4-process tp2 x pp2 run with bf16 parameters: masters, shards and stages to gather.

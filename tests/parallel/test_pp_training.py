@@ -63,6 +63,7 @@ def _pipeline_grads(rank: int, world: int, parallel: dict):
     runner = build_runner(cfg, mesh, model, layout, device, num_microbatches=4)
     batch = _batch(2, 16, MODEL["vocab_size"])
     loss = runner.train_step(batch, batch["loss_mask"].sum())
+    assert runner.busy_s > 0  # the stage's compute time was recorded
     sync_tied_embedding_grads(model, mesh)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return (None if loss is None else float(loss)), grads

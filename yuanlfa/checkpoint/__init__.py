@@ -6,6 +6,7 @@ from yuanlfa.checkpoint.files import (
     TrainingState,
     holds_checkpoints,
     latest_checkpoint,
+    resolve_checkpoint,
 )
 from yuanlfa.checkpoint.layout_free import load_checkpoint, read_meta, save_checkpoint
 
@@ -16,5 +17,6 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "read_meta",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]

@@ -74,6 +74,20 @@ def prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory itself, or the checkpoint a checkpoint.dir's ``latest`` names."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(
+            f"{path} holds no checkpoint (no meta.json, no latest); give a step directory or a "
+            "checkpoint.dir"
+        )
+    return found
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The checkpoint ``latest`` points to, or None when the directory holds none."""
     root = Path(directory)

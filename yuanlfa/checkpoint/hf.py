@@ -19,13 +19,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from yuanlfa.checkpoint.blocks import Block
-from yuanlfa.checkpoint.files import CheckpointError, latest_checkpoint
-from yuanlfa.checkpoint.layout_free import FORMAT, _quiet_single_process, publish, read_meta
-from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
+from yuanlfa.checkpoint.layout_free import (
+    FORMAT,
+    _quiet_single_process,
+    load_blocks,
+    publish,
+    read_meta,
+)
+from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
 INDEX = "model.safetensors.index.json"
+HF_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def _safetensors():
@@ -106,27 +113,11 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     )
 
 
-def _our_checkpoint(path: Path) -> Path:
-    if (path / "meta.json").is_file():
-        return path
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None:
-        raise CheckpointError(f"{path}: no yuanlfa checkpoint (meta.json) here or under latest")
-    return found
-
-
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One whole tensor of our checkpoint ``path`` (any layout wrote it)."""
     md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata[key]
     out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    block = Block(key, tuple(md.size), (0,) * len(md.size), out)
-    with _quiet_single_process():
-        dcp.load(
-            {},
-            storage_reader=dcp.FileSystemReader(path),
-            planner=BlockLoadPlanner([block]),
-            no_dist=True,
-        )
+    load_blocks(path, [Block(key, tuple(md.size), (0,) * len(md.size), out)])
     return out
 
 
@@ -173,7 +164,7 @@ def export_hf(
     from tqdm import tqdm
 
     st = _safetensors()
-    src = _our_checkpoint(Path(src))
+    src = resolve_checkpoint(src)
     cfg = ModelConfig(**read_meta(src)["model_config"])
     tmp = _prepare_output(Path(output), force)
     weight_map: dict[str, str] = {}
@@ -255,8 +246,12 @@ class _HFReader:
 
         with safe_open(str(self._file(name)), framework="pt") as f:
             sl = f.get_slice(name)
-            dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
-                sl.get_dtype(), "float32"))  # fmt: skip
+            dtype = HF_DTYPES.get(sl.get_dtype())
+            if dtype is None:
+                raise CheckpointError(
+                    f"{self.path}: {name} is {sl.get_dtype()}; expected one of "
+                    f"{', '.join(HF_DTYPES)} weights"
+                )
             return tuple(sl.get_shape()), dtype
 
 
@@ -315,7 +310,7 @@ def verify_hf(ours: Path, hf: Path, progress: bool = True) -> int:
     number of tensors compared."""
     from tqdm import tqdm
 
-    ours = _our_checkpoint(Path(ours))
+    ours = resolve_checkpoint(ours)
     cfg = ModelConfig(**read_meta(ours)["model_config"])
     reader = _HFReader(Path(hf))
     params = list(_weights(ours, cfg))

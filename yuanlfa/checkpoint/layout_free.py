@@ -277,6 +277,17 @@ def publish(root: Path, name: str, tmp: Path, meta: dict[str, Any], keep_last: i
     return final
 
 
+def load_blocks(path: Path, blocks: list[Block]) -> None:
+    """Fill ``blocks`` from the checkpoint at ``path`` (collective when a group exists)."""
+    with _quiet_single_process():
+        dcp.load(
+            {},
+            storage_reader=dcp.FileSystemReader(path),
+            planner=BlockLoadPlanner(blocks),
+            no_dist=not _distributed(),
+        )
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_file = path / "meta.json"
@@ -358,13 +369,7 @@ def load_checkpoint(
     except (CheckpointError, OSError, ValueError) as exc:
         problem = str(exc)
     _agree(problem)
-    with _quiet_single_process():
-        dcp.load(
-            {},
-            storage_reader=dcp.FileSystemReader(path),
-            planner=BlockLoadPlanner(blocks),
-            no_dist=not _distributed(),
-        )
+    load_blocks(path, blocks)
     rng_file = path / "rng" / f"{_coords(mesh)}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from yuanlfa.checkpoint import (
     holds_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
@@ -140,16 +141,12 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
 
 def init_source(path: str) -> Path:
     """The checkpoint ``checkpoint.init_from`` names: a step directory or a checkpoint.dir."""
-    root = Path(path)
-    if (root / "meta.json").is_file():
-        return root
-    found = latest_checkpoint(root) if root.is_dir() else None
-    if found is None:
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as exc:
         raise ConfigError(
-            f"checkpoint.init_from: {path} holds no checkpoint (no meta.json, no latest); give a "
-            "step directory or a checkpoint.dir, e.g. the output of yuanlfa-reshard --to yuanlfa"
-        )
-    return found
+            f"checkpoint.init_from: {exc}, e.g. the output of yuanlfa-reshard --to yuanlfa"
+        ) from None
 
 
 def layout_record(cfg: Config, layout) -> dict[str, Any]:

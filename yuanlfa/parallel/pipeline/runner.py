@@ -72,7 +72,8 @@ class PipelineRunner:
             )
             for module, stage in zip(modules, stage_ids, strict=True)
         ]
-        self.busy_s = 0.0
+        self._cpu_s = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         for stage in self.stages:
             self._time_compute(stage, device)
         common = {"loss_fn": self._loss, "scale_grads": False}
@@ -86,27 +87,40 @@ class PipelineRunner:
             raise ValueError(f"unknown pipeline schedule {schedule!r}")
 
     def _time_compute(self, stage: PipelineStage, device: torch.device) -> None:
-        """Accumulate the time this rank spends computing (forward, backward, weight gradients)
-        in ``busy_s``; the rest of a step is waiting for other stages (the bubble).
+        """Record the time this rank spends computing (forward, backward, weight gradients);
+        the rest of a step is waiting for other stages (the bubble). See :attr:`busy_s`.
 
-        The stage's methods are wrapped per instance; torch's schedules call exactly these.
+        The stage's methods are wrapped per instance; torch's schedules call exactly these. On
+        CUDA, events bracket each call, so timing adds no synchronization inside the step.
         """
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
             method = getattr(stage, name, None)
             if method is None:
                 continue
 
             def timed(*args, _method=method, **kwargs):
-                sync()
-                start = time.perf_counter()
+                if device.type == "cuda":
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    try:
+                        return _method(*args, **kwargs)
+                    finally:
+                        end.record()
+                        self._events.append((start, end))
+                began = time.perf_counter()
                 try:
                     return _method(*args, **kwargs)
                 finally:
-                    sync()
-                    self.busy_s += time.perf_counter() - start
+                    self._cpu_s += time.perf_counter() - began
 
             setattr(stage, name, timed)
+
+    @property
+    def busy_s(self) -> float:
+        """Compute seconds of the last step (waits for this rank's queued GPU work)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+        return self._cpu_s + sum(s.elapsed_time(e) for s, e in self._events) / 1e3
 
     def _loss(self, losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (losses * mask).sum() / self.num_tokens
@@ -124,7 +138,7 @@ class PipelineRunner:
         Returns the summed microbatch losses on the rank holding the last stage, else None.
         """
         self.num_tokens = num_tokens
-        self.busy_s = 0.0
+        self._cpu_s, self._events = 0.0, []
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
         self.schedule.step(
