@@ -70,6 +70,11 @@ class ParallelConfig:
     # interleaved zero-bubble) run virtual_stages stages per rank.
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
+    # Start each gradient bucket's dp reduction during the last backward pass, as soon as its
+    # gradients are complete (Megatron's --overlap-grad-reduce); false: all after backward.
+    overlap_grad_reduce: bool = True
+    # Elements per gradient bucket (Megatron's --ddp-bucket-size default).
+    grad_bucket_size: int = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -356,7 +361,7 @@ def validate(cfg: Config) -> None:
         f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
     )
 
-    _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages")
+    _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages", "grad_bucket_size")
     _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
     _require(
         m.num_heads % p.tp == 0,

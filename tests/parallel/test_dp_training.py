@@ -19,10 +19,11 @@ STEPS = 20
 
 
 def _train(
-    corpus: str, tp: int = 1, sp: bool = False, sharded: bool = False
+    corpus: str, tp: int = 1, sp: bool = False, sharded: bool = False, bucket: int = 40_000_000
 ) -> list[tuple[float, float]]:
     cfg = tiny_overrides(
         corpus,
+        parallel__grad_bucket_size=bucket,
         train__steps=STEPS,
         train__micro_batch_size=1,  # 8 samples per step: accumulation on every layout
         parallel__tp=tp,
@@ -37,6 +38,9 @@ def _train(
 def _layouts(rank: int, world: int, corpus: str) -> dict[str, list[tuple[float, float]]]:
     runs = {f"dp{world}": _train(corpus), f"dp{world}+zero1": _train(corpus, sharded=True)}
     if world == 4:
+        # Many buckets, each reduced from the backward hooks as soon as it is complete.
+        runs["dp4 small buckets"] = _train(corpus, bucket=20000)
+        runs["dp4+zero1 small buckets"] = _train(corpus, sharded=True, bucket=20000)
         runs["tp2xdp2+sp+zero1"] = _train(corpus, tp=2, sp=True, sharded=True)
     return runs
 

@@ -140,12 +140,13 @@ LAYOUTS = {
         },
     },
     8: {
-        "tp2 x pp2 [1,3] x dp2 + sp + zero1": {
+        "tp2 x pp2 [1,3] x dp2 + sp + zero1, small gradient buckets": {
             "tp": 2,
             "pp": 2,
             "pipeline_blocks": [1, 3],
             "sequence_parallel": True,
             "distributed": True,
+            "grad_bucket_size": 20000,  # several buckets per stage, reduced during backward
         },
     },
 }

@@ -10,7 +10,6 @@ from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.config import OptimConfig, config_from_dict
 from yuanlfa.model import create_model
-from yuanlfa.parallel.grads import accumulate_grads_in_fp32
 from yuanlfa.parallel.optimizer import ShardedAdamW
 from yuanlfa.train import train
 
@@ -26,23 +25,28 @@ def test_gradients_accumulate_in_fp32_and_masters_stay_fp32() -> None:
     cfg = config_from_dict(
         {"model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "vocab_size": 64}}
     ).model
+    tokens = torch.randint(0, 64, (2, 8))
+    # One microbatch's bf16 gradients, from a model without the optimizer's hooks.
+    plain = create_model(cfg, seed=1, dtype=torch.bfloat16)
+    plain(tokens, labels=tokens).sum().backward()
     model = create_model(cfg, seed=1, dtype=torch.bfloat16)
     params = list(model.parameters())
-    accumulate_grads_in_fp32(params)
     optimizer = ShardedAdamW(model, OptimConfig(lr=1e-2), None)
-    tokens = torch.randint(0, 64, (2, 8))
-    for _ in range(3):  # three microbatches
+    optimizer.start_step(3)
+    for _ in range(3):  # three identical microbatches
         model(tokens, labels=tokens).sum().backward()
-    for p in params:
+    for p, q in zip(params, plain.parameters()):
         assert p.dtype == torch.bfloat16 and p.grad is None
         assert p.main_grad.dtype == torch.float32
+        # The fp32 sum is exact; a bf16 accumulator would have rounded 2g and 3g.
+        torch.testing.assert_close(p.main_grad, 3 * q.grad.float(), rtol=0, atol=0)
     before = [p.detach().clone() for p in params]
     optimizer.reduce_gradients()
     optimizer.step()
     assert all(b.shard.dtype == torch.float32 for b in optimizer.buckets)
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
     optimizer.zero_grad()
-    assert all(p.main_grad is None for p in params)
+    assert all(not p.main_grad.any() for p in params)
 
 
 @pytest.mark.slow

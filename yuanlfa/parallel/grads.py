@@ -22,29 +22,15 @@ def is_pipeline_copy(param: nn.Parameter) -> bool:
     return getattr(param, "pipeline_copy", False)
 
 
+def is_tied_across_stages(param: nn.Parameter) -> bool:
+    """The embedding of a pipeline's first stage or its copy on the last (tied to the head)."""
+    return getattr(param, "pipeline_tied", False)
+
+
 def grad_of(param: nn.Parameter) -> torch.Tensor | None:
-    """The gradient to reduce and step with: the fp32 accumulator of a low-precision parameter
-    (see :func:`accumulate_grads_in_fp32`), else ``param.grad``."""
+    """The gradient to reduce and step with: the fp32 accumulation buffer of a parameter handled
+    by a :class:`~yuanlfa.parallel.data_parallel.GradReducer`, else ``param.grad``."""
     return param.main_grad if hasattr(param, "main_grad") else param.grad
-
-
-def accumulate_grads_in_fp32(params: list[nn.Parameter]) -> None:
-    """Move each low-precision gradient into an fp32 ``main_grad`` as soon as autograd has
-    accumulated it, so gradients summed over many microbatches keep fp32 precision (Megatron
-    accumulates in fp32 for bf16 for the same reason). ``main_grad`` is None after zero_grad."""
-
-    def hook(param: nn.Parameter) -> None:
-        grad = param.grad.float()
-        if param.main_grad is None:
-            param.main_grad = grad
-        else:
-            param.main_grad.add_(grad)
-        param.grad = None
-
-    for p in params:
-        if p.requires_grad and p.dtype != torch.float32 and p.dtype != torch.float64:
-            p.main_grad = None
-            p.register_post_accumulate_grad_hook(hook)
 
 
 def sum_over(value: torch.Tensor, group) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The distributed optimizer (ZeRO-1, the paper's "optimizer parallel").
 
-Parameters are grouped into flat buckets (by weight decay, and by whether tensor parallelism
-shards them); each data-parallel rank owns one contiguous 1/dp slice of every bucket and keeps
-fp32 master weights and AdamW moments for that slice only. A step reduce-scatters the gradients
-(each rank receives the summed gradient of its slice), computes the global norm from the slices,
+Parameters are grouped by weight decay, by whether tensor parallelism shards them and by their
+role in the pipeline's tied embedding, and each group is cut into gradient buckets
+(:class:`~yuanlfa.parallel.data_parallel.GradReducer`). Each data-parallel rank owns one
+contiguous 1/dp slice of every bucket and keeps fp32 master weights and AdamW moments for that
+slice only. Backward reduce-scatters each bucket as soon as its gradients are complete (each rank
+receives the summed gradient of its slice); the step computes the global norm from the slices,
 clips, steps its slice, and all-gathers the updated parameters into every replica.
 """
 
@@ -17,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.config import OptimConfig
-from yuanlfa.parallel.comm import _reduce_scatter
-from yuanlfa.parallel.grads import grad_of, is_pipeline_copy, is_sharded, sum_over
+from yuanlfa.parallel.data_parallel import BUCKET_ELEMENTS, GradBucket, GradReducer, allreduce_flat
+from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded, is_tied_across_stages, sum_over
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -26,40 +28,85 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() == 1 or name.endswith(".bias")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Bucket:
-    params: list[nn.Parameter]
+    grads: GradBucket
     tp_sharded: bool
     pipeline_copy: bool  # counted in the gradient norm by the stage owning the original
-    numel: int
+    tied: bool  # the embedding shared by the first and last pipeline stage (alone in its bucket)
     shard: nn.Parameter  # this rank's fp32 master slice [numel_padded / dp]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.grads.params
+
+    @property
+    def numel(self) -> int:
+        return self.grads.numel
 
 
 class ShardedAdamW:
     def __init__(
-        self, model: nn.Module, cfg: OptimConfig, dp_group, tp_group=None, pp_group=None
+        self,
+        model: nn.Module,
+        cfg: OptimConfig,
+        dp_group,
+        tp_group=None,
+        pp_group=None,
+        *,
+        shard: bool = True,
+        embed_group=None,
+        sequence_parallel: bool = False,
+        bucket_elements: int = BUCKET_ELEMENTS,
+        overlap: bool = True,
     ) -> None:
-        """dp_group None: one replica holds the whole fp32 master copy (the unsharded mode of
-        low-precision parameters, and data parallelism of 1)."""
+        """``shard`` False (or dp_group None): every replica holds the whole fp32 master copy and
+        the gradients are all-reduced over dp_group (the unsharded mode of low-precision
+        parameters). ``embed_group``: the first and last
+        pipeline rank, whose tied embedding gradients are summed. ``sequence_parallel``: the
+        gradients of tp-replicated parameters are partial sums to add over ``tp_group``."""
+        # dp_group/dp: the group the masters are sharded over (None/1 when replicated).
+        replicas = dp_group
+        if not shard or dp_group is None or dist.get_world_size(dp_group) == 1:
+            dp_group = None
         self.dp_group, self.tp_group, self.pp_group = dp_group, tp_group, pp_group
+        self.embed_group, self.sequence_parallel = embed_group, sequence_parallel
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
         rank = dist.get_rank(dp_group) if dp_group is not None else 0
-        groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, bool, bool, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                key = (not no_weight_decay(name, p), is_sharded(p), is_pipeline_copy(p))
+                tied = embed_group is not None and is_tied_across_stages(p)
+                key = (not no_weight_decay(name, p), is_sharded(p), is_pipeline_copy(p), tied)
                 groups.setdefault(key, []).append(p)
+        keys = sorted(groups)
+        # A tied embedding gets a bucket of its own on both stages, so the two ranks' slices
+        # cover the same elements and can be summed slice by slice.
+        self.reducer = GradReducer(
+            [groups[k] for k in keys],
+            replicas,
+            scatter=dp_group is not None,
+            bucket_elements=bucket_elements,
+            overlap=overlap,
+        )
         self.buckets: list[_Bucket] = []
-        param_groups = []
-        for (decay, tp_sharded, copy), params in sorted(groups.items()):
-            numel = sum(p.numel() for p in params)
-            per_rank = -(-numel // self.dp)
-            flat = self._flat([p.detach() for p in params], per_rank * self.dp)
+        param_groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+        for gb in self.reducer.buckets:
+            decay, tp_sharded, copy, tied = keys[gb.group]
+            per_rank = -(-gb.numel // self.dp)
+            flat = self._flat([p.detach() for p in gb.params], per_rank * self.dp)
             shard = nn.Parameter(flat[rank * per_rank : (rank + 1) * per_rank].clone())
-            self.buckets.append(_Bucket(params, tp_sharded, copy, numel, shard))
-            param_groups.append({"params": [shard], "weight_decay": cfg.weight_decay * decay})
+            self.buckets.append(_Bucket(gb, tp_sharded, copy, tied, shard))
+            param_groups[decay].append(shard)
         self.inner = torch.optim.AdamW(
-            param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+            [
+                {"params": shards, "weight_decay": cfg.weight_decay * decay}
+                for decay, shards in param_groups.items()
+                if shards
+            ],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
         )
 
     @property
@@ -71,24 +118,30 @@ class ShardedAdamW:
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
         return torch.nn.functional.pad(flat, (0, padded - flat.numel()))
 
+    def start_step(self, backward_passes: int) -> None:
+        """Zero the gradients and arm the overlapped reduction for this step's backward passes."""
+        self.reducer.start(backward_passes)
+
     def reduce_gradients(self) -> float:
-        """Reduce-scatter the gradients onto the slices; return the global gradient norm."""
+        """Finish the reduce-scatter of the gradients onto the slices (most of it already ran
+        during backward); sum what other ranks hold (tied embedding, sequence-parallel partial
+        sums); return the global gradient norm."""
+        self.reducer.finish()
+        for b in self.buckets:
+            b.shard.grad = b.grads.reduced
+        if self.sequence_parallel and self.tp_group is not None:
+            # Linear, so summing the dp-reduced slices equals reducing the tp-summed gradients.
+            allreduce_flat([b.shard.grad for b in self.buckets if not b.tp_sharded], self.tp_group)
+        if self.embed_group is not None:
+            tied = [b.shard.grad for b in self.buckets if b.tied]
+            allreduce_flat(tied, self.embed_group)
         device = self.buckets[0].shard.device  # NCCL reduces device tensors only
         sharded_sq = torch.zeros((), dtype=torch.float64, device=device)
         replicated_sq = torch.zeros((), dtype=torch.float64, device=device)
         for b in self.buckets:
-            grads = [grad_of(p) for p in b.params]
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, b.params)]
-            flat = self._flat(grads, b.shard.numel() * self.dp)
-            if self.dp > 1:
-                shard_grad = torch.empty_like(b.shard)
-                _reduce_scatter(shard_grad, flat, group=self.dp_group)
-            else:
-                shard_grad = flat
-            b.shard.grad = shard_grad
-            sq = shard_grad.double().pow(2).sum()
             if b.pipeline_copy:
                 continue
+            sq = b.shard.grad.double().pow(2).sum()
             if b.tp_sharded:
                 sharded_sq += sq
             else:
@@ -109,24 +162,33 @@ class ShardedAdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.inner.step()
-        for b in self.buckets:
+        works = []
+        if self.dp > 1:
+            # Gather into the gradient buffers (same size, consumed by the step) instead of
+            # allocating; all buckets in flight at once.
+            for b in self.buckets:
+                b.shard.grad = None
+                works.append(
+                    dist.all_gather_into_tensor(
+                        b.grads.grad, b.shard.detach(), group=self.dp_group, async_op=True
+                    )
+                )
+        for i, b in enumerate(self.buckets):
             flat = b.shard.detach()
-            if self.dp > 1:
-                parts = [torch.empty_like(b.shard) for _ in range(self.dp)]
-                dist.all_gather(parts, b.shard.detach(), group=self.dp_group)
-                flat = torch.cat(parts)
+            if works:
+                works[i].wait()
+                flat = b.grads.grad
             offset = 0
             for p in b.params:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.reducer.zero()
         for b in self.buckets:
             b.shard.grad = None
             for p in b.params:
                 p.grad = None
-                if hasattr(p, "main_grad"):
-                    p.main_grad = None
 
     def state_bytes(self) -> int:
         """Bytes of master weights and optimizer states held by this rank."""

@@ -87,8 +87,11 @@ def build_local_model(
             return shard_full_tensor(name, full, m, mesh.tp_rank, mesh.tp)
 
     materialize(model, m, seed, device, dtype, shard=shard)
-    if mesh.pp > 1 and has_head and not has_embedding and model.embed is not None:
-        # The head's copy of the tied embedding: kept equal to the first stage's by summing
-        # their gradients; counted once (there) in the gradient norm.
-        model.embed.weight.pipeline_copy = True
+    tied = m.tie_embeddings and model.embed is not None
+    if mesh.pp > 1 and tied and mesh.embed_group is not None:
+        # The first stage's embedding and the last stage's copy (for the tied head): kept equal
+        # by summing their gradients; counted once (on the first stage) in the gradient norm.
+        model.embed.weight.pipeline_tied = True
+        if has_head and not has_embedding:
+            model.embed.weight.pipeline_copy = True
     return model

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from yuanlfa.config import Config
 from yuanlfa.model.transformer import YuanModel
-from yuanlfa.parallel.grads import grad_of
+from yuanlfa.parallel.grads import grad_of, is_tied_across_stages
 from yuanlfa.parallel.mesh import Mesh
 from yuanlfa.parallel.pipeline import PipelineLayout, build_layout
 from yuanlfa.parallel.pipeline.runner import PipelineRunner
@@ -65,17 +65,16 @@ def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 
 def sync_tied_embedding_grads(model: YuanModel, mesh: Mesh) -> None:
-    """Sum the embedding gradient of the first stage (input) and the last (head)."""
+    """Sum the embedding gradient of the first stage (input) and the last (head), for optimizers
+    that step whole parameters (the distributed optimizer sums its slices itself)."""
     if mesh.embed_group is None or model.embed is None:
         return
     weight = model.embed.weight
+    if not is_tied_across_stages(weight):  # untied: the head has a weight of its own
+        return
     grad = grad_of(weight)
     if grad is None:  # no microbatch reached it (cannot happen in training; keep ranks in step)
-        grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if hasattr(weight, "main_grad"):
-            weight.main_grad = grad
-        else:
-            weight.grad = grad = grad.to(weight.dtype)
+        weight.grad = grad = torch.zeros_like(weight)
     dist.all_reduce(grad, group=mesh.embed_group)
 
 

@@ -26,9 +26,8 @@ from yuanlfa.checkpoint import (
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
-from yuanlfa.parallel.data_parallel import allreduce_gradients
+from yuanlfa.parallel.data_parallel import GradReducer
 from yuanlfa.parallel.grads import (
-    accumulate_grads_in_fp32,
     allreduce_replicated_grads,
     clip_grads,
     global_grad_norm,
@@ -251,14 +250,33 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
         load_checkpoint(source, model, None, config_to_dict(cfg.model), mesh, cfg.model)
         say(f"initialized the weights from {source}", flush=True)
     sharded_optimizer = o.distributed and mesh.dp > 1
+    par = cfg.parallel
+    reducer: GradReducer | None = None
     if sharded_optimizer or param_dtype != torch.float32:
         # Low-precision parameters step through fp32 master weights: sharded over dp, or whole
         # on every replica (dp group None) in the unsharded mode.
-        accumulate_grads_in_fp32(list(model.parameters()))
-        dp_group = mesh.dp_group if sharded_optimizer else None
-        optimizer = ShardedAdamW(model, o, dp_group, mesh.tp_group, mesh.pp_group)
+        optimizer = ShardedAdamW(
+            model,
+            o,
+            mesh.dp_group,
+            mesh.tp_group,
+            mesh.pp_group,
+            shard=sharded_optimizer,
+            embed_group=mesh.embed_group,
+            sequence_parallel=par.sequence_parallel,
+            bucket_elements=par.grad_bucket_size,
+            overlap=par.overlap_grad_reduce,
+        )
     else:
         optimizer = build_optimizer(model, o)
+        if mesh.dp > 1:
+            reducer = GradReducer(
+                [[q for q in model.parameters() if q.requires_grad]],
+                mesh.dp_group,
+                scatter=False,
+                bucket_elements=par.grad_bucket_size,
+                overlap=par.overlap_grad_reduce,
+            )
     model_dict = config_to_dict(cfg.model)
 
     extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
@@ -317,12 +335,16 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
             num_tokens = sum(b["loss_mask"].sum() for b in batches)
             if mesh.dp > 1:
                 dist.all_reduce(num_tokens, group=mesh.dp_group)
+            # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
+            if isinstance(optimizer, ShardedAdamW):
+                optimizer.start_step(micro_batches)
+            elif reducer is not None:
+                reducer.start(micro_batches)
             if runner is not None:
                 # The schedule splits this rank's batch back into the same microbatches.
                 with _autocast(device, dtype):
                     part = runner.train_step(concat_batches(batches), num_tokens)
                 loss_sum = from_last_stage(part, mesh, loss_sum)
-                sync_tied_embedding_grads(model, mesh)
             else:
                 for batch in batches:
                     with _autocast(device, dtype):
@@ -334,14 +356,18 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                     loss_sum += loss.detach()
             if mesh.dp > 1:
                 dist.all_reduce(loss_sum, group=mesh.dp_group)
-                if not sharded_optimizer:
-                    allreduce_gradients(params, mesh.dp_group)
-            if mesh.tp > 1 and cfg.parallel.sequence_parallel:
-                allreduce_replicated_grads(params, mesh.tp_group)
             if isinstance(optimizer, ShardedAdamW):
                 grad_norm = optimizer.reduce_gradients()
                 optimizer.clip(o.clip_grad, grad_norm)
             else:
+                if reducer is not None:
+                    reducer.finish()
+                    for q in params:  # torch's AdamW steps with .grad: the reduced buffers
+                        q.grad = q.main_grad
+                if runner is not None:
+                    sync_tied_embedding_grads(model, mesh)
+                if mesh.tp > 1 and par.sequence_parallel:
+                    allreduce_replicated_grads(params, mesh.tp_group)
                 grad_norm = global_grad_norm(params, mesh.tp_group, mesh.pp_group)
                 clip_grads(params, o.clip_grad, grad_norm)
             skipped = not math.isfinite(grad_norm)
