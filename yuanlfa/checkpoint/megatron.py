@@ -1,0 +1,636 @@
+"""Conversion between our checkpoints and the Megatron / Yuan 2.0 format, both ways.
+
+The Megatron layout (DESIGN.md 3): ``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
+plus ``latest_checkpointed_iteration.txt``; each file a pickled dict with ``args`` (an
+argparse.Namespace), ``checkpoint_version``, ``iteration``, ``model`` (nested dicts, layer indices
+local to the stage), optionally ``optimizer`` and ``rng_state``. Tensor-parallel slicing is
+:func:`~yuanlfa.parallel.tensor_parallel.shard_pieces`, the same as in training, which is the
+release's (vocab rows; QK and V rows by whole heads; fc1 as [SiLU slice; linear slice]).
+
+Optimizer state is written as Megatron's non-distributed mixed-precision optimizer lays it out:
+``optimizer["optimizer"]`` is a torch Adam state dict (per-parameter ``exp_avg``, ``exp_avg_sq``,
+``step``; two param groups, weight decay then none) and ``optimizer["fp32_from_fp16_params"]``
+the fp32 master weights per group. Parameters are numbered in the order of the file's model dict.
+Files whose optimizer state has another layout (e.g. Megatron's distributed optimizer, which keeps
+it in separate files) convert with ``weights_only``.
+
+Both directions stream: reading memory-maps the source files, writing produces one tensor at a
+time (:func:`~yuanlfa.checkpoint.torch_files.save_streaming`, DCP's writer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from yuanlfa.checkpoint.blocks import Block
+from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
+from yuanlfa.checkpoint.hf import _prepare_output, _replace
+from yuanlfa.checkpoint.layout_free import (
+    FORMAT,
+    _quiet_single_process,
+    load_blocks,
+    publish,
+    read_meta,
+)
+from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
+from yuanlfa.config import ModelConfig
+from yuanlfa.model import build_model
+from yuanlfa.parallel.optimizer import no_weight_decay
+from yuanlfa.parallel.tensor_parallel import shard_pieces
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+# Our per-layer parameter names -> the release's, in the release's module order.
+LAYER_NAMES = {
+    "input_norm.weight": "input_layernorm.weight",
+    "attn.qk_proj.weight": "self_attention.get_query_key.weight",
+    "attn.v_proj.weight": "self_attention.get_value.weight",
+    "attn.lf_gate.conv1.weight": "self_attention.lf_gate.conv1.weight",
+    "attn.lf_gate.conv1.bias": "self_attention.lf_gate.conv1.bias",
+    "attn.lf_gate.conv2.weight": "self_attention.lf_gate.conv2.weight",
+    "attn.lf_gate.conv2.bias": "self_attention.lf_gate.conv2.bias",
+    "attn.lf_gate.norm.weight": "self_attention.lf_gate.output_layernorm.weight",
+    "attn.o_proj.weight": "self_attention.dense.weight",
+    "post_attn_norm.weight": "post_attention_layernorm.weight",
+    "mlp.fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.fc2.weight": "mlp.dense_4h_to_h.weight",
+}
+EMBEDDING = ("language_model", "embedding", "word_embeddings", "weight")
+HEAD_COPY = ("word_embeddings_for_head", "weight")
+ENCODER = ("language_model", "encoder")
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+
+
+def check_blocks(blocks: list[int], pp: int, num_layers: int, flag: str) -> list[int]:
+    if len(blocks) != pp:
+        raise CheckpointError(f"{flag}: {len(blocks)} entries for {pp} pipeline stages")
+    if any(b < 0 for b in blocks) or sum(blocks) != num_layers:
+        raise CheckpointError(
+            f"{flag}: {blocks} must be >= 0 and sum to the model's {num_layers} layers"
+        )
+    return list(blocks)
+
+
+def default_blocks(pp: int, num_layers: int, flag: str) -> list[int]:
+    if num_layers % pp:
+        raise CheckpointError(
+            f"{num_layers} layers do not split evenly over {pp} stages; give the split with "
+            f"{flag} (e.g. {flag} 2,3,...)"
+        )
+    return [num_layers // pp] * pp
+
+
+def places(name: str, blocks: list[int]) -> list[tuple[int, tuple[str, ...]]]:
+    """Where our parameter ``name`` lives: ``(stage, path in the file's model dict)``; the tied
+    embedding is on the first stage and, with pp > 1, copied on the last for the head."""
+    pp = len(blocks)
+    if name == "embed.weight":
+        return [(0, EMBEDDING)] + ([(pp - 1, HEAD_COPY)] if pp > 1 else [])
+    if name == "final_norm.weight":
+        return [(pp - 1, (*ENCODER, "final_layernorm.weight"))]
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if match is None or match.group(2) not in LAYER_NAMES:
+        raise CheckpointError(
+            f"parameter {name!r} has no Megatron name (an untied output layer, or a plug-in "
+            "module); this converter handles the Yuan 2.0 architecture"
+        )
+    layer, rest = int(match.group(1)), match.group(2)
+    start = 0
+    for stage, count in enumerate(blocks):
+        if layer < start + count:
+            return [(stage, (*ENCODER, f"layers.{layer - start}.{LAYER_NAMES[rest]}"))]
+        start += count
+    raise CheckpointError(f"layer {layer} is beyond the split {blocks}")
+
+
+def _shard_shape(name: str, shape: tuple[int, ...], tp_rank: int, tp: int) -> tuple[int, ...]:
+    dim, pieces = shard_pieces(name, shape, tp_rank, tp)
+    out = list(shape)
+    out[dim] = sum(length for _, _, length in pieces)
+    return tuple(out)
+
+
+def _check_tp(cfg: ModelConfig, tp: int) -> None:
+    for what, size in (
+        ("model.vocab_size", cfg.vocab_size),
+        ("model.num_heads", cfg.num_heads),
+        ("the ffn size", cfg.ffn_size),
+    ):
+        if size % tp:
+            raise CheckpointError(f"tensor parallelism {tp} does not divide {what} = {size}")
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...], where: Path) -> Any:
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise CheckpointError(f"{where}: model[{']['.join(path)}] is missing")
+        node = node[key]
+    return node
+
+
+def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtype) -> dict:
+    """The ``args`` fields a Megatron / Yuan 2.0 run of this model would carry."""
+    train = meta.get("config", {}).get("train", {})
+    seq = train.get("seq_length")
+    return {
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "ffn_hidden_size": cfg.ffn_size,
+        "num_attention_heads": cfg.num_heads,
+        "kv_channels": cfg.head_dim,
+        "padded_vocab_size": cfg.vocab_size,
+        "seq_length": seq,
+        "max_position_embeddings": seq,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": len(blocks),
+        "pipeline_model_parallel_blocks": list(blocks),
+        "use_lf_gate": cfg.lfa,
+        "lf_conv2d_group": 1,
+        "lf_conv2d_num_pad": 1,
+        "swiglu": True,
+        "add_bias_linear": False,
+        "untie_embeddings_and_output_weights": not cfg.tie_embeddings,
+        "position_embedding_type": "rope",
+        "rotary_base": cfg.rope_base,
+        "norm_epsilon": cfg.norm_eps,
+        "layernorm_epsilon": cfg.norm_eps,
+        "params_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "iteration": meta["step"],
+        "consumed_train_samples": meta.get("consumed_samples", 0),
+        # Our full model config, so that a round trip restores it exactly.
+        "yuanlfa_model_config": dataclasses.asdict(cfg),
+    }
+
+
+def model_config_from_args(args: Any, where: Path) -> ModelConfig:
+    fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    if "yuanlfa_model_config" in fields:
+        return ModelConfig(**fields["yuanlfa_model_config"])
+    need = ["num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"]
+    missing = [k for k in need if fields.get(k) is None]
+    if missing:
+        raise CheckpointError(
+            f"{where}: args lacks {missing}; give the model with --config PATH (a yuanlfa YAML "
+            "whose model section describes this checkpoint)"
+        )
+    eps = fields.get("norm_epsilon", fields.get("layernorm_epsilon", 1e-6))
+    return ModelConfig(
+        num_layers=fields["num_layers"],
+        hidden_size=fields["hidden_size"],
+        num_heads=fields["num_attention_heads"],
+        ffn_hidden_size=fields.get("ffn_hidden_size"),
+        vocab_size=fields["padded_vocab_size"],
+        rope_base=float(fields.get("rotary_base") or 10000.0),
+        norm_eps=float(eps),
+        lfa=bool(fields.get("use_lf_gate", True)),
+    )
+
+
+def blocks_from_args(args: Any) -> list[int] | None:
+    fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    blocks = fields.get("pipeline_model_parallel_blocks")
+    if blocks is None:
+        return None
+    if isinstance(blocks, str):
+        return [int(b) for b in blocks.replace(" ", "").split(",") if b]
+    return [int(b) for b in blocks]
+
+
+# --- ours -> Megatron ------------------------------------------------------------------------
+
+
+class _Source:
+    """Tensor-parallel slices of tensors of our checkpoint, read block by block."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+    def has(self, key: str) -> bool:
+        return key in self.meta
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.meta[key].properties.dtype
+
+    def shard(self, key: str, name: str, tp_rank: int, tp: int, dtype) -> Callable[[], Any]:
+        shape = tuple(self.meta[key].size)
+
+        def load() -> torch.Tensor:
+            dim, pieces = shard_pieces(name, shape, tp_rank, tp)
+            blocks, outs = [], []
+            for _, start, length in pieces:
+                size = list(shape)
+                size[dim] = length
+                offsets = [0] * len(shape)
+                offsets[dim] = start
+                out = torch.empty(size, dtype=self.dtype(key))
+                blocks.append(Block(key, shape, tuple(offsets), out))
+                outs.append(out)
+            load_blocks(self.path, blocks)
+            full = outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
+            return full.to(dtype)
+
+        return load
+
+
+def export_megatron(
+    src: Path,
+    output: Path,
+    *,
+    tp: int,
+    pp: int,
+    blocks: list[int] | None = None,
+    weights_only: bool = False,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Our checkpoint -> the Megatron / Yuan 2.0 layout for ``tp`` x ``pp`` and ``blocks``."""
+    from tqdm import tqdm
+
+    src = resolve_checkpoint(src)
+    meta = read_meta(src)
+    cfg = ModelConfig(**meta["model_config"])
+    _check_tp(cfg, tp)
+    blocks = (
+        check_blocks(blocks, pp, cfg.num_layers, "--target-blocks")
+        if blocks is not None
+        else default_blocks(pp, cfg.num_layers, "--target-blocks")
+    )
+    source = _Source(src)
+    names = [(n, tuple(p.shape)) for n, p in build_model(cfg).named_parameters()]
+    has_optim = all(source.has(f"optim.{n}.exp_avg") for n, _ in names)
+    if progress and not has_optim and not weights_only:
+        print("export: the source has no optimizer state; converting the weights", flush=True)
+    with_optim = has_optim and not weights_only
+    out_dtype = dtype or source.dtype(f"model.{names[0][0]}")
+    hyper = meta.get("config", {}).get("optim", {})
+    iteration = int(meta["step"])
+    tmp = _prepare_output(Path(output), force)
+    bar = tqdm(desc="export", unit="B", unit_scale=True, disable=not progress)
+    for stage in range(pp):
+        # The release's order: the embedding, the layers, the final norm, then the head's copy.
+        entries = [
+            (path, name, shape)
+            for name, shape in names
+            for where, path in places(name, blocks)
+            if where == stage
+        ]
+        entries.sort(key=lambda e: e[0] == HEAD_COPY)
+        for tp_rank in range(tp):
+            model: dict = {}
+            optim_params: list[tuple[str, tuple[int, ...]]] = []
+            for path, name, shape in entries:
+                shard = _shard_shape(name, shape, tp_rank, tp)
+                load = source.shard(f"model.{name}", name, tp_rank, tp, out_dtype)
+                _set(model, path, Pending(shard, out_dtype, load))
+                optim_params.append((name, shard))
+            args = megatron_args(cfg, tp, blocks, meta, out_dtype)
+            state: dict[str, Any] = {
+                "args": argparse.Namespace(**args),
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "model": model,
+            }
+            if with_optim:
+                state["optimizer"] = _optimizer_state(
+                    source, optim_params, tp_rank, tp, meta, hyper
+                )
+            file = tmp / f"iter_{iteration:07d}" / rank_dir(tp_rank, stage, pp) / FILE
+            file.parent.mkdir(parents=True)
+            save_streaming(state, file, progress=bar.update)
+    bar.close()
+    (tmp / TRACKER).write_text(f"{iteration}\n")
+    _replace(tmp, Path(output))
+    return Path(output)
+
+
+def _optimizer_state(
+    source: _Source,
+    params: list[tuple[str, tuple[int, ...]]],
+    tp_rank: int,
+    tp: int,
+    meta: dict,
+    hyper: dict,
+) -> dict:
+    steps = float((meta.get("optimizer") or {}).get("steps", meta["step"]))
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    masters: dict[bool, list[Pending]] = {True: [], False: []}
+    state = {}
+    for index, (name, shard) in enumerate(params):
+        decay = not no_weight_decay(name, torch.empty(shard, device="meta"))
+        groups[decay].append(index)
+
+        def pending(key: str, name=name, shard=shard) -> Pending:
+            load = source.shard(key, name, tp_rank, tp, torch.float32)
+            return Pending(shard, torch.float32, load)
+
+        state[index] = {
+            "step": Pending((), torch.float32, lambda: torch.tensor(steps)),
+            "exp_avg": pending(f"optim.{name}.exp_avg"),
+            "exp_avg_sq": pending(f"optim.{name}.exp_avg_sq"),
+        }
+        master = f"optim.{name}.master"
+        masters[decay].append(pending(master if source.has(master) else f"model.{name}"))
+    common = {
+        "lr": hyper.get("lr", 0.0),
+        "betas": (hyper.get("beta1", 0.9), hyper.get("beta2", 0.95)),
+        "eps": hyper.get("eps", 1e-8),
+        "amsgrad": False,
+    }
+    param_groups = [
+        {**common, "weight_decay": hyper.get("weight_decay", 0.1), "params": groups[True]},
+        {**common, "weight_decay": 0.0, "params": groups[False]},
+    ]
+    return {
+        "optimizer": {"state": state, "param_groups": param_groups},
+        "fp32_from_fp16_params": [masters[True], masters[False]],
+    }
+
+
+# --- Megatron -> ours ------------------------------------------------------------------------
+
+
+def find_iteration(src: Path) -> tuple[Path, int]:
+    """The iteration directory to read: ``src`` itself, or the one the tracker file names."""
+    if src.name.startswith("iter_") or src.name == "release":
+        return src, int(src.name.removeprefix("iter_")) if src.name != "release" else 0
+    tracker = src / TRACKER
+    if not tracker.is_file():
+        raise CheckpointError(
+            f"{src}: no {TRACKER}; give a Megatron checkpoint directory or one iter_* in it"
+        )
+    text = tracker.read_text().strip()
+    if text == "release":
+        return src / "release", 0
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"{tracker}: {text!r} is not an iteration number") from None
+    path = src / f"iter_{iteration:07d}"
+    if not path.is_dir():
+        raise CheckpointError(f"{tracker} names iteration {iteration}, but {path} is missing")
+    return path, iteration
+
+
+def rank_files(iter_dir: Path) -> dict[tuple[int, int], Path]:
+    """``(tp_rank, pp_rank) -> file``, checked to form a complete tp x pp grid."""
+    found: dict[tuple[int, int], Path] = {}
+    for d in iter_dir.iterdir():
+        match = re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", d.name)
+        if match and (d / FILE).is_file():
+            found[(int(match.group(1)), int(match.group(2) or 0))] = d / FILE
+    if not found:
+        raise CheckpointError(f"{iter_dir}: no mp_rank_*/{FILE} files")
+    tp = max(t for t, _ in found) + 1
+    pp = max(p for _, p in found) + 1
+    missing = [rank_dir(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in found]
+    if missing:
+        raise CheckpointError(f"{iter_dir}: incomplete checkpoint, missing {missing[:4]}")
+    return found
+
+
+def _layer_count(model: dict) -> int:
+    encoder = model.get("language_model", {}).get("encoder", {})
+    layers = {int(m.group(1)) for k in encoder if (m := re.match(r"layers\.(\d+)\.", k))}
+    return len(layers)
+
+
+class MegatronReader:
+    """The tensors of a Megatron / Yuan 2.0 checkpoint as whole (tp-merged) tensors under our
+    names. Files are memory-mapped through the allow-list unpickler."""
+
+    def __init__(
+        self,
+        src: Path,
+        *,
+        blocks: list[int] | None = None,
+        model_cfg: ModelConfig | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.iter_dir, self.iteration = find_iteration(Path(src))
+        self.files = rank_files(self.iter_dir)
+        self.tp = max(t for t, _ in self.files) + 1
+        self.pp = max(p for _, p in self.files) + 1
+        if progress:
+            print(
+                f"reading {self.iter_dir} (tp {self.tp}, pp {self.pp}, {len(self.files)} files)",
+                flush=True,
+            )
+        self.states = {key: load_untrusted(path) for key, path in sorted(self.files.items())}
+        for key, state in self.states.items():
+            if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+                raise CheckpointError(f"{self.files[key]}: no 'model' dict; not a Megatron file")
+        first = self.states[(0, 0)]
+        self.args = first.get("args")
+        self.cfg = model_cfg or model_config_from_args(self.args, self.files[(0, 0)])
+        _check_tp(self.cfg, self.tp)
+        pp, layers = self.pp, self.cfg.num_layers
+        if blocks is not None:
+            self.blocks = check_blocks(blocks, pp, layers, "--blocks")
+        elif (saved := blocks_from_args(self.args)) is not None:
+            self.blocks = check_blocks(saved, pp, layers, "args.pipeline_model_parallel_blocks")
+        else:
+            self.blocks = default_blocks(pp, layers, "--blocks")
+        # The reference never checks the split on load; a wrong one would misplace whole layers.
+        for stage in range(pp):
+            count = _layer_count(self.states[(0, stage)]["model"])
+            if count != self.blocks[stage]:
+                raise CheckpointError(
+                    f"{self.files[(0, stage)]} holds {count} layers but the split "
+                    f"{self.blocks} puts {self.blocks[stage]} on stage {stage}; give the right "
+                    "split with --blocks"
+                )
+        self.params = [(n, tuple(p.shape)) for n, p in build_model(self.cfg).named_parameters()]
+        self.has_optimizer = all(s.get("optimizer") is not None for s in self.states.values())
+
+    def check_optimizer(self) -> None:
+        for key, state in self.states.items():
+            _check_optimizer_layout(state, self.files[key])
+
+    @property
+    def consumed_samples(self) -> int:
+        fields = vars(self.args) if isinstance(self.args, argparse.Namespace) else {}
+        return int(fields.get("consumed_train_samples") or 0)
+
+    @property
+    def adam_steps(self) -> int:
+        step = self.states[(0, 0)]["optimizer"]["optimizer"]["state"].get(0, {}).get("step")
+        return self.iteration if step is None else int(float(step))
+
+    def stored(self, name: str) -> torch.Tensor:
+        stage, path = places(name, self.blocks)[0]
+        return _get(self.states[(0, stage)]["model"], path, self.files[(0, stage)])
+
+    def loader(self, name: str, what: str = "weight") -> tuple[torch.dtype, Callable]:
+        """``what``: weight, exp_avg, exp_avg_sq or master. Returns (dtype, load())."""
+        shape = dict(self.params)[name]
+        stage, path = places(name, self.blocks)[0]
+        dtype = self.stored(name).dtype if what == "weight" else torch.float32
+
+        def part(t: int) -> torch.Tensor:
+            state = self.states[(t, stage)]
+            if what == "weight":
+                return _get(state["model"], path, self.files[(t, stage)])
+            return _optimizer_tensor(state, path, what, self.files[(t, stage)])
+
+        def load() -> torch.Tensor:
+            full = torch.empty(shape, dtype=dtype)
+            for t in range(self.tp):
+                shard = part(t)
+                expect = _shard_shape(name, shape, t, self.tp)
+                if tuple(shard.shape) != expect:
+                    raise CheckpointError(
+                        f"{self.files[(t, stage)]}: {'.'.join(path)} is {tuple(shard.shape)}, "
+                        f"expected {expect} for this model at tp {self.tp}"
+                    )
+                dim, pieces = shard_pieces(name, shape, t, self.tp)
+                for local, start, length in pieces:
+                    full.narrow(dim, start, length).copy_(shard.narrow(dim, local, length))
+            return full
+
+        return dtype, load
+
+
+def import_megatron(
+    src: Path,
+    output: Path,
+    *,
+    blocks: list[int] | None = None,
+    model_cfg: ModelConfig | None = None,
+    weights_only: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """A Megatron / Yuan 2.0 checkpoint -> our format (``output/step_<iteration>`` + latest)."""
+    reader = MegatronReader(src, blocks=blocks, model_cfg=model_cfg, progress=progress)
+    with_optim = reader.has_optimizer and not weights_only
+    if with_optim:
+        reader.check_optimizer()
+    elif progress and not weights_only:
+        print("import: the source has no optimizer state; converting the weights", flush=True)
+    tensors: list[LazyTensor] = []
+    for name, shape in reader.params:
+        dtype, load = reader.loader(name)
+        tensors.append(LazyTensor(f"model.{name}", shape, dtype, load))
+        if not with_optim:
+            continue
+        whats = ["exp_avg", "exp_avg_sq"] + (["master"] if dtype != torch.float32 else [])
+        for what in whats:
+            tensors.append(LazyTensor(f"optim.{name}.{what}", shape, *reader.loader(name, what)))
+    out_root = Path(output)
+    tmp = _prepare_output(out_root, force)
+    name = f"step_{reader.iteration:07d}"
+    inner = tmp / f".{name}.tmp"
+    writer = dcp.FileSystemWriter(inner, thread_count=1, single_file_per_rank=True)
+    if progress:
+        print(f"import: writing {len(tensors)} tensors", flush=True)
+    with _quiet_single_process():
+        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    meta = {
+        "format": FORMAT,
+        "step": reader.iteration,
+        "consumed_samples": reader.consumed_samples,
+        "model_config": dataclasses.asdict(reader.cfg),
+        "layout": {
+            "source": "megatron",
+            "path": str(Path(src).resolve()),
+            "tp": reader.tp,
+            "pp": reader.pp,
+            "pipeline_blocks": reader.blocks,
+        },
+        "optimizer": (
+            {"type": "adamw", "steps": reader.adam_steps, "sharded": False} if with_optim else None
+        ),
+    }
+    publish(tmp, name, inner, meta, keep_last=1)
+    _replace(tmp, out_root)
+    return out_root
+
+
+def verify_megatron(ours: Path, megatron: Path, progress: bool = True) -> int:
+    """Compare every parameter of our checkpoint with the Megatron checkpoint exactly (after
+    casting ours to the stored dtype); raise on the first difference. Returns the count."""
+    from tqdm import tqdm
+
+    from yuanlfa.checkpoint.hf import _weights, read_tensor
+
+    ours = resolve_checkpoint(ours)
+    cfg = ModelConfig(**read_meta(ours)["model_config"])
+    reader = MegatronReader(megatron, model_cfg=cfg, progress=False)
+    params = list(_weights(ours, cfg))
+    for name, key in tqdm(params, desc="verify", disable=not progress, unit="tensor"):
+        _, load = reader.loader(name)
+        theirs = load()
+        if not torch.equal(read_tensor(ours, key).to(theirs.dtype), theirs):
+            raise CheckpointError(f"verify: {name} differs between {ours} and {megatron}")
+    return len(params)
+
+
+def _param_order(state: dict) -> Iterator[tuple[str, ...]]:
+    """The paths of a file's parameters in the order of its model dict (optimizer numbering)."""
+
+    def walk(node: dict, prefix: tuple[str, ...]):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, (*prefix, key))
+            else:
+                yield (*prefix, key)
+
+    return walk(state["model"], ())
+
+
+def _check_optimizer_layout(state: dict, where: Path) -> None:
+    opt = state["optimizer"]
+    ok = (
+        isinstance(opt, dict)
+        and isinstance(opt.get("optimizer"), dict)
+        and isinstance(opt["optimizer"].get("state"), dict)
+        and isinstance(opt.get("fp32_from_fp16_params"), list)
+    )
+    n = len(list(_param_order(state)))
+    if ok:
+        numbered = sorted(i for g in opt["optimizer"].get("param_groups", []) for i in g["params"])
+        ok = numbered == list(range(n)) and all(
+            {"exp_avg", "exp_avg_sq"} <= set(opt["optimizer"]["state"].get(i, {})) for i in range(n)
+        )
+    if not ok:
+        raise CheckpointError(
+            f"{where}: its optimizer state is not the non-distributed mixed-precision layout "
+            "this converter reads (per-parameter exp_avg/exp_avg_sq numbered in model order, "
+            "fp32_from_fp16_params); convert the weights alone with --weights-only"
+        )
+
+
+def _optimizer_tensor(state: dict, path: tuple[str, ...], what: str, where: Path) -> torch.Tensor:
+    index = list(_param_order(state)).index(path)
+    opt = state["optimizer"]
+    if what == "master":
+        for g, group in enumerate(opt["optimizer"]["param_groups"]):
+            if index in group["params"]:
+                return opt["fp32_from_fp16_params"][g][group["params"].index(index)]
+        raise CheckpointError(f"{where}: no fp32 master weight for {'.'.join(path)}")
+    return opt["optimizer"]["state"][index][what]

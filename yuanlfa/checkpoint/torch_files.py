@@ -1,0 +1,159 @@
+"""Reading foreign ``torch.save`` files safely, and writing large ones with bounded memory.
+
+Reading: Megatron-format files are pickles carrying an ``argparse.Namespace`` and Python/numpy
+RNG states. They are loaded with torch's ``weights_only`` unpickler, which admits tensors and plain
+containers, plus an explicit allow-list of exactly those extra types; any other global in the
+pickle (a function, an arbitrary class) is refused before anything is called, so nothing in the
+file runs. Tensors are memory-mapped, so a large file costs no resident memory until read.
+
+Writing: :func:`save_streaming` writes the same zip layout as ``torch.save`` (``data.pkl`` plus one
+``data/<key>`` record per storage), but each tensor is a :class:`Pending` placeholder produced only
+when its record is written, so at most one tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pickle
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yuanlfa.checkpoint.files import CheckpointError
+
+ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
+
+
+def _numpy_globals() -> list[Any]:
+    """What a pickled ``numpy.random.get_state()`` needs (an ndarray of uint32 and its dtype),
+    under the module paths numpy 1 and numpy 2 write."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    out: list[Any] = [np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    for path in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
+        out.append((_reconstruct, path))
+    for dtype in (np.uint32, np.int64, np.float64):
+        cls = type(np.dtype(dtype))
+        if cls is not np.dtype:  # numpy >= 1.25 pickles dtypes by their class
+            out.append(cls)
+    return out
+
+
+def _safe_globals() -> list[Any]:
+    return [argparse.Namespace, *_numpy_globals()]
+
+
+def load_untrusted(path: str | Path) -> Any:
+    """``torch.load`` of a foreign pickle through the allow-list (see the module docstring)."""
+    path = Path(path)
+    globals_ = _safe_globals()
+    with torch.serialization.safe_globals(globals_):
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # A legacy (non-zip) file cannot be memory-mapped: read it whole.
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            # torch's message starts with advice to disable the check; keep only what it found.
+            found = [line for line in lines if "GLOBAL" in line or "global" in line]
+            first = (found or lines or [type(exc).__name__])[0]
+            raise CheckpointError(
+                f"{path}: refused to unpickle it ({first}). Only {ALLOWED_TYPES} are accepted "
+                "from checkpoint files, so nothing in them can run code; this file holds "
+                "something else (it may be malicious, or not a Megatron checkpoint)"
+            ) from None
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc})") from None
+
+
+class Pending:
+    """A tensor of known shape and dtype, produced by ``load()`` when the file writer needs it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], Any]):
+        self.shape, self.dtype, self.load = tuple(shape), dtype, load
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __reduce_ex__(self, protocol: int):
+        stride = []
+        acc = 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        # Exactly how torch.save pickles a contiguous CPU tensor.
+        args = (_StorageRef(self), 0, self.shape, tuple(reversed(stride)), False)
+        return torch._utils._rebuild_tensor_v2, (*args, collections.OrderedDict())
+
+
+class _StorageRef:
+    def __init__(self, pending: Pending) -> None:
+        self.pending = pending
+
+
+def _storage_type(dtype: torch.dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated, but is what pickles name
+        name = torch.storage.TypedStorage(dtype=dtype, device="cpu")._pickle_storage_type()
+    return getattr(torch, name)
+
+
+def save_streaming(obj: Any, path: str | Path, progress: Callable[[int], None] | None = None):
+    """``torch.save(obj, path)`` where ``obj`` may hold :class:`Pending` tensors; ``torch.load``
+    reads the result like any other file. ``progress(nbytes)`` is called after each tensor."""
+    refs: list[Pending] = []
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, item: Any):
+            if isinstance(item, _StorageRef):
+                refs.append(item.pending)
+                kind = _storage_type(item.pending.dtype)
+                return ("storage", kind, str(len(refs) - 1), "cpu", item.pending.numel)
+            if isinstance(item, torch.Tensor | torch.UntypedStorage | torch.TypedStorage):
+                raise TypeError("save_streaming: wrap tensors in Pending")
+            return None
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    writer = torch._C.PyTorchFileWriter(str(path))
+    data = buf.getvalue()
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record(".format_version", "1", 1)
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    for key, pending in enumerate(refs):
+        tensor = pending.load()
+        if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
+            raise CheckpointError(
+                f"internal: tensor {key} is {tuple(tensor.shape)} {tensor.dtype}, announced as "
+                f"{pending.shape} {pending.dtype}"
+            )
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view into a larger storage: write just its elements
+            storage = tensor.untyped_storage()
+        writer.write_record(f"data/{key}", storage, storage.nbytes())
+        if progress is not None:
+            progress(storage.nbytes())
+        del tensor, storage
+    writer.write_end_of_file()
