@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from yuanlfa.checkpoint.blocks import Block
-from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
+from yuanlfa.checkpoint.files import CheckpointError, fsync_dir, resolve_checkpoint
 from yuanlfa.checkpoint.layout_free import (
     FORMAT,
-    _quiet_single_process,
     load_blocks,
     publish,
     read_meta,
+    save_lazy,
+    stored_tensors,
 )
-from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
@@ -115,7 +116,7 @@ def model_config_from_hf(config: dict) -> ModelConfig:
 
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """One whole tensor of our checkpoint ``path`` (any layout wrote it)."""
-    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata[key]
+    md = stored_tensors(path)[key]
     out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     load_blocks(path, [Block(key, tuple(md.size), (0,) * len(md.size), out)])
     return out
@@ -123,7 +124,7 @@ def read_tensor(path: Path, key: str) -> torch.Tensor:
 
 def _weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str]]:
     """(parameter name, key holding its best copy): fp32 masters when the run kept them."""
-    keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    keys = set(stored_tensors(path))
     for name, _ in build_model(cfg).named_parameters():
         master = f"optim.{name}.master"
         yield name, master if master in keys else f"model.{name}"
@@ -147,7 +148,45 @@ def _replace(tmp: Path, output: Path) -> None:
     if output.exists():
         os.replace(output, old)
     os.replace(tmp, output)
+    fsync_dir(output.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+ST_NAMES = {v: k for k, v in HF_DTYPES.items()}
+
+
+def write_safetensors(
+    path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterator
+) -> None:
+    """A safetensors file written as a stream: the header (names, dtypes, shapes, offsets) is
+    known from ``entries`` up front, then each tensor of ``tensors`` (in ``entries`` order) is
+    appended as it comes, so only one is in memory. Same bytes as ``safetensors.save_file``'s
+    layout: u64 header size, JSON header padded to 8 bytes, then the data."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = dtype.itemsize
+        for dim in shape:
+            size *= dim
+        header[name] = {
+            "dtype": ST_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise CheckpointError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}")
+            if tensor.numel():
+                # The bytes as they are in memory (no copy): safetensors is little-endian too.
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_hf(
@@ -160,56 +199,65 @@ def export_hf(
     progress: bool = True,
 ) -> Path:
     """Our checkpoint (a step directory, or a checkpoint.dir with ``latest``) -> HF safetensors
-    shards + index + config.json in ``output``."""
+    shards + index + config.json in ``output``. Shards are planned from the checkpoint's
+    metadata and written as streams: one parameter is in memory at a time."""
     from tqdm import tqdm
 
-    st = _safetensors()
     src = resolve_checkpoint(src)
     cfg = ModelConfig(**read_meta(src)["model_config"])
-    tmp = _prepare_output(Path(output), force)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    files: list[list[str]] = []
-    out_dtype = dtype
-
-    def flush() -> None:
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            st.save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            files.append(list(shard))
-            weight_map.update(dict.fromkeys(shard, name))
-            shard.clear()
-
-    total = 0
+    stored = stored_tensors(src)
     params = list(_weights(src, cfg))
-    for name, key in tqdm(params, desc="export", disable=not progress, unit="tensor"):
-        full = read_tensor(src, key)
-        out_dtype = out_dtype or full.dtype
-        parts = hf_parts(name, cfg)
-        pieces = [(hf, full.shape[0] if rows < 0 else rows) for hf, rows in parts]
-        if name == "embed.weight":
-            pieces.append(("lm_head.weight", full.shape[0]))
+    out_dtype = dtype or stored[params[0][1]].properties.dtype
+    if out_dtype not in ST_NAMES:
+        raise CheckpointError(f"--dtype: {out_dtype} cannot be written as safetensors")
+    # (param index, hf name, row start, rows): every HF tensor is a row range of one parameter.
+    plan: list[tuple[int, str, int, int]] = []
+    for i, (name, key) in enumerate(params):
+        rows_total = stored[key].size[0]
         start = 0
-        for hf, rows in pieces:
-            # Own storage for each (the lm_head copy must not alias the embedding).
-            tensor = full[start : start + rows].to(out_dtype, copy=True).contiguous()
-            start = 0 if hf == "model.embed_tokens.weight" else start + rows
-            size = tensor.numel() * tensor.element_size()
-            if shard and sum(t.numel() * t.element_size() for t in shard.values()) + size > (
-                max_shard_bytes
-            ):
-                flush()
-            shard[hf] = tensor
-            total += size
-    flush()
-    names = {hf: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))
-             for hf in files[i]}  # fmt: skip
-    for i in range(len(files)):
-        os.replace(
-            tmp / f"model-{i + 1:05d}.safetensors",
-            tmp / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors",
-        )
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(names.items()))}
+        for hf, rows in hf_parts(name, cfg):
+            rows = rows_total if rows < 0 else rows
+            plan.append((i, hf, start, rows))
+            start += rows
+        if name == "embed.weight":
+            plan.append((i, "lm_head.weight", 0, rows_total))  # a copy, stored on its own
+    shards: list[list[tuple[int, str, int, int]]] = [[]]
+    size = 0
+    for item in plan:
+        i, _, _, rows = item
+        shape = tuple(stored[params[i][1]].size)
+        nbytes = rows * math.prod(shape[1:]) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+    tmp = _prepare_output(Path(output), force)
+    bar = tqdm(total=len(plan), desc="export", disable=not progress, unit="tensor")
+    current: dict[int, torch.Tensor] = {}  # the one parameter being written
+
+    def pieces(shard):
+        for i, _, start, rows in shard:
+            if i not in current:
+                current.clear()
+                current[i] = read_tensor(src, params[i][1])
+            yield current[i][start : start + rows].to(out_dtype)
+            bar.update(1)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, shard in enumerate(shards):
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = []
+        for i, hf, _, rows in shard:
+            shape = (rows, *tuple(stored[params[i][1]].size)[1:])
+            entries.append((hf, shape, out_dtype))
+            weight_map[hf] = file
+            total += math.prod(shape) * out_dtype.itemsize
+        write_safetensors(tmp / file, entries, pieces(shard))
+    current.clear()
+    bar.close()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, out_dtype), indent=2))
     _replace(tmp, Path(output))
@@ -286,11 +334,9 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
     out_root = Path(output)
     tmp = _prepare_output(out_root, force)
     inner = tmp / ".step_0000000.tmp"
-    writer = dcp.FileSystemWriter(inner, thread_count=1, single_file_per_rank=True)
     if progress:
         print(f"import: writing {len(tensors)} tensors", flush=True)
-    with _quiet_single_process():
-        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    save_lazy(inner, tensors)
     meta = {
         "format": FORMAT,
         "step": 0,

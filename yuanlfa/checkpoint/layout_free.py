@@ -15,6 +15,7 @@ when the parameters are kept in lower precision).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -36,7 +37,12 @@ from yuanlfa.checkpoint.files import (
     prune,
     write_text_atomic,
 )
-from yuanlfa.checkpoint.planners import BlockLoadPlanner, BlockSavePlanner
+from yuanlfa.checkpoint.planners import (
+    BlockLoadPlanner,
+    BlockSavePlanner,
+    LazySavePlanner,
+    LazyTensor,
+)
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
@@ -277,12 +283,51 @@ def publish(root: Path, name: str, tmp: Path, meta: dict[str, Any], keep_last: i
     return final
 
 
+def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
+    """Write whole tensors produced one at a time (conversion tools), single process.
+
+    One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until the
+    file is complete, so a single file would hold the whole checkpoint in memory."""
+    writer = dcp.FileSystemWriter(directory, thread_count=1, single_file_per_rank=False)
+    with _quiet_single_process():
+        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+
+
+class _CachedReader(dcp.FileSystemReader):
+    """Reads the checkpoint's metadata once (conversions call load hundreds of times)."""
+
+    def read_metadata(self, *args, **kwargs):
+        if not hasattr(self, "_metadata"):
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_reader(path: str, stamp: tuple[int, int]) -> _CachedReader:
+    return _CachedReader(path)
+
+
+def storage_reader(path: str | Path) -> dcp.FileSystemReader:
+    """A reader of ``path``, reused while its metadata file is unchanged."""
+    meta = Path(path) / ".metadata"
+    try:
+        st = meta.stat()
+    except OSError:
+        return dcp.FileSystemReader(path)  # DCP raises its own error on use
+    return _cached_reader(str(Path(path).resolve()), (st.st_mtime_ns, st.st_ino))
+
+
+def stored_tensors(path: str | Path) -> dict[str, Any]:
+    """Key -> DCP tensor metadata (global size, dtype) of the checkpoint at ``path``."""
+    return storage_reader(path).read_metadata().state_dict_metadata
+
+
 def load_blocks(path: Path, blocks: list[Block]) -> None:
     """Fill ``blocks`` from the checkpoint at ``path`` (collective when a group exists)."""
     with _quiet_single_process():
         dcp.load(
             {},
-            storage_reader=dcp.FileSystemReader(path),
+            storage_reader=storage_reader(path),
             planner=BlockLoadPlanner(blocks),
             no_dist=not _distributed(),
         )
@@ -340,7 +385,7 @@ def load_checkpoint(
                 f"{path} was saved for another model ({'; '.join(diffs[:3])}); use a matching "
                 "config or another checkpoint.dir"
             )
-        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        stored = stored_tensors(path)
         keys = set(stored)
         placer = _Placer(model_cfg, mesh)
         blocks = _param_blocks(model, placer, mesh, saving=False, keys=keys)

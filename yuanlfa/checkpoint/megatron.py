@@ -28,19 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
 from yuanlfa.checkpoint.hf import _prepare_output, _replace
 from yuanlfa.checkpoint.layout_free import (
     FORMAT,
-    _quiet_single_process,
     load_blocks,
     publish,
     read_meta,
+    save_lazy,
+    stored_tensors,
 )
-from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
@@ -223,11 +223,13 @@ def blocks_from_args(args: Any) -> list[int] | None:
 
 
 class _Source:
-    """Tensor-parallel slices of tensors of our checkpoint, read block by block."""
+    """Tensor-parallel slices of tensors of our checkpoint. The last whole tensor read is kept,
+    so the tp files of a stage, written in lockstep, read each tensor once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        self.meta = stored_tensors(path)
+        self._last: tuple[str, torch.Tensor] | None = None
 
     def has(self, key: str) -> bool:
         return key in self.meta
@@ -235,23 +237,22 @@ class _Source:
     def dtype(self, key: str) -> torch.dtype:
         return self.meta[key].properties.dtype
 
-    def shard(self, key: str, name: str, tp_rank: int, tp: int, dtype) -> Callable[[], Any]:
-        shape = tuple(self.meta[key].size)
+    def whole(self, key: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != key:
+            self._last = None  # free the previous one before reading the next
+            shape = tuple(self.meta[key].size)
+            out = torch.empty(shape, dtype=self.dtype(key))
+            load_blocks(self.path, [Block(key, shape, (0,) * len(shape), out)])
+            self._last = (key, out)
+        return self._last[1]
 
+    def shard(self, key: str, name: str, tp_rank: int, tp: int, dtype) -> Callable[[], Any]:
         def load() -> torch.Tensor:
-            dim, pieces = shard_pieces(name, shape, tp_rank, tp)
-            blocks, outs = [], []
-            for _, start, length in pieces:
-                size = list(shape)
-                size[dim] = length
-                offsets = [0] * len(shape)
-                offsets[dim] = start
-                out = torch.empty(size, dtype=self.dtype(key))
-                blocks.append(Block(key, shape, tuple(offsets), out))
-                outs.append(out)
-            load_blocks(self.path, blocks)
-            full = outs[0] if len(outs) == 1 else torch.cat(outs, dim=dim)
-            return full.to(dtype)
+            full = self.whole(key)
+            dim, pieces = shard_pieces(name, tuple(full.shape), tp_rank, tp)
+            parts = [full.narrow(dim, start, length) for _, start, length in pieces]
+            part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+            return part.to(dtype)
 
         return load
 
@@ -300,6 +301,7 @@ def export_megatron(
             if where == stage
         ]
         entries.sort(key=lambda e: e[0] == HEAD_COPY)
+        files = []
         for tp_rank in range(tp):
             model: dict = {}
             optim_params: list[tuple[str, tuple[int, ...]]] = []
@@ -321,7 +323,8 @@ def export_megatron(
                 )
             file = tmp / f"iter_{iteration:07d}" / rank_dir(tp_rank, stage, pp) / FILE
             file.parent.mkdir(parents=True)
-            save_streaming(state, file, progress=bar.update)
+            files.append((state, file))
+        save_streaming(files, progress=bar.update)
     bar.close()
     (tmp / TRACKER).write_text(f"{iteration}\n")
     _replace(tmp, Path(output))
@@ -545,11 +548,9 @@ def import_megatron(
     tmp = _prepare_output(out_root, force)
     name = f"step_{reader.iteration:07d}"
     inner = tmp / f".{name}.tmp"
-    writer = dcp.FileSystemWriter(inner, thread_count=1, single_file_per_rank=True)
     if progress:
         print(f"import: writing {len(tensors)} tensors", flush=True)
-    with _quiet_single_process():
-        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    save_lazy(inner, tensors)
     meta = {
         "format": FORMAT,
         "step": reader.iteration,

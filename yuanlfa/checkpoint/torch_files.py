@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
+import os
 import pickle
 import sys
 import warnings
@@ -59,7 +61,11 @@ def load_untrusted(path: str | Path) -> Any:
     """``torch.load`` of a foreign pickle through the allow-list (see the module docstring)."""
     path = Path(path)
     globals_ = _safe_globals()
-    with torch.serialization.safe_globals(globals_):
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is None:  # torch < 2.5: register them process-wide (the same allow-list)
+        torch.serialization.add_safe_globals([g for g in globals_ if not isinstance(g, tuple)])
+        scoped = lambda _: contextlib.nullcontext()  # noqa: E731
+    with scoped(globals_):
         try:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -118,29 +124,34 @@ def _storage_type(dtype: torch.dtype):
     return getattr(torch, name)
 
 
-def save_streaming(obj: Any, path: str | Path, progress: Callable[[int], None] | None = None):
-    """``torch.save(obj, path)`` where ``obj`` may hold :class:`Pending` tensors; ``torch.load``
-    reads the result like any other file. ``progress(nbytes)`` is called after each tensor."""
-    refs: list[Pending] = []
+class _StreamingFile:
+    """One ``torch.save``-format file: the pickle first, then the tensor records as they come."""
 
-    class _Pickler(pickle.Pickler):
-        def persistent_id(self, item: Any):
-            if isinstance(item, _StorageRef):
-                refs.append(item.pending)
-                kind = _storage_type(item.pending.dtype)
-                return ("storage", kind, str(len(refs) - 1), "cpu", item.pending.numel)
-            if isinstance(item, torch.Tensor | torch.UntypedStorage | torch.TypedStorage):
-                raise TypeError("save_streaming: wrap tensors in Pending")
-            return None
+    def __init__(self, obj: Any, path: str | Path) -> None:
+        refs: list[Pending] = []
 
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(obj)
-    writer = torch._C.PyTorchFileWriter(str(path))
-    data = buf.getvalue()
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for key, pending in enumerate(refs):
+        class _Pickler(pickle.Pickler):
+            def persistent_id(self, item: Any):
+                if isinstance(item, _StorageRef):
+                    refs.append(item.pending)
+                    kind = _storage_type(item.pending.dtype)
+                    return ("storage", kind, str(len(refs) - 1), "cpu", item.pending.numel)
+                if isinstance(item, torch.Tensor | torch.UntypedStorage | torch.TypedStorage):
+                    raise TypeError("save_streaming: wrap tensors in Pending")
+                return None
+
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(obj)
+        self.refs, self.path = refs, Path(path)
+        self.writer = torch._C.PyTorchFileWriter(str(path))
+        data = buf.getvalue()
+        self.writer.write_record("data.pkl", data, len(data))
+        self.writer.write_record(".format_version", "1", 1)
+        self.writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def write(self, key: int) -> int:
+        """Produce and write tensor ``key``; returns its bytes."""
+        pending = self.refs[key]
         tensor = pending.load()
         if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
             raise CheckpointError(
@@ -148,12 +159,37 @@ def save_streaming(obj: Any, path: str | Path, progress: Callable[[int], None] |
                 f"{pending.shape} {pending.dtype}"
             )
         tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage()
-        if storage.nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()  # a view into a larger storage: write just its elements
-            storage = tensor.untyped_storage()
-        writer.write_record(f"data/{key}", storage, storage.nbytes())
-        if progress is not None:
-            progress(storage.nbytes())
-        del tensor, storage
-    writer.write_end_of_file()
+        nbytes = tensor.numel() * tensor.element_size()
+        # From the data pointer: a contiguous view into a larger storage needs no copy.
+        self.writer.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
+        return nbytes
+
+    def close(self) -> None:
+        self.writer.write_end_of_file()
+        del self.writer  # closes the file
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the output directory is renamed into place
+        finally:
+            os.close(fd)
+
+
+def save_streaming(
+    files: list[tuple[Any, str | Path]], progress: Callable[[int], None] | None = None
+) -> None:
+    """``torch.save(obj, path)`` for each ``(obj, path)``, where ``obj`` may hold
+    :class:`Pending` tensors; ``torch.load`` reads the results like any other file.
+
+    The files are written in lockstep: the first tensor of each, then the second of each, and so
+    on. Files of one pipeline stage at different tp ranks hold slices of the same parameters in
+    the same order, so a loader that keeps its last source tensor reads each one once.
+    ``progress(nbytes)`` is called after each tensor."""
+    streams = [_StreamingFile(obj, path) for obj, path in files]
+    for key in range(max((len(s.refs) for s in streams), default=0)):
+        for stream in streams:
+            if key < len(stream.refs):
+                nbytes = stream.write(key)
+                if progress is not None:
+                    progress(nbytes)
+    for stream in streams:
+        stream.close()

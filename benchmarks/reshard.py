@@ -1,0 +1,247 @@
+"""Checkpoint conversion throughput and peak memory vs a plain file copy.
+
+A randomly initialized Yuan 2.0 2B checkpoint (``configs/yuan2-2b.yaml``, bf16 weights, written in
+our format tensor by tensor) is converted by ``yuanlfa-reshard`` the ways users convert:
+ours -> Hugging Face, ours -> Megatron (tp 2, pp 2), Megatron -> ours, and Megatron (tp 2, pp 2)
+-> Megatron (tp 1, pp 1). Each conversion runs in a fresh process; we measure its wall time and
+its memory, next to ``cp -r`` of the same checkpoint (the floor any conversion has to move the
+bytes). Every case is timed until its output is on disk (``sync``), as the converters fsync what
+they write. Memory is reported two ways: the kernel's peak resident set (VmHWM, which also counts
+pages of memory-mapped input files, reclaimable page cache) and the peak anonymous memory
+(RssAnon, sampled every 5 ms: what the process really allocates), both above the baseline of a
+process that imports the same modules. Targets (issue #7): time within 2x the copy; peak memory at
+most 2x the largest tensor (the embedding).
+
+    python benchmarks/reshard.py                      # 2B; needs ~25 GB of free disk
+    python benchmarks/reshard.py --config configs/tiny.yaml --out /tmp/r.json   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_TIME, TARGET_MEMORY = 2.0, 2.0
+
+
+def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
+    """A random bf16 checkpoint in our format, one tensor in memory at a time. Returns (bytes of
+    weights, bytes of the largest tensor)."""
+    import torch
+
+    from yuanlfa.checkpoint.layout_free import FORMAT, publish, save_lazy
+    from yuanlfa.checkpoint.planners import LazyTensor
+    from yuanlfa.config import load_config, resolve
+    from yuanlfa.data import build_tokenizer
+    from yuanlfa.model import build_model
+
+    full = load_config(config)
+    cfg = resolve(full, 1, build_tokenizer(full.data.tokenizer).vocab_size).model
+    tensors = []
+    total = largest = 0
+    for name, p in build_model(cfg).named_parameters():
+
+        def load(shape=tuple(p.shape)) -> torch.Tensor:
+            return (torch.randn(shape) * cfg.init_std).to(torch.bfloat16)
+
+        tensors.append(LazyTensor(f"model.{name}", tuple(p.shape), torch.bfloat16, load))
+        total += p.numel() * 2
+        largest = max(largest, p.numel() * 2)
+    out.mkdir(parents=True)
+    inner = out / ".step_0000001.tmp"
+    save_lazy(inner, tensors)
+    meta = {
+        "format": FORMAT,
+        "step": 1,
+        "consumed_samples": 0,
+        "model_config": dataclasses.asdict(cfg),
+        "layout": {"source": "benchmarks/reshard.py (random weights)"},
+        "optimizer": None,
+    }
+    publish(out, "step_0000001", inner, meta, keep_last=1)
+    return total, largest
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(cmd: list[str]) -> dict:
+    """Wall time, peak VmHWM and peak sampled RssAnon of one process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    os.sync()  # start clean: no writeback of earlier cases in this one's time
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = {"anon": 0, "hwm": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                peak["anon"] = max(peak["anon"], _status_kib(proc.pid, "RssAnon"))
+                peak["hwm"] = max(peak["hwm"], _status_kib(proc.pid, "VmHWM"))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+            done.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output, _ = proc.communicate()
+    os.sync()  # durable output, as the converters guarantee (they fsync); cp alone does not
+    wall = time.perf_counter() - started
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        sys.stderr.write(output.decode()[-4000:])
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": peak["hwm"] * 1024,
+        "peak_anon_bytes": peak["anon"] * 1024,
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "yuan2-2b.yaml"))
+    p.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="yuanlfa-reshard-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "ours"
+    py = sys.executable
+    reshard = [py, "-m", "yuanlfa.cli.reshard", "--quiet"]
+    try:
+        print(f"writing a random checkpoint of {args.config} into {src} ...", flush=True)
+        weight_bytes, largest = make_checkpoint(args.config, src)
+        print(f"  {weight_bytes / 2**30:.2f} GiB of weights, largest tensor "
+              f"{largest / 2**20:.0f} MiB", flush=True)  # fmt: skip
+        # Warm the page cache the same way for everyone: read the source once.
+        subprocess.run(["cat", *map(str, src.rglob("*.distcp"))], stdout=subprocess.DEVNULL)
+        baseline = measure([py, "-c", "import yuanlfa.cli.reshard, torch"])
+        cases = {
+            "cp -r + sync (floor)": (["cp", "-r", str(src), str(work / "copy")], work / "copy"),
+            "ours -> hf": (
+                [*reshard, "--input", str(src), "--output", str(work / "hf"), "--to", "hf"],
+                work / "hf",
+            ),
+            "ours -> megatron tp2 pp2": (
+                [*reshard, "--input", str(src), "--output", str(work / "mega"), "--to",
+                 "megatron", "--target-tp", "2", "--target-pp", "2"],
+                work / "mega",
+            ),
+            "megatron tp2 pp2 -> ours": (
+                [*reshard, "--input", str(work / "mega"), "--output", str(work / "back"), "--to",
+                 "yuanlfa"],
+                work / "back",
+            ),
+            "megatron tp2 pp2 -> megatron tp1 pp1": (
+                [*reshard, "--input", str(work / "mega"), "--output", str(work / "mega1"), "--to",
+                 "megatron", "--target-tp", "1", "--target-pp", "1"],
+                work / "mega1",
+            ),
+        }  # fmt: skip
+        results = {}
+        copy_s = None
+        for name, (cmd, output) in cases.items():
+            print(f"{name} ...", flush=True)
+            r = measure(cmd)
+            r["output_bytes"] = dir_bytes(output)
+            if copy_s is None:
+                copy_s = r["wall_s"]
+            else:
+                r["time_vs_copy"] = r["wall_s"] / copy_s
+                for kind in ("rss", "anon"):
+                    extra = r[f"peak_{kind}_bytes"] - baseline[f"peak_{kind}_bytes"]
+                    r[f"peak_{kind}_above_baseline_vs_largest_tensor"] = extra / largest
+            r["throughput_gb_s"] = weight_bytes / r["wall_s"] / 1e9
+            results[name] = r
+            if name == "ours -> hf" or name == "megatron tp2 pp2 -> ours":
+                shutil.rmtree(output, ignore_errors=True)  # disk space
+        shutil.rmtree(work / "copy", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nweights {weight_bytes / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, "
+          f"baseline process RSS {baseline['peak_rss_bytes'] / 2**20:.0f} MiB "
+          f"(anon {baseline['peak_anon_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
+    print(f"{'case':40s} {'wall s':>8s} {'GB/s':>6s} {'x copy':>7s} {'anon+':>7s} {'rss+':>7s}")
+    for name, r in results.items():
+        vs = r.get("time_vs_copy")
+        anon = r.get("peak_anon_above_baseline_vs_largest_tensor")
+        rss = r.get("peak_rss_above_baseline_vs_largest_tensor")
+        print(f"{name:40s} {r['wall_s']:8.1f} {r['throughput_gb_s']:6.2f} "
+              f"{'' if vs is None else f'{vs:7.2f}':>7s} "
+              f"{'' if anon is None else f'{anon:7.2f}':>7s} "
+              f"{'' if rss is None else f'{rss:7.2f}':>7s}")  # fmt: skip
+    print(
+        "(x copy: time / cp time; anon+ / rss+: peak above the baseline process, in units of "
+        "the largest tensor)"
+    )
+    conversions = {k: v for k, v in results.items() if "time_vs_copy" in v}
+    worst_time = max(v["time_vs_copy"] for v in conversions.values())
+    worst_anon = max(v["peak_anon_above_baseline_vs_largest_tensor"] for v in conversions.values())
+    time_ok, mem_ok = worst_time <= TARGET_TIME, worst_anon <= TARGET_MEMORY
+    print(f"time target (<= {TARGET_TIME}x copy): worst {worst_time:.2f}x: "
+          f"{'met' if time_ok else 'NOT met'}")  # fmt: skip
+    print(f"memory target (<= {TARGET_MEMORY}x the largest tensor, anonymous memory above the "
+          f"baseline): worst {worst_anon:.2f}x: {'met' if mem_ok else 'NOT met'}")  # fmt: skip
+
+    if args.out:
+        import torch
+
+        import yuanlfa
+
+        record = {
+            "benchmark": "reshard",
+            "config": os.path.relpath(args.config, ROOT),
+            "device": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_version": torch.__version__,
+            "yuanlfa_version": yuanlfa.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "weight_bytes": weight_bytes,
+            "largest_tensor_bytes": largest,
+            "baseline": baseline,
+            "cases": results,
+            "targets": {
+                "time_vs_copy": TARGET_TIME,
+                "memory_vs_largest_tensor": TARGET_MEMORY,
+                "time_met": time_ok,
+                "memory_met": mem_ok,
+            },
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
