@@ -62,9 +62,10 @@ class ShardedAdamW:
     ) -> None:
         """``shard`` False (or dp_group None): every replica holds the whole fp32 master copy and
         the gradients are all-reduced over dp_group (the unsharded mode of low-precision
-        parameters). ``embed_group``: the first and last
-        pipeline rank, whose tied embedding gradients are summed. ``sequence_parallel``: the
-        gradients of tp-replicated parameters are partial sums to add over ``tp_group``."""
+        parameters). ``embed_group``: the first and last pipeline rank, whose tied embedding
+        gradients are summed. ``sequence_parallel``: the gradients of tp-replicated parameters
+        are partial sums to add over ``tp_group``. ``bucket_elements`` and ``overlap``: see
+        :class:`~yuanlfa.parallel.data_parallel.GradReducer`."""
         # dp_group/dp: the group the masters are sharded over (None/1 when replicated).
         replicas = dp_group
         if not shard or dp_group is None or dist.get_world_size(dp_group) == 1:

@@ -254,7 +254,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     reducer: GradReducer | None = None
     if sharded_optimizer or param_dtype != torch.float32:
         # Low-precision parameters step through fp32 master weights: sharded over dp, or whole
-        # on every replica (dp group None) in the unsharded mode.
+        # on every replica (shard=False) in the unsharded mode.
         optimizer = ShardedAdamW(
             model,
             o,
