@@ -26,7 +26,7 @@ victim=$(pgrep -n -f "yuanlfa.cli.train")   # the newest: a worker, not torchrun
 echo "checkpoint at step 10 written; killing worker pid $victim"
 kill -9 "$victim"
 wait $job
-grep -i "restart" "$out/torchrun.log" | head -3 || true
+grep -E "failed \(exitcode|resumed from" "$out/torchrun.log" || true   # the crash, then the resume
 
 yuanlfa-train "${common[@]}" logging.jsonl="$out/uninterrupted.jsonl"
 python - "$out" <<'PY'
