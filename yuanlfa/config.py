@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,9 +100,17 @@ class OptimConfig:
 class DataConfig:
     # A .bin/.idx prefix; None means the embedded default corpus (tokenized once into a cache).
     path: str | None = None
-    tokenizer: Literal["byte"] = "byte"
+    # byte, sentencepiece:PATH (a .model file) or huggingface:PATH (a tokenizer.json directory).
+    tokenizer: str = "byte"
     split: str = "98,1,1"
     cache_dir: str | None = None
+    # Fill-in-the-middle: the share of documents rewritten (Yuan 2.0: 0.5), and of those the
+    # share in SPM rather than PSM order (Yuan 2.0: 0.5). Character-level, deterministic per
+    # sample. 0 turns it off.
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    # No loss on predicting <eod> (Megatron's --eod-mask-loss).
+    eod_mask_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -343,6 +352,22 @@ def _positive(section: str, obj: Any, *names: str) -> None:
         _require(value is None or value > 0, f"{section}.{name}: must be > 0, got {value}")
 
 
+def _validate_tokenizer(spec: str) -> None:
+    kind, _, path = spec.partition(":")
+    if kind == "byte" and not path:
+        return
+    _require(
+        kind in ("sentencepiece", "huggingface") and bool(path),
+        f"data.tokenizer: {spec!r} is not a tokenizer; use byte, sentencepiece:PATH/TO/x.model "
+        "or huggingface:PATH/TO/DIR",
+    )
+    _require(
+        os.path.exists(path),
+        f"data.tokenizer: {path} not found; train a model with yuanlfa-train-tokenizer or fix "
+        "the path",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Check each section and the relations between sections; raise ConfigError on the first."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
@@ -481,6 +506,10 @@ def validate(cfg: Config) -> None:
         f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
     )
     _validate_split(cfg.data.split)
+    _validate_tokenizer(cfg.data.tokenizer)
+    for name in ("fim_rate", "fim_spm_rate"):
+        value = getattr(cfg.data, name)
+        _require(0.0 <= value <= 1.0, f"data.{name}: must be in [0, 1], got {value}")
 
 
 def _validate_split(split: str) -> None:

@@ -62,5 +62,5 @@ def test_pad_vocab_size():
 
 def test_build_tokenizer():
     assert isinstance(build_tokenizer("byte"), ByteTokenizer)
-    with pytest.raises(ValueError, match="unknown tokenizer 'gpt2'; supported: byte"):
+    with pytest.raises(ValueError, match="unknown tokenizer 'gpt2'; use byte, sentencepiece:"):
         build_tokenizer("gpt2")

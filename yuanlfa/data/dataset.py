@@ -13,6 +13,7 @@ import re
 import numpy as np
 import torch
 
+from yuanlfa.data.fim import FIMConfig, FIMTokenizer, apply_fim
 from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
 
 
@@ -91,7 +92,12 @@ class PackedDataset(torch.utils.data.Dataset):
         eod_id: int,
         documents: np.ndarray,
         shuffle: bool = True,
+        fim: FIMConfig | None = None,
+        tokenizer: FIMTokenizer | None = None,
+        eod_mask_loss: bool = False,
     ) -> None:
+        """``fim``: rewrite documents fill-in-the-middle (needs ``tokenizer``), deterministically
+        per sample index. ``eod_mask_loss``: no loss where the label is EOD."""
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
         if num_samples < 0:
@@ -107,6 +113,10 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"{indexed.prefix}: document indices must be in [0, {num_docs}), got "
                 f"{documents.min()}..{documents.max()}"
             )
+        if fim is not None and tokenizer is None:
+            raise DataError("fill-in-the-middle needs the tokenizer (to cut text by characters)")
+        self.fim, self.tokenizer, self.eod_mask_loss = fim, tokenizer, eod_mask_loss
+        self.seed = seed
         self.indexed = indexed
         self.seq_length = seq_length
         self.num_samples = num_samples
@@ -188,12 +198,21 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.sample_tokens(i)
-        tokens = sample[:-1]
+        mask = np.ones(len(sample), dtype=np.float32)
+        if self.fim is not None:
+            # Seeded by the sample's index: the same sample in every process and after resume.
+            index = i % self.num_samples
+            sample, mask = apply_fim(sample, self.fim, self.tokenizer, seed=self.seed,
+                                     sample_index=index)  # fmt: skip
+        tokens, labels = sample[:-1], sample[1:]
+        loss_mask = mask[1:].copy()  # mask[k] belongs to token k: the label of position k - 1
+        if self.eod_mask_loss:
+            loss_mask[labels == self.eod_id] = 0.0
         return {
             "tokens": torch.from_numpy(tokens.copy()),
-            "labels": torch.from_numpy(sample[1:].copy()),
+            "labels": torch.from_numpy(labels.copy()),
             "position_ids": torch.from_numpy(position_ids_from_tokens(tokens, self.eod_id)),
-            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+            "loss_mask": torch.from_numpy(loss_mask),
         }
 
 

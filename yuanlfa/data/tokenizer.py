@@ -1,4 +1,5 @@
-"""Tokenizers. The built-in one maps UTF-8 bytes to ids, so it needs no vocabulary file."""
+"""Tokenizers: the built-in byte tokenizer (UTF-8 bytes, no vocabulary file), SentencePiece
+models (``spm.py``) and Hugging Face tokenizer files (``hf_tokenizer.py``), chosen by a spec."""
 
 from __future__ import annotations
 
@@ -99,13 +100,25 @@ class ByteTokenizer:
         return self._special[name]
 
 
-_TOKENIZERS = {"byte": ByteTokenizer}
+def build_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizer from its spec (``data.tokenizer``, ``yuanlfa-preprocess --tokenizer``):
+    ``byte``; ``sentencepiece:PATH`` (a .model file, e.g. Yuan 2.0's, or one written by
+    yuanlfa-train-tokenizer); ``huggingface:PATH`` (a directory with tokenizer.json)."""
+    kind, _, path = spec.partition(":")
+    if kind == "byte" and not path:
+        return ByteTokenizer()
+    if kind == "sentencepiece" and path:
+        from yuanlfa.data.spm import SentencePieceTokenizer
 
+        return SentencePieceTokenizer(path)
+    if kind == "huggingface" and path:
+        from yuanlfa.data.hf_tokenizer import HFTokenizer
 
-def build_tokenizer(name: str) -> ByteTokenizer:
-    if name not in _TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}; supported: {', '.join(sorted(_TOKENIZERS))}")
-    return _TOKENIZERS[name]()
+        return HFTokenizer(path)
+    raise DataError(
+        f"unknown tokenizer {spec!r}; use byte, sentencepiece:PATH/TO/tokenizer.model or "
+        "huggingface:PATH/TO/DIR"
+    )
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = 128, tp: int = 1) -> int:

@@ -17,6 +17,7 @@ from yuanlfa.data import (
     ensure_default_corpus,
     split_documents,
 )
+from yuanlfa.data.fim import FIMConfig
 
 
 @dataclass
@@ -58,8 +59,26 @@ def build_datasets(
     tokenizer = build_tokenizer(cfg.tokenizer)
     num_docs = len(indexed.doc_idx) - 1
     train_docs, valid_docs, _ = split_documents(num_docs, cfg.split)
-    common = {"seq_length": seq_length, "seed": seed, "eod_id": tokenizer.eod}
-    train = PackedDataset(indexed, num_samples=train_samples, documents=train_docs, **common)
+    fim = None
+    if cfg.fim_rate > 0:
+        try:
+            fim = FIMConfig.from_tokenizer(tokenizer, rate=cfg.fim_rate, spm_rate=cfg.fim_spm_rate)
+        except (AttributeError, DataError) as exc:
+            raise ConfigError(f"data.fim_rate: the tokenizer cannot do FIM ({exc})") from None
+    common = {
+        "seq_length": seq_length,
+        "seed": seed,
+        "eod_id": tokenizer.eod,
+        "eod_mask_loss": cfg.eod_mask_loss,
+    }
+    train = PackedDataset(
+        indexed,
+        num_samples=train_samples,
+        documents=train_docs,
+        fim=fim,
+        tokenizer=tokenizer if fim is not None else None,
+        **common,
+    )
     valid = None
     if valid_samples > 0 and len(valid_docs) > 0:
         try:

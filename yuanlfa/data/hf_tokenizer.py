@@ -1,0 +1,119 @@
+"""Hugging Face ``tokenizers`` tokenizers from a local directory (``tokenizer.json``), e.g. the one
+shipped next to a Hugging Face model. No network access: only local files are read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from yuanlfa.data.indexed_dataset import DataError
+from yuanlfa.data.tokenizer import SPECIAL_TOKENS
+
+# Where an end-of-document token hides when the vocabulary has no <eod> (LLaMA-style, GPT-2).
+EOD_FALLBACKS = ("<eod>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+
+
+class HFTokenizer:
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        root = Path(directory)
+        path = root / "tokenizer.json" if root.is_dir() else root
+        if not path.is_file():
+            raise DataError(
+                f"{root}: no tokenizer.json; give a directory holding a Hugging Face fast "
+                "tokenizer (tokenizer.json) or the file itself"
+            )
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise DataError(
+                "Hugging Face tokenizers need the tokenizers package: pip install tokenizers "
+                '(or pip install -e ".[tokenizers]")'
+            ) from None
+        data = path.read_bytes()
+        try:
+            self._tok = _Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as exc:  # the Rust side raises its own exception type
+            raise DataError(f"{path} is not a Hugging Face tokenizer file ({exc})") from None
+        self.path = path
+        self.name = f"hf-{hashlib.sha1(data).hexdigest()[:12]}"
+        self._size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = None
+        config = path.parent / "tokenizer_config.json"
+        if config.is_file():
+            value = json.loads(config.read_text()).get("eos_token")
+            eos = value.get("content") if isinstance(value, dict) else value
+        self._special: dict[str, int] = {}
+        appended = 0
+        for token in SPECIAL_TOKENS:
+            candidates = [token]
+            if token == "<eod>":
+                candidates += [eos] if eos else []
+                candidates += list(EOD_FALLBACKS)
+            found = next(
+                (i for c in candidates if c and (i := self._tok.token_to_id(c)) is not None), None
+            )
+            if found is None:
+                found = self._size + appended
+                appended += 1
+            self._special[token] = found
+        self._appended = {i: t for t, i in self._special.items() if i >= self._size}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size + len(self._appended)
+
+    @property
+    def eod(self) -> int:
+        return self._special["<eod>"]
+
+    @property
+    def pad(self) -> int:
+        return self._special["<pad>"]
+
+    @property
+    def sep(self) -> int:
+        return self._special["<sep>"]
+
+    @property
+    def fim_prefix(self) -> int:
+        return self._special["<FIM_PREFIX>"]
+
+    @property
+    def fim_middle(self) -> int:
+        return self._special["<FIM_MIDDLE>"]
+
+    @property
+    def fim_suffix(self) -> int:
+        return self._special["<FIM_SUFFIX>"]
+
+    def token_to_id(self, name: str) -> int:
+        if name in self._special:
+            return self._special[name]
+        found = self._tok.token_to_id(name)
+        if found is None:
+            raise DataError(f"{self.path}: no token {name!r}")
+        return found
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS templates: documents get exactly one <eod> from the preprocessing.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        run: list[int] = []
+        for raw in ids:
+            t = int(raw)
+            if not 0 <= t < self.vocab_size:
+                top = self.vocab_size - 1
+                raise DataError(f"token id {t} is outside the vocabulary (0..{top})")
+            if t in self._appended:
+                out.append(self._tok.decode(run, skip_special_tokens=False))
+                run = []
+                out.append(self._appended[t])
+            else:
+                run.append(t)
+        out.append(self._tok.decode(run, skip_special_tokens=False))
+        return "".join(out)
