@@ -138,9 +138,10 @@ class PackedDataset(torch.utils.data.Dataset):
         order_dtype = np.int32 if num_docs < 2**31 else np.int64
         orders = [rng.permutation(documents) if shuffle else documents for _ in range(epochs)]
         self.doc_order = np.concatenate(orders).astype(order_dtype)
-        self.sample_index = build_sample_index(
-            self.doc_lengths, self.doc_order, seq_length, num_samples
-        )
+        # The C++ helper when built (same result; index_helpers imports this module, hence here).
+        from yuanlfa.data.index_helpers import build_sample_index as build_index
+
+        self.sample_index = build_index(self.doc_lengths, self.doc_order, seq_length, num_samples)
         self.shuffle_index = (
             rng.permutation(num_samples) if shuffle else np.arange(num_samples)
         ).astype(np.int64)
