@@ -275,7 +275,7 @@ class _HFReader:
             self.where = None
         else:
             raise CheckpointError(f"{path}: neither {INDEX} nor model.safetensors")
-        self._st = _safetensors()
+        _safetensors()  # a clear error now if the package is missing, not at the first read
 
     def _file(self, name: str) -> Path:
         return self.path / (self.where[name] if self.where is not None else "model.safetensors")

@@ -10,13 +10,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from yuanlfa.data.indexed_dataset import DataError
-from yuanlfa.data.tokenizer import SPECIAL_TOKENS
+from yuanlfa.data.tokenizer import SpecialTokens, resolve_specials
 
 # Where an end-of-document token hides when the vocabulary has no <eod> (LLaMA-style, GPT-2).
 EOD_FALLBACKS = ("<eod>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialTokens):
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         root = Path(directory)
         path = root / "tokenizer.json" if root.is_dir() else root
@@ -45,49 +45,19 @@ class HFTokenizer:
         if config.is_file():
             value = json.loads(config.read_text()).get("eos_token")
             eos = value.get("content") if isinstance(value, dict) else value
-        self._special: dict[str, int] = {}
-        appended = 0
-        for token in SPECIAL_TOKENS:
-            candidates = [token]
-            if token == "<eod>":
-                candidates += [eos] if eos else []
-                candidates += list(EOD_FALLBACKS)
-            found = next(
-                (i for c in candidates if c and (i := self._tok.token_to_id(c)) is not None), None
-            )
-            if found is None:
-                found = self._size + appended
-                appended += 1
-            self._special[token] = found
+        # <eod>: the vocabulary's own, else its eos token, else a common end-of-text token.
+        eod_names = ["<eod>", *([eos] if eos else []), *EOD_FALLBACKS]
+
+        def lookup(token: str) -> int | None:
+            names = eod_names if token == "<eod>" else [token]
+            return next((i for n in names if (i := self._tok.token_to_id(n)) is not None), None)
+
+        self._special = resolve_specials(lookup, self._size)
         self._appended = {i: t for t, i in self._special.items() if i >= self._size}
 
     @property
     def vocab_size(self) -> int:
         return self._size + len(self._appended)
-
-    @property
-    def eod(self) -> int:
-        return self._special["<eod>"]
-
-    @property
-    def pad(self) -> int:
-        return self._special["<pad>"]
-
-    @property
-    def sep(self) -> int:
-        return self._special["<sep>"]
-
-    @property
-    def fim_prefix(self) -> int:
-        return self._special["<FIM_PREFIX>"]
-
-    @property
-    def fim_middle(self) -> int:
-        return self._special["<FIM_MIDDLE>"]
-
-    @property
-    def fim_suffix(self) -> int:
-        return self._special["<FIM_SUFFIX>"]
 
     def token_to_id(self, name: str) -> int:
         if name in self._special:

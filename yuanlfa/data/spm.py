@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from yuanlfa.data.indexed_dataset import DataError
-from yuanlfa.data.tokenizer import SPECIAL_TOKENS
+from yuanlfa.data.tokenizer import SPECIAL_TOKENS, SpecialTokens, resolve_specials
 
 
 def _sentencepiece():
@@ -30,7 +30,7 @@ def _sentencepiece():
     return sentencepiece
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SpecialTokens):
     def __init__(self, model_file: str | os.PathLike[str]) -> None:
         path = Path(model_file)
         if not path.is_file():
@@ -48,44 +48,18 @@ class SentencePieceTokenizer:
         # The data cache is keyed by the model's content, not its path.
         self.name = f"spm-{hashlib.sha1(data).hexdigest()[:12]}"
         self._pieces = self._sp.get_piece_size()
-        self._special: dict[str, int] = {}
-        appended = 0
-        for token in SPECIAL_TOKENS:
-            piece = self._sp.piece_to_id(token)
-            if piece != self._sp.unk_id() or token == self._sp.id_to_piece(self._sp.unk_id()):
-                self._special[token] = piece
-            else:
-                self._special[token] = self._pieces + appended
-                appended += 1
+        unk = self._sp.unk_id()
+
+        def piece(token: str) -> int | None:
+            found = self._sp.piece_to_id(token)
+            return found if found != unk or token == self._sp.id_to_piece(unk) else None
+
+        self._special = resolve_specials(piece, self._pieces)
         self._appended = {i: t for t, i in self._special.items() if i >= self._pieces}
 
     @property
     def vocab_size(self) -> int:
         return self._pieces + len(self._appended)
-
-    @property
-    def eod(self) -> int:
-        return self._special["<eod>"]
-
-    @property
-    def pad(self) -> int:
-        return self._special["<pad>"]
-
-    @property
-    def sep(self) -> int:
-        return self._special["<sep>"]
-
-    @property
-    def fim_prefix(self) -> int:
-        return self._special["<FIM_PREFIX>"]
-
-    @property
-    def fim_middle(self) -> int:
-        return self._special["<FIM_MIDDLE>"]
-
-    @property
-    def fim_suffix(self) -> int:
-        return self._special["<FIM_SUFFIX>"]
 
     def token_to_id(self, name: str) -> int:
         if name in self._special:

@@ -4,7 +4,7 @@ models (``spm.py``) and Hugging Face tokenizer files (``hf_tokenizer.py``), chos
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
@@ -31,17 +31,20 @@ class Tokenizer(Protocol):
 SPECIAL_TOKENS = ("<eod>", "<pad>", "<sep>", "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>")
 
 
-class ByteTokenizer:
-    """Ids 0..255 are raw UTF-8 bytes; the specials follow from 256 in SPECIAL_TOKENS order."""
+def resolve_specials(lookup: Callable[[str], int | None], size: int) -> dict[str, int]:
+    """Id of each of SPECIAL_TOKENS: ``lookup(token)`` where the vocabulary has it, else the next
+    id after the ``size`` ids of the vocabulary (so every tokenizer offers the same specials)."""
+    out: dict[str, int] = {}
+    for token in SPECIAL_TOKENS:
+        found = lookup(token)
+        out[token] = found if found is not None else size + sum(v >= size for v in out.values())
+    return out
 
-    name = "byte"
 
-    def __init__(self) -> None:
-        self._special = {tok: 256 + i for i, tok in enumerate(SPECIAL_TOKENS)}
+class SpecialTokens:
+    """The named special-token ids of a tokenizer whose ``_special`` maps names to ids."""
 
-    @property
-    def vocab_size(self) -> int:
-        return 256 + len(SPECIAL_TOKENS)
+    _special: dict[str, int]
 
     @property
     def eod(self) -> int:
@@ -66,6 +69,19 @@ class ByteTokenizer:
     @property
     def fim_suffix(self) -> int:
         return self._special["<FIM_SUFFIX>"]
+
+
+class ByteTokenizer(SpecialTokens):
+    """Ids 0..255 are raw UTF-8 bytes; the specials follow from 256 in SPECIAL_TOKENS order."""
+
+    name = "byte"
+
+    def __init__(self) -> None:
+        self._special = resolve_specials(lambda _: None, 256)
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
 
     def encode(self, text: str) -> list[int]:
         # Iterating bytes yields ints in C, far faster than per-character work in Python.

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from yuanlfa.parallel.comm import _reduce_scatter
+
 # Megatron-LM's default bucket: large enough to use the links well, small enough to start early.
 BUCKET_ELEMENTS = 40_000_000
 
@@ -179,8 +181,6 @@ class GradReducer:
         if self.dp == 1:
             return
         if b.shard_grad is not None:
-            from yuanlfa.parallel.comm import _reduce_scatter
-
             b.work = _reduce_scatter(b.shard_grad, b.grad, group=self.dp_group, async_op=True)
         else:
             b.work = dist.all_reduce(b.grad, group=self.dp_group, async_op=True)
