@@ -39,6 +39,9 @@ class ModelConfig:
     lfa: bool = True
     # Restart the filter at document starts inside packed samples (the reference does not).
     lfa_reset_at_doc_start: bool = False
+    # Each token attends only to its own document inside a packed sample (Megatron's
+    # --reset-attention-mask); documents start where position ids restart at 0.
+    document_attention: bool = False
     lfa_impl: Literal["auto", "reference", "triton"] = "auto"
     attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
     # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
@@ -111,6 +114,21 @@ class DataConfig:
     fim_spm_rate: float = 0.5
     # No loss on predicting <eod> (Megatron's --eod-mask-loss).
     eod_mask_loss: bool = False
+    # Several datasets mixed by weight instead of data.path, Megatron's --data-path form:
+    # [0.3, /data/code, 0.7, /data/text] (each a .bin/.idx prefix; each split by data.split).
+    blend: tuple[str, ...] = ()
+    # Position ids restart at 0 after each <eod> (Megatron's --reset-position-ids); the model's
+    # document-aware options read document starts from them.
+    reset_position_ids: bool = True
+    # Supervised fine-tuning: loss only on the tokens after each document's first <sep> (the
+    # prompt and the separator carry none); documents without <sep> are trained on whole.
+    sft: bool = False
+    # Processes that read and pack samples ahead of the training loop per rank (0: in the
+    # training process). Samples do not depend on it.
+    num_workers: int = 2
+    # Keep the document order, sample and shuffle indices as .npy files under
+    # data.cache_dir/index (memory-mapped on later runs, as Megatron caches them).
+    cache_index: bool = True
 
 
 @dataclass(frozen=True)
@@ -510,6 +528,38 @@ def validate(cfg: Config) -> None:
     for name in ("fim_rate", "fim_spm_rate"):
         value = getattr(cfg.data, name)
         _require(0.0 <= value <= 1.0, f"data.{name}: must be in [0, 1], got {value}")
+    _validate_documents(cfg)
+
+
+def _validate_documents(cfg: Config) -> None:
+    """The data options and the model's document-aware options must agree."""
+    d, m = cfg.data, cfg.model
+    _require(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    _require(
+        not (d.blend and d.path is not None),
+        "data.blend: give either data.path (one dataset) or data.blend (weights and prefixes), "
+        "not both",
+    )
+    if d.blend:
+        from yuanlfa.data.blended import parse_blend
+
+        parse_blend(d.blend)
+    _require(
+        not (d.sft and d.fim_rate > 0),
+        "data.sft: fill-in-the-middle rewrites documents around their <sep>; set data.fim_rate=0 "
+        "for fine-tuning",
+    )
+    for name in ("document_attention", "lfa_reset_at_doc_start"):
+        _require(
+            not getattr(m, name) or d.reset_position_ids,
+            f"model.{name}: documents are found where position ids restart, which needs "
+            "data.reset_position_ids=true",
+        )
+    _require(
+        not (m.document_attention and m.lfa and not m.lfa_reset_at_doc_start),
+        "model.document_attention: the LFA filter would still mix the previous document's last "
+        "two tokens into each document's first ones; set model.lfa_reset_at_doc_start=true too",
+    )
 
 
 def _validate_split(split: str) -> None:

@@ -8,12 +8,15 @@ the last ``seq_length``; consecutive samples share one token.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 import numpy as np
 import torch
 
 from yuanlfa.data.fim import FIMConfig, FIMTokenizer, apply_fim
+from yuanlfa.data.index_cache import IndexCache
 from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
 
 
@@ -95,9 +98,17 @@ class PackedDataset(torch.utils.data.Dataset):
         fim: FIMConfig | None = None,
         tokenizer: FIMTokenizer | None = None,
         eod_mask_loss: bool = False,
+        reset_position_ids: bool = True,
+        sft_sep_id: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        name: str = "train",
     ) -> None:
         """``fim``: rewrite documents fill-in-the-middle (needs ``tokenizer``), deterministically
-        per sample index. ``eod_mask_loss``: no loss where the label is EOD."""
+        per sample index. ``eod_mask_loss``: no loss where the label is EOD.
+        ``reset_position_ids``: positions restart after each EOD (else 0..seq-1).
+        ``sft_sep_id``: supervised fine-tuning, no loss up to and including each document's
+        first token of this id. ``cache_dir``: keep the three index arrays there as .npy files
+        (``name`` tells splits apart in the file names) and memory-map them on later runs."""
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
         if num_samples < 0:
@@ -115,7 +126,10 @@ class PackedDataset(torch.utils.data.Dataset):
             )
         if fim is not None and tokenizer is None:
             raise DataError("fill-in-the-middle needs the tokenizer (to cut text by characters)")
+        if fim is not None and sft_sep_id is not None:
+            raise DataError("fill-in-the-middle and SFT loss masking do not combine")
         self.fim, self.tokenizer, self.eod_mask_loss = fim, tokenizer, eod_mask_loss
+        self.reset_position_ids, self.sft_sep_id = reset_position_ids, sft_sep_id
         self.seed = seed
         self.indexed = indexed
         self.seq_length = seq_length
@@ -130,21 +144,43 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"{tokens_per_epoch} tokens, fewer than one sample needs (seq_length + 1 = "
                 f"{seq_length + 1}); use a shorter train.seq_length or more data"
             )
+        key = {
+            "version": 1,
+            "seq_length": seq_length,
+            "num_samples": num_samples,
+            "seed": seed,
+            "shuffle": shuffle,
+            "documents": hashlib.sha256(documents.tobytes()).hexdigest(),
+        }
+        cache = IndexCache(cache_dir, indexed.prefix, key, name) if cache_dir is not None else None
+        arrays = cache.load() if cache is not None else None
+        if arrays is None:
+            arrays = self._build_indices(documents, tokens_per_epoch, shuffle)
+            if cache is not None:
+                cache.save(arrays)
+        self.doc_order, self.sample_index, self.shuffle_index = arrays
+
+    def _build_indices(
+        self, documents: np.ndarray, tokens_per_epoch: int, shuffle: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Document order (a seeded permutation per epoch), sample index and sample shuffle."""
+        seq_length, num_samples = self.seq_length, self.num_samples
         needed = num_samples * seq_length + 1
         epochs = -(-needed // tokens_per_epoch)
         # RandomState, not Generator: its streams are frozen across numpy versions, so a seed
         # names the same samples forever.
-        rng = np.random.RandomState(seed)
-        order_dtype = np.int32 if num_docs < 2**31 else np.int64
+        rng = np.random.RandomState(self.seed)
+        order_dtype = np.int32 if self.indexed.num_documents < 2**31 else np.int64
         orders = [rng.permutation(documents) if shuffle else documents for _ in range(epochs)]
-        self.doc_order = np.concatenate(orders).astype(order_dtype)
+        doc_order = np.concatenate(orders).astype(order_dtype)
         # The C++ helper when built (same result; index_helpers imports this module, hence here).
         from yuanlfa.data.index_helpers import build_sample_index as build_index
 
-        self.sample_index = build_index(self.doc_lengths, self.doc_order, seq_length, num_samples)
-        self.shuffle_index = (
+        sample_index = build_index(self.doc_lengths, doc_order, seq_length, num_samples)
+        shuffle_index = (
             rng.permutation(num_samples) if shuffle else np.arange(num_samples)
         ).astype(np.int64)
+        return doc_order, sample_index, shuffle_index
 
     def __getstate__(self) -> dict:
         # The lengths may be a view of the memory map: recompute them instead of copying.
@@ -177,29 +213,61 @@ class PackedDataset(torch.utils.data.Dataset):
                 break
         return parts
 
-    def sample_tokens(self, i: int) -> np.ndarray:
-        """The ``seq_length + 1`` tokens of sample ``i`` (after shuffling), as int64."""
+    def _pieces(self, i: int) -> list[tuple[int, int, int]]:
+        """Sample ``i`` (after shuffling) as (document, first token, length) runs."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range ({self.num_samples} samples)")
         j = int(self.shuffle_index[i])
         (first, start), (last, end) = self.sample_index[j], self.sample_index[j + 1]
         first, start, last, end = int(first), int(start), int(last), int(end)
-        lengths = self.doc_lengths
         order = self.doc_order
         if first == last:
-            parts = self._read(int(order[first]), start, end - start + 1)
-        else:
-            doc = int(order[first])
-            parts = self._read(doc, start, int(lengths[doc]) - start)
-            for k in range(first + 1, last):
-                doc = int(order[k])
-                parts += self._read(doc, 0, int(lengths[doc]))
-            parts += self._read(int(order[last]), 0, end + 1)
+            return [(int(order[first]), start, end - start + 1)]
+        doc = int(order[first])
+        pieces = [(doc, start, int(self.doc_lengths[doc]) - start)]
+        for k in range(first + 1, last):
+            doc = int(order[k])
+            pieces.append((doc, 0, int(self.doc_lengths[doc])))
+        pieces.append((int(order[last]), 0, end + 1))
+        return pieces
+
+    def sample_tokens(self, i: int) -> np.ndarray:
+        """The ``seq_length + 1`` tokens of sample ``i`` (after shuffling), as int64."""
+        parts = [p for doc, off, n in self._pieces(i) for p in self._read(doc, off, n)]
         return np.concatenate(parts).astype(np.int64)
+
+    def _sft_mask(self, i: int, tokens: np.ndarray) -> np.ndarray:
+        """1.0 on tokens after their document's first <sep>, 0.0 on the prompt and the <sep>.
+
+        A sample can start inside a document, so the part of it before the sample is searched
+        too; a document without <sep> is all response.
+        """
+        mask = np.ones(len(tokens), dtype=np.float32)
+        at = 0
+        for doc, offset, length in self._pieces(i):
+            piece = tokens[at : at + length]
+            seen = offset > 0 and any(
+                (p == self.sft_sep_id).any() for p in self._read(doc, 0, offset)
+            )
+            if not seen:
+                hits = np.flatnonzero(piece == self.sft_sep_id)
+                if len(hits):
+                    mask[at : at + hits[0] + 1] = 0.0
+                elif offset > 0 or length < self.doc_lengths[doc]:
+                    # No <sep> in this part: it is all response only if the document has none.
+                    rest = offset + length
+                    later = self._read(doc, rest, int(self.doc_lengths[doc]) - rest)
+                    if any((p == self.sft_sep_id).any() for p in later):
+                        mask[at : at + length] = 0.0
+            at += length
+        return mask
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.sample_tokens(i)
-        mask = np.ones(len(sample), dtype=np.float32)
+        if self.sft_sep_id is not None:
+            mask = self._sft_mask(i, sample)
+        else:
+            mask = np.ones(len(sample), dtype=np.float32)
         if self.fim is not None:
             # Seeded by the sample's index: the same sample in every process and after resume.
             index = i % self.num_samples
@@ -212,7 +280,11 @@ class PackedDataset(torch.utils.data.Dataset):
         return {
             "tokens": torch.from_numpy(tokens.copy()),
             "labels": torch.from_numpy(labels.copy()),
-            "position_ids": torch.from_numpy(position_ids_from_tokens(tokens, self.eod_id)),
+            "position_ids": torch.from_numpy(
+                position_ids_from_tokens(tokens, self.eod_id)
+                if self.reset_position_ids
+                else np.arange(len(tokens), dtype=np.int64)
+            ),
             "loss_mask": torch.from_numpy(loss_mask),
         }
 

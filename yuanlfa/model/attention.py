@@ -27,14 +27,24 @@ def _use_flash(q: torch.Tensor, backend: str) -> bool:
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "auto",
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention where the queries are the last ``s`` of the ``past + s`` keys.
 
     q: [s, b, heads, d]; k, v: [past + s, b, heads, d]. Returns [s, b, heads, d].
+    doc_start: optional bool [s, b], True where a document starts: each token then attends only
+    to the earlier tokens of its own document (packed samples; needs past == 0).
     """
     s, kv = q.shape[0], k.shape[0]
     past = kv - s
+    if doc_start is not None:
+        if past:
+            raise ValueError("document masks apply to whole sequences, not to cached decoding")
+        return document_attention(q, k, v, doc_start, backend)
     if _use_flash(q, backend):
         from flash_attn import flash_attn_func
 
@@ -62,6 +72,39 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int, past: int) 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """Causal attention within documents. q, k, v: [s, b, heads, d]; doc_start: bool [s, b].
+
+    The first token of every row starts a document whatever doc_start says (a sample may begin
+    inside one). flash-attn's variable-length kernel when usable, else SDPA with a block mask.
+    """
+    s, b, heads, d = q.shape
+    starts = doc_start.t().clone()  # [b, s]
+    starts[:, 0] = True
+    if _use_flash(q, backend):
+        from flash_attn import flash_attn_varlen_func
+
+        # Every document of every row is one sequence of the flattened [b * s] token stream.
+        first = torch.nonzero(starts.reshape(-1)).flatten()
+        cu = torch.cat([first, first.new_tensor([b * s])]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        flat = [t.transpose(0, 1).reshape(b * s, heads, d) for t in (q, k, v)]
+        out = flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True)
+        return out.view(b, s, heads, d).transpose(0, 1)
+    segment = torch.cumsum(starts, dim=1)  # [b, s]: document number of each token
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    mask = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal  # [b, s_q, s_k]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    if backend == "math":
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(1))
+    else:
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(1))
+    return out.permute(2, 0, 1, 3)
+
+
 class LFAAttention(nn.Module):
     """Yuan 2.0 attention. ``qk_proj`` is the fused per-head projection: its output viewed as
     [.., heads, 2 * head_dim] holds [q_head; k_head] for each head."""
@@ -72,14 +115,22 @@ class LFAAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.head_dim
         self.backend = cfg.attention_backend
+        self.reset_filter = cfg.lfa_reset_at_doc_start
+        self.document_mask = cfg.document_attention
         self.lf_gate = LocalizedFiltering(h, cfg.norm_eps, cfg.lfa_impl) if cfg.lfa else None
         self.qk_proj = nn.Linear(h, 2 * h, bias=False)
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Softmax attention alone (a method so selective recompute can wrap just this)."""
-        return causal_attention(q, k, v, self.backend)
+        return causal_attention(q, k, v, self.backend, doc_start)
 
     def forward(
         self,
@@ -89,7 +140,11 @@ class LFAAttention(nn.Module):
         doc_start: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [s, b, h] (the normed layer input); cos/sin: [s, b, 1, head_dim]."""
+        """x: [s, b, h] (the normed layer input); cos/sin: [s, b, 1, head_dim].
+
+        doc_start: bool [s, b] (the whole sequence), True where position ids restart; used by
+        the filter and the attention mask when the config asks for document-aware behaviour.
+        """
         v = self.v_proj(x)
         # The projections define the sequence length: a sequence-parallel plan feeds this block
         # a shard of x and projections that gather the full sequence.
@@ -98,7 +153,8 @@ class LFAAttention(nn.Module):
         filtered = x
         if self.lf_gate is not None:
             state = cache.lfa if cache is not None else None
-            filtered, new_state = self.lf_gate(x, state=state, doc_start=doc_start)
+            starts = doc_start if self.reset_filter else None
+            filtered, new_state = self.lf_gate(x, state=state, doc_start=starts)
             if cache is not None:
                 cache.lfa = new_state
         qk = self.qk_proj(filtered).view(s, b, self.num_heads, 2 * self.head_dim)
@@ -106,5 +162,7 @@ class LFAAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = self.core_attention(q, k, v)  # [s, b, heads, d]
+        # Cached decoding continues one document: the plain causal mask is the document mask.
+        mask_docs = self.document_mask and cache is None and doc_start is not None
+        out = self.core_attention(q, k, v, doc_start if mask_docs else None)  # [s, b, heads, d]
         return self.o_proj(out.reshape(s, b, self.num_heads * self.head_dim))

@@ -156,7 +156,8 @@ class YuanModel(nn.Module):
             position_ids = torch.arange(start, start + s, device=hidden.device).expand(b, s)
         pos = position_ids.t()  # [s, b]
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base, hidden.dtype)
-        doc_start = (pos == 0) if self.cfg.lfa_reset_at_doc_start else None
+        document_aware = self.cfg.lfa_reset_at_doc_start or self.cfg.document_attention
+        doc_start = (pos == 0) if document_aware else None
         for key in layer_ids:
             hidden = self.layers[key](hidden, cos, sin, doc_start, cache)
         if cache is not None:

@@ -1,0 +1,124 @@
+"""Document-aware attention: a packed row gives each document exactly what it gets alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.test_model import model_cfg, randomize
+from yuanlfa.config import ConfigError, config_from_dict
+from yuanlfa.model import YuanModel
+from yuanlfa.model.attention import causal_attention
+
+# Row 0 starts inside a document (positions 3.. as a packed sample can); row 1 has a
+# one-token document.
+ROWS = [[("mid", 3, 6), ("a", 0, 9), ("b", 0, 5)], [("c", 0, 1), ("d", 0, 12), ("e", 0, 7)]]
+SEQ = 20
+
+
+def packed(vocab: int, seed: int = 0):
+    """Token and position rows [2, SEQ], and each document's (row, start, tokens, positions)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(2, SEQ, dtype=torch.long)
+    positions = torch.zeros(2, SEQ, dtype=torch.long)
+    docs = []
+    for r, row in enumerate(ROWS):
+        at = 0
+        for _, first_pos, n in row:
+            ids = torch.randint(0, vocab, (n,), generator=g)
+            pos = torch.arange(first_pos, first_pos + n)
+            tokens[r, at : at + n], positions[r, at : at + n] = ids, pos
+            docs.append((r, at, ids, pos))
+            at += n
+        assert at == SEQ
+    return tokens, positions, docs
+
+
+def build(layers: int = 2, **model: object) -> YuanModel:
+    torch.manual_seed(0)
+    net = YuanModel(model_cfg(layers, **model))
+    randomize(net, seed=1)
+    return net
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_packed_logits_and_grads_equal_documents_alone(backend: str) -> None:
+    net = build(document_attention=True, lfa_reset_at_doc_start=True, attention_backend=backend)
+    tokens, positions, docs = packed(net.cfg.vocab_size)
+    logits = net(tokens, positions)
+    loss = logits.float().logsumexp(-1).sum()
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    alone_loss = 0.0
+    for r, at, ids, pos in docs:
+        out = net(ids[None], pos[None])
+        torch.testing.assert_close(out[0], logits[r, at : at + len(ids)], rtol=1e-5, atol=1e-5)
+        alone_loss = alone_loss + out.float().logsumexp(-1).sum()
+    alone_loss.backward()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, packed_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_without_the_mask_documents_see_each_other() -> None:
+    # The equivalence above is not automatic: plain causal attention leaks across documents.
+    tokens, positions, docs = packed(128)
+    net = build(lfa_reset_at_doc_start=True)
+    logits = net(tokens, positions)
+    r, at, ids, pos = docs[1]
+    assert not torch.allclose(net(ids[None], pos[None])[0], logits[r, at : at + len(ids)])
+
+
+def test_no_lfa_document_attention_alone() -> None:
+    net = build(lfa=False, document_attention=True)
+    tokens, positions, docs = packed(net.cfg.vocab_size, seed=3)
+    logits = net(tokens, positions)
+    for r, at, ids, pos in docs:
+        torch.testing.assert_close(
+            net(ids[None], pos[None])[0], logits[r, at : at + len(ids)], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_one_document_equals_causal() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, 2, 3, 8, generator=g) for _ in range(3))
+    none = torch.zeros(9, 2, dtype=torch.bool)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, doc_start=none), causal_attention(q, k, v), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_document_mask_refuses_a_cache() -> None:
+    q = torch.randn(2, 1, 1, 4)
+    k = torch.randn(5, 1, 1, 4)
+    with pytest.raises(ValueError, match="cached decoding"):
+        causal_attention(q, k, k, doc_start=torch.zeros(2, 1, dtype=torch.bool))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="lfa_reset_at_doc_start=true"):
+        config_from_dict({"model": {"document_attention": True}})
+    with pytest.raises(ConfigError, match="reset_position_ids=true"):
+        config_from_dict(
+            {
+                "model": {"document_attention": True, "lfa_reset_at_doc_start": True},
+                "data": {"reset_position_ids": False},
+            }
+        )
+    config_from_dict({"model": {"document_attention": True, "lfa": False}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_varlen_equals_sdpa_gpu() -> None:
+    pytest.importorskip("flash_attn")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(64, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(3)
+    )
+    starts = torch.zeros(64, 3, dtype=torch.bool, device="cuda")
+    starts[[5, 17, 40], 0] = True
+    starts[[1, 63], 2] = True
+    flash = causal_attention(q, k, v, backend="flash", doc_start=starts)
+    ref = causal_attention(q.float(), k.float(), v.float(), backend="sdpa", doc_start=starts)
+    torch.testing.assert_close(flash.float(), ref, rtol=2e-2, atol=2e-2)
