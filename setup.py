@@ -55,7 +55,7 @@ def extensions() -> list[Extension]:
         ["csrc/index_helpers.cpp"],
         cxx_std=17,
         # -O3 is GCC/Clang syntax; MSVC gets pybind11's defaults.
-        extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
+        extra_compile_args=[] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"],
     )
     # optional: setuptools then skips copying a missing .so into the source tree (editable).
     ext.optional = not REQUIRE_CPP

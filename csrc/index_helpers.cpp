@@ -1,16 +1,24 @@
 // yuanlfa._index_helpers: the sample index of the packed GPT dataset, built by one walk over the
-// documents (the loop Megatron's helpers.cpp runs), with the GIL released while it walks.
+// documents (the loop Megatron's helpers.cpp runs), and the blending indices that interleave
+// several datasets by weight (Megatron's build_blending_indices), with the GIL released while
+// they loop.
 //
-// The numpy version in yuanlfa/data/dataset.py is the specification: same rows, same checks and
-// the same error texts (the Python wrapper in yuanlfa/data/index_helpers.py turns ValueError into
-// DataError). Keep the messages below in step with that file and index_helpers.py.
+// The numpy versions (yuanlfa/data/dataset.py, and the blending fallback in
+// yuanlfa/data/index_helpers.py) are the specification: same results, same checks and the same
+// error texts (the Python wrapper in yuanlfa/data/index_helpers.py turns ValueError into
+// DataError). Keep the messages below in step with those files.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -159,6 +167,103 @@ py::array_t<int64_t> build_sample_index(const py::array& doc_lengths, const py::
   return build<int64_t, int64_t>(doc_lengths, doc_order, seq_length, num_samples);
 }
 
+// Python's format(x, "g"): C's %g, except that every NaN prints as "nan" (glibc writes "-nan"
+// for a negative one).
+std::string format_g(double x) {
+  if (std::isnan(x)) return "nan";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+constexpr int64_t kMaxDatasets = 255;  // dataset_index is uint8, as in Megatron's helpers.cpp
+
+// How far the weights' sum may be from 1 (numpy.isclose's default tolerances, which Megatron's
+// BlendedDataset asserts with).
+constexpr double kSumTolerance = 1e-8 + 1e-5;
+
+std::string check_weights(const std::vector<double>& w) {
+  const auto n = static_cast<int64_t>(w.size());
+  if (n < 1 || n > kMaxDatasets) {
+    return "need 1 to 255 datasets (dataset_index is uint8), got " + std::to_string(n);
+  }
+  for (int64_t d = 0; d < n; ++d) {
+    if (!std::isfinite(w[d]) || !(w[d] > 0.0)) {
+      return "weights[" + std::to_string(d) + "] = " + format_g(w[d]) +
+             " is not a finite number > 0";
+    }
+  }
+  double sum = 0.0;  // left to right, as the numpy side's cumsum adds
+  for (double x : w) sum += x;
+  if (!(std::fabs(sum - 1.0) <= kSumTolerance)) {
+    return "the weights sum to " + format_g(sum) +
+           ", not 1; normalize them first (weights / weights.sum())";
+  }
+  return "";
+}
+
+// Megatron's greedy interleaving: sample i goes to the dataset furthest behind its share
+// (weight * max(i, 1) minus the samples it already has), the first such on ties.
+//
+// Where the target has FMA (aarch64, x86 with -march=haswell or later) GCC and Clang would fuse
+// the multiply and subtract into one, rounded once instead of twice: no longer numpy's number
+// (nor that of Megatron's x86 build), so a near-tie could go the other way. Hence no contraction.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void blend(const std::vector<double>& weights, int64_t size, uint8_t* dataset_index,
+           int64_t* dataset_sample_index) {
+#ifdef __clang__
+#pragma clang fp contract(off)
+#endif
+  const auto n = static_cast<py::ssize_t>(weights.size());
+  std::vector<int64_t> current(n, 0);
+  for (int64_t i = 0; i < size; ++i) {
+    const double x = std::max(static_cast<double>(i), 1.0);
+    py::ssize_t best = 0;
+    double best_error = weights[0] * x - static_cast<double>(current[0]);
+    for (py::ssize_t d = 1; d < n; ++d) {
+      const double error = weights[d] * x - static_cast<double>(current[d]);
+      if (error > best_error) {
+        best_error = error;
+        best = d;
+      }
+    }
+    dataset_index[i] = static_cast<uint8_t>(best);
+    dataset_sample_index[i] = current[best];
+    ++current[best];
+  }
+}
+
+std::pair<py::array_t<uint8_t>, py::array_t<int64_t>> build_blending_indices(
+    const py::array& weights_arr, int64_t size) {
+  if (weights_arr.ndim() != 1 || !py::isinstance<py::array_t<double>>(weights_arr)) {
+    throw py::value_error("weights must be a 1-D float64 array in native byte order, got " +
+                          std::string(py::str(weights_arr.dtype())) + " [" +
+                          std::to_string(weights_arr.ndim()) + "-D]");
+  }
+  // At most 255 numbers (once checked): copied, so the loop needs neither the array nor the GIL.
+  const auto* data = static_cast<const char*>(weights_arr.data());
+  std::vector<double> weights(static_cast<size_t>(weights_arr.shape(0)));
+  for (py::ssize_t d = 0; d < weights_arr.shape(0); ++d) {
+    weights[d] = *reinterpret_cast<const double*>(data + d * weights_arr.strides(0));
+  }
+  const std::string error = check_weights(weights);
+  if (!error.empty()) throw py::value_error(error);
+  if (size < 0) {
+    throw py::value_error("size must be in [0, 2**63 - 1], got " + std::to_string(size));
+  }
+  py::array_t<uint8_t> dataset_index(static_cast<py::ssize_t>(size));
+  py::array_t<int64_t> dataset_sample_index(static_cast<py::ssize_t>(size));
+  uint8_t* index_out = dataset_index.mutable_data();
+  int64_t* sample_out = dataset_sample_index.mutable_data();
+  {
+    py::gil_scoped_release release;
+    blend(weights, size, index_out, sample_out);
+  }
+  return {dataset_index, dataset_sample_index};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_index_helpers, m) {
@@ -168,4 +273,9 @@ PYBIND11_MODULE(_index_helpers, m) {
         "Sample boundaries (position in doc_order, token offset), int64 [num_samples + 1, 2].\n\n"
         "doc_lengths and doc_order are 1-D int32 or int64 arrays; raises ValueError on bad "
         "inputs with the messages of yuanlfa.data.index_helpers.build_sample_index.");
+  m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
+        "(dataset_index uint8 [size], dataset_sample_index int64 [size]): sample i of the blend\n"
+        "is sample dataset_sample_index[i] of dataset dataset_index[i].\n\n"
+        "weights: 1-D float64, 1 to 255 of them, each > 0, summing to 1; raises ValueError on\n"
+        "bad inputs with the messages of yuanlfa.data.index_helpers.build_blending_indices.");
 }

@@ -100,6 +100,7 @@ class PackedDataset(torch.utils.data.Dataset):
         eod_mask_loss: bool = False,
         reset_position_ids: bool = True,
         sft_sep_id: int | None = None,
+        pad_id: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         name: str = "train",
     ) -> None:
@@ -107,7 +108,8 @@ class PackedDataset(torch.utils.data.Dataset):
         per sample index. ``eod_mask_loss``: no loss where the label is EOD.
         ``reset_position_ids``: positions restart after each EOD (else 0..seq-1).
         ``sft_sep_id``: supervised fine-tuning, no loss up to and including each document's
-        first token of this id. ``cache_dir``: keep the three index arrays there as .npy files
+        first token of this id. ``pad_id``: padding in the data (e.g. of fixed-length SFT
+        records) never carries loss. ``cache_dir``: keep the three index arrays there as .npy files
         (``name`` tells splits apart in the file names) and memory-map them on later runs."""
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
@@ -130,6 +132,7 @@ class PackedDataset(torch.utils.data.Dataset):
             raise DataError("fill-in-the-middle and SFT loss masking do not combine")
         self.fim, self.tokenizer, self.eod_mask_loss = fim, tokenizer, eod_mask_loss
         self.reset_position_ids, self.sft_sep_id = reset_position_ids, sft_sep_id
+        self.pad_id = pad_id
         self.seed = seed
         self.indexed = indexed
         self.seq_length = seq_length
@@ -275,6 +278,8 @@ class PackedDataset(torch.utils.data.Dataset):
                                      sample_index=index)  # fmt: skip
         tokens, labels = sample[:-1], sample[1:]
         loss_mask = mask[1:].copy()  # mask[k] belongs to token k: the label of position k - 1
+        if self.pad_id is not None:
+            loss_mask[labels == self.pad_id] = 0.0
         if self.eod_mask_loss:
             loss_mask[labels == self.eod_id] = 0.0
         return {

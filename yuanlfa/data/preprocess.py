@@ -27,6 +27,9 @@ class _Settings:
     tokenizer: Tokenizer
     json_key: str
     append_eod: bool
+    # The .bin's token type: documents are narrowed in the worker, so a worker sends back 2
+    # bytes per token instead of 8 (the main process's unpickling limited the scaling).
+    dtype: np.dtype = np.dtype(np.int64)
 
 
 # Set by the pool initializer, in worker processes only.
@@ -68,9 +71,11 @@ def _add(text: str, settings: _Settings, docs: list[np.ndarray]) -> None:
     # Empty documents would only add lone EOD tokens.
     if tokens.size == 0:
         return
+    out = np.empty(tokens.size + settings.append_eod, dtype=settings.dtype)
+    out[: tokens.size] = tokens
     if settings.append_eod:
-        tokens = np.append(tokens, settings.tokenizer.eod)
-    docs.append(tokens)
+        out[-1] = settings.tokenizer.eod
+    docs.append(out)
 
 
 def _run_task(task: tuple, settings: _Settings) -> tuple[list[np.ndarray], int]:
@@ -111,9 +116,18 @@ def _init_worker(settings: _Settings) -> None:
     _worker_settings = settings
 
 
-def _run_in_worker(task: tuple) -> tuple[list[np.ndarray], int]:
+def _run_in_worker(task: tuple) -> tuple[np.ndarray, np.ndarray, int]:
+    """One task's documents as one flat array and their lengths: cheaper to send than a list
+    of many small arrays."""
     assert _worker_settings is not None
-    return _run_task(task, _worker_settings)
+    docs, nbytes = _run_task(task, _worker_settings)
+    flat = np.concatenate(docs) if docs else np.empty(0, dtype=_worker_settings.dtype)
+    return flat, np.array([len(d) for d in docs], dtype=np.int64), nbytes
+
+
+def _unpack(result: tuple[np.ndarray, np.ndarray, int]) -> tuple[list[np.ndarray], int]:
+    flat, lengths, nbytes = result
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else [], nbytes
 
 
 def _ordered_map(
@@ -180,17 +194,20 @@ def preprocess_files(
 
     start = time.perf_counter()
     total_bytes = sum(os.path.getsize(p) for p in files)
-    settings = _Settings(tokenizer, json_key or "text", append_eod)
+    dtype = best_dtype(tokenizer.vocab_size)
+    settings = _Settings(tokenizer, json_key or "text", append_eod, dtype)
     bar = _progress_bar(progress, total_bytes)
     documents = 0
     pool = None
     try:
-        with IndexedDatasetBuilder(prefix, best_dtype(tokenizer.vocab_size)) as builder:
+        with IndexedDatasetBuilder(prefix, dtype) as builder:
             if workers == 1:
                 results: Iterable[Any] = (_run_task(t, settings) for t in _tasks(files))
             else:
                 pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings,))
-                results = _ordered_map(pool, _run_in_worker, _tasks(files), window=4 * workers)
+                results = map(
+                    _unpack, _ordered_map(pool, _run_in_worker, _tasks(files), window=4 * workers)
+                )
             for docs, nbytes in results:
                 for doc in docs:
                     builder.add_document(doc)

@@ -39,6 +39,7 @@ from yuanlfa.train.distributed import (
     init_distributed,
     world_from_env,
 )
+from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger, check_tensorboard
 from yuanlfa.train.optimizer import build_optimizer
 from yuanlfa.train.pipeline import (
@@ -108,7 +109,7 @@ def prepare_config(cfg: Config) -> Config:
     return cfg
 
 
-def run_settings(cfg: Config, data_prefix: str) -> dict[str, Any]:
+def run_settings(cfg: Config, data_source: str) -> dict[str, Any]:
     """What fixes the sample order and the lr schedule: a resumed run must keep all of it."""
     t = cfg.train
     return {
@@ -116,7 +117,7 @@ def run_settings(cfg: Config, data_prefix: str) -> dict[str, Any]:
         "train.seed": t.seed,
         "train.global_batch_size": t.global_batch_size,
         "train.seq_length": t.seq_length,
-        "data.path": str(Path(data_prefix).resolve()),
+        "data.path": data_source,
         "data.split": cfg.data.split,
         "optim.lr_schedule": cfg.optim.lr_schedule,
         "optim.warmup_steps": cfg.optim.warmup_steps,
@@ -317,6 +318,16 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
     result = TrainResult()
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = t.global_batch_size * t.seq_length
+    loader = StepLoader(
+        data.train,
+        consumed=consumed,
+        global_batch=t.global_batch_size,
+        micro_batch=t.micro_batch_size,
+        dp_rank=mesh.dp_rank,
+        dp=mesh.dp,
+        device=device,
+        num_workers=cfg.data.num_workers,
+    )
     try:
         while step < t.steps:
             started = time.perf_counter()
@@ -325,11 +336,7 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             # This data-parallel rank's contiguous share of the global batch.
-            start = consumed + mesh.dp_rank * local_batch
-            batches = [
-                get_batch(data.train, start + m * t.micro_batch_size, t.micro_batch_size, device)
-                for m in range(micro_batches)
-            ]
+            batches = loader.next_step()
             # Normalize by the tokens of the whole global batch, so the gradient is that of the
             # global-batch mean loss however the batch is split into microbatches and ranks.
             num_tokens = sum(b["loss_mask"].sum() for b in batches)
@@ -433,5 +440,6 @@ def _train(cfg: Config, mesh, device, dtype, data, progress: bool) -> TrainResul
                 say(f"exiting at step {step} (train.exit_interval={t.exit_interval})")
                 break
     finally:
+        loader.close()
         logger.close()
     return result
