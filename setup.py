@@ -86,9 +86,13 @@ setup(
         "hf": ["safetensors>=0.4"],
         # SentencePiece models and Hugging Face tokenizer files (data.tokenizer)
         "tokenizers": ["sentencepiece>=0.1.99", "tokenizers>=0.15"],
+        # LFA attention in megatron-core's GPT model (yuanlfa.integrations.megatron_core);
+        # megatron-core itself needs only torch, numpy and packaging. Tested with 0.16.1.
+        "megatron": ["megatron-core>=0.16"],
         # triton runs the LFA kernels' tests on CPU through its interpreter.
         "dev": [
             "matplotlib>=3.5",
+            "megatron-core>=0.16",
             "pytest>=8",
             "ruff>=0.5",
             "safetensors>=0.4",

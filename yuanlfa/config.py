@@ -36,7 +36,20 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = True
+    # false: no filter (plain attention), the same as filter: none (kept for older configs).
     lfa: bool = True
+    # The local filter in front of the Q/K projections, by registered name: lfa (the paper's
+    # two convolutions + RMSNorm, DESIGN.md 3), lfa_no_norm, conv (one causal convolution of
+    # filter_kernel taps, + residual and RMSNorm), none (plain attention), or a plug-in's name.
+    filter: str = "lfa"
+    # Taps of the conv filter (the paper's ablation: 1, 2, 3, 7); plug-ins may read it too.
+    filter_kernel: int = 2
+    # The core attention (softmax(q k^T) v on [s, b, heads, d]) by registered name: causal
+    # (attention_backend picks the kernel) or a plug-in's name.
+    attention: str = "causal"
+    # Python files (path/to/file.py) or importable module names imported before the model is
+    # built, on every rank, so that their @register_filter / @register_attention decorators run.
+    plugins: tuple[str, ...] = ()
     # Restart the filter at document starts inside packed samples (the reference does not).
     lfa_reset_at_doc_start: bool = False
     # Each token attends only to its own document inside a packed sample (Megatron's
@@ -47,6 +60,16 @@ class ModelConfig:
     # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
     # logits are never materialized there).
     loss_block_size: int = 2048
+
+    def __post_init__(self) -> None:
+        # Configs rebuilt from JSON (checkpoint manifests) carry lists; keep the config hashable.
+        if not isinstance(self.plugins, tuple):
+            object.__setattr__(self, "plugins", tuple(self.plugins))
+
+    @property
+    def filter_name(self) -> str:
+        """The filter the model uses: ``filter``, or none when ``lfa`` is false."""
+        return self.filter if self.lfa else "none"
 
     @property
     def head_dim(self) -> int:
@@ -403,6 +426,7 @@ def validate(cfg: Config) -> None:
         m.hidden_size % 2 == 0,
         f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
     )
+    _validate_model_components(m)
 
     _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages", "grad_bucket_size")
     _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
@@ -531,6 +555,26 @@ def validate(cfg: Config) -> None:
     _validate_documents(cfg)
 
 
+def _validate_model_components(m: ModelConfig) -> None:
+    """The filter and core attention: names, plug-in files and what plug-ins declare."""
+    _require(
+        m.lfa or m.filter in ("lfa", "none"),
+        f"model.lfa: false means no filter, but model.filter is {m.filter!r}; drop model.lfa "
+        "and choose with model.filter (none for plain attention)",
+    )
+    _require(m.filter_kernel >= 1, f"model.filter_kernel: must be >= 1, got {m.filter_kernel}")
+    _require(
+        m.filter_kernel == 2 or m.filter_name not in ("lfa", "lfa_no_norm"),
+        f"model.filter_kernel: {m.filter_kernel}, but LFA's two convolutions have kernel 2; "
+        "use model.filter: conv for one convolution of another size",
+    )
+    # Imports the plug-ins (user code) and the model's registry, which needs torch: deferred so
+    # that reading a config stays light until a model is described.
+    from yuanlfa.model.registry import check_model_config
+
+    check_model_config(m)
+
+
 def _validate_documents(cfg: Config) -> None:
     """The data options and the model's document-aware options must agree."""
     d, m = cfg.data, cfg.model
@@ -556,9 +600,9 @@ def _validate_documents(cfg: Config) -> None:
             "data.reset_position_ids=true",
         )
     _require(
-        not (m.document_attention and m.lfa and not m.lfa_reset_at_doc_start),
-        "model.document_attention: the LFA filter would still mix the previous document's last "
-        "two tokens into each document's first ones; set model.lfa_reset_at_doc_start=true too",
+        not (m.document_attention and m.filter_name != "none" and not m.lfa_reset_at_doc_start),
+        "model.document_attention: the filter would still mix the previous document's last "
+        "tokens into each document's first ones; set model.lfa_reset_at_doc_start=true too",
     )
 
 

@@ -78,6 +78,16 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]]:
     raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
 
 
+def require_release_architecture(cfg: ModelConfig, target: str) -> None:
+    """The Yuan 2.0 formats hold the released attention (LFA, or none) and nothing else."""
+    if cfg.filter_name not in ("lfa", "none") or cfg.attention != "causal":
+        raise CheckpointError(
+            f"the {target} format of Yuan 2.0 has no place for model.filter "
+            f"{cfg.filter_name!r} / model.attention {cfg.attention!r} (only lfa or none with "
+            "causal attention); keep this checkpoint in yuanlfa's format"
+        )
+
+
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["YuanForCausalLM"],
@@ -205,6 +215,7 @@ def export_hf(
 
     src = resolve_checkpoint(src)
     cfg = ModelConfig(**read_meta(src)["model_config"])
+    require_release_architecture(cfg, "Hugging Face")
     stored = stored_tensors(src)
     params = list(_weights(src, cfg))
     out_dtype = dtype or stored[params[0][1]].properties.dtype

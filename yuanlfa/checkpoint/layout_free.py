@@ -43,7 +43,7 @@ from yuanlfa.checkpoint.planners import (
     LazySavePlanner,
     LazyTensor,
 )
-from yuanlfa.config import ModelConfig
+from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
 from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
 from yuanlfa.parallel.mesh import Mesh
@@ -51,7 +51,8 @@ from yuanlfa.parallel.optimizer import ShardedAdamW
 from yuanlfa.parallel.tensor_parallel import shard_pieces
 
 FORMAT = "yuanlfa-dcp-v1"
-IGNORED_MODEL_KEYS = ("lfa_impl", "attention_backend", "loss_block_size")
+# Settings that do not change the parameters or their values (plug-in files may move).
+IGNORED_MODEL_KEYS = ("lfa_impl", "attention_backend", "loss_block_size", "plugins")
 
 
 def _distributed() -> bool:
@@ -82,12 +83,13 @@ class _Placer:
     def __init__(self, cfg: ModelConfig, mesh: Mesh) -> None:
         self.shapes = _full_shapes(cfg)
         self.mesh = mesh
+        self.cfg = cfg
 
     def blocks(
         self, key: str, name: str, local_shape, flat: torch.Tensor, start=0, stop=None
     ) -> list[Block]:
         full = self.shapes[name]
-        pieces = shard_pieces(name, full, self.mesh.tp_rank, self.mesh.tp)
+        pieces = shard_pieces(name, full, self.mesh.tp_rank, self.mesh.tp, self.cfg)
         return local_blocks(key, full, pieces, tuple(local_shape), flat, start, stop)
 
 
@@ -375,6 +377,8 @@ def load_checkpoint(
     try:
         meta = read_meta(path)
         saved = meta.get("model_config", {})
+        # Fields added after a checkpoint was written read as their defaults.
+        saved = {**config_to_dict(ModelConfig()), **saved}
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}"
             for k in sorted(set(saved) | set(model_config))

@@ -31,7 +31,7 @@ import torch
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
-from yuanlfa.checkpoint.hf import _prepare_output, _replace
+from yuanlfa.checkpoint.hf import _prepare_output, _replace, require_release_architecture
 from yuanlfa.checkpoint.layout_free import (
     FORMAT,
     load_blocks,
@@ -275,6 +275,7 @@ def export_megatron(
     src = resolve_checkpoint(src)
     meta = read_meta(src)
     cfg = ModelConfig(**meta["model_config"])
+    require_release_architecture(cfg, "Megatron")
     _check_tp(cfg, tp)
     blocks = (
         check_blocks(blocks, pp, cfg.num_layers, "--target-blocks")

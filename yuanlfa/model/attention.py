@@ -11,6 +11,7 @@ from torch import nn
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.cache import LayerCache
 from yuanlfa.model.lfa import LocalizedFiltering
+from yuanlfa.model.registry import build_component
 from yuanlfa.ops.rope import apply_rope
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -106,8 +107,11 @@ def document_attention(
 
 
 class LFAAttention(nn.Module):
-    """Yuan 2.0 attention. ``qk_proj`` is the fused per-head projection: its output viewed as
-    [.., heads, 2 * head_dim] holds [q_head; k_head] for each head."""
+    """Yuan 2.0 attention with a pluggable filter and core attention (yuanlfa.model.registry).
+
+    ``qk_proj`` is the fused per-head projection: its output viewed as [.., heads, 2 * head_dim]
+    holds [q_head; k_head] for each head. ``lf_gate`` is the filter (``model.filter``; None for
+    none), ``core`` the core attention (``model.attention``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -117,10 +121,11 @@ class LFAAttention(nn.Module):
         self.backend = cfg.attention_backend
         self.reset_filter = cfg.lfa_reset_at_doc_start
         self.document_mask = cfg.document_attention
-        self.lf_gate = LocalizedFiltering(h, cfg.norm_eps, cfg.lfa_impl) if cfg.lfa else None
+        self.lf_gate = build_component("filter", cfg)
         self.qk_proj = nn.Linear(h, 2 * h, bias=False)
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
+        self.core = build_component("attention", cfg)
 
     def core_attention(
         self,
@@ -129,8 +134,15 @@ class LFAAttention(nn.Module):
         v: torch.Tensor,
         doc_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Softmax attention alone (a method so selective recompute can wrap just this)."""
-        return causal_attention(q, k, v, self.backend, doc_start)
+        """The core attention alone (a method so selective recompute can wrap just this)."""
+        out = self.core(q, k, v, doc_start)
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"core attention {type(self.core).__name__} returned {got}; expected the "
+                f"queries' shape {tuple(q.shape)} [s, b, heads, head_dim]"
+            )
+        return out
 
     def forward(
         self,
@@ -152,11 +164,8 @@ class LFAAttention(nn.Module):
         v = v.view(s, b, self.num_heads, self.head_dim)
         filtered = x
         if self.lf_gate is not None:
-            state = cache.lfa if cache is not None else None
             starts = doc_start if self.reset_filter else None
-            filtered, new_state = self.lf_gate(x, state=state, doc_start=starts)
-            if cache is not None:
-                cache.lfa = new_state
+            filtered = apply_filter(self.lf_gate, x, starts, cache)
         qk = self.qk_proj(filtered).view(s, b, self.num_heads, 2 * self.head_dim)
         q, k = qk.split(self.head_dim, dim=-1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -166,3 +175,47 @@ class LFAAttention(nn.Module):
         mask_docs = self.document_mask and cache is None and doc_start is not None
         out = self.core_attention(q, k, v, doc_start if mask_docs else None)  # [s, b, heads, d]
         return self.o_proj(out.reshape(s, b, self.num_heads * self.head_dim))
+
+
+def apply_filter(
+    module: nn.Module,
+    x: torch.Tensor,
+    doc_start: torch.Tensor | None,
+    cache: LayerCache | None = None,
+) -> torch.Tensor:
+    """Run a filter on x [s, b, h] -> [s, b, h], continuing the cached sequence when decoding.
+
+    LFA carries its (x_{t-1}, y_{t-1}) state; any other filter gets its last ``receptive_field``
+    inputs prepended (all of them for None), the outputs for those rows dropped.
+    """
+    if isinstance(module, LocalizedFiltering):
+        out, state = module(x, state=cache.lfa if cache is not None else None, doc_start=doc_start)
+        if cache is not None:
+            cache.lfa = state
+        return out
+    past = cache.filter_inputs if cache is not None else None
+    if past is None:
+        out = module(x, doc_start=doc_start)
+        inputs, starts = x, doc_start
+    else:
+        inputs = torch.cat((past, x))
+        starts = None
+        if doc_start is not None:
+            before = cache.filter_starts
+            if before is None:
+                before = torch.zeros(past.shape[:2], dtype=torch.bool, device=x.device)
+            starts = torch.cat((before, doc_start))
+        out = module(inputs, doc_start=starts)[past.shape[0] :]
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"filter {type(module).__name__} returned {got}; expected the input's shape "
+            f"{tuple(x.shape)} [s, b, h]"
+        )
+    if cache is not None:
+        keep = module.receptive_field
+        if keep is None or keep > 0:
+            start = 0 if keep is None else max(inputs.shape[0] - keep, 0)
+            cache.filter_inputs = inputs[start:]
+            cache.filter_starts = starts[start:] if starts is not None else None
+    return out

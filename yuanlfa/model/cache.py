@@ -13,7 +13,10 @@ from yuanlfa.ops.lfa import LFAState
 class LayerCache:
     k: torch.Tensor | None = None  # [past, b, heads, head_dim], after RoPE
     v: torch.Tensor | None = None  # [past, b, heads, head_dim]
-    lfa: LFAState | None = None  # the filter's x_{t-1} and y_{t-1}
+    lfa: LFAState | None = None  # the LFA filter's x_{t-1} and y_{t-1}
+    # Other filters: their last receptive_field inputs [r, b, h] (and document starts [r, b]).
+    filter_inputs: torch.Tensor | None = None
+    filter_starts: torch.Tensor | None = None
 
     @property
     def length(self) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from yuanlfa.config import ModelConfig
+from yuanlfa.model.registry import component_of, init_parameter
 from yuanlfa.model.transformer import YuanModel
 
 
@@ -26,15 +27,14 @@ def name_seed(seed: int, name: str) -> int:
 
 def init_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The initial fp32 value of the full (unsharded) parameter ``name``."""
+    if component_of(name, cfg) is not None:
+        # The filter's or core attention's own rule (LFA: torch.nn.Conv2d's default, which the
+        # released model was trained from; a plug-in: its constructor's values, seeded by name).
+        return init_parameter(name, shape, cfg, seed)
     gen = torch.Generator().manual_seed(name_seed(seed, name))
     out = torch.empty(shape, dtype=torch.float32)
     if name.endswith("norm.weight"):
         return out.fill_(1.0)
-    if ".lf_gate.conv" in name:
-        # torch.nn.Conv2d's default (what the released model was trained from): U(+-1/sqrt(fan_in)).
-        in_channels = cfg.hidden_size if ".conv1." in name else cfg.hidden_size // 2
-        bound = 1.0 / math.sqrt(in_channels * 2)
-        return out.uniform_(-bound, bound, generator=gen)
     if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
         # Megatron's scaled init for projections that feed the residual stream.
         std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)

@@ -20,6 +20,7 @@ from torch import nn
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.lfa import LocalizedFiltering
+from yuanlfa.model.registry import component_of, split_dim
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss
 from yuanlfa.ops.lfa import LFAState, halo_state
@@ -40,35 +41,52 @@ def _mark_sharded(param: nn.Parameter) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x @ W_local^T for this rank's output rows; the input is replicated (or, with
-    sequence parallelism, gathered from the sequence shards)."""
+    """y_local = x @ W_local^T (+ b_local) for this rank's output rows; the input is replicated
+    (or, with sequence parallelism, gathered from the sequence shards)."""
 
-    def __init__(self, weight: torch.Tensor, group, sequence_parallel: bool) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        group,
+        sequence_parallel: bool,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.weight = _mark_sharded(nn.Parameter(weight))
+        self.bias = _mark_sharded(nn.Parameter(bias)) if bias is not None else None
         self.group = group
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_seq(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_local @ W_local^T for this rank's input columns; the sum is an
-    all-reduce (or, with sequence parallelism, a reduce-scatter onto the sequence shards)."""
+    """y = sum over ranks of x_local @ W_local^T for this rank's input columns (+ b); the sum is
+    an all-reduce (or, with sequence parallelism, a reduce-scatter onto the sequence shards). The
+    bias is replicated and added once, after the sum."""
 
-    def __init__(self, weight: torch.Tensor, group, sequence_parallel: bool) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        group,
+        sequence_parallel: bool,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.weight = _mark_sharded(nn.Parameter(weight))
+        self.bias = nn.Parameter(bias) if bias is not None else None
         self.group = group
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
-            return reduce_scatter_seq(y, self.group)
-        return reduce_from_tp(y, self.group)
+            y = reduce_scatter_seq(y, self.group)
+        else:
+            y = reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -165,7 +183,11 @@ class SequenceParallelLFA(LocalizedFiltering):
 
 
 def shard_pieces(
-    name: str, full_shape: tuple[int, ...], tp_rank: int, tp: int
+    name: str,
+    full_shape: tuple[int, ...],
+    tp_rank: int,
+    tp: int,
+    cfg: ModelConfig | None = None,
 ) -> tuple[int, list[tuple[int, int, int]]]:
     """Where this rank's shard of the full parameter ``name`` comes from: ``(dim, pieces)`` with
     pieces ``(local_start, global_start, length)`` along ``dim`` (one source of truth for
@@ -174,8 +196,15 @@ def shard_pieces(
     Fused QK rows are laid out per head as [q_head; k_head], so a contiguous block of rows is a
     block of whole heads. fc1's rows are [SiLU branch; linear branch]: each rank keeps its slice
     of both halves, in that order, as the Yuan 2.0 release does. Replicated parameters are one
-    piece covering the whole tensor.
+    piece covering the whole tensor. With ``cfg``, a plug-in filter's or core attention's
+    parameters follow its ``tp_plan`` (yuanlfa.model.registry).
     """
+    if tp > 1 and cfg is not None and component_of(name, cfg) is not None:
+        dim = split_dim(name, cfg)
+        if dim is None:
+            return 0, [(0, 0, full_shape[0])]
+        n = full_shape[dim] // tp
+        return dim, [(0, tp_rank * n, n)]
     if tp > 1:
         if name.endswith(("attn.qk_proj.weight", "attn.v_proj.weight", "embed.weight")) or (
             name == "output.weight"
@@ -196,7 +225,7 @@ def shard_full_tensor(
     name: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int
 ) -> torch.Tensor:
     """This rank's slice of the full parameter ``name`` (replicated ones are returned whole)."""
-    dim, pieces = shard_pieces(name, tuple(full.shape), tp_rank, tp)
+    dim, pieces = shard_pieces(name, tuple(full.shape), tp_rank, tp, cfg)
     parts = [full.narrow(dim, start, length) for _, start, length in pieces]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
@@ -205,6 +234,8 @@ def apply_tensor_parallel(
     model: YuanModel, group, sequence_parallel: bool, loss_block_size: int = 2048
 ) -> YuanModel:
     """Turn the single-device model (real or meta) into this rank's tensor-parallel shard."""
+    from yuanlfa.parallel.plugin_plan import apply_attention_plan, apply_filter_plan
+
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     cfg = model.cfg
     if not cfg.tie_embeddings:
@@ -222,8 +253,14 @@ def apply_tensor_parallel(
             full_name = f"{prefix}attn.{attr}.weight"
             setattr(attn, attr, cls(shard(full_name, module.weight), group, sequence_parallel))
         attn.num_heads = cfg.num_heads // tp
-        if sequence_parallel and attn.lf_gate is not None:
-            attn.lf_gate = SequenceParallelLFA(attn.lf_gate, group)
+        if isinstance(attn.lf_gate, LocalizedFiltering):
+            if sequence_parallel:
+                attn.lf_gate = SequenceParallelLFA(attn.lf_gate, group)
+        elif attn.lf_gate is not None:
+            apply_filter_plan(
+                attn.lf_gate, cfg, f"{prefix}attn.lf_gate", group, sequence_parallel, shard
+            )
+        apply_attention_plan(attn.core, cfg, f"{prefix}attn.core", group, sequence_parallel, shard)
         mlp.fc1 = ColumnParallelLinear(
             shard(f"{prefix}mlp.fc1.weight", mlp.fc1.weight), group, sequence_parallel
         )
