@@ -8,6 +8,13 @@ then never has a larger maximum stage memory than the other two; ties are broken
 ``time`` minimizes the slowest rank among the splits that fit the device (ties broken by the
 slowest stage, then by memory) and fails when none fits. Memory is per device (one tensor-
 parallel rank of a pipeline rank), time per microbatch; the step time simulates the schedule.
+
+``--advise`` ranks every layout of a cluster (``--nodes`` x ``--gpus-per-node`` devices,
+``--intra-bw`` / ``--inter-bw`` GB/s per device with per-message latencies) by predicted step
+time: tp x pp x dp, schedule, recompute, distributed optimizer, sequence parallelism and rank
+order, each with its balanced split that fits the device (yuanlfa.planner.advisor), and prints
+the config snippet of the best. ``--paper-comparison`` prints the Yuan 2.0 paper's weak-link
+comparison (tensor parallelism vs pp + dp + ZeRO against bandwidth) under our cost model.
 """
 
 from __future__ import annotations
@@ -20,9 +27,14 @@ import sys
 from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import Config, ConfigError, load_config, resolve, validate
 from yuanlfa.parallel.pipeline.layout import resolve_blocks, uniform_blocks
+from yuanlfa.planner.advisor import advise
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset, get_device
+from yuanlfa.planner.links import Link
+from yuanlfa.planner.report import advice_to_dict, format_advice, format_sweeps
+from yuanlfa.planner.topology import Cluster
+from yuanlfa.planner.weak_link import PAPER_BANDWIDTHS_GBPS, paper_comparison
 
 GIB = 2**30
 SPLITS = ("released", "uniform", "balanced")
@@ -107,6 +119,7 @@ def plan_to_dict(plan: PlanCost) -> dict:
         "step_time_s": plan.step_time_s,
         "pipeline_time_s": plan.pipeline_s,
         "dp_comm_s": plan.dp_comm_s,
+        "step_comm_s": plan.step_comm_s,
         "bubble_fraction": plan.bubble_fraction,
         "fits": plan.fits,
     }
@@ -194,9 +207,8 @@ def _timeline_model(model: CostModel) -> CostModel:
         cfg,
         model.device,
         mfu=model.mfu,
-        p2p_gbps=model.p2p_gbps,
-        tp_gbps=model.tp_gbps,
-        dp_gbps=model.dp_gbps,
+        flops_per_s=model.flops_per_s,
+        links=model.links,
         memory_limit_bytes=model.memory_limit_bytes,
         gpu=model.spec.fused_norm,
     )
@@ -299,7 +311,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE", default=None, help="write a PNG of the plans")
+    parser.add_argument(
+        "--flops",
+        type=float,
+        default=None,
+        help="sustained FLOP/s per device, measured (replaces the device peak x --mfu)",
+    )
+    advise = parser.add_argument_group(
+        "layout advisor (--advise): rank every tp x pp x dp layout of a cluster by step time"
+    )
+    advise.add_argument("--advise", action="store_true", help="rank layouts, print the best")
+    advise.add_argument("--nodes", type=int, default=None, help="nodes in the cluster")
+    advise.add_argument("--gpus-per-node", type=int, default=None, help="devices per node")
+    advise.add_argument("--intra-bw", type=float, default=None, help="intra-node GB/s per device")
+    advise.add_argument("--inter-bw", type=float, default=None, help="inter-node GB/s per device")
+    advise.add_argument(
+        "--intra-latency-us", type=float, default=5.0, help="intra-node latency per message"
+    )
+    advise.add_argument(
+        "--inter-latency-us", type=float, default=10.0, help="inter-node latency per message"
+    )
+    advise.add_argument("--top", type=int, default=10, help="layouts to list")
+    advise.add_argument(
+        "--paper-comparison",
+        action="store_true",
+        help="the paper's tp vs pp+dp+ZeRO step times at 400/200/100 GB/s (and Gbit/s)",
+    )
+    advise.add_argument(
+        "--devices", type=int, default=96, help="devices for --paper-comparison (a multiple of 32)"
+    )
     args = parser.parse_args(argv)
+    if args.advise or args.paper_comparison:
+        return _advise_main(args)
     try:
         cfg = load_config(args.config, args.overrides)
         cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
@@ -312,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             limit = int(args.memory_limit_gib * GIB)
         options = {
             "mfu": args.mfu,
+            "flops_per_s": args.flops,
             "p2p_gbps": args.p2p_gbps,
             "tp_gbps": args.tp_gbps,
             "dp_gbps": args.dp_gbps,
@@ -334,6 +378,103 @@ def main(argv: list[str] | None = None) -> int:
         _print_text(summary, plans)
         if args.plot:
             print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    """The cluster of the --advise flags; ConfigError naming a missing or impossible one."""
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value is None:
+            raise ConfigError(f"{flag}: --advise needs --nodes, --gpus-per-node and --intra-bw")
+        if value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if args.intra_bw is None:
+        raise ConfigError("--intra-bw: --advise needs the intra-node bandwidth in GB/s")
+    inter = args.inter_bw
+    if inter is None:
+        if args.nodes > 1:
+            raise ConfigError("--inter-bw: needed with --nodes > 1 (GB/s per device)")
+        inter = args.intra_bw
+    for flag, value in (("--intra-bw", args.intra_bw), ("--inter-bw", inter)):
+        if not value > 0:
+            raise ConfigError(f"{flag}: bandwidth must be > 0 GB/s, got {value}")
+    for flag, value in (
+        ("--intra-latency-us", args.intra_latency_us),
+        ("--inter-latency-us", args.inter_latency_us),
+    ):
+        if not value >= 0:
+            raise ConfigError(f"{flag}: must be >= 0, got {value}")
+    return Cluster(
+        args.nodes,
+        args.gpus_per_node,
+        Link(args.intra_bw, args.intra_latency_us * 1e-6),
+        Link(inter, args.inter_latency_us * 1e-6),
+    )
+
+
+def _tokenizer_vocab(cfg: Config) -> int | None:
+    if cfg.model.vocab_size is not None:
+        return None
+    from yuanlfa.data import build_tokenizer
+
+    return build_tokenizer(cfg.data.tokenizer).vocab_size
+
+
+def _advise_main(args: argparse.Namespace) -> int:
+    """--advise and --paper-comparison."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
+        if args.paper_comparison:
+            return _paper_main(args, cfg, device)
+        limit = None
+        if args.memory_limit_gib is not None:
+            if args.memory_limit_gib <= 0:
+                raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+            limit = int(args.memory_limit_gib * GIB)
+        advice = advise(
+            cfg,
+            _cluster(args),
+            device,
+            top=args.top,
+            mfu=args.mfu,
+            flops_per_s=args.flops,
+            memory_limit_bytes=limit,
+            tokenizer_vocab=_tokenizer_vocab(cfg),
+        )
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(advice_to_dict(advice), indent=2))
+    else:
+        print(format_advice(advice, device.name))
+    return 0
+
+
+def _paper_main(args: argparse.Namespace, cfg: Config, device: DevicePreset) -> int:
+    world = args.devices
+    if world < 32 or world % 32:
+        raise ConfigError(f"--devices: the paper's layouts need a multiple of 32, got {world}")
+    as_gb = paper_comparison(cfg, device, world, PAPER_BANDWIDTHS_GBPS, mfu=args.mfu)
+    # The same figures read as Gbit/s (a factor 8 fewer bytes per second).
+    as_gbit = paper_comparison(
+        cfg, device, world, [b / 8 for b in PAPER_BANDWIDTHS_GBPS], mfu=args.mfu
+    )
+    if args.json:
+        out = {
+            reading: {
+                r.name: {"bandwidths_gbps": list(r.bandwidths_gbps), "step_s": list(r.step_times_s)}
+                for r in results
+            }
+            for reading, results in (("GB/s", as_gb), ("Gbit/s", as_gbit))
+        }
+        print(json.dumps({"devices": world, "device": device.name, **out}, indent=2))
+        return 0
+    print(f"{args.config} on {world} x {device.name} (mfu {args.mfu}), every link at the bandwidth")
+    print(format_sweeps(as_gb, world, [f"{b:g} GB/s" for b in PAPER_BANDWIDTHS_GBPS]))
+    print()
+    print(format_sweeps(as_gbit, world, [f"{b:g} Gb/s" for b in PAPER_BANDWIDTHS_GBPS]))
     return 0
 
 

@@ -1,5 +1,6 @@
 """Sizes and costs computed from configs alone (no model is built): parameters, FLOPs, memory
-(static and activations), time per pipeline rank, and the pipeline balancer."""
+(static and activations), time per pipeline rank on a cluster's links, the pipeline balancer,
+the layout advisor and the calibration of the time model on measurements."""
 
 from yuanlfa.planner.activations import (
     ActivationSpec,
@@ -11,7 +12,9 @@ from yuanlfa.planner.activations import (
     rank_ops,
     stage_activation_bytes,
 )
+from yuanlfa.planner.advisor import Advice, Layout, Ranked, advise, apply_layout, snippet
 from yuanlfa.planner.balance import BalanceResult, auto_blocks, balance, best_blocks
+from yuanlfa.planner.calibrate import fit_flops_per_s, fit_latency_s, flops_from_layer_time
 from yuanlfa.planner.cost import CostModel, PlanCost, RankCost, cost_model, simulate
 from yuanlfa.planner.devices import (
     DEFAULT_MFU,
@@ -21,35 +24,61 @@ from yuanlfa.planner.devices import (
     get_device,
 )
 from yuanlfa.planner.flops import flops_per_token
+from yuanlfa.planner.links import (
+    Link,
+    ring_all_gather_s,
+    ring_all_reduce_s,
+    ring_reduce_scatter_s,
+)
 from yuanlfa.planner.memory import StageMemory, stage_memory
 from yuanlfa.planner.params import ParamCounts, param_counts, stage_blocks
+from yuanlfa.planner.topology import Cluster, LinkPlan, link_plan
+from yuanlfa.planner.weak_link import bandwidth_sweep, paper_comparison
 
 __all__ = [
     "DEFAULT_MFU",
     "PRESETS",
     "ActivationSpec",
+    "Advice",
     "BalanceResult",
+    "Cluster",
     "CostModel",
     "DevicePreset",
+    "Layout",
+    "Link",
+    "LinkPlan",
     "ParamCounts",
     "PlanCost",
     "RankCost",
+    "Ranked",
     "StageActivations",
     "StageMemory",
     "activation_spec",
+    "advise",
+    "apply_layout",
     "auto_blocks",
     "balance",
+    "bandwidth_sweep",
     "best_blocks",
     "cost_model",
     "device_from_cuda_name",
+    "fit_flops_per_s",
+    "fit_latency_s",
+    "flops_from_layer_time",
     "flops_per_token",
     "get_device",
     "in_flight_microbatches",
     "layer_activation_bytes",
+    "link_plan",
     "microbatch_activations",
+    "paper_comparison",
     "param_counts",
     "rank_ops",
+    "ring_all_gather_s",
+    "ring_all_reduce_s",
+    "ring_reduce_scatter_s",
     "simulate",
+    "snippet",
     "stage_activation_bytes",
     "stage_blocks",
     "stage_memory",

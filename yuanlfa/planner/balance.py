@@ -26,6 +26,7 @@ second, v = 2 about a second.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -63,12 +64,16 @@ class BalanceResult:
     cost: PlanCost
 
 
+@functools.lru_cache(maxsize=64)
 def _compositions(total: int, parts: int, low: int) -> np.ndarray:
-    """Every tuple of ``parts`` integers >= ``low`` whose sum is at most ``total``."""
+    """Every tuple of ``parts`` integers >= ``low`` whose sum is at most ``total`` (shared by
+    every rank and cost model: read-only)."""
     rows: list[tuple[int, ...]] = [()]
     for _ in range(parts):
         rows = [r + (b,) for r in rows for b in range(low, total - sum(r) + 1)]
-    return np.array(rows, dtype=np.int64).reshape(len(rows), parts)
+    out = np.array(rows, dtype=np.int64).reshape(len(rows), parts)
+    out.flags.writeable = False
+    return out
 
 
 def rank_candidates(model: CostModel, rank: int, allow_empty_stages: bool = True) -> RankCandidates:

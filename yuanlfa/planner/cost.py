@@ -5,28 +5,36 @@ Memory of a pipeline rank = weights + gradients + optimizer states of its layers
 stages it runs, :mod:`.activations`), + the largest transient workspace (one layer's recompute,
 the loss's logits block and fp32 weight-gradient accumulator on the last stage).
 
-Time per microbatch of a stage = FLOPs / (device peak * mfu) for forward (projections, LFA, MLP
-and the causal attention term growing with seq; the head 2hV per token) and backward (2x the
-forward; the block-wise loss recomputes its logits, 3x; recompute adds one layer forward (full)
-or the attention core (selective)), + tensor-parallel collectives (ring all-reduce of [s, b, h]
-twice per layer each way, 2 (tp - 1) / tp of the bytes each) at ``tp_gbps``, + the stage's P2P
-sends ([s / tp under SP, b, h] forward to the next stage and its gradient back) at ``p2p_gbps``.
-A step is the schedule simulated with those per-stage times (ops in torch's order, each waiting
-for its dependency on the neighbouring stage) plus the data-parallel gradient reduce-scatter and
-parameter all-gather (all-reduce without the distributed optimizer), not overlapped, at
-``dp_gbps``.
+Time per microbatch of a stage = FLOPs / sustained FLOP/s (device peak * mfu, or a calibrated
+``flops_per_s``) for forward (projections, LFA, MLP and the causal attention term growing with
+seq; the head 2hV per token) and backward (2x the forward; the block-wise loss recomputes its
+logits, 3x; recompute adds one layer forward (full) or the attention core (selective)), + the
+tensor-parallel collectives of :mod:`.comm` (ring formulas of :mod:`.links` on the tp group's
+link), + the stage's P2P sends ([s / tp under SP, b, h] forward to the next stage and its
+gradient back, alpha + bytes / bandwidth on that boundary's link). A step is the schedule
+simulated with those per-stage times (ops in torch's order, each waiting for its dependency on
+the neighbouring stage) plus, not overlapped, the data-parallel gradient reduce-scatter and
+parameter all-gather (all-reduce without the distributed optimizer), bucketed as the trainer
+buckets them, and the tied embedding's gradient sum between the first and last stage.
+
+Links come from a :class:`~.topology.Cluster` (intra- or inter-node per group, from the rank
+order) or, without one, from ``p2p_gbps`` / ``tp_gbps`` / ``dp_gbps`` and one ``latency_s``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.planner import comm
 from yuanlfa.planner.activations import (
     ActivationSpec,
     Op,
     activation_spec,
+    layer_activation_bytes,
     loss_workspace_bytes,
     microbatch_activations,
     num_microbatches,
@@ -36,9 +44,10 @@ from yuanlfa.planner.activations import (
 )
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset
 from yuanlfa.planner.flops import flops_per_token
+from yuanlfa.planner.links import Link
 from yuanlfa.planner.memory import StateBytes, layer_params, stage_extra_params, state_bytes
-
-GB = 1e9
+from yuanlfa.planner.params import param_counts
+from yuanlfa.planner.topology import Cluster, LinkPlan, link_plan, uniform_links
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,18 @@ class StageTime:
     backward_s: float
     weight_grad_s: float  # of backward_s: the weight-gradient GEMMs (zero bubble's W op)
     comm_s: float  # P2P and tensor-parallel collectives, forward + backward
+    # Of comm_s: what the forward pass waits on (None: half of it).
+    forward_comm_s: float | None = None
 
     @property
     def total_s(self) -> float:
         return self.forward_s + self.backward_s + self.comm_s
+
+    @property
+    def comm_split(self) -> tuple[float, float]:
+        """(forward, backward) shares of comm_s."""
+        fwd = self.comm_s / 2 if self.forward_comm_s is None else self.forward_comm_s
+        return fwd, self.comm_s - fwd
 
 
 @dataclass(frozen=True)
@@ -72,7 +89,8 @@ class RankCost:
     forward_s: float
     backward_s: float
     comm_s: float
-    dp_comm_s: float  # once per step
+    dp_comm_s: float  # once per step: the data-parallel reduction
+    sync_comm_s: float = 0.0  # once per step: tied embedding and replicated-weight gradient sums
 
     @property
     def layers(self) -> int:
@@ -135,8 +153,13 @@ class PlanCost:
         return max(r.dp_comm_s for r in self.ranks)
 
     @property
+    def step_comm_s(self) -> float:
+        """What follows the pipeline, on the slowest rank: dp reduction and gradient sums."""
+        return max(r.dp_comm_s + r.sync_comm_s for r in self.ranks)
+
+    @property
     def step_time_s(self) -> float:
-        return self.pipeline_s + self.dp_comm_s
+        return self.pipeline_s + self.step_comm_s
 
     @property
     def bubble_fraction(self) -> float:
@@ -164,17 +187,54 @@ class CostModel:
     specs: tuple[ActivationSpec, ...]  # per pipeline rank (its recompute mode)
     state: StateBytes
     mfu: float
-    p2p_gbps: float
-    tp_gbps: float
-    dp_gbps: float
+    flops_per_s: float  # sustained: device peak * mfu, or calibrated
+    links: LinkPlan
     num_microbatches: int
     memory_limit_bytes: int | None
-    # Per rank: microbatches held per local stage at the schedule's candidate peaks.
-    held: tuple[tuple[tuple[int, ...], ...], ...] = field(repr=False)
+
+    @cached_property
+    def held(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """Per rank: microbatches held per local stage at the schedule's candidate peaks
+        (computed on first use: time estimates alone do not need the schedule's order)."""
+        p = self.cfg.parallel
+        return schedule_held(p.schedule, p.pp, self.num_microbatches, p.virtual_stages)
+
+    @cached_property
+    def _memo(self) -> dict:
+        """Per-layer and per-stage terms, computed once: the balancer and the advisor ask for
+        them for every layer count of every stage (the model is immutable)."""
+        return {}
+
+    def _cached(self, key: tuple, compute):
+        memo = self._memo
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     @property
     def pp(self) -> int:
         return self.cfg.parallel.pp
+
+    @property
+    def tp(self) -> int:
+        return self.cfg.parallel.tp
+
+    @property
+    def dp(self) -> int:
+        return self.cfg.parallel.dp or 1
+
+    @property
+    def p2p_gbps(self) -> float:
+        """The slowest pipeline boundary's bandwidth."""
+        return min(link.gbps for link in self.links.p2p)
+
+    @property
+    def tp_gbps(self) -> float:
+        return self.links.tp.gbps
+
+    @property
+    def dp_gbps(self) -> float:
+        return self.links.dp.gbps
 
     @property
     def spec(self) -> ActivationSpec:
@@ -197,17 +257,32 @@ class CostModel:
 
     def stage_params(self, stage: int, layers: int) -> int:
         first, last = stage == 0, stage == self.num_stages - 1
-        return layers * layer_params(self.cfg) + stage_extra_params(
-            self.cfg, first, last, self.num_stages
+        per_layer = self._cached(("layer_params",), lambda: layer_params(self.cfg))
+        extra = self._cached(
+            ("extra_params", stage),
+            lambda: stage_extra_params(self.cfg, first, last, self.num_stages),
         )
+        return layers * per_layer + extra
 
     def microbatch_bytes(self, stage: int, layers: int) -> int:
         """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
+        if layers > 1:  # linear in the layers beyond the first (microbatch_activations)
+            rank = stage % self.pp
+            per_layer = self._cached(
+                ("layer_bytes", rank),
+                lambda: layer_activation_bytes(self.cfg.model, self.specs[rank]),
+            )
+            return self.microbatch_bytes(stage, 1) + (layers - 1) * per_layer
         first, last = stage == 0, stage == self.num_stages - 1
         spec = self.specs[stage % self.pp]
-        return microbatch_activations(
-            self.cfg.model, spec, layers, first, last, self.num_stages
-        ).total
+        return self._cached(
+            ("microbatch_bytes", stage, layers),
+            lambda: (
+                microbatch_activations(
+                    self.cfg.model, spec, layers, first, last, self.num_stages
+                ).total
+            ),
+        )
 
     def recompute_workspace_bytes(self, rank: int) -> int:
         return recompute_workspace_bytes(self.cfg.model, self.specs[rank])
@@ -246,14 +321,13 @@ class CostModel:
     # Time
 
     def _seconds(self, flops: float) -> float:
-        return flops / (self.device.peak_flops * self.mfu)
-
-    def _all_reduce_s(self, nbytes: float) -> float:
-        tp = self.cfg.parallel.tp
-        return 2 * (tp - 1) / tp * nbytes / (self.tp_gbps * GB) if tp > 1 else 0.0
+        return flops / self.flops_per_s
 
     def layer_time(self, rank: int = 0) -> StageTime:
         """One layer on pipeline rank ``rank`` (its recompute mode)."""
+        return self._cached(("layer_time", rank), lambda: self._layer_time(rank))
+
+    def _layer_time(self, rank: int) -> StageTime:
         m, p, spec = self.cfg.model, self.cfg.parallel, self.specs[rank]
         terms = flops_per_token(m, spec.seq_length)
         L, tp, T = m.num_layers, p.tp, spec.tokens
@@ -266,31 +340,44 @@ class CostModel:
         recompute = {"none": 0.0, "selective": self._seconds(attention * T), "full": forward}
         weight_grad = self._seconds((sharded + lfa) * T)  # dW GEMMs mirror the forward GEMMs
         backward = 2 * forward + recompute[spec.recompute]
-        # Two activation all-reduces (or reduce-scatter + all-gather pairs under SP) per layer
-        # forward, two for the input gradients, two more when full recompute re-runs forward.
-        collectives = 4 + (2 if spec.recompute == "full" else 0)
-        comm = collectives * self._all_reduce_s(spec.dtype_bytes * m.hidden_size * T)
-        return StageTime(forward, backward, weight_grad, comm)
+        fwd_comm, bwd_comm = comm.layer_tp_s(m, spec, p.sequence_parallel, self.links.tp)
+        if spec.recompute == "full":
+            bwd_comm += fwd_comm  # the recomputed forward runs its collectives again
+        return StageTime(forward, backward, weight_grad, fwd_comm + bwd_comm, fwd_comm)
 
     def stage_time(self, stage: int, layers: int) -> StageTime:
-        m, spec = self.cfg.model, self.spec
+        """``stage`` holding ``layers`` layers: that many layers plus its fixed parts."""
         layer = self.layer_time(stage % self.pp)
+        fixed = self._cached(("stage_fixed", stage), lambda: self._stage_fixed(stage))
+        fwd_comm = layers * layer.comm_split[0] + fixed.comm_split[0]
+        return StageTime(
+            layers * layer.forward_s + fixed.forward_s,
+            layers * layer.backward_s + fixed.backward_s,
+            layers * layer.weight_grad_s + fixed.weight_grad_s,
+            layers * layer.comm_s + fixed.comm_s,
+            fwd_comm,
+        )
+
+    def _stage_fixed(self, stage: int) -> StageTime:
+        """What a stage costs besides its layers: the embedding, the head and loss, its links."""
+        m, p, spec = self.cfg.model, self.cfg.parallel, self.spec
         first, last = stage == 0, stage == self.num_stages - 1
-        forward, backward = layers * layer.forward_s, layers * layer.backward_s
-        weight_grad, comm = layers * layer.weight_grad_s, layers * layer.comm_s
-        boundary = spec.dtype_bytes * m.hidden_size * spec.tokens
+        forward = backward = weight_grad = fwd_comm = bwd_comm = 0.0
         if first:
-            comm += self._all_reduce_s(boundary)  # vocab-parallel embedding's output
+            fwd_comm += comm.embedding_tp_s(m, spec, p.sequence_parallel, self.links.tp)
         if last:
-            head = self._seconds(2.0 * m.hidden_size * m.vocab_size / self.cfg.parallel.tp)
-            head *= spec.tokens
+            head = self._seconds(2.0 * m.hidden_size * m.vocab_size / p.tp) * spec.tokens
             forward += head
             backward += 3 * head  # the block-wise loss recomputes each block's logits
             weight_grad += head
-            comm += self._all_reduce_s(boundary)  # the head input's gradient
-        send = spec.dtype_bytes * m.hidden_size * spec.shard_tokens / (self.p2p_gbps * GB)
-        comm += (0 if last else send) + (0 if first else send)
-        return StageTime(forward, backward, weight_grad, comm)
+            f, b = comm.head_tp_s(m, spec, p.sequence_parallel, self.links.tp)
+            fwd_comm, bwd_comm = fwd_comm + f, bwd_comm + b
+        boundary = spec.dtype_bytes * m.hidden_size * spec.shard_tokens
+        if not last:  # the activation to the next stage
+            fwd_comm += self.links.boundary(stage, self.pp).transfer_s(boundary)
+        if not first:  # the input's gradient back to the previous stage
+            bwd_comm += self.links.boundary(stage - 1, self.pp).transfer_s(boundary)
+        return StageTime(forward, backward, weight_grad, fwd_comm + bwd_comm, fwd_comm)
 
     def rank_stage_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> StageTime:
         """The rank's stages together. Computed from the layer count and the stages' fixed
@@ -302,20 +389,38 @@ class CostModel:
             n * layer.backward_s + sum(t.backward_s for t in fixed),
             n * layer.weight_grad_s + sum(t.weight_grad_s for t in fixed),
             n * layer.comm_s + sum(t.comm_s for t in fixed),
+            n * layer.comm_split[0] + sum(t.comm_split[0] for t in fixed),
         )
 
     def rank_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> float:
         return self.rank_stage_time(rank, layers_per_stage).total_s
 
     def dp_comm_s(self, params: int) -> float:
-        dp = self.cfg.parallel.dp or 1
-        if dp == 1:
-            return 0.0
-        if self.cfg.optim.distributed:
-            nbytes = params * (self.state.grads + self.state.weights) * (dp - 1) / dp
-        else:
-            nbytes = params * self.state.grads * 2 * (dp - 1) / dp
-        return nbytes / (self.dp_gbps * GB)
+        """Once per step: the data-parallel gradient reduction (and parameter all-gather) of a
+        rank holding ``params`` parameters."""
+        p = self.cfg.parallel
+        return comm.dp_step_s(
+            params, self.dp, self.state, self.cfg.optim.distributed, p.grad_bucket_size,
+            self.links.dp,
+        )  # fmt: skip
+
+    def sync_comm_s(self, rank: int, blocks: tuple[int, ...]) -> float:
+        """Once per step on pipeline rank ``rank`` holding ``blocks``: the tied embedding's
+        gradient sum between the first and last stage, and under sequence parallelism the tp
+        sum of the replicated weights' (norms, LFA) gradients."""
+        cfg, p = self.cfg, self.cfg.parallel
+        stages = self.stages_of(rank)
+        total = 0.0
+        holds_ends = 0 in stages or self.num_stages - 1 in stages
+        if self.num_stages > 1 and cfg.model.tie_embeddings and holds_ends:
+            total += comm.tied_embedding_s(
+                param_counts(cfg.model).embedding // p.tp, self.dp, self.state,
+                cfg.optim.distributed, self.links.embed,
+            )  # fmt: skip
+        if p.sequence_parallel:
+            replicated = param_counts(cfg.model).per_layer_replicated * sum(blocks)
+            total += comm.replicated_grads_s(replicated, p.tp, self.state, self.links.tp)
+        return total
 
     # Whole plans
 
@@ -351,6 +456,7 @@ class CostModel:
             backward_s=times.backward_s,
             comm_s=times.comm_s,
             dp_comm_s=self.dp_comm_s(params),
+            sync_comm_s=self.sync_comm_s(rank, mine),
         )
 
     def evaluate(self, blocks: tuple[int, ...] | PipelineLayout) -> PlanCost:
@@ -377,24 +483,36 @@ def cost_model(
     device: DevicePreset | None = None,
     *,
     mfu: float = DEFAULT_MFU,
+    flops_per_s: float | None = None,
     p2p_gbps: float | None = None,
     tp_gbps: float | None = None,
     dp_gbps: float | None = None,
+    latency_s: float = 0.0,
+    cluster: Cluster | None = None,
+    links: LinkPlan | None = None,
     memory_limit_bytes: int | None = None,
     gpu: bool | None = None,
 ) -> CostModel:
     """The cost model of a resolved ``cfg`` (vocab and dp known; dp None counts as 1).
 
     ``device`` None plans without a memory limit on a nominal device (H100-SXM on a GPU, "cpu"
-    otherwise), which is enough to compare splits by time. Links default to the device's
-    intra-node bandwidth (P2P and tp) and to the P2P bandwidth (dp). ``memory_limit_bytes``
-    defaults to the device's memory when a device is given. ``gpu`` (precision ``auto``, fused
-    kernels) defaults to the device kind, else to train.device.
+    otherwise), which is enough to compare splits by time. Compute runs at ``flops_per_s``
+    (a calibrated sustained rate) or the device's peak times ``mfu``.
+
+    Links: a ``cluster`` (nodes, devices per node, intra- and inter-node links) picks each
+    group's link from the rank order (:func:`~.topology.link_plan`); ``links`` gives them
+    directly; otherwise P2P and tp run at ``p2p_gbps`` / ``tp_gbps`` (default: the device's
+    intra-node bandwidth) and dp at ``dp_gbps`` (default: the P2P one), each message paying
+    ``latency_s``. ``memory_limit_bytes`` defaults to the device's memory when a device is
+    given. ``gpu`` (precision ``auto``, fused kernels) defaults to the device kind, else to
+    train.device.
     """
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size: resolve the config (yuanlfa.config.resolve) first")
     if not 0 < mfu <= 1:
         raise ConfigError(f"mfu: the sustained fraction of peak must be in (0, 1], got {mfu}")
+    if flops_per_s is not None and not flops_per_s > 0:
+        raise ConfigError(f"flops_per_s: the sustained FLOP/s must be > 0, got {flops_per_s}")
     limit = memory_limit_bytes
     if device is not None:
         gpu = device.gpu if gpu is None else gpu
@@ -403,32 +521,49 @@ def cost_model(
     gpu = specs[0].fused_norm
     if device is None:
         device = PRESETS["h100-sxm" if gpu else "cpu"]
-    p2p = p2p_gbps if p2p_gbps is not None else device.link_gbps
-    for name, value in (("p2p_gbps", p2p), ("tp_gbps", tp_gbps), ("dp_gbps", dp_gbps)):
+    for name, value in (("p2p_gbps", p2p_gbps), ("tp_gbps", tp_gbps), ("dp_gbps", dp_gbps)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name}: link bandwidth must be > 0 GB/s, got {value}")
+        if value is not None and (cluster is not None or links is not None):
+            raise ConfigError(f"{name}: give per-dimension links or a cluster, not both")
+    p = cfg.parallel
+    if links is None and cluster is not None:
+        links = link_plan(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
+    elif links is None:
+        p2p = p2p_gbps if p2p_gbps is not None else device.link_gbps
+        links = uniform_links(
+            Link(p2p, latency_s),
+            Link(tp_gbps if tp_gbps is not None else device.link_gbps, latency_s),
+            Link(dp_gbps if dp_gbps is not None else p2p, latency_s),
+            p.pp,
+        )
     m = num_microbatches(cfg)
     if m < 1:
         raise ConfigError(
             "train.global_batch_size: smaller than micro_batch_size * dp; no microbatch to run"
         )
-    p = cfg.parallel
-    held = tuple(
-        held_counts(rank_ops(p.schedule, p.pp, r, m, p.virtual_stages), p.pp, p.virtual_stages)
-        for r in range(p.pp)
-    )
     return CostModel(
         cfg=cfg,
         device=device,
         specs=specs,
-        state=state_bytes(cfg, cfg.parallel.dp or 1, gpu),
+        state=state_bytes(cfg, p.dp or 1, gpu),
         mfu=mfu,
-        p2p_gbps=p2p,
-        tp_gbps=tp_gbps if tp_gbps is not None else device.link_gbps,
-        dp_gbps=dp_gbps if dp_gbps is not None else p2p,
+        flops_per_s=flops_per_s if flops_per_s is not None else device.peak_flops * mfu,
+        links=links,
         num_microbatches=m,
         memory_limit_bytes=limit,
-        held=held,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_held(
+    schedule: str, pp: int, num_microbatches: int, virtual_stages: int
+) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """:func:`held_counts` of every pipeline rank of a schedule (shared by all cost models of
+    the same schedule shape)."""
+    return tuple(
+        held_counts(rank_ops(schedule, pp, r, num_microbatches, virtual_stages), pp, virtual_stages)
+        for r in range(pp)
     )
 
 
@@ -456,15 +591,14 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
     last = len(blocks) - 1
     zero_bubble = model.cfg.parallel.schedule == "zero_bubble"
 
-    def duration(op: Op) -> float:
-        # Links are split evenly between the passes: a forward sends the activation and runs
-        # half the collectives, a backward sends the gradient and runs the other half.
-        t = times[op.stage]
-        if op.kind == "F":
-            return t.forward_s + t.comm_s / 2
-        if op.kind == "W":
-            return t.weight_grad_s
-        return t.backward_s - (t.weight_grad_s if zero_bubble else 0.0) + t.comm_s / 2
+    # A forward runs its collectives and sends the activation; a backward runs its collectives
+    # and sends the input gradient.
+    duration: dict[tuple[str, int], float] = {}
+    for stage, t in enumerate(times):
+        fwd_comm, bwd_comm = t.comm_split
+        duration["F", stage] = t.forward_s + fwd_comm
+        duration["W", stage] = t.weight_grad_s
+        duration["B", stage] = t.backward_s - (t.weight_grad_s if zero_bubble else 0.0) + bwd_comm
 
     def dependency(op: Op) -> tuple[str, int, int] | None:
         if op.kind == "F":
@@ -475,7 +609,7 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
             return ("B", op.stage + 1, op.microbatch)
         return ("B", op.stage, op.microbatch)
 
-    queues = [model.rank_ops(r) for r in range(model.pp)]
+    queues = [[(op, dependency(op)) for op in model.rank_ops(r)] for r in range(model.pp)]
     pos = [0] * model.pp
     free = [0.0] * model.pp
     done: dict[tuple[str, int, int], float] = {}
@@ -484,19 +618,23 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
     while remaining:
         progressed = False
         for r in range(model.pp):
-            while pos[r] < len(queues[r]):
-                op = queues[r][pos[r]]
-                dep = dependency(op)
-                if dep is not None and dep not in done:
-                    break
-                start = max(free[r], done[dep] if dep is not None else 0.0)
-                end = start + duration(op)
-                done[(op.kind, op.stage, op.microbatch)] = end
-                free[r] = end
-                out.append(TimelineOp(r, op.kind, op.stage, op.microbatch, start, end))
-                pos[r] += 1
-                remaining -= 1
+            queue, i, now = queues[r], pos[r], free[r]
+            while i < len(queue):
+                op, dep = queue[i]
+                if dep is not None:
+                    ready = done.get(dep)
+                    if ready is None:
+                        break
+                    now = max(now, ready)
+                end = now + duration[op.kind, op.stage]
+                done[op.kind, op.stage, op.microbatch] = end
+                out.append(TimelineOp(r, op.kind, op.stage, op.microbatch, now, end))
+                now = end
+                i += 1
+            if i > pos[r]:
+                remaining -= i - pos[r]
                 progressed = True
+            pos[r], free[r] = i, now
         if not progressed:
             raise RuntimeError("pipeline schedule simulation deadlocked (schedule order bug)")
     return tuple(out)

@@ -1,0 +1,136 @@
+"""The collectives our training code runs, counted where the code runs them and costed with the
+ring formulas of :mod:`.links`.
+
+Tensor parallelism (``yuanlfa.parallel.tensor_parallel``), per layer and microbatch, act = the
+full activation [s, b, h] in the activation dtype:
+
+- without sequence parallelism the row-parallel o_proj and fc2 all-reduce their outputs in the
+  forward (2), and the column-parallel v_proj, qk_proj and fc1 each all-reduce their own input's
+  gradient in the backward (3: v_proj reads x and qk_proj reads LF(x), two tensors, so the
+  attention block costs one all-reduce more than Megatron's GPT; counted by wrapping
+  torch.distributed in a tp=2 run, 5 per layer);
+- with it each column-parallel input is all-gathered (3) and each row-parallel output
+  reduce-scattered (2) in the forward, the reverse in the backward, plus the LFA's 2-token halo
+  (an all-gather of 2 rows per rank) each way.
+
+Per stage and microbatch: the vocab-parallel embedding sums its output (all-reduce, or
+reduce-scatter under SP) on the first stage; the head's input is copied (its gradient
+all-reduced) or all-gathered (reduce-scattered back) on the last, where the block-wise loss also
+all-reduces its per-token max (4 bytes) and statistics (8 bytes) once per block of tokens.
+
+Per step: the data-parallel gradient reduction in buckets of ``parallel.grad_bucket_size``
+elements (all-reduce, or with the distributed optimizer a reduce-scatter of the fp32 gradients
+and an all-gather of the parameters), each bucket paying its ring's latency; the tied
+embedding's gradient summed between the first and last pipeline stage (its dp slice under the
+distributed optimizer); under SP the replicated weights' (norms, LFA) gradients summed over tp.
+Small per-step reductions (loss, token count, gradient norm) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+
+from yuanlfa.config import ModelConfig
+from yuanlfa.planner.activations import ActivationSpec
+from yuanlfa.planner.links import (
+    Link,
+    ring_all_gather_s,
+    ring_all_reduce_s,
+    ring_reduce_scatter_s,
+)
+from yuanlfa.planner.memory import StateBytes
+
+COLUMN_PARALLEL = 3  # v_proj, qk_proj, fc1: each takes its own copy (or gather) of its input
+ROW_PARALLEL = 2  # o_proj, fc2: each sums (or reduce-scatters) its output
+HALO_TOKENS = 2
+LOSS_STAT_BYTES = 4 + 8  # per token: the max, then (sum of exp, target logit)
+
+
+def _act(model: ModelConfig, spec: ActivationSpec) -> int:
+    return spec.dtype_bytes * model.hidden_size * spec.tokens
+
+
+def layer_tp_s(
+    model: ModelConfig, spec: ActivationSpec, sequence_parallel: bool, link: Link
+) -> tuple[float, float]:
+    """(forward, backward) seconds of one layer's tp collectives for one microbatch."""
+    tp = spec.tp
+    if tp == 1:
+        return 0.0, 0.0
+    act = _act(model, spec)
+    if not sequence_parallel:
+        return (
+            ROW_PARALLEL * ring_all_reduce_s(act, tp, link),
+            COLUMN_PARALLEL * ring_all_reduce_s(act, tp, link),
+        )
+    gather, scatter = ring_all_gather_s(act, tp, link), ring_reduce_scatter_s(act, tp, link)
+    halo = 0.0
+    if model.lfa:
+        halo_bytes = tp * HALO_TOKENS * spec.micro_batch * model.hidden_size * spec.dtype_bytes
+        halo = ring_all_gather_s(halo_bytes, tp, link)
+    forward = COLUMN_PARALLEL * gather + ROW_PARALLEL * scatter + halo
+    backward = COLUMN_PARALLEL * scatter + ROW_PARALLEL * gather + halo
+    return forward, backward
+
+
+def embedding_tp_s(
+    model: ModelConfig, spec: ActivationSpec, sequence_parallel: bool, link: Link
+) -> float:
+    """The vocab-parallel embedding's forward sum (its backward needs none)."""
+    if spec.tp == 1:
+        return 0.0
+    collective = ring_reduce_scatter_s if sequence_parallel else ring_all_reduce_s
+    return collective(_act(model, spec), spec.tp, link)
+
+
+def head_tp_s(
+    model: ModelConfig, spec: ActivationSpec, sequence_parallel: bool, link: Link
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the head input's copy or gather and the loss's sums."""
+    tp = spec.tp
+    if tp == 1:
+        return 0.0, 0.0
+    act = _act(model, spec)
+    blocks = math.ceil(spec.tokens / model.loss_block_size)
+    block_tokens = spec.tokens / blocks
+    # Two small all-reduces per block: latency-bound wherever the link is slow to answer.
+    stats = blocks * (
+        ring_all_reduce_s(4 * block_tokens, tp, link)
+        + ring_all_reduce_s(8 * block_tokens, tp, link)
+    )
+    if sequence_parallel:
+        return ring_all_gather_s(act, tp, link) + stats, ring_reduce_scatter_s(act, tp, link)
+    return stats, ring_all_reduce_s(act, tp, link)
+
+
+def dp_step_s(
+    params: int,
+    dp: int,
+    state: StateBytes,
+    distributed: bool,
+    bucket_elements: int,
+    link: Link,
+) -> float:
+    """One step's data-parallel reduction of a rank holding ``params`` parameters."""
+    if dp == 1 or params == 0:
+        return 0.0
+    buckets = math.ceil(params / bucket_elements)
+    grads, weights = params * state.grads / buckets, params * state.weights / buckets
+    if distributed:
+        per_bucket = ring_reduce_scatter_s(grads, dp, link) + ring_all_gather_s(weights, dp, link)
+    else:
+        per_bucket = ring_all_reduce_s(grads, dp, link)
+    return buckets * per_bucket
+
+
+def tied_embedding_s(
+    embedding_params: int, dp: int, state: StateBytes, distributed: bool, link: Link
+) -> float:
+    """The first and last stage sum their copies' gradients (a 2-rank all-reduce)."""
+    nbytes = embedding_params * state.grads / (dp if distributed else 1)
+    return ring_all_reduce_s(nbytes, 2, link)
+
+
+def replicated_grads_s(params: int, tp: int, state: StateBytes, link: Link) -> float:
+    """Under sequence parallelism: the tp sum of the replicated weights' gradients."""
+    return ring_all_reduce_s(params * state.grads, tp, link) if params else 0.0

@@ -1,0 +1,66 @@
+"""Link costs: the alpha-beta model of point-to-point transfers and ring collectives.
+
+A :class:`Link` is one direction of a connection between two devices: ``gbps`` GB/s (1e9 bytes
+per second) of payload and ``latency_s`` per message (alpha: wire, switch and software, e.g. the
+time a collective library needs to post, match and complete one send). A transfer of B bytes
+takes alpha + B / bandwidth. Ring collectives over n ranks (NCCL's and gloo's algorithm for
+large buffers) move data in n - 1 steps per phase, each step a send of 1/n of the buffer to the
+next rank while receiving from the previous one, every rank at once:
+
+- reduce-scatter or all-gather of a B-byte buffer: (n - 1) alpha + (n - 1) / n * B / bw;
+- all-reduce = reduce-scatter + all-gather: 2 (n - 1) alpha + 2 (n - 1) / n * B / bw.
+
+A ring is as fast as its slowest hop, so a group whose ranks span nodes runs at the inter-node
+link's figures (:mod:`.topology` decides which link a group uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from yuanlfa.config import ConfigError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Link:
+    gbps: float  # payload GB/s in one direction
+    latency_s: float = 0.0  # per message
+
+    def __post_init__(self) -> None:
+        if not self.gbps > 0:
+            raise ConfigError(f"link bandwidth must be > 0 GB/s, got {self.gbps}")
+        if not self.latency_s >= 0:
+            raise ConfigError(f"link latency must be >= 0 s, got {self.latency_s}")
+
+    def seconds(self, nbytes: float) -> float:
+        """Bandwidth time of ``nbytes`` (no latency)."""
+        return nbytes / (self.gbps * GB)
+
+    def transfer_s(self, nbytes: float) -> float:
+        """One point-to-point message of ``nbytes``."""
+        return self.latency_s + self.seconds(nbytes)
+
+    def scaled(self, efficiency: float = 1.0, latency_s: float | None = None) -> Link:
+        """This link delivering ``efficiency`` of its rate (protocol overhead), optionally with
+        another per-message latency."""
+        latency = self.latency_s if latency_s is None else latency_s
+        return Link(self.gbps * efficiency, latency)
+
+
+def ring_reduce_scatter_s(nbytes: float, n: int, link: Link) -> float:
+    """Reduce-scatter of an ``nbytes`` buffer (the unscattered size) over ``n`` ranks."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) * link.latency_s + (n - 1) / n * link.seconds(nbytes)
+
+
+def ring_all_gather_s(nbytes: float, n: int, link: Link) -> float:
+    """All-gather into an ``nbytes`` buffer (the gathered size) over ``n`` ranks."""
+    return ring_reduce_scatter_s(nbytes, n, link)
+
+
+def ring_all_reduce_s(nbytes: float, n: int, link: Link) -> float:
+    """All-reduce of an ``nbytes`` buffer over ``n`` ranks (reduce-scatter + all-gather)."""
+    return 2 * ring_reduce_scatter_s(nbytes, n, link)
