@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _env import cpu_name, package_version  # benchmarks/ is on sys.path when a script runs
 
 from yuanlfa.data import Tokenizer, build_tokenizer, default_corpus_files, preprocess_files
 from yuanlfa.data.spm import train_sentencepiece
@@ -105,13 +104,6 @@ def run_case(src: Path, prefix: Path, tok: Tokenizer, workers: int, repeats: int
     }
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=4, help="copies of the corpus in the input")
@@ -140,7 +132,7 @@ def main() -> int:
         for name in args.tokenizers:
             if name == "byte":
                 specs[name] = "byte"
-            elif _version("sentencepiece") is None:
+            elif package_version("sentencepiece") is None:
                 skipped[name] = "the sentencepiece package is not installed"
             else:
                 specs[name] = train_spm(workdir, args.spm_vocab)
@@ -184,10 +176,10 @@ def main() -> int:
             else os.cpu_count(),
             "loadavg_1min_before": load_before,
             "loadavg_1min_after": os.getloadavg()[0],
-            "python": platform.python_version(),
+            "python": platform.pythonpackage_version(),
             "numpy": np.__version__,
-            "sentencepiece": _version("sentencepiece"),
-            "yuanlfa": _version("yuanlfa"),
+            "sentencepiece": package_version("sentencepiece"),
+            "yuanlfa": package_version("yuanlfa"),
             "input": {
                 "format": "jsonl, one record per corpus file",
                 "corpus_files": len(default_corpus_files()),

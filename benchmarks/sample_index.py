@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import platform
 import sys
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
+from _env import cpu_name, package_version  # benchmarks/ is on sys.path when a script runs
 
 from yuanlfa.data.dataset import build_sample_index as numpy_raw
 from yuanlfa.data.index_helpers import BUILD_HINT, build_sample_index, have_cpp
@@ -84,13 +83,6 @@ def parse_case(text: str) -> tuple[float, int]:
     return float(tokens), int(seq)
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -126,10 +118,10 @@ def main() -> int:
             "benchmark": "sample_index",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": cpu_name(),
-            "python": platform.python_version(),
+            "python": platform.pythonpackage_version(),
             "numpy": np.__version__,
-            "pybind11": _version("pybind11"),
-            "yuanlfa": _version("yuanlfa"),
+            "pybind11": package_version("pybind11"),
+            "yuanlfa": package_version("yuanlfa"),
             "repeats": args.repeats,
             "timing": "best of repeats, after one warm-up; single thread",
             "rows": rows,
