@@ -176,7 +176,7 @@ def main() -> int:
             else os.cpu_count(),
             "loadavg_1min_before": load_before,
             "loadavg_1min_after": os.getloadavg()[0],
-            "python": platform.pythonpackage_version(),
+            "python": platform.python_version(),
             "numpy": np.__version__,
             "sentencepiece": package_version("sentencepiece"),
             "yuanlfa": package_version("yuanlfa"),

@@ -118,7 +118,7 @@ def main() -> int:
             "benchmark": "sample_index",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": cpu_name(),
-            "python": platform.pythonpackage_version(),
+            "python": platform.python_version(),
             "numpy": np.__version__,
             "pybind11": package_version("pybind11"),
             "yuanlfa": package_version("yuanlfa"),
