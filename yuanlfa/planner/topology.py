@@ -19,9 +19,8 @@ import itertools
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
+from yuanlfa.parallel.mesh import DIMS, coords_rank
 from yuanlfa.planner.links import Link
-
-DIMS = ("tp", "dp", "pp")
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,6 @@ def parse_order(order: str) -> tuple[str, ...]:
     return dims
 
 
-def global_rank(order: tuple[str, ...], sizes: dict[str, int], coords: dict[str, int]) -> int:
-    """The rank of ``coords`` when dims vary in ``order``, fastest first (as parallel.mesh)."""
-    rank, stride = 0, 1
-    for dim in order:
-        rank += coords[dim] * stride
-        stride *= sizes[dim]
-    return rank
-
-
 def _slices(sizes: dict[str, int], exclude: str):
     others = [d for d in DIMS if d != exclude]
     for values in itertools.product(*(range(sizes[d]) for d in others)):
@@ -92,7 +82,7 @@ def group_crosses_nodes(cluster: Cluster, order: tuple[str, ...], sizes: dict, d
     if sizes[dim] == 1:
         return False
     for fixed in _slices(sizes, dim):
-        ranks = (global_rank(order, sizes, {**fixed, dim: i}) for i in range(sizes[dim]))
+        ranks = (coords_rank(order, sizes, {**fixed, dim: i}) for i in range(sizes[dim]))
         if len({cluster.node_of(r) for r in ranks}) > 1:
             return True
     return False
@@ -103,8 +93,8 @@ def pair_crosses_nodes(
 ) -> bool:
     """Whether pipeline ranks ``a`` and ``b`` of some tp/dp slice lie on different nodes."""
     for fixed in _slices(sizes, "pp"):
-        ra = global_rank(order, sizes, {**fixed, "pp": a})
-        rb = global_rank(order, sizes, {**fixed, "pp": b})
+        ra = coords_rank(order, sizes, {**fixed, "pp": a})
+        rb = coords_rank(order, sizes, {**fixed, "pp": b})
         if cluster.node_of(ra) != cluster.node_of(rb):
             return True
     return False
