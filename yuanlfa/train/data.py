@@ -157,7 +157,7 @@ def build_datasets(
 
 
 def get_batch(
-    dataset: PackedDataset, start: int, size: int, device: torch.device
+    dataset: Dataset, start: int, size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Samples [start, start + size) stacked into [size, seq] tensors on ``device``.
 
