@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch import nn
 
 from yuanlfa.checkpoint.blocks import Block, local_blocks
@@ -37,6 +38,7 @@ from yuanlfa.checkpoint.files import (
     prune,
     write_text_atomic,
 )
+from yuanlfa.checkpoint.torch_files import load_pickle_restricted, load_untrusted
 from yuanlfa.checkpoint.planners import (
     BlockLoadPlanner,
     BlockSavePlanner,
@@ -295,27 +297,46 @@ def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
         dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
 
 
-class _CachedReader(dcp.FileSystemReader):
-    """Reads the checkpoint's metadata once (conversions call load hundreds of times)."""
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata unpickled through an allow-list (DCP's own reader
+    runs a bare ``pickle.load`` on it, so a crafted checkpoint would run code), read once
+    (conversions call load hundreds of times). Tensor data is read by DCP with
+    ``weights_only=True``."""
 
     def read_metadata(self, *args, **kwargs):
         if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata(*args, **kwargs)
+            path = Path(self.path) / ".metadata"
+            try:
+                with open(path, "rb") as f:
+                    metadata = load_pickle_restricted(f, path)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{path}: cannot read the checkpoint's metadata ({exc.strerror}); the "
+                    "checkpoint is incomplete"
+                ) from None
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(
+                    f"{path}: holds a {type(metadata).__name__}, not checkpoint metadata"
+                )
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            self._metadata = metadata
         return self._metadata
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_reader(path: str, stamp: tuple[int, int]) -> _CachedReader:
-    return _CachedReader(path)
+def _cached_reader(path: str, stamp: tuple[int, int]) -> SafeReader:
+    return SafeReader(path)
 
 
-def storage_reader(path: str | Path) -> dcp.FileSystemReader:
+def storage_reader(path: str | Path) -> SafeReader:
     """A reader of ``path``, reused while its metadata file is unchanged."""
     meta = Path(path) / ".metadata"
     try:
         st = meta.stat()
     except OSError:
-        return dcp.FileSystemReader(path)  # DCP raises its own error on use
+        return SafeReader(path)  # raises a CheckpointError naming the file on use
     return _cached_reader(str(Path(path).resolve()), (st.st_mtime_ns, st.st_ino))
 
 
@@ -421,7 +442,7 @@ def load_checkpoint(
     load_blocks(path, blocks)
     rng_file = path / "rng" / f"{_coords(mesh)}.pt"
     if rng_file.is_file():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        rng = load_untrusted(rng_file)
         torch.set_rng_state(rng["torch_cpu"])
         if "torch_cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["torch_cuda"])

@@ -103,6 +103,11 @@ class BlockLoadPlanner(DefaultLoadPlanner):
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass
 
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        # DCP's default unpickles byte items with weights_only=False; our checkpoints hold only
+        # tensors, so a byte item is refused rather than run.
+        raise ValueError(f"{read_item.dest_index.fqn}: checkpoint holds a non-tensor item")
+
 
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:

@@ -1,10 +1,17 @@
-"""Reading foreign ``torch.save`` files safely, and writing large ones with bounded memory.
+"""Every pickle this library reads goes through an allow-list; large ``torch.save`` files are
+written with bounded memory.
 
-Reading: Megatron-format files are pickles carrying an ``argparse.Namespace`` and Python/numpy
-RNG states. They are loaded with torch's ``weights_only`` unpickler, which admits tensors and plain
-containers, plus an explicit allow-list of exactly those extra types; any other global in the
-pickle (a function, an arbitrary class) is refused before anything is called, so nothing in the
-file runs. Tensors are memory-mapped, so a large file costs no resident memory until read.
+Reading: a checkpoint is something users download and share, so no file in one may run code.
+- ``torch.save`` files (Megatron-format files: pickles carrying an ``argparse.Namespace`` and
+  Python/numpy RNG states; our RNG files) are loaded with torch's ``weights_only`` unpickler,
+  which admits tensors and plain containers, plus an explicit allow-list of exactly those extra
+  types (:func:`load_untrusted`). Tensors are memory-mapped, so a large file costs no resident
+  memory until read.
+- Plain pickles (torch.distributed.checkpoint's ``.metadata``, which DCP itself reads with a bare
+  ``pickle.load``) go through :func:`load_pickle_restricted`, which admits DCP's metadata classes,
+  torch sizes, dtypes and layouts, and paths.
+Any other global (a function, an arbitrary class) is refused before anything is called, and the
+error names the global that was found.
 
 Writing: :func:`save_streaming` writes the same zip layout as ``torch.save`` (``data.pkl`` plus one
 ``data/<key>`` record per storage), but each tensor is a :class:`Pending` placeholder produced only
@@ -86,6 +93,60 @@ def load_untrusted(path: str | Path) -> Any:
             ) from None
         except (OSError, RuntimeError, EOFError) as exc:
             raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc})") from None
+
+
+def _dcp_metadata_allowed(module: str, name: str) -> bool:
+    """The globals a torch.distributed.checkpoint ``.metadata`` pickle needs, and nothing else."""
+    if module == "torch.distributed.checkpoint.metadata":
+        # Dataclasses and enums of DCP's metadata (Metadata, TensorStorageMetadata, ...): built
+        # from their fields, none of them calls anything given in the file.
+        return name in {
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        }
+    if module == "torch.distributed.checkpoint.filesystem":
+        return name == "_StorageInfo"
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    if module == "torch.serialization":
+        return name == "_get_layout"  # looks a layout up by name in a fixed table
+    if module == "pathlib":
+        return name in {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
+    if module == "collections":
+        return name == "OrderedDict"
+    return False
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if not _dcp_metadata_allowed(module, name):
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def load_pickle_restricted(stream: Any, path: str | Path) -> Any:
+    """Unpickle a checkpoint's ``.metadata`` from ``stream`` through the allow-list above;
+    ``path`` names the file in errors."""
+    try:
+        return _RestrictedUnpickler(stream).load()
+    except pickle.UnpicklingError as exc:
+        if "is not allowed" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused to unpickle it ({exc}). Only torch.distributed.checkpoint's "
+                "metadata classes, sizes, dtypes and paths are accepted from a checkpoint's "
+                "metadata, so nothing in it can run code; this file holds something else (it "
+                "may be malicious)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint metadata file ({exc})") from None
+    except (EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint metadata ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 class Pending:
