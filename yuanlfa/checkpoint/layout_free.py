@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from yuanlfa.checkpoint.blocks import Block, local_blocks
 from yuanlfa.checkpoint.files import (
@@ -38,15 +38,16 @@ from yuanlfa.checkpoint.files import (
     prune,
     write_text_atomic,
 )
-from yuanlfa.checkpoint.torch_files import load_pickle_restricted, load_untrusted
 from yuanlfa.checkpoint.planners import (
     BlockLoadPlanner,
     BlockSavePlanner,
     LazySavePlanner,
     LazyTensor,
 )
+from yuanlfa.checkpoint.torch_files import load_pickle_restricted, load_untrusted
 from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
+from yuanlfa.parallel.collectives import collective_device
 from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
 from yuanlfa.parallel.mesh import Mesh
 from yuanlfa.parallel.optimizer import ShardedAdamW
@@ -373,7 +374,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def _agree(problem: str | None) -> None:
     """Raise on every rank when any rank found a problem (a lone raise would hang the others
     in the collective load)."""
-    bad = torch.tensor([0 if problem is None else 1])
+    bad = torch.tensor([0 if problem is None else 1], device=collective_device())
     if _distributed():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if problem is not None:

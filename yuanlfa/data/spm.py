@@ -40,10 +40,18 @@ class SentencePieceTokenizer(SpecialTokens):
             )
         spm = _sentencepiece()
         data = path.read_bytes()
+        hint = "give the .model file written by SentencePiece or yuanlfa-train-tokenizer"
+        if not data:
+            raise DataError(f"{path} is empty, not a SentencePiece model; {hint}")
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=data)
         except (RuntimeError, OSError) as exc:
-            raise DataError(f"{path} is not a SentencePiece model ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path} is not a SentencePiece model ({first}); {hint}") from None
+        # Some bytes parse as an empty model, which sentencepiece reports as "not initialized"
+        # and then crashes on (a segfault in unk_id/id_to_piece): refuse it here.
+        if self._sp.get_piece_size() < 1:
+            raise DataError(f"{path} holds no SentencePiece pieces, not a model; {hint}")
         self.path = path
         # The data cache is keyed by the model's content, not its path.
         self.name = f"spm-{hashlib.sha1(data).hexdigest()[:12]}"

@@ -70,7 +70,9 @@ def pick_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda requested but no CUDA device is visible")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # Modulo the visible devices: a launcher may give each process one visible GPU.
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        device = torch.device("cuda", local)
         # Triton launches and NCCL use the current device: make it this rank's GPU.
         torch.cuda.set_device(device)
         return device
