@@ -23,7 +23,12 @@ from yuanlfa.config.schema import (
     ParallelConfig,
     TrainConfig,
 )
-from yuanlfa.config.split import configured_blocks, parse_layout_string
+from yuanlfa.config.split import (
+    blocks_problem,
+    configured_blocks,
+    parse_layout_string,
+    uneven_problem,
+)
 from yuanlfa.config.validate import resolve, tp_indivisible, validate
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "ParallelConfig",
     "TrainConfig",
     "apply_overrides",
+    "blocks_problem",
     "config_from_dict",
     "config_to_dict",
     "configured_blocks",
@@ -46,5 +52,6 @@ __all__ = [
     "parse_override",
     "resolve",
     "tp_indivisible",
+    "uneven_problem",
     "validate",
 ]

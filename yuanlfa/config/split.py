@@ -64,6 +64,34 @@ def parse_layout_string(text: str, num_layers: int) -> tuple[int, ...]:
     return blocks
 
 
+def blocks_problem(
+    blocks: tuple[int, ...],
+    stages: int,
+    num_layers: int,
+    stages_from: str = "parallel.pp * parallel.virtual_stages",
+    layers_from: str = "model.num_layers",
+) -> str | None:
+    """The rule for a block list (layers per stage): what is wrong with it, as words naming where
+    the stage and layer counts come from, or None. Configs and checkpoint converters (which name
+    their own flags) share it."""
+    if len(blocks) != stages:
+        return f"has {len(blocks)} entries but {stages_from} = {stages}"
+    if any(b < 0 for b in blocks):
+        return f"entries must be >= 0, got {list(blocks)}"
+    if sum(blocks) != num_layers:
+        return f"sums to {sum(blocks)} but {layers_from} = {num_layers}"
+    return None
+
+
+def uneven_problem(
+    num_layers: int, stages: int, layers_from: str = "model.num_layers"
+) -> str | None:
+    """The even split needs whole layers per stage: the problem, as words, or None."""
+    if num_layers % stages:
+        return f"{layers_from}={num_layers} is not divisible by {stages} stages"
+    return None
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -92,24 +120,13 @@ def configured_blocks(
         return "auto"
     if parallel.pipeline_blocks is not None:
         blocks = tuple(parallel.pipeline_blocks)
-        _require(
-            len(blocks) == stages,
-            f"parallel.pipeline_blocks: has {len(blocks)} entries but parallel.pp * "
-            f"parallel.virtual_stages = {stages}",
-        )
-        _require(
-            all(b >= 0 for b in blocks),
-            f"parallel.pipeline_blocks: entries must be >= 0, got {list(blocks)}",
-        )
-        _require(
-            sum(blocks) == model.num_layers,
-            f"parallel.pipeline_blocks: sums to {sum(blocks)} but model.num_layers = "
-            f"{model.num_layers}",
-        )
+        problem = blocks_problem(blocks, stages, model.num_layers)
+        _require(problem is None, f"parallel.pipeline_blocks: {problem}")
         return blocks
+    problem = uneven_problem(model.num_layers, stages)
     _require(
-        model.num_layers % stages == 0,
-        f"parallel.pp: model.num_layers={model.num_layers} is not divisible by {stages} "
-        "stages; give parallel.pipeline_blocks (a list, or auto) or parallel.pipeline_layout",
+        problem is None,
+        f"parallel.pp: {problem}; give parallel.pipeline_blocks (a list, or auto) or "
+        "parallel.pipeline_layout",
     )
     return None
