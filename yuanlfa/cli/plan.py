@@ -40,7 +40,7 @@ GIB = 2**30
 SPLITS = ("released", "uniform", "balanced")
 
 
-def check_components(model: ModelConfig) -> None:
+def _check_components(model: ModelConfig) -> None:
     """The filter and attention names and the plug-ins, checked by the model's registry when torch
     is installed. Plug-ins are torch modules, so without torch only plug-in-free configs plan;
     their built-in names are then the planner's to know."""
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return _advise_main(args)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_components(cfg.model)
+        _check_components(cfg.model)
         cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
         name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
         device = get_device(name)
@@ -441,7 +441,7 @@ def _advise_main(args: argparse.Namespace) -> int:
     """--advise and --paper-comparison."""
     try:
         cfg = load_config(args.config, args.overrides)
-        check_components(cfg.model)
+        _check_components(cfg.model)
         device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
         if args.paper_comparison:
             return _paper_main(args, cfg, device)
