@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from _env import cpu_name, package_version  # benchmarks/ is on sys.path when a script runs
 
-from yuanlfa.data.dataset import build_sample_index as numpy_raw
 from yuanlfa.data.index_helpers import BUILD_HINT, build_sample_index, have_cpp
+from yuanlfa.data.sample_index import build_sample_index as numpy_raw
 
 
 def corpus(tokens: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from yuanlfa.config import ConfigError
+from yuanlfa.config import ConfigError, parse_blend
 from yuanlfa.data import (
     DataError,
     IndexedDatasetBuilder,
@@ -19,7 +19,7 @@ from yuanlfa.data import (
     PackedDataset,
     index_helpers,
 )
-from yuanlfa.data.blended import BlendedDataset, component_samples, parse_blend
+from yuanlfa.data.blended import BlendedDataset, component_samples
 from yuanlfa.data.index_helpers import build_blending_indices, have_cpp, positions_in_datasets
 
 EOD = 256

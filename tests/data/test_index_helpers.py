@@ -143,7 +143,7 @@ def test_cpp_equals_numpy_corpus_scale():
 
 def test_numpy_wrapper_equals_dataset_function():
     # The "numpy" implementation is dataset.py's function, unchanged.
-    from yuanlfa.data.dataset import build_sample_index as dataset_version
+    from yuanlfa.data.sample_index import build_sample_index as dataset_version
 
     rng = np.random.default_rng(5)
     for _ in range(20):

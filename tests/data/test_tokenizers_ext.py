@@ -14,7 +14,7 @@ import pytest
 from yuanlfa.cli.train_tokenizer import main as train_tokenizer
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.data import DataError, MMapIndexedDataset, build_tokenizer, preprocess_files
-from yuanlfa.data.tokenizer import SPECIAL_TOKENS
+from yuanlfa.data.special_tokens import SPECIAL_TOKENS
 
 spm = pytest.importorskip("sentencepiece")
 

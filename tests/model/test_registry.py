@@ -23,7 +23,7 @@ from yuanlfa.model import (
     registered_attentions,
     registered_filters,
 )
-from yuanlfa.model.registry import get_entry
+from yuanlfa.model.registry import check_model_config, get_entry
 
 H = 64
 
@@ -35,8 +35,10 @@ def plugin_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _error(model: dict) -> str:
+    """The message a config gets on load, or where the model is built from it (plug-ins and
+    registered names are checked by the registry, which the config does not import)."""
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"model": model})
+        check_model_config(config_from_dict({"model": model}).model)
     return str(info.value)
 
 

@@ -13,8 +13,8 @@ import torch
 
 from tests.distributed.launcher import run_distributed
 from yuanlfa.config import config_from_dict, resolve
+from yuanlfa.layout import build_layout
 from yuanlfa.parallel import build_mesh
-from yuanlfa.parallel.pipeline import build_layout
 from yuanlfa.planner.activations import stage_activation_bytes
 from yuanlfa.train.activation_probe import SavedActivationProbe
 from yuanlfa.train.distributed import build_local_model

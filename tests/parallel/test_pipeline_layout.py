@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from yuanlfa.config import ConfigError, ModelConfig, ParallelConfig, config_from_dict
-from yuanlfa.parallel.pipeline import (
-    PipelineLayout,
-    build_layout,
+from yuanlfa.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    config_from_dict,
     parse_layout_string,
-    uniform_blocks,
 )
+from yuanlfa.layout import PipelineLayout, build_layout, uniform_blocks
 from yuanlfa.parallel.pipeline.stage import stage_flags
 
 

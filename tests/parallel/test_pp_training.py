@@ -11,9 +11,9 @@ import torch.distributed as dist
 from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.config import config_from_dict, resolve
+from yuanlfa.layout import build_layout
 from yuanlfa.model import create_model
 from yuanlfa.parallel import build_mesh
-from yuanlfa.parallel.pipeline import build_layout
 from yuanlfa.train import train
 from yuanlfa.train.distributed import build_local_model
 from yuanlfa.train.pipeline import build_runner, sync_tied_embedding_grads

@@ -10,12 +10,12 @@ import torch.distributed as dist
 
 from tests.distributed.launcher import run_distributed
 from yuanlfa.config import ConfigError, ModelConfig, ParallelConfig, config_from_dict
+from yuanlfa.layout import rank_coords
 from yuanlfa.model import build_model, create_model, materialize
 from yuanlfa.ops.lfa import lfa_reference
 from yuanlfa.parallel import apply_tensor_parallel, build_mesh, shard_full_tensor
 from yuanlfa.parallel.comm import gather_seq, split_seq
 from yuanlfa.parallel.grads import allreduce_replicated_grads, global_grad_norm
-from yuanlfa.parallel.mesh import rank_coords
 from yuanlfa.parallel.tensor_parallel import SequenceParallelLFA
 
 SEED = 11

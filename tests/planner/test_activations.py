@@ -14,9 +14,9 @@ import torch
 
 from tests.distributed.launcher import run_distributed
 from yuanlfa.config import ModelConfig, config_from_dict, resolve
+from yuanlfa.layout import PipelineLayout
 from yuanlfa.model import create_model
 from yuanlfa.model.transformer import YuanModel
-from yuanlfa.parallel.pipeline.layout import PipelineLayout
 from yuanlfa.planner.activations import (
     ActivationSpec,
     in_flight_microbatches,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from yuanlfa.config import Config, ConfigError, config_from_dict, load_config, resolve
-from yuanlfa.parallel.pipeline.layout import uniform_blocks
+from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner import (
     CostModel,
     cost_model,

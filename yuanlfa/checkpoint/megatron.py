@@ -42,7 +42,8 @@ from yuanlfa.checkpoint.layout_free import (
 )
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
-from yuanlfa.config import ModelConfig
+from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
+from yuanlfa.layout import PipelineLayout, uniform_blocks
 from yuanlfa.model import build_model
 from yuanlfa.parallel.optimizer import no_weight_decay
 from yuanlfa.parallel.tensor_parallel import shard_pieces
@@ -76,22 +77,17 @@ def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def check_blocks(blocks: list[int], pp: int, num_layers: int, flag: str) -> list[int]:
-    if len(blocks) != pp:
-        raise CheckpointError(f"{flag}: {len(blocks)} entries for {pp} pipeline stages")
-    if any(b < 0 for b in blocks) or sum(blocks) != num_layers:
-        raise CheckpointError(
-            f"{flag}: {blocks} must be >= 0 and sum to the model's {num_layers} layers"
-        )
+    problem = blocks_problem(tuple(blocks), pp, num_layers, "the pipeline stages", "num_layers")
+    if problem is not None:
+        raise CheckpointError(f"{flag}: {problem}")
     return list(blocks)
 
 
 def default_blocks(pp: int, num_layers: int, flag: str) -> list[int]:
-    if num_layers % pp:
-        raise CheckpointError(
-            f"{num_layers} layers do not split evenly over {pp} stages; give the split with "
-            f"{flag} (e.g. {flag} 2,3,...)"
-        )
-    return [num_layers // pp] * pp
+    problem = uneven_problem(num_layers, pp, "the model's num_layers")
+    if problem is not None:
+        raise CheckpointError(f"{problem}; give the split with {flag} (e.g. {flag} 2,3,...)")
+    return list(uniform_blocks(num_layers, pp))
 
 
 def places(name: str, blocks: list[int]) -> list[tuple[int, tuple[str, ...]]]:
@@ -109,12 +105,13 @@ def places(name: str, blocks: list[int]) -> list[tuple[int, tuple[str, ...]]]:
             "module); this converter handles the Yuan 2.0 architecture"
         )
     layer, rest = int(match.group(1)), match.group(2)
-    start = 0
-    for stage, count in enumerate(blocks):
-        if layer < start + count:
-            return [(stage, (*ENCODER, f"layers.{layer - start}.{LAYER_NAMES[rest]}"))]
-        start += count
-    raise CheckpointError(f"layer {layer} is beyond the split {blocks}")
+    layout = PipelineLayout(tuple(blocks), pp)
+    try:
+        stage = layout.stage_of_layer(layer)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    local = layer - layout.layer_ids(stage)[0]
+    return [(stage, (*ENCODER, f"layers.{local}.{LAYER_NAMES[rest]}"))]
 
 
 def _shard_shape(name: str, shape: tuple[int, ...], tp_rank: int, tp: int) -> tuple[int, ...]:
@@ -125,13 +122,9 @@ def _shard_shape(name: str, shape: tuple[int, ...], tp_rank: int, tp: int) -> tu
 
 
 def _check_tp(cfg: ModelConfig, tp: int) -> None:
-    for what, size in (
-        ("model.vocab_size", cfg.vocab_size),
-        ("model.num_heads", cfg.num_heads),
-        ("the ffn size", cfg.ffn_size),
-    ):
-        if size % tp:
-            raise CheckpointError(f"tensor parallelism {tp} does not divide {what} = {size}")
+    problem = tp_indivisible(tp, cfg)
+    if problem is not None:
+        raise CheckpointError(f"tensor parallelism {problem}")
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:

@@ -9,13 +9,15 @@ import sys
 from yuanlfa.cli.common import add_config_args
 from yuanlfa.config import Config, ConfigError, load_config, resolve
 from yuanlfa.data import build_tokenizer
+from yuanlfa.model.registry import check_model_config
 from yuanlfa.planner import cost_model, flops_per_token, param_counts, stage_memory
-from yuanlfa.planner.memory import config_blocks
+from yuanlfa.planner.stages import config_blocks
 
 GIB = 2**30
 
 
 def summarize(cfg: Config, world_size: int | None = None) -> dict:
+    check_model_config(cfg.model)
     p = cfg.parallel
     if world_size is None:
         world_size = p.tp * p.pp * p.cp * (p.dp or 1)

@@ -25,8 +25,8 @@ import json
 import sys
 
 from yuanlfa.cli.common import add_config_args
-from yuanlfa.config import Config, ConfigError, load_config, resolve, validate
-from yuanlfa.parallel.pipeline.layout import resolve_blocks, uniform_blocks
+from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
+from yuanlfa.layout import resolve_blocks, uniform_blocks
 from yuanlfa.planner.advisor import advise
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
@@ -38,6 +38,22 @@ from yuanlfa.planner.weak_link import PAPER_BANDWIDTHS_GBPS, paper_comparison
 
 GIB = 2**30
 SPLITS = ("released", "uniform", "balanced")
+
+
+def _check_components(model: ModelConfig) -> None:
+    """The filter and attention names and the plug-ins, checked by the model's registry when torch
+    is installed. Plug-ins are torch modules, so without torch only plug-in-free configs plan;
+    their built-in names are then the planner's to know."""
+    try:
+        from yuanlfa.model.registry import check_model_config
+    except ImportError as exc:
+        if model.plugins:
+            raise ConfigError(
+                f"model.plugins: plug-ins are torch modules and torch is not importable ({exc}); "
+                "install torch to plan a config that uses them"
+            ) from None
+        return
+    check_model_config(model)
 
 
 def _with_pipeline(cfg: Config, pp: int | None, virtual_stages: int | None) -> Config:
@@ -345,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         return _advise_main(args)
     try:
         cfg = load_config(args.config, args.overrides)
+        _check_components(cfg.model)
         cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
         name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
         device = get_device(name)
@@ -424,6 +441,7 @@ def _advise_main(args: argparse.Namespace) -> int:
     """--advise and --paper-comparison."""
     try:
         cfg = load_config(args.config, args.overrides)
+        _check_components(cfg.model)
         device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
         if args.paper_comparison:
             return _paper_main(args, cfg, device)

@@ -67,8 +67,11 @@ def _model_config(path: str | None):
     if path is None:
         return None
     from yuanlfa.config import load_config
+    from yuanlfa.model.registry import check_model_config
 
-    return load_config(path).model
+    model = load_config(path).model
+    check_model_config(model)  # plug-ins and component names, before any checkpoint is read
+    return model
 
 
 def to_ours(src: Path, fmt: str, out: Path, args: argparse.Namespace) -> None:

@@ -1,38 +1,37 @@
-"""Data: Megatron-compatible token files, tokenizers, preprocessing and packed samples."""
+"""Data: Megatron-compatible token files, tokenizers, preprocessing and packed samples.
+
+Names are loaded on first use, so ``yuanlfa.data.tokenizer`` (which the torch-free planner uses
+to size a vocabulary) does not bring in the torch datasets.
+"""
 
 from __future__ import annotations
 
-from yuanlfa.data.corpus import default_cache_dir, default_corpus_files, ensure_default_corpus
-from yuanlfa.data.dataset import (
-    PackedDataset,
-    build_sample_index,
-    position_ids_from_tokens,
-    split_documents,
-)
-from yuanlfa.data.indexed_dataset import (
-    DataError,
-    IndexedDatasetBuilder,
-    MMapIndexedDataset,
-    best_dtype,
-)
-from yuanlfa.data.preprocess import preprocess_files
-from yuanlfa.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer, pad_vocab_size
+import importlib
+from typing import Any
 
-__all__ = [
-    "ByteTokenizer",
-    "DataError",
-    "IndexedDatasetBuilder",
-    "MMapIndexedDataset",
-    "PackedDataset",
-    "Tokenizer",
-    "best_dtype",
-    "build_sample_index",
-    "build_tokenizer",
-    "default_cache_dir",
-    "default_corpus_files",
-    "ensure_default_corpus",
-    "pad_vocab_size",
-    "position_ids_from_tokens",
-    "preprocess_files",
-    "split_documents",
-]
+_LAZY = {
+    "default_cache_dir": "yuanlfa.data.corpus",
+    "default_corpus_files": "yuanlfa.data.corpus",
+    "ensure_default_corpus": "yuanlfa.data.corpus",
+    "PackedDataset": "yuanlfa.data.dataset",
+    "position_ids_from_tokens": "yuanlfa.data.dataset",
+    "split_documents": "yuanlfa.data.dataset",
+    "build_sample_index": "yuanlfa.data.sample_index",
+    "DataError": "yuanlfa.data.indexed_dataset",
+    "IndexedDatasetBuilder": "yuanlfa.data.indexed_dataset",
+    "MMapIndexedDataset": "yuanlfa.data.indexed_dataset",
+    "best_dtype": "yuanlfa.data.indexed_dataset",
+    "preprocess_files": "yuanlfa.data.preprocess",
+    "Tokenizer": "yuanlfa.data.special_tokens",
+    "ByteTokenizer": "yuanlfa.data.tokenizer",
+    "build_tokenizer": "yuanlfa.data.tokenizer",
+    "pad_vocab_size": "yuanlfa.data.tokenizer",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'yuanlfa.data' has no attribute {name!r}")

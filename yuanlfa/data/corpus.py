@@ -15,7 +15,8 @@ from pathlib import Path
 
 from yuanlfa.data.indexed_dataset import DataError
 from yuanlfa.data.preprocess import preprocess_files
-from yuanlfa.data.tokenizer import Tokenizer, build_tokenizer
+from yuanlfa.data.special_tokens import Tokenizer
+from yuanlfa.data.tokenizer import build_tokenizer
 
 try:
     import fcntl

@@ -17,39 +17,8 @@ import torch
 
 from yuanlfa.data.fim import FIMConfig, FIMTokenizer, apply_fim
 from yuanlfa.data.index_cache import IndexCache
+from yuanlfa.data.index_helpers import build_sample_index
 from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
-
-
-def build_sample_index(
-    doc_lengths: np.ndarray, doc_order: np.ndarray, seq_length: int, num_samples: int
-) -> np.ndarray:
-    """Sample boundaries as (position in ``doc_order``, token offset in that document).
-
-    Row i is where sample i starts and row i + 1 holds its last token (inclusive), which is also
-    the first token of sample i + 1. ``doc_lengths`` is indexed by document id, ``doc_order`` is
-    a sequence of ids. Returns int64 [num_samples + 1, 2]; equal to Megatron's build_sample_idx.
-    """
-    if seq_length < 1 or num_samples < 0:
-        raise DataError(
-            f"need seq_length >= 1 and num_samples >= 0, got {seq_length}, {num_samples}"
-        )
-    lengths = np.asarray(doc_lengths)[np.asarray(doc_order)].astype(np.int64)
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    needed = num_samples * seq_length + 1
-    if starts[-1] < needed:
-        raise DataError(
-            f"the document order holds {starts[-1]} tokens, {num_samples} samples of "
-            f"{seq_length} need {needed}"
-        )
-    out = np.zeros((num_samples + 1, 2), dtype=np.int64)
-    # Sample i ends on stream token (i + 1) * seq_length. side="right" picks the document that
-    # contains it, stepping over empty documents exactly as Megatron's walk does.
-    ends = np.arange(1, num_samples + 1, dtype=np.int64) * seq_length
-    doc = np.searchsorted(starts, ends, side="right") - 1
-    out[1:, 0] = doc
-    out[1:, 1] = ends - starts[doc]
-    return out
 
 
 def _one_sequence_per_document(indexed: MMapIndexedDataset) -> bool:
@@ -176,10 +145,8 @@ class PackedDataset(torch.utils.data.Dataset):
         order_dtype = np.int32 if self.indexed.num_documents < 2**31 else np.int64
         orders = [rng.permutation(documents) if shuffle else documents for _ in range(epochs)]
         doc_order = np.concatenate(orders).astype(order_dtype)
-        # The C++ helper when built (same result; index_helpers imports this module, hence here).
-        from yuanlfa.data.index_helpers import build_sample_index as build_index
-
-        sample_index = build_index(self.doc_lengths, doc_order, seq_length, num_samples)
+        # The C++ helper when built, else numpy (the same result).
+        sample_index = build_sample_index(self.doc_lengths, doc_order, seq_length, num_samples)
         shuffle_index = (
             rng.permutation(num_samples) if shuffle else np.arange(num_samples)
         ).astype(np.int64)

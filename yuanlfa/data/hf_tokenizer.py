@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from yuanlfa.data.indexed_dataset import DataError
-from yuanlfa.data.tokenizer import SpecialTokens, resolve_specials
+from yuanlfa.data.special_tokens import SpecialTokens, resolve_specials
 
 # Where an end-of-document token hides when the vocabulary has no <eod> (LLaMA-style, GPT-2).
 EOD_FALLBACKS = ("<eod>", "</s>", "<|endoftext|>", "<|end_of_text|>")

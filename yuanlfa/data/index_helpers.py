@@ -14,8 +14,8 @@ from types import ModuleType
 
 import numpy as np
 
-from yuanlfa.data.dataset import build_sample_index as _build_numpy
 from yuanlfa.data.indexed_dataset import DataError
+from yuanlfa.data.sample_index import build_sample_index as _build_numpy
 
 _INT64_MAX = 2**63 - 1
 _MAX_DATASETS = 255  # dataset_index is uint8, as in Megatron's helpers.cpp
@@ -116,7 +116,7 @@ def build_sample_index(
 ) -> np.ndarray:
     """Sample boundaries as (position in ``doc_order``, token offset), int64 [num_samples + 1, 2].
 
-    Same contract as :func:`yuanlfa.data.dataset.build_sample_index` (Megatron's
+    Same contract as :func:`yuanlfa.data.sample_index.build_sample_index` (Megatron's
     build_sample_idx), plus checks that every ``doc_order`` entry is a document id and no length
     is negative. ``impl``: "auto" (C++ if built, else numpy), "cpp" (ImportError if not built)
     or "numpy".

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from yuanlfa.data.indexed_dataset import DataError, IndexedDatasetBuilder, best_dtype
-from yuanlfa.data.tokenizer import Tokenizer, build_tokenizer
+from yuanlfa.data.special_tokens import Tokenizer
+from yuanlfa.data.tokenizer import build_tokenizer
 
 # A JSON-lines task carries this many bytes of lines, so workers get batches big enough to
 # amortize the pickling and small enough to keep memory flat.

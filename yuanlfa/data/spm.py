@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from yuanlfa.data.indexed_dataset import DataError
-from yuanlfa.data.tokenizer import SPECIAL_TOKENS, SpecialTokens, resolve_specials
+from yuanlfa.data.special_tokens import SPECIAL_TOKENS, SpecialTokens, resolve_specials
 
 
 def _sentencepiece():

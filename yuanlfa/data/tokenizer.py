@@ -4,71 +4,14 @@ models (``spm.py``) and Hugging Face tokenizer files (``hf_tokenizer.py``), chos
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Iterable
 
 import numpy as np
 
+from yuanlfa.data.hf_tokenizer import HFTokenizer
 from yuanlfa.data.indexed_dataset import DataError
-
-
-class Tokenizer(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eod(self) -> int: ...
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-
-# The order is part of the format: token files written with these ids must stay readable.
-SPECIAL_TOKENS = ("<eod>", "<pad>", "<sep>", "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>")
-
-
-def resolve_specials(lookup: Callable[[str], int | None], size: int) -> dict[str, int]:
-    """Id of each of SPECIAL_TOKENS: ``lookup(token)`` where the vocabulary has it, else the next
-    id after the ``size`` ids of the vocabulary (so every tokenizer offers the same specials)."""
-    out: dict[str, int] = {}
-    for token in SPECIAL_TOKENS:
-        found = lookup(token)
-        out[token] = found if found is not None else size + sum(v >= size for v in out.values())
-    return out
-
-
-class SpecialTokens:
-    """The named special-token ids of a tokenizer whose ``_special`` maps names to ids."""
-
-    _special: dict[str, int]
-
-    @property
-    def eod(self) -> int:
-        return self._special["<eod>"]
-
-    @property
-    def pad(self) -> int:
-        return self._special["<pad>"]
-
-    @property
-    def sep(self) -> int:
-        return self._special["<sep>"]
-
-    @property
-    def fim_prefix(self) -> int:
-        return self._special["<FIM_PREFIX>"]
-
-    @property
-    def fim_middle(self) -> int:
-        return self._special["<FIM_MIDDLE>"]
-
-    @property
-    def fim_suffix(self) -> int:
-        return self._special["<FIM_SUFFIX>"]
+from yuanlfa.data.special_tokens import SPECIAL_TOKENS, SpecialTokens, Tokenizer, resolve_specials
+from yuanlfa.data.spm import SentencePieceTokenizer
 
 
 class ByteTokenizer(SpecialTokens):
@@ -124,12 +67,8 @@ def build_tokenizer(spec: str) -> Tokenizer:
     if kind == "byte" and not path:
         return ByteTokenizer()
     if kind == "sentencepiece" and path:
-        from yuanlfa.data.spm import SentencePieceTokenizer
-
         return SentencePieceTokenizer(path)
     if kind == "huggingface" and path:
-        from yuanlfa.data.hf_tokenizer import HFTokenizer
-
         return HFTokenizer(path)
     raise DataError(
         f"unknown tokenizer {spec!r}; use byte, sentencepiece:PATH/TO/tokenizer.model or "

@@ -2,7 +2,7 @@
 
 from yuanlfa.model.cache import InferenceCache, LayerCache
 from yuanlfa.model.generation import generate
-from yuanlfa.model.init import build_model, create_model, init_value, materialize, name_seed
+from yuanlfa.model.init import build_model, create_model, init_value, materialize
 from yuanlfa.model.lfa import LocalizedFiltering
 from yuanlfa.model.registry import (
     RegistryError,
@@ -11,6 +11,7 @@ from yuanlfa.model.registry import (
     register_filter,
     registered,
 )
+from yuanlfa.model.seeds import name_seed
 from yuanlfa.model.transformer import DecoderLayer, SwiGLU, YuanModel
 
 

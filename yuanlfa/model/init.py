@@ -7,7 +7,6 @@ any layout. Values are drawn on the CPU so they do not depend on the device eith
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable
 
@@ -16,13 +15,8 @@ from torch import nn
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.registry import component_of, init_parameter
+from yuanlfa.model.seeds import name_seed
 from yuanlfa.model.transformer import YuanModel
-
-
-def name_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed for one parameter (Python's hash() is salted per process)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def init_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from yuanlfa.config import ConfigError, ModelConfig
+from yuanlfa.model.seeds import name_seed
 
 Kind = Literal["filter", "attention"]
 # Where each kind lives inside a layer; parameter names are layers.N.attn.<attr>.<name>.
@@ -394,8 +395,6 @@ def split_dim(name: str, cfg: ModelConfig) -> int | None:
 
 def init_parameter(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The initial fp32 value of a filter or core-attention parameter (full, unsharded)."""
-    from yuanlfa.model.init import name_seed
-
     found = component_of(name, cfg)
     if found is None:
         raise ValueError(f"{name!r} is not a parameter of a filter or core attention")
@@ -431,8 +430,6 @@ def _constructed_values(
     """The module's own initial values, built on the CPU with the global generator seeded from
     (seed, module name): deterministic, independent of layout and device. Cached because a
     module's parameters are materialized one after another."""
-    from yuanlfa.model.init import name_seed
-
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(name_seed(seed, prefix))
         module = entry.build(cfg)

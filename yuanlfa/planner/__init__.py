@@ -30,8 +30,8 @@ from yuanlfa.planner.links import (
     ring_all_reduce_s,
     ring_reduce_scatter_s,
 )
-from yuanlfa.planner.memory import StageMemory, stage_memory
-from yuanlfa.planner.params import ParamCounts, param_counts, stage_blocks
+from yuanlfa.planner.params import ParamCounts, param_counts
+from yuanlfa.planner.stages import StageMemory, config_blocks, stage_memory
 from yuanlfa.planner.topology import Cluster, LinkPlan, link_plan
 from yuanlfa.planner.weak_link import bandwidth_sweep, paper_comparison
 
@@ -59,6 +59,7 @@ __all__ = [
     "auto_blocks",
     "balance",
     "bandwidth_sweep",
+    "config_blocks",
     "best_blocks",
     "cost_model",
     "device_from_cuda_name",
@@ -80,6 +81,5 @@ __all__ = [
     "simulate",
     "snippet",
     "stage_activation_bytes",
-    "stage_blocks",
     "stage_memory",
 ]

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from yuanlfa.config import Config, ConfigError, ModelConfig
-from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.layout import PipelineLayout
 
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
@@ -94,8 +94,10 @@ def resolve_gpu(cfg: Config, gpu: bool | None = None) -> bool:
         return gpu
     if cfg.train.device != "auto":
         return cfg.train.device == "cuda"
-    import torch
-
+    try:  # the planner runs without torch; then no run of this install sees a GPU either
+        import torch
+    except ImportError:
+        return False
     return torch.cuda.is_available()
 
 

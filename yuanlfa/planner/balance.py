@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 
 from yuanlfa.config import Config, ConfigError
-from yuanlfa.parallel.pipeline.layout import uniform_blocks
+from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DevicePreset
 

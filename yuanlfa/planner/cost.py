@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from yuanlfa.config import Config, ConfigError
-from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.layout import PipelineLayout, rank_of_stage
 from yuanlfa.planner import comm
 from yuanlfa.planner.activations import (
     ActivationSpec,
@@ -267,14 +267,14 @@ class CostModel:
     def microbatch_bytes(self, stage: int, layers: int) -> int:
         """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
         if layers > 1:  # linear in the layers beyond the first (microbatch_activations)
-            rank = stage % self.pp
+            rank = rank_of_stage(stage, self.pp)
             per_layer = self._cached(
                 ("layer_bytes", rank),
                 lambda: layer_activation_bytes(self.cfg.model, self.specs[rank]),
             )
             return self.microbatch_bytes(stage, 1) + (layers - 1) * per_layer
         first, last = stage == 0, stage == self.num_stages - 1
-        spec = self.specs[stage % self.pp]
+        spec = self.specs[rank_of_stage(stage, self.pp)]
         return self._cached(
             ("microbatch_bytes", stage, layers),
             lambda: (
@@ -293,7 +293,9 @@ class CostModel:
     def workspace_bytes(self, stages: tuple[int, ...], blocks: tuple[int, ...]) -> int:
         """The largest transient buffer: one layer's recompute (if the rank holds a layer), the
         loss's blocks and weight-gradient accumulator (if it holds the last stage)."""
-        recompute = self.recompute_workspace_bytes(stages[0] % self.pp) if sum(blocks) else 0
+        recompute = (
+            self.recompute_workspace_bytes(rank_of_stage(stages[0], self.pp)) if sum(blocks) else 0
+        )
         loss = self.loss_workspace_bytes() if self.num_stages - 1 in stages else 0
         return max(recompute, loss)
 
@@ -347,7 +349,7 @@ class CostModel:
 
     def stage_time(self, stage: int, layers: int) -> StageTime:
         """``stage`` holding ``layers`` layers: that many layers plus its fixed parts."""
-        layer = self.layer_time(stage % self.pp)
+        layer = self.layer_time(rank_of_stage(stage, self.pp))
         fixed = self._cached(("stage_fixed", stage), lambda: self._stage_fixed(stage))
         fwd_comm = layers * layer.comm_split[0] + fixed.comm_split[0]
         return StageTime(

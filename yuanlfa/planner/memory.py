@@ -1,4 +1,5 @@
-"""Bytes of weights, gradients and optimizer states held by one rank of each pipeline stage."""
+"""Bytes per parameter of weights, gradients and optimizer states, and the parameters one
+rank holds per layer and besides the layers (per-stage totals: :mod:`yuanlfa.planner.stages`)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,6 @@ from dataclasses import dataclass
 
 from yuanlfa.config import Config
 from yuanlfa.planner.params import param_counts
-
-
-@dataclass(frozen=True)
-class StageMemory:
-    stage: int
-    layers: int
-    params: int  # held by one tensor-parallel rank of this stage
-    weights_bytes: int
-    grads_bytes: int
-    optimizer_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
 
 
 @dataclass(frozen=True)
@@ -69,42 +56,3 @@ def stage_extra_params(cfg: Config, first: bool, last: bool, num_stages: int) ->
         if num_stages > 1 and cfg.model.tie_embeddings:
             params += counts.embedding // tp
     return params
-
-
-def config_blocks(cfg: Config) -> tuple[int, ...]:
-    """The configured split (block list, layout string, or ``auto``: the balancer's time-optimal
-    split without a memory limit)."""
-    from yuanlfa.parallel.pipeline.layout import resolve_blocks
-
-    auto = None
-    if cfg.parallel.pipeline_blocks == "auto":
-        from yuanlfa.planner.balance import auto_blocks
-
-        auto = auto_blocks(cfg)
-    return resolve_blocks(cfg.parallel, cfg.model, auto)
-
-
-def stage_memory(
-    cfg: Config, dp: int, blocks: tuple[int, ...] | None = None, *, gpu: bool | None = None
-) -> list[StageMemory]:
-    """Static memory of one rank of each pipeline rank's stages (activations excluded).
-
-    ``blocks`` defaults to the configured split. Under interleaving, virtual stage s runs on
-    pipeline rank s % pp, and the rank holds the sum of its stages.
-    """
-    pp = cfg.parallel.pp
-    blocks = tuple(blocks) if blocks is not None else config_blocks(cfg)
-    state = state_bytes(cfg, dp, gpu)
-    per_layer = layer_params(cfg)
-    layers_on = [0] * pp
-    params_on = [0] * pp
-    for stage, layers in enumerate(blocks):
-        rank = stage % pp
-        layers_on[rank] += layers
-        first, last = stage == 0, stage == len(blocks) - 1
-        params_on[rank] += layers * per_layer + stage_extra_params(cfg, first, last, len(blocks))
-    out = []
-    for rank, params in enumerate(params_on):
-        weights, grads, optimizer = state.of(params)
-        out.append(StageMemory(rank, layers_on[rank], params, weights, grads, optimizer))
-    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yuanlfa.config import ModelConfig, ParallelConfig
+from yuanlfa.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,3 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         head=0 if cfg.tie_embeddings else v * h,
         num_layers=cfg.num_layers,
     )
-
-
-def stage_blocks(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
-    """Layers per pipeline stage: the configured block list, or an even split."""
-    stages = parallel.pp * parallel.virtual_stages
-    if parallel.pipeline_blocks is not None:
-        return list(parallel.pipeline_blocks)
-    return [model.num_layers // stages] * stages

@@ -15,11 +15,10 @@ slowest one sets the pace.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
-from yuanlfa.parallel.mesh import DIMS, coords_rank
+from yuanlfa.layout import DIMS, group_ranks, rank_of_stage
 from yuanlfa.planner.links import Link
 
 
@@ -56,7 +55,7 @@ class LinkPlan:
 
     def boundary(self, stage: int, pp: int) -> Link:
         """The link from stage ``stage`` to ``stage + 1`` (ranks stage % pp and its successor)."""
-        return self.p2p[stage % pp]
+        return self.p2p[rank_of_stage(stage, pp)]
 
 
 def uniform_links(p2p: Link, tp: Link, dp: Link, pp: int) -> LinkPlan:
@@ -71,33 +70,21 @@ def parse_order(order: str) -> tuple[str, ...]:
     return dims
 
 
-def _slices(sizes: dict[str, int], exclude: str):
-    others = [d for d in DIMS if d != exclude]
-    for values in itertools.product(*(range(sizes[d]) for d in others)):
-        yield dict(zip(others, values))
-
-
 def group_crosses_nodes(cluster: Cluster, order: tuple[str, ...], sizes: dict, dim: str) -> bool:
     """Whether any ``dim`` group has ranks on more than one node."""
-    if sizes[dim] == 1:
-        return False
-    for fixed in _slices(sizes, dim):
-        ranks = (coords_rank(order, sizes, {**fixed, dim: i}) for i in range(sizes[dim]))
-        if len({cluster.node_of(r) for r in ranks}) > 1:
-            return True
-    return False
+    return any(
+        len({cluster.node_of(r) for r in ranks}) > 1 for ranks in group_ranks(order, sizes, dim)
+    )
 
 
 def pair_crosses_nodes(
     cluster: Cluster, order: tuple[str, ...], sizes: dict, a: int, b: int
 ) -> bool:
     """Whether pipeline ranks ``a`` and ``b`` of some tp/dp slice lie on different nodes."""
-    for fixed in _slices(sizes, "pp"):
-        ra = coords_rank(order, sizes, {**fixed, "pp": a})
-        rb = coords_rank(order, sizes, {**fixed, "pp": b})
-        if cluster.node_of(ra) != cluster.node_of(rb):
-            return True
-    return False
+    return any(
+        cluster.node_of(ranks[a]) != cluster.node_of(ranks[b])
+        for ranks in group_ranks(order, sizes, "pp")
+    )
 
 
 def link_plan(cluster: Cluster, tp: int, pp: int, dp: int, rank_order: str) -> LinkPlan:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from yuanlfa.config import Config
-from yuanlfa.parallel.pipeline.layout import uniform_blocks
+from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner.advisor import Layout, apply_layout
 from yuanlfa.planner.cost import PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, DevicePreset

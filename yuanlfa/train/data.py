@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from yuanlfa.config import ConfigError, DataConfig
+from yuanlfa.config import ConfigError, DataConfig, parse_blend
 from yuanlfa.data import (
     DataError,
     MMapIndexedDataset,
@@ -18,7 +18,7 @@ from yuanlfa.data import (
     ensure_default_corpus,
     split_documents,
 )
-from yuanlfa.data.blended import BlendedDataset, component_samples, parse_blend
+from yuanlfa.data.blended import BlendedDataset, component_samples
 from yuanlfa.data.corpus import default_cache_dir
 from yuanlfa.data.fim import FIMConfig
 

@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import Config
+from yuanlfa.layout import PipelineLayout
 from yuanlfa.model import build_model, materialize
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel import Mesh, apply_tensor_parallel, build_mesh, shard_full_tensor
-from yuanlfa.parallel.pipeline import PipelineLayout
 from yuanlfa.parallel.pipeline.stage import stage_flags
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import Config
+from yuanlfa.layout import PipelineLayout, build_layout
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel.grads import grad_of, is_tied_across_stages
 from yuanlfa.parallel.mesh import Mesh
-from yuanlfa.parallel.pipeline import PipelineLayout, build_layout
 from yuanlfa.parallel.pipeline.runner import PipelineRunner
 from yuanlfa.parallel.pipeline.stage import build_stage_modules
 from yuanlfa.train.data import get_batch

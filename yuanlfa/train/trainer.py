@@ -25,6 +25,7 @@ from yuanlfa.checkpoint import (
 )
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
+from yuanlfa.model.registry import check_model_config
 from yuanlfa.ops.lfa import resolve_impl
 from yuanlfa.parallel.data_parallel import GradReducer
 from yuanlfa.parallel.grads import (
@@ -95,6 +96,7 @@ def _memory_gb(device: torch.device) -> float:
 def prepare_config(cfg: Config) -> Config:
     """Resolve derived fields for this launch and check what can be checked up front."""
     world, _ = world_from_env()
+    check_model_config(cfg.model)  # plug-ins imported, filter and attention names known
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
     if cfg.parallel.pp > 1:

@@ -1,17 +1,2 @@
-"""Pipeline parallelism: stage layouts, stage modules and schedules."""
-
-from yuanlfa.parallel.pipeline.layout import (
-    PipelineLayout,
-    build_layout,
-    parse_layout_string,
-    resolve_blocks,
-    uniform_blocks,
-)
-
-__all__ = [
-    "PipelineLayout",
-    "build_layout",
-    "parse_layout_string",
-    "resolve_blocks",
-    "uniform_blocks",
-]
+"""Pipeline parallelism: stage modules and schedules (the split itself is
+:mod:`yuanlfa.layout.splits`)."""

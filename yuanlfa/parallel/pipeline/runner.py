@@ -20,7 +20,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.layout import PipelineLayout
 from yuanlfa.parallel.pipeline.stage import StageModule
 
 SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}

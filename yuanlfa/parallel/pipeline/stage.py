@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from yuanlfa.layout import PipelineLayout
 from yuanlfa.model.transformer import YuanModel
-from yuanlfa.parallel.pipeline.layout import PipelineLayout
 
 
 class StageModule(nn.Module):

@@ -1,0 +1,205 @@
+"""The configuration's shape: one frozen dataclass per section, and the error users see.
+
+Each component receives only its own sub-config. YAML enters the program only through
+:func:`yuanlfa.config.load_config`; everything after that works on typed, validated, immutable
+objects. This package imports nothing else of the library and no torch, so reading a config is
+cheap wherever it happens (the planner, the CLIs, the launcher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = 24
+    hidden_size: int = 2048
+    num_heads: int = 32
+    # None means 4 * hidden_size (Yuan 2.0's SwiGLU width).
+    ffn_hidden_size: int | None = None
+    # None means the tokenizer's vocabulary padded to a multiple of lcm(128, tp).
+    vocab_size: int | None = 135040
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    # false: no filter (plain attention), the same as filter: none (kept for older configs).
+    lfa: bool = True
+    # The local filter in front of the Q/K projections, by registered name: lfa (the paper's
+    # two convolutions + RMSNorm, DESIGN.md 3), lfa_no_norm, conv (one causal convolution of
+    # filter_kernel taps, + residual and RMSNorm), none (plain attention), or a plug-in's name.
+    filter: str = "lfa"
+    # Taps of the conv filter (the paper's ablation: 1, 2, 3, 7); plug-ins may read it too.
+    filter_kernel: int = 2
+    # The core attention (softmax(q k^T) v on [s, b, heads, d]) by registered name: causal
+    # (attention_backend picks the kernel) or a plug-in's name.
+    attention: str = "causal"
+    # Python files (path/to/file.py) or importable module names imported before the model is
+    # built, on every rank, so that their @register_filter / @register_attention decorators run.
+    plugins: tuple[str, ...] = ()
+    # Restart the filter at document starts inside packed samples (the reference does not).
+    lfa_reset_at_doc_start: bool = False
+    # Each token attends only to its own document inside a packed sample (Megatron's
+    # --reset-attention-mask); documents start where position ids restart at 0.
+    document_attention: bool = False
+    lfa_impl: Literal["auto", "reference", "triton"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
+    # logits are never materialized there).
+    loss_block_size: int = 2048
+
+    def __post_init__(self) -> None:
+        # Configs rebuilt from JSON (checkpoint manifests) carry lists; keep the config hashable.
+        if not isinstance(self.plugins, tuple):
+            object.__setattr__(self, "plugins", tuple(self.plugins))
+
+    @property
+    def filter_name(self) -> str:
+        """The filter the model uses: ``filter``, or none when ``lfa`` is false."""
+        return self.filter if self.lfa else "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # None: derived from the world size as world // (tp * pp * cp).
+    dp: int | None = None
+    cp: int = 1
+    # Layers per stage (Yuan style), or "auto" for the balancer's split; None: even.
+    pipeline_blocks: tuple[int, ...] | Literal["auto"] | None = None
+    # Megatron-style layout string ("Et*2|t*3|t*3L"); exclusive with pipeline_blocks.
+    pipeline_layout: str | None = None
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (torch's
+    # interleaved zero-bubble) run virtual_stages stages per rank.
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
+    # Start each gradient bucket's dp reduction during the last backward pass, as soon as its
+    # gradients are complete (Megatron's --overlap-grad-reduce); false: all after backward.
+    overlap_grad_reduce: bool = True
+    # Elements per gradient bucket (Megatron's --ddp-bucket-size default).
+    grad_bucket_size: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 1900
+    # None: decay over train.steps.
+    decay_steps: int | None = None
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    distributed: bool = False
+    # None: fused AdamW where torch supports it on the device.
+    fused: bool | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A .bin/.idx prefix; None means the embedded default corpus (tokenized once into a cache).
+    path: str | None = None
+    # byte, sentencepiece:PATH (a .model file) or huggingface:PATH (a tokenizer.json directory).
+    tokenizer: str = "byte"
+    split: str = "98,1,1"
+    cache_dir: str | None = None
+    # Fill-in-the-middle: the share of documents rewritten (Yuan 2.0: 0.5), and of those the
+    # share in SPM rather than PSM order (Yuan 2.0: 0.5). Character-level, deterministic per
+    # sample. 0 turns it off.
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    # No loss on predicting <eod> (Megatron's --eod-mask-loss).
+    eod_mask_loss: bool = False
+    # Several datasets mixed by weight instead of data.path, Megatron's --data-path form:
+    # [0.3, /data/code, 0.7, /data/text] (each a .bin/.idx prefix; each split by data.split).
+    blend: tuple[str, ...] = ()
+    # Position ids restart at 0 after each <eod> (Megatron's --reset-position-ids); the model's
+    # document-aware options read document starts from them.
+    reset_position_ids: bool = True
+    # Supervised fine-tuning: loss only on the tokens after each document's first <sep> (the
+    # prompt and the separator carry none); documents without <sep> are trained on whole.
+    sft: bool = False
+    # Processes that read and pack samples ahead of the training loop per rank (0: in the
+    # training process). Samples do not depend on it.
+    num_workers: int = 2
+    # Keep the document order, sample and shuffle indices as .npy files under
+    # data.cache_dir/index (memory-mapped on later runs, as Megatron caches them).
+    cache_index: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    seq_length: int = 256
+    seed: int = 1234
+    # Compute precision: bf16 autocast (auto: on GPU), or fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Parameter (and gradient) storage. bf16 halves weight memory; the optimizer then keeps fp32
+    # master weights (sharded over dp with optim.distributed) and accumulates gradients in fp32.
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Evaluate on the held-out split every N steps (0: only at the end).
+    eval_interval: int = 0
+    eval_iters: int = 4
+    # Stop the run (instead of skipping the step) when the gradients hold inf or NaN.
+    stop_on_nan: bool = False
+    # Activation recompute: none, selective (core attention only) or full (whole layers).
+    recompute: Literal["none", "selective", "full"] = "none"
+    # Per pipeline rank (pp entries), overriding recompute: early stages hold more microbatches
+    # in flight under 1F1B, so they gain most from recomputing, e.g. [full, selective, none].
+    recompute_stages: tuple[Literal["none", "selective", "full"], ...] | None = None
+    # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
+    # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
+    exit_interval: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 0
+    resume: bool = False
+    keep_last: int = 2
+    save_at_end: bool = True
+    # Initialize the model's weights (not the optimizer or the step) from this checkpoint, e.g.
+    # one imported with yuanlfa-reshard --to yuanlfa; ignored when resuming from checkpoint.dir.
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    jsonl: str | None = None
+    tensorboard_dir: str | None = None
+    log_interval: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

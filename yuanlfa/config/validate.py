@@ -1,0 +1,256 @@
+"""Validation of a config (each section, and the relations between sections) and resolution
+of its derived fields (dp from the world size, the padded vocabulary)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from yuanlfa.config.blend import parse_blend
+from yuanlfa.config.schema import Config, ConfigError, ModelConfig
+from yuanlfa.config.split import configured_blocks
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value is None or value > 0, f"{section}.{name}: must be > 0, got {value}")
+
+
+def _validate_tokenizer(spec: str) -> None:
+    kind, _, path = spec.partition(":")
+    if kind == "byte" and not path:
+        return
+    _require(
+        kind in ("sentencepiece", "huggingface") and bool(path),
+        f"data.tokenizer: {spec!r} is not a tokenizer; use byte, sentencepiece:PATH/TO/x.model "
+        "or huggingface:PATH/TO/DIR",
+    )
+    _require(
+        os.path.exists(path),
+        f"data.tokenizer: {path} not found; train a model with yuanlfa-train-tokenizer or fix "
+        "the path",
+    )
+
+
+def tp_indivisible(tp: int, model: ModelConfig) -> str | None:
+    """The tensor-parallel divisibility rule: heads, the ffn and the vocabulary are split over
+    ``tp`` ranks. What ``tp`` does not divide, as words, or None."""
+    for name, value, fix in (
+        ("model.num_heads", model.num_heads, ""),
+        ("the ffn size", model.ffn_size, ""),
+        ("model.vocab_size", model.vocab_size, "; pad it to a multiple of 128 * tp"),
+    ):
+        if value is not None and value % tp:
+            return f"{tp} does not divide {name} = {value}{fix}"
+    return None
+
+
+def validate(cfg: Config) -> None:
+    """Check each section and the relations between sections; raise ConfigError on the first."""
+    m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
+    _positive("model", m, "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+    _positive("model", m, "vocab_size", "rope_base", "norm_eps", "init_std", "loss_block_size")
+    _require(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    _require(
+        m.head_dim % 2 == 0,
+        f"model.hidden_size / model.num_heads = {m.head_dim} must be even for RoPE",
+    )
+    _require(
+        m.hidden_size % 2 == 0,
+        f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
+    )
+    _validate_model_components(m)
+
+    _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages", "grad_bucket_size")
+    _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
+    problem = tp_indivisible(p.tp, m)
+    _require(problem is None, f"parallel.tp: {problem}")
+    _require(
+        p.virtual_stages == 1 or p.pp > 1,
+        "parallel.virtual_stages: needs parallel.pp > 1",
+    )
+    configured_blocks(p, m)
+    _require(
+        p.virtual_stages == 1 or p.schedule in ("interleaved_1f1b", "zero_bubble"),
+        f"parallel.schedule: {p.schedule} runs one stage per rank but parallel.virtual_stages = "
+        f"{p.virtual_stages}; use interleaved_1f1b or zero_bubble, or set virtual_stages=1",
+    )
+    _require(
+        not p.sequence_parallel or p.tp > 1,
+        "parallel.sequence_parallel: needs parallel.tp > 1",
+    )
+
+    _positive("optim", o, "lr", "eps", "decay_steps")
+    for name in ("min_lr", "weight_decay", "clip_grad", "warmup_steps"):
+        value = getattr(o, name)
+        _require(value >= 0, f"optim.{name}: must be >= 0, got {value}")
+    _require(o.min_lr <= o.lr, f"optim.min_lr: {o.min_lr} is larger than optim.lr={o.lr}")
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        _require(0.0 <= value < 1.0, f"optim.{name}: must be in [0, 1), got {value}")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        value = getattr(o, name)
+        _require(math.isfinite(value), f"optim.{name}: must be finite, got {value}")
+
+    _positive("train", t, "steps", "micro_batch_size", "global_batch_size", "seq_length")
+    _require(t.eval_interval >= 0, f"train.eval_interval: must be >= 0, got {t.eval_interval}")
+    _require(t.eval_iters >= 0, f"train.eval_iters: must be >= 0, got {t.eval_iters}")
+    _require(t.exit_interval >= 0, f"train.exit_interval: must be >= 0, got {t.exit_interval}")
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0,
+        f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+        f"train.micro_batch_size={t.micro_batch_size}",
+    )
+    if p.dp is not None:
+        per_step = t.micro_batch_size * p.dp
+        _require(
+            t.global_batch_size % per_step == 0,
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * parallel.dp = {per_step}",
+        )
+    _require(
+        not p.sequence_parallel or t.seq_length // p.tp >= 2,
+        f"train.seq_length: {t.seq_length} / parallel.tp = {t.seq_length // p.tp} tokens per "
+        "sequence shard; sequence parallelism needs at least 2 (the LFA halo)",
+    )
+    _require(
+        not p.sequence_parallel or t.seq_length % p.tp == 0,
+        f"train.seq_length: {t.seq_length} is not divisible by parallel.tp={p.tp} "
+        "(needed by sequence parallelism)",
+    )
+
+    if t.recompute_stages is not None:
+        _require(
+            len(t.recompute_stages) == p.pp,
+            f"train.recompute_stages: has {len(t.recompute_stages)} entries but parallel.pp = "
+            f"{p.pp}; give one mode (none, selective, full) per pipeline rank",
+        )
+
+    c = cfg.checkpoint
+    _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    _require(
+        not (c.resume and c.dir is None),
+        "checkpoint.resume: needs checkpoint.dir to know where to resume from",
+    )
+    _require(
+        not (c.interval > 0 and c.dir is None),
+        "checkpoint.interval: needs checkpoint.dir",
+    )
+    _require(
+        cfg.logging.log_interval >= 1,
+        f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
+    )
+    _validate_split(cfg.data.split)
+    _validate_tokenizer(cfg.data.tokenizer)
+    for name in ("fim_rate", "fim_spm_rate"):
+        value = getattr(cfg.data, name)
+        _require(0.0 <= value <= 1.0, f"data.{name}: must be in [0, 1], got {value}")
+    _validate_documents(cfg)
+
+
+def _validate_model_components(m: ModelConfig) -> None:
+    """What the config alone says about the filter. Its name, the plug-in files and what they
+    declare are checked where plug-ins are loaded (yuanlfa.model.registry.check_model_config),
+    by whoever builds or describes a model, before any expensive work."""
+    _require(
+        m.lfa or m.filter in ("lfa", "none"),
+        f"model.lfa: false means no filter, but model.filter is {m.filter!r}; drop model.lfa "
+        "and choose with model.filter (none for plain attention)",
+    )
+    _require(m.filter_kernel >= 1, f"model.filter_kernel: must be >= 1, got {m.filter_kernel}")
+    _require(
+        m.filter_kernel == 2 or m.filter_name not in ("lfa", "lfa_no_norm"),
+        f"model.filter_kernel: {m.filter_kernel}, but LFA's two convolutions have kernel 2; "
+        "use model.filter: conv for one convolution of another size",
+    )
+
+
+def _validate_documents(cfg: Config) -> None:
+    """The data options and the model's document-aware options must agree."""
+    d, m = cfg.data, cfg.model
+    _require(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    _require(
+        not (d.blend and d.path is not None),
+        "data.blend: give either data.path (one dataset) or data.blend (weights and prefixes), "
+        "not both",
+    )
+    if d.blend:
+        parse_blend(d.blend)
+    _require(
+        not (d.sft and d.fim_rate > 0),
+        "data.sft: fill-in-the-middle rewrites documents around their <sep>; set data.fim_rate=0 "
+        "for fine-tuning",
+    )
+    for name in ("document_attention", "lfa_reset_at_doc_start"):
+        _require(
+            not getattr(m, name) or d.reset_position_ids,
+            f"model.{name}: documents are found where position ids restart, which needs "
+            "data.reset_position_ids=true",
+        )
+    _require(
+        not (m.document_attention and m.filter_name != "none" and not m.lfa_reset_at_doc_start),
+        "model.document_attention: the filter would still mix the previous document's last "
+        "tokens into each document's first ones; set model.lfa_reset_at_doc_start=true too",
+    )
+
+
+def _validate_split(split: str) -> None:
+    parts = split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"data.split: {split!r} must be comma-separated numbers") from None
+    _require(
+        len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
+        f"data.split: {split!r} must be up to three non-negative weights (train,valid,test)",
+    )
+
+
+def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) -> Config:
+    """Fill the derived fields (dp from the world size, the padded vocabulary) and re-validate."""
+    p, m = cfg.parallel, cfg.model
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"parallel: tp * pp * cp = {model_parallel} does not divide the world size "
+            f"{world_size}; launch a multiple of {model_parallel} processes"
+        )
+    dp = world_size // model_parallel
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(
+            f"parallel.dp: {p.dp} but world size {world_size} / (tp * pp * cp = "
+            f"{model_parallel}) = {dp}; omit parallel.dp or launch {model_parallel * p.dp} "
+            "processes"
+        )
+    vocab = m.vocab_size
+    if vocab is None:
+        if tokenizer_vocab is None:
+            raise ConfigError("model.vocab_size: null needs a tokenizer to derive it from")
+        # A multiple of 128 (not of 128 * tp as Megatron pads): the vocabulary, and so the
+        # model, stays the same for every power-of-two tp, which keeps layouts interchangeable.
+        multiple = math.lcm(128, p.tp)
+        vocab = -(-tokenizer_vocab // multiple) * multiple
+    elif tokenizer_vocab is not None and vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size: {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            "set it to null to derive it"
+        )
+    cfg = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(p, dp=dp),
+        model=dataclasses.replace(m, vocab_size=vocab),
+    )
+    validate(cfg)
+    return cfg
