@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint import latest_checkpoint, load_checkpoint
-from yuanlfa.checkpoint.hf import _HFReader, read_tensor
+from yuanlfa.checkpoint.convert.hf import _HFReader, read_tensor
 from yuanlfa.cli.reshard import main as reshard
 from yuanlfa.config import ModelConfig, config_from_dict, config_to_dict
 from yuanlfa.model import create_model

@@ -25,8 +25,8 @@ import torch
 
 from yuanlfa.checkpoint import CheckpointError
 from yuanlfa.checkpoint.files import LATEST
-from yuanlfa.checkpoint.hf import INDEX, export_hf, import_hf, verify_hf
-from yuanlfa.checkpoint.megatron import (
+from yuanlfa.checkpoint.convert.hf import INDEX, export_hf, import_hf, verify_hf
+from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
     export_megatron,
     import_megatron,

@@ -31,7 +31,7 @@ import torch
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
-from yuanlfa.checkpoint.hf import _prepare_output, _replace, require_release_architecture
+from yuanlfa.checkpoint.convert.hf import _prepare_output, _replace, require_release_architecture
 from yuanlfa.checkpoint.layout_free import (
     FORMAT,
     load_blocks,
@@ -578,7 +578,7 @@ def verify_megatron(ours: Path, megatron: Path, progress: bool = True) -> int:
     casting ours to the stored dtype); raise on the first difference. Returns the count."""
     from tqdm import tqdm
 
-    from yuanlfa.checkpoint.hf import _weights, read_tensor
+    from yuanlfa.checkpoint.convert.hf import _weights, read_tensor
 
     ours = resolve_checkpoint(ours)
     cfg = ModelConfig(**read_meta(ours)["model_config"])
