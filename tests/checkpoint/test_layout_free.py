@@ -12,8 +12,7 @@ import torch
 
 from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
-from yuanlfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from yuanlfa.checkpoint.files import TrainingState
+from yuanlfa.checkpoint import CheckpointError, TrainingState, load_checkpoint, save_checkpoint
 from yuanlfa.config import config_from_dict, config_to_dict
 from yuanlfa.model import create_model
 from yuanlfa.parallel import build_mesh
