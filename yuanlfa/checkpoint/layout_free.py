@@ -193,7 +193,7 @@ def save_checkpoint(
     if mesh.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save of this step
-        _rng_file(tmp, mesh).parent.mkdir(parents=True)
+        (tmp / manifest.RNG_DIR).mkdir(parents=True)
     _barrier()
     placer = _Placer(model_cfg, mesh)
     adam_steps = _adam_steps(_inner(optimizer))
