@@ -19,7 +19,6 @@ most 2x the largest tensor (the embedding).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -43,7 +42,9 @@ def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
     weights, bytes of the largest tensor)."""
     import torch
 
-    from yuanlfa.checkpoint.layout_free import FORMAT, publish, save_lazy
+    from yuanlfa.checkpoint import TrainingState
+    from yuanlfa.checkpoint.convert.common import model_config_dict, write_ours
+    from yuanlfa.checkpoint.manifest import model_key
     from yuanlfa.checkpoint.planners import LazyTensor
     from yuanlfa.config import load_config, resolve
     from yuanlfa.data import build_tokenizer
@@ -58,21 +59,12 @@ def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
         def load(shape=tuple(p.shape)) -> torch.Tensor:
             return (torch.randn(shape) * cfg.init_std).to(torch.bfloat16)
 
-        tensors.append(LazyTensor(f"model.{name}", tuple(p.shape), torch.bfloat16, load))
+        tensors.append(LazyTensor(model_key(name), tuple(p.shape), torch.bfloat16, load))
         total += p.numel() * 2
         largest = max(largest, p.numel() * 2)
-    out.mkdir(parents=True)
-    inner = out / ".step_0000001.tmp"
-    save_lazy(inner, tensors)
-    meta = {
-        "format": FORMAT,
-        "step": 1,
-        "consumed_samples": 0,
-        "model_config": dataclasses.asdict(cfg),
-        "layout": {"source": "benchmarks/reshard.py (random weights)"},
-        "optimizer": None,
-    }
-    publish(out, "step_0000001", inner, meta, keep_last=1)
+    state = TrainingState(1, 0, model_config_dict(cfg), {})
+    layout = {"source": "benchmarks/reshard.py (random weights)"}
+    write_ours(out, tensors, state, layout, None, force=False, progress=False)
     return total, largest
 
 

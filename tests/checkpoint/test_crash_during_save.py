@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from yuanlfa.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from yuanlfa.checkpoint.files import TrainingState
+from yuanlfa.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from yuanlfa.config import config_from_dict, config_to_dict
 from yuanlfa.model import create_model
 from yuanlfa.parallel import build_mesh

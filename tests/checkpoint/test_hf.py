@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint import latest_checkpoint, load_checkpoint
-from yuanlfa.checkpoint.hf import _HFReader, read_tensor
+from yuanlfa.checkpoint.convert.hf import _HFReader
+from yuanlfa.checkpoint.storage import read_tensor
 from yuanlfa.cli.reshard import main as reshard
 from yuanlfa.config import ModelConfig, config_from_dict, config_to_dict
 from yuanlfa.model import create_model
@@ -97,8 +98,7 @@ def test_outputs_are_never_overwritten_without_force(tmp_path: Path, capsys) -> 
     cfg = config_from_dict(
         {"model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "vocab_size": 64}}
     )
-    from yuanlfa.checkpoint import save_checkpoint
-    from yuanlfa.checkpoint.files import TrainingState
+    from yuanlfa.checkpoint import TrainingState, save_checkpoint
     from yuanlfa.train.optimizer import build_optimizer
 
     model = create_model(cfg.model, seed=1)

@@ -12,8 +12,7 @@ import torch
 
 from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
-from yuanlfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from yuanlfa.checkpoint.files import TrainingState
+from yuanlfa.checkpoint import CheckpointError, TrainingState, load_checkpoint, save_checkpoint
 from yuanlfa.config import config_from_dict, config_to_dict
 from yuanlfa.model import create_model
 from yuanlfa.parallel import build_mesh
@@ -121,4 +120,26 @@ def test_mismatched_checkpoints_are_refused_naming_the_tensors(tmp_path: Path) -
         load_checkpoint(path, other, other_opt, saved_config, mesh, other_cfg.model)
     (path / "meta.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CheckpointError, match="format 'something-else'"):
+        load_checkpoint(path, model, opt, saved_config, mesh, cfg.model)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "not a readable JSON manifest"),
+        ("[1, 2]", "holds a JSON list"),
+        (json.dumps({"format": "yuanlfa-dcp-v1", "step": 1}), "no 'consumed_samples'"),
+    ],
+)
+def test_a_corrupt_manifest_is_refused_naming_the_file(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    cfg, model, opt = _model_and_optimizer(64)
+    mesh = build_mesh(cfg.parallel, 1, 0)
+    saved_config = config_to_dict(cfg.model)
+    path = save_checkpoint(
+        tmp_path, model, opt, TrainingState(1, 0, saved_config, {}), mesh, cfg.model, {}
+    )
+    (path / "meta.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"meta.json: {problem}"):
         load_checkpoint(path, model, opt, saved_config, mesh, cfg.model)

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint import latest_checkpoint, load_checkpoint
-from yuanlfa.checkpoint.hf import read_tensor
+from yuanlfa.checkpoint.storage import read_tensor
 from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.cli.reshard import main as reshard
 from yuanlfa.config import ModelConfig, config_from_dict

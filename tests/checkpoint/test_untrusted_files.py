@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from yuanlfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from yuanlfa.checkpoint.files import TrainingState
-from yuanlfa.checkpoint.layout_free import _cached_reader, stored_tensors
+from yuanlfa.checkpoint import CheckpointError, TrainingState, load_checkpoint, save_checkpoint
+from yuanlfa.checkpoint.storage import _cached_reader, stored_tensors
 from yuanlfa.cli.reshard import main as reshard
 from yuanlfa.config import config_from_dict, config_to_dict
 from yuanlfa.model import create_model

@@ -14,8 +14,8 @@ from tests.distributed.launcher import run_distributed
 from tests.model.plugin_source import write_plugin
 from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint import CheckpointError, latest_checkpoint
-from yuanlfa.checkpoint.hf import export_hf, read_tensor
-from yuanlfa.checkpoint.layout_free import stored_tensors
+from yuanlfa.checkpoint.convert.hf import export_hf
+from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
 from yuanlfa.config import config_from_dict
 from yuanlfa.parallel.comm import gather_seq, split_seq
 from yuanlfa.train import train

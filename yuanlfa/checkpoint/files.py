@@ -15,23 +15,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.manifest import is_complete
 
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
-
-
-@dataclass
-class TrainingState:
-    step: int
-    consumed_samples: int
-    model_config: dict[str, Any]
-    extra: dict[str, Any]
 
 
 def fsync_dir(path: Path) -> None:
@@ -56,9 +45,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
 def step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints (meta.json is written last) in step order."""
-    found = [p for p in root.glob("step_*") if (p / "meta.json").is_file()]
+    found = [p for p in root.glob("step_*") if is_complete(p)]
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
@@ -77,7 +70,7 @@ def prune(root: Path, keep_last: int, keep: str) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory itself, or the checkpoint a checkpoint.dir's ``latest`` names."""
     path = Path(path)
-    if (path / "meta.json").is_file():
+    if is_complete(path):
         return path
     found = latest_checkpoint(path) if path.is_dir() else None
     if found is None:
@@ -98,7 +91,7 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return steps[-1] if steps else None
     name = pointer.read_text().strip()
     path = root / name
-    if not (path / "meta.json").is_file():
+    if not is_complete(path):
         raise CheckpointError(
             f"{pointer} names {name!r}, which is missing or incomplete; point it at an existing "
             "step_* directory or remove it to start fresh"

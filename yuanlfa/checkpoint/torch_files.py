@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from yuanlfa.checkpoint.files import CheckpointError
+from yuanlfa.checkpoint.errors import CheckpointError
 
 ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
 

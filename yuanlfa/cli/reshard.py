@@ -17,133 +17,15 @@ without --force.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from yuanlfa.checkpoint import CheckpointError
-from yuanlfa.checkpoint.files import LATEST
-from yuanlfa.checkpoint.hf import INDEX, export_hf, import_hf, verify_hf
-from yuanlfa.checkpoint.megatron import (
-    TRACKER,
-    export_megatron,
-    import_megatron,
-    verify_megatron,
-)
+from yuanlfa.checkpoint.convert.reshard import FORMATS, Reshard, reshard
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def detect_format(path: Path) -> str:
-    """yuanlfa, megatron or hf; a clear error for anything else."""
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if (path / "meta.json").is_file() or (path / LATEST).is_file():
-        return "yuanlfa"
-    if (path / TRACKER).is_file() or path.name.startswith("iter_"):
-        return "megatron"
-    if (path / "config.json").is_file() and (
-        (path / INDEX).is_file() or (path / "model.safetensors").is_file()
-    ):
-        return "hf"
-    raise CheckpointError(
-        f"{path}: not a checkpoint this tool reads (expected our meta.json / latest, Megatron's "
-        f"{TRACKER} or an iter_* directory, or a Hugging Face config.json with safetensors)"
-    )
-
-
-def _blocks(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(b) for b in text.replace(" ", "").split(",") if b]
-    except ValueError:
-        raise CheckpointError(f"{flag}: {text!r} is not a list of integers like 2,3,1") from None
-
-
-def _model_config(path: str | None):
-    if path is None:
-        return None
-    from yuanlfa.config import load_config
-    from yuanlfa.model.registry import check_model_config
-
-    model = load_config(path).model
-    check_model_config(model)  # plug-ins and component names, before any checkpoint is read
-    return model
-
-
-def to_ours(src: Path, fmt: str, out: Path, args: argparse.Namespace) -> None:
-    quiet = args.quiet
-    if fmt == "hf":
-        import_hf(src, out, force=args.force, progress=not quiet)
-    else:
-        import_megatron(
-            src,
-            out,
-            blocks=_blocks(args.blocks, "--blocks"),
-            model_cfg=_model_config(args.config),
-            weights_only=args.weights_only,
-            force=args.force,
-            progress=not quiet,
-        )
-
-
-def convert(args: argparse.Namespace) -> Path:
-    src, out = Path(args.input), Path(args.output)
-    fmt = detect_format(src)
-    if args.to == "megatron" and (args.target_tp is None or args.target_pp is None):
-        raise CheckpointError("--to megatron needs --target-tp and --target-pp")
-    if args.to == "yuanlfa" and fmt == "yuanlfa":
-        raise CheckpointError(
-            f"{src} is already in our format; it loads into any tp / pp / dp as it is"
-        )
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise CheckpointError(f"{out} exists and is not empty; choose another output or --force")
-    staging = None
-    ours = src
-    if args.to == "yuanlfa":
-        to_ours(src, fmt, out, args)
-        if args.verify:
-            verify = verify_hf if fmt == "hf" else verify_megatron
-            print(f"verified {verify(out, src, progress=not args.quiet)} tensors", flush=True)
-        return out
-    try:
-        if fmt != "yuanlfa":
-            staging = out.parent / f".{out.name}.staging"
-            shutil.rmtree(staging, ignore_errors=True)
-            to_ours(src, fmt, staging, argparse.Namespace(**{**vars(args), "force": True}))
-            ours = staging
-        if args.to == "hf":
-            export_hf(
-                ours,
-                out,
-                dtype=DTYPES[args.dtype],
-                max_shard_bytes=int(args.max_shard_gb * 2**30),
-                force=args.force,
-                progress=not args.quiet,
-            )
-            verify = verify_hf
-        else:
-            export_megatron(
-                ours,
-                out,
-                tp=args.target_tp,
-                pp=args.target_pp,
-                blocks=_blocks(args.target_blocks, "--target-blocks"),
-                weights_only=args.weights_only,
-                dtype=DTYPES[args.dtype],
-                force=args.force,
-                progress=not args.quiet,
-            )
-            verify = verify_megatron
-        if args.verify:
-            print(f"verified {verify(ours, out, progress=not args.quiet)} tensors", flush=True)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input", required=True, help="source checkpoint directory")
     parser.add_argument("--output", required=True, help="directory to create")
-    parser.add_argument("--to", required=True, choices=["hf", "yuanlfa", "megatron"])
+    parser.add_argument("--to", required=True, choices=list(FORMATS))
     parser.add_argument("--target-tp", type=int, help="tensor parallelism of Megatron output")
     parser.add_argument("--target-pp", type=int, help="pipeline stages of Megatron output")
     parser.add_argument(
@@ -182,8 +64,24 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    job = Reshard(
+        input=Path(args.input),
+        output=Path(args.output),
+        to=args.to,
+        target_tp=args.target_tp,
+        target_pp=args.target_pp,
+        target_blocks=args.target_blocks,
+        blocks=args.blocks,
+        config=args.config,
+        weights_only=args.weights_only,
+        dtype=DTYPES[args.dtype],
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        verify=args.verify,
+        force=args.force,
+        progress=not args.quiet,
+    )
     try:
-        out = convert(args)
+        out = reshard(job)
     except CheckpointError as exc:
         print(f"yuanlfa-reshard: {exc}", file=sys.stderr)
         return 2

@@ -8,27 +8,29 @@ streamed one at a time: the export holds at most one output shard, the import on
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint.blocks import Block
-from yuanlfa.checkpoint.files import CheckpointError, fsync_dir, resolve_checkpoint
-from yuanlfa.checkpoint.layout_free import (
-    FORMAT,
-    load_blocks,
-    publish,
-    read_meta,
-    save_lazy,
-    stored_tensors,
+from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.convert.common import (
+    model_config_dict,
+    model_config_from_dict,
+    prepare_output,
+    read_source,
+    replace_output,
+    require_release_architecture,
+    verify_weights,
+    weight_keys,
+    write_ours,
 )
+from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
+from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
@@ -78,16 +80,6 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]]:
     raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
 
 
-def require_release_architecture(cfg: ModelConfig, target: str) -> None:
-    """The Yuan 2.0 formats hold the released attention (LFA, or none) and nothing else."""
-    if cfg.filter_name not in ("lfa", "none") or cfg.attention != "causal":
-        raise CheckpointError(
-            f"the {target} format of Yuan 2.0 has no place for model.filter "
-            f"{cfg.filter_name!r} / model.attention {cfg.attention!r} (only lfa or none with "
-            "causal attention); keep this checkpoint in yuanlfa's format"
-        )
-
-
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["YuanForCausalLM"],
@@ -105,13 +97,13 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "use_lfa": cfg.lfa,
         "torch_dtype": str(dtype).removeprefix("torch."),
         # Our full model config, so that a round trip restores it exactly.
-        "yuanlfa_model_config": dataclasses.asdict(cfg),
+        "yuanlfa_model_config": model_config_dict(cfg),
     }
 
 
 def model_config_from_hf(config: dict) -> ModelConfig:
     if "yuanlfa_model_config" in config:
-        return ModelConfig(**config["yuanlfa_model_config"])
+        return model_config_from_dict(config["yuanlfa_model_config"])
     return ModelConfig(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
@@ -122,44 +114,6 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         norm_eps=config.get("rms_norm_eps", 1e-6),
         lfa=config.get("use_lfa", True),
     )
-
-
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One whole tensor of our checkpoint ``path`` (any layout wrote it)."""
-    md = stored_tensors(path)[key]
-    out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-    load_blocks(path, [Block(key, tuple(md.size), (0,) * len(md.size), out)])
-    return out
-
-
-def _weights(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str]]:
-    """(parameter name, key holding its best copy): fp32 masters when the run kept them."""
-    keys = set(stored_tensors(path))
-    for name, _ in build_model(cfg).named_parameters():
-        master = f"optim.{name}.master"
-        yield name, master if master in keys else f"model.{name}"
-
-
-def _prepare_output(output: Path, force: bool) -> Path:
-    if output.exists() and any(output.iterdir()) and not force:
-        raise CheckpointError(
-            f"{output} exists and is not empty; choose another output or pass --force"
-        )
-    tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _replace(tmp: Path, output: Path) -> None:
-    """Move the finished output into place; an existing one (--force) is removed only after."""
-    old = output.parent / f".{output.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    fsync_dir(output.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 ST_NAMES = {v: k for k, v in HF_DTYPES.items()}
@@ -213,11 +167,10 @@ def export_hf(
     metadata and written as streams: one parameter is in memory at a time."""
     from tqdm import tqdm
 
-    src = resolve_checkpoint(src)
-    cfg = ModelConfig(**read_meta(src)["model_config"])
+    src, _, cfg = read_source(src)
     require_release_architecture(cfg, "Hugging Face")
     stored = stored_tensors(src)
-    params = list(_weights(src, cfg))
+    params = list(weight_keys(src, cfg))
     out_dtype = dtype or stored[params[0][1]].properties.dtype
     if out_dtype not in ST_NAMES:
         raise CheckpointError(f"--dtype: {out_dtype} cannot be written as safetensors")
@@ -243,7 +196,7 @@ def export_hf(
             size = 0
         shards[-1].append(item)
         size += nbytes
-    tmp = _prepare_output(Path(output), force)
+    tmp = prepare_output(Path(output), force)
     bar = tqdm(total=len(plan), desc="export", disable=not progress, unit="tensor")
     current: dict[int, torch.Tensor] = {}  # the one parameter being written
 
@@ -271,7 +224,7 @@ def export_hf(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, out_dtype), indent=2))
-    _replace(tmp, Path(output))
+    replace_output(tmp, Path(output))
     return Path(output)
 
 
@@ -331,7 +284,7 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
         def load(parts=parts) -> torch.Tensor:
             return torch.cat([reader.get(hf) for hf, _ in parts])
 
-        tensors.append(LazyTensor(f"model.{name}", tuple(param.shape), dtype, load))
+        tensors.append(LazyTensor(manifest.model_key(name), tuple(param.shape), dtype, load))
     for hf in ("lm_head.weight",):
         try:
             head = reader.get(hf)
@@ -342,38 +295,18 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
                 f"{src}: lm_head.weight differs from model.embed_tokens.weight; this model "
                 "ties them, so an untied checkpoint cannot be imported"
             )
-    out_root = Path(output)
-    tmp = _prepare_output(out_root, force)
-    inner = tmp / ".step_0000000.tmp"
-    if progress:
-        print(f"import: writing {len(tensors)} tensors", flush=True)
-    save_lazy(inner, tensors)
-    meta = {
-        "format": FORMAT,
-        "step": 0,
-        "consumed_samples": 0,
-        "model_config": dataclasses.asdict(cfg),
-        "layout": {"source": "huggingface", "path": str(src.resolve())},
-        "optimizer": None,
-    }
-    publish(tmp, "step_0000000", inner, meta, keep_last=1)
-    _replace(tmp, out_root)
-    return out_root
+    state = manifest.TrainingState(0, 0, model_config_dict(cfg), {})
+    layout = {"source": "huggingface", "path": str(src.resolve())}
+    return write_ours(output, tensors, state, layout, None, force=force, progress=progress)
 
 
 def verify_hf(ours: Path, hf: Path, progress: bool = True) -> int:
     """Compare every parameter of our checkpoint with the HF directory, tensor by tensor
     (exactly, after casting ours to the HF dtype); raise on the first difference. Returns the
     number of tensors compared."""
-    from tqdm import tqdm
 
-    ours = resolve_checkpoint(ours)
-    cfg = ModelConfig(**read_meta(ours)["model_config"])
-    reader = _HFReader(Path(hf))
-    params = list(_weights(ours, cfg))
-    for name, key in tqdm(params, desc="verify", disable=not progress, unit="tensor"):
-        theirs = torch.cat([reader.get(n) for n, _ in hf_parts(name, cfg)])
-        mine = read_tensor(ours, key).to(theirs.dtype)
-        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
-            raise CheckpointError(f"verify: {name} differs between {ours} and {hf}")
-    return len(params)
+    def open_hf(cfg: ModelConfig):
+        reader = _HFReader(Path(hf))
+        return lambda name: torch.cat([reader.get(n) for n, _ in hf_parts(name, cfg)])
+
+    return verify_weights(ours, hf, open_hf, progress)

@@ -21,7 +21,6 @@ time (:func:`~yuanlfa.checkpoint.torch_files.save_streaming`, DCP's writer).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,18 +28,20 @@ from typing import Any
 
 import torch
 
-from yuanlfa.checkpoint.blocks import Block
-from yuanlfa.checkpoint.files import CheckpointError, resolve_checkpoint
-from yuanlfa.checkpoint.hf import _prepare_output, _replace, require_release_architecture
-from yuanlfa.checkpoint.layout_free import (
-    FORMAT,
-    load_blocks,
-    publish,
-    read_meta,
-    save_lazy,
-    stored_tensors,
+from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.convert.common import (
+    model_config_dict,
+    model_config_from_dict,
+    prepare_output,
+    read_source,
+    replace_output,
+    require_release_architecture,
+    verify_weights,
+    write_ours,
 )
+from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
+from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
 from yuanlfa.layout import PipelineLayout, uniform_blocks
@@ -144,8 +145,8 @@ def _get(tree: dict, path: tuple[str, ...], where: Path) -> Any:
 
 def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtype) -> dict:
     """The ``args`` fields a Megatron / Yuan 2.0 run of this model would carry."""
-    train = meta.get("config", {}).get("train", {})
-    seq = train.get("seq_length")
+    state = manifest.training_state(meta)
+    seq = manifest.run_settings(meta, "train").get("seq_length")
     return {
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -171,17 +172,17 @@ def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtyp
         "params_dtype": dtype,
         "bf16": dtype == torch.bfloat16,
         "fp16": dtype == torch.float16,
-        "iteration": meta["step"],
-        "consumed_train_samples": meta.get("consumed_samples", 0),
+        "iteration": state.step,
+        "consumed_train_samples": state.consumed_samples,
         # Our full model config, so that a round trip restores it exactly.
-        "yuanlfa_model_config": dataclasses.asdict(cfg),
+        "yuanlfa_model_config": model_config_dict(cfg),
     }
 
 
 def model_config_from_args(args: Any, where: Path) -> ModelConfig:
     fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     if "yuanlfa_model_config" in fields:
-        return ModelConfig(**fields["yuanlfa_model_config"])
+        return model_config_from_dict(fields["yuanlfa_model_config"])
     need = ["num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"]
     missing = [k for k in need if fields.get(k) is None]
     if missing:
@@ -233,10 +234,7 @@ class _Source:
     def whole(self, key: str) -> torch.Tensor:
         if self._last is None or self._last[0] != key:
             self._last = None  # free the previous one before reading the next
-            shape = tuple(self.meta[key].size)
-            out = torch.empty(shape, dtype=self.dtype(key))
-            load_blocks(self.path, [Block(key, shape, (0,) * len(shape), out)])
-            self._last = (key, out)
+            self._last = (key, read_tensor(self.path, key))
         return self._last[1]
 
     def shard(self, key: str, name: str, tp_rank: int, tp: int, dtype) -> Callable[[], Any]:
@@ -265,9 +263,7 @@ def export_megatron(
     """Our checkpoint -> the Megatron / Yuan 2.0 layout for ``tp`` x ``pp`` and ``blocks``."""
     from tqdm import tqdm
 
-    src = resolve_checkpoint(src)
-    meta = read_meta(src)
-    cfg = ModelConfig(**meta["model_config"])
+    src, meta, cfg = read_source(src)
     require_release_architecture(cfg, "Megatron")
     _check_tp(cfg, tp)
     blocks = (
@@ -277,14 +273,14 @@ def export_megatron(
     )
     source = _Source(src)
     names = [(n, tuple(p.shape)) for n, p in build_model(cfg).named_parameters()]
-    has_optim = all(source.has(f"optim.{n}.exp_avg") for n, _ in names)
+    has_optim = all(source.has(manifest.optim_key(n, "exp_avg")) for n, _ in names)
     if progress and not has_optim and not weights_only:
         print("export: the source has no optimizer state; converting the weights", flush=True)
     with_optim = has_optim and not weights_only
-    out_dtype = dtype or source.dtype(f"model.{names[0][0]}")
-    hyper = meta.get("config", {}).get("optim", {})
-    iteration = int(meta["step"])
-    tmp = _prepare_output(Path(output), force)
+    out_dtype = dtype or source.dtype(manifest.model_key(names[0][0]))
+    hyper = manifest.run_settings(meta, "optim")
+    iteration = manifest.training_state(meta).step
+    tmp = prepare_output(Path(output), force)
     bar = tqdm(desc="export", unit="B", unit_scale=True, disable=not progress)
     for stage in range(pp):
         # The release's order: the embedding, the layers, the final norm, then the head's copy.
@@ -301,7 +297,7 @@ def export_megatron(
             optim_params: list[tuple[str, tuple[int, ...]]] = []
             for path, name, shape in entries:
                 shard = _shard_shape(name, shape, tp_rank, tp)
-                load = source.shard(f"model.{name}", name, tp_rank, tp, out_dtype)
+                load = source.shard(manifest.model_key(name), name, tp_rank, tp, out_dtype)
                 _set(model, path, Pending(shard, out_dtype, load))
                 optim_params.append((name, shard))
             args = megatron_args(cfg, tp, blocks, meta, out_dtype)
@@ -321,7 +317,7 @@ def export_megatron(
         save_streaming(files, progress=bar.update)
     bar.close()
     (tmp / TRACKER).write_text(f"{iteration}\n")
-    _replace(tmp, Path(output))
+    replace_output(tmp, Path(output))
     return Path(output)
 
 
@@ -333,7 +329,7 @@ def _optimizer_state(
     meta: dict,
     hyper: dict,
 ) -> dict:
-    steps = float((meta.get("optimizer") or {}).get("steps", meta["step"]))
+    steps = float(manifest.adam_steps(meta))
     groups: dict[bool, list[int]] = {True: [], False: []}
     masters: dict[bool, list[Pending]] = {True: [], False: []}
     state = {}
@@ -347,11 +343,11 @@ def _optimizer_state(
 
         state[index] = {
             "step": Pending((), torch.float32, lambda: torch.tensor(steps)),
-            "exp_avg": pending(f"optim.{name}.exp_avg"),
-            "exp_avg_sq": pending(f"optim.{name}.exp_avg_sq"),
+            "exp_avg": pending(manifest.optim_key(name, "exp_avg")),
+            "exp_avg_sq": pending(manifest.optim_key(name, "exp_avg_sq")),
         }
-        master = f"optim.{name}.master"
-        masters[decay].append(pending(master if source.has(master) else f"model.{name}"))
+        master = manifest.master_key(name)
+        masters[decay].append(pending(master if source.has(master) else manifest.model_key(name)))
     common = {
         "lr": hyper.get("lr", 0.0),
         "betas": (hyper.get("beta1", 0.9), hyper.get("beta2", 0.95)),
@@ -532,57 +528,36 @@ def import_megatron(
     tensors: list[LazyTensor] = []
     for name, shape in reader.params:
         dtype, load = reader.loader(name)
-        tensors.append(LazyTensor(f"model.{name}", shape, dtype, load))
+        tensors.append(LazyTensor(manifest.model_key(name), shape, dtype, load))
         if not with_optim:
             continue
         whats = ["exp_avg", "exp_avg_sq"] + (["master"] if dtype != torch.float32 else [])
         for what in whats:
-            tensors.append(LazyTensor(f"optim.{name}.{what}", shape, *reader.loader(name, what)))
-    out_root = Path(output)
-    tmp = _prepare_output(out_root, force)
-    name = f"step_{reader.iteration:07d}"
-    inner = tmp / f".{name}.tmp"
-    if progress:
-        print(f"import: writing {len(tensors)} tensors", flush=True)
-    save_lazy(inner, tensors)
-    meta = {
-        "format": FORMAT,
-        "step": reader.iteration,
-        "consumed_samples": reader.consumed_samples,
-        "model_config": dataclasses.asdict(reader.cfg),
-        "layout": {
-            "source": "megatron",
-            "path": str(Path(src).resolve()),
-            "tp": reader.tp,
-            "pp": reader.pp,
-            "pipeline_blocks": reader.blocks,
-        },
-        "optimizer": (
-            {"type": "adamw", "steps": reader.adam_steps, "sharded": False} if with_optim else None
-        ),
+            key = manifest.optim_key(name, what)
+            tensors.append(LazyTensor(key, shape, *reader.loader(name, what)))
+    state = manifest.TrainingState(
+        reader.iteration, reader.consumed_samples, model_config_dict(reader.cfg), {}
+    )
+    layout = {
+        "source": "megatron",
+        "path": str(Path(src).resolve()),
+        "tp": reader.tp,
+        "pp": reader.pp,
+        "pipeline_blocks": reader.blocks,
     }
-    publish(tmp, name, inner, meta, keep_last=1)
-    _replace(tmp, out_root)
-    return out_root
+    optimizer = manifest.adamw_record(reader.adam_steps, sharded=False) if with_optim else None
+    return write_ours(output, tensors, state, layout, optimizer, force=force, progress=progress)
 
 
 def verify_megatron(ours: Path, megatron: Path, progress: bool = True) -> int:
     """Compare every parameter of our checkpoint with the Megatron checkpoint exactly (after
     casting ours to the stored dtype); raise on the first difference. Returns the count."""
-    from tqdm import tqdm
 
-    from yuanlfa.checkpoint.hf import _weights, read_tensor
+    def open_megatron(cfg: ModelConfig):
+        reader = MegatronReader(megatron, model_cfg=cfg, progress=False)
+        return lambda name: reader.loader(name)[1]()
 
-    ours = resolve_checkpoint(ours)
-    cfg = ModelConfig(**read_meta(ours)["model_config"])
-    reader = MegatronReader(megatron, model_cfg=cfg, progress=False)
-    params = list(_weights(ours, cfg))
-    for name, key in tqdm(params, desc="verify", disable=not progress, unit="tensor"):
-        _, load = reader.loader(name)
-        theirs = load()
-        if not torch.equal(read_tensor(ours, key).to(theirs.dtype), theirs):
-            raise CheckpointError(f"verify: {name} differs between {ours} and {megatron}")
-    return len(params)
+    return verify_weights(ours, megatron, open_megatron, progress)
 
 
 def _param_order(state: dict) -> Iterator[tuple[str, ...]]:

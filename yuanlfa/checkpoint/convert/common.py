@@ -1,0 +1,127 @@
+"""What the converters share: their output directories (complete or absent), the streamed
+writing of our format, the model config carried in foreign files, the architectures the released
+formats can hold, and the tensor-by-tensor verification of a conversion."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.files import fsync_dir, resolve_checkpoint, step_name
+from yuanlfa.checkpoint.layout_free import publish
+from yuanlfa.checkpoint.planners import LazyTensor
+from yuanlfa.checkpoint.storage import read_tensor, save_lazy, stored_tensors
+from yuanlfa.config import ModelConfig
+from yuanlfa.model import build_model
+
+
+def require_release_architecture(cfg: ModelConfig, target: str) -> None:
+    """The Yuan 2.0 formats hold the released attention (LFA, or none) and nothing else."""
+    if cfg.filter_name not in ("lfa", "none") or cfg.attention != "causal":
+        raise CheckpointError(
+            f"the {target} format of Yuan 2.0 has no place for model.filter "
+            f"{cfg.filter_name!r} / model.attention {cfg.attention!r} (only lfa or none with "
+            "causal attention); keep this checkpoint in yuanlfa's format"
+        )
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """Our full model config as stored in a foreign file, so that a round trip restores it."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**fields)
+
+
+def read_source(path: Path) -> tuple[Path, dict[str, Any], ModelConfig]:
+    """Our checkpoint to convert (a step directory, or a checkpoint.dir with ``latest``): its
+    path, manifest and model."""
+    path = resolve_checkpoint(path)
+    meta = manifest.read_meta(path)
+    return path, meta, manifest.model_config(meta)
+
+
+def weight_keys(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str]]:
+    """(parameter name, key holding its best copy): fp32 masters when the run kept them."""
+    keys = set(stored_tensors(path))
+    for name, _ in build_model(cfg).named_parameters():
+        master = manifest.master_key(name)
+        yield name, master if master in keys else manifest.model_key(name)
+
+
+def prepare_output(output: Path, force: bool) -> Path:
+    """A fresh temporary directory next to ``output``, to be moved into place when complete."""
+    if output.exists() and any(output.iterdir()) and not force:
+        raise CheckpointError(
+            f"{output} exists and is not empty; choose another output or pass --force"
+        )
+    tmp = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_output(tmp: Path, output: Path) -> None:
+    """Move the finished output into place; an existing one (--force) is removed only after."""
+    old = output.parent / f".{output.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        os.replace(output, old)
+    os.replace(tmp, output)
+    fsync_dir(output.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_ours(
+    output: Path,
+    tensors: list[LazyTensor],
+    state: manifest.TrainingState,
+    layout: dict[str, Any],
+    optimizer: dict[str, Any] | None,
+    *,
+    force: bool,
+    progress: bool,
+) -> Path:
+    """Our checkpoint directory (``output/step_<N>`` + latest) from tensors produced one at a
+    time; ``output`` appears only when complete."""
+    out_root = Path(output)
+    tmp = prepare_output(out_root, force)
+    name = step_name(state.step)
+    inner = tmp / f".{name}.tmp"
+    if progress:
+        print(f"import: writing {len(tensors)} tensors", flush=True)
+    save_lazy(inner, tensors)
+    publish(tmp, name, inner, manifest.build_meta(state, layout, optimizer), keep_last=1)
+    replace_output(tmp, out_root)
+    return out_root
+
+
+def verify_weights(
+    ours: Path,
+    other: Path,
+    open_other: Callable[[ModelConfig], Callable[[str], torch.Tensor]],
+    progress: bool = True,
+) -> int:
+    """Compare every parameter of our checkpoint with the converted one exactly (after casting
+    ours to its dtype); raise on the first difference. ``open_other(cfg)`` returns the other
+    checkpoint's parameter by our name. Returns the number of tensors compared."""
+    from tqdm import tqdm
+
+    ours, _, cfg = read_source(ours)
+    theirs_of = open_other(cfg)
+    params = list(weight_keys(ours, cfg))
+    for name, key in tqdm(params, desc="verify", disable=not progress, unit="tensor"):
+        theirs = theirs_of(name)
+        mine = read_tensor(ours, key).to(theirs.dtype)
+        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
+            raise CheckpointError(f"verify: {name} differs between {ours} and {other}")
+    return len(params)

@@ -1,0 +1,154 @@
+"""The manifest of a checkpoint (``meta.json``) and the key scheme of its tensors, in one place.
+
+Every checkpoint in our format is a step directory holding the tensors (DCP files), the RNG
+states (``rng/tp<i>-pp<j>-dp<k>.pt``, one per rank, by rank coordinates) and ``meta.json``,
+written last (a directory without it is incomplete)::
+
+    {"format": "yuanlfa-dcp-v1", "step": ..., "consumed_samples": ...,
+     "model_config": {...}, "layout": {...}, "optimizer": {"type": "adamw", "steps": ...,
+     "sharded": ...} or null, ...run settings (``TrainingState.extra``)}
+
+Tensor keys: ``model.<name>`` (parameters under their global name, in their training dtype),
+``optim.<name>.exp_avg`` / ``optim.<name>.exp_avg_sq`` (AdamW moments, fp32) and
+``optim.<name>.master`` (fp32 master weights, when the parameters are kept in lower precision).
+This module is the only code that writes or reads ``meta.json`` or spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.config import ModelConfig, config_to_dict
+
+FORMAT = "yuanlfa-dcp-v1"
+META = "meta.json"
+RNG_DIR = "rng"
+# Model settings that do not change the parameters or their values (plug-in files may move).
+IGNORED_MODEL_KEYS = ("lfa_impl", "attention_backend", "loss_block_size", "plugins")
+_POSITION = ("format", "step", "consumed_samples", "model_config")
+
+
+@dataclass
+class TrainingState:
+    """Where a run is: what the manifest records besides the format, layout and optimizer."""
+
+    step: int
+    consumed_samples: int
+    model_config: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def model_key(name: str) -> str:
+    return f"model.{name}"
+
+
+def optim_key(name: str, what: str) -> str:
+    """``what``: exp_avg, exp_avg_sq or master."""
+    return f"optim.{name}.{what}"
+
+
+def master_key(name: str) -> str:
+    return optim_key(name, "master")
+
+
+def rng_file(path: Path, tp_rank: int, pp_rank: int, dp_rank: int) -> Path:
+    """The RNG states of the rank at these coordinates in the checkpoint at ``path``."""
+    return path / RNG_DIR / f"tp{tp_rank}-pp{pp_rank}-dp{dp_rank}.pt"
+
+
+def adamw_record(steps: int, sharded: bool) -> dict[str, Any]:
+    """The ``optimizer`` entry of a checkpoint holding AdamW state."""
+    return {"type": "adamw", "steps": steps, "sharded": sharded}
+
+
+def build_meta(
+    state: TrainingState, layout: dict[str, Any], optimizer: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The manifest of a checkpoint; ``optimizer`` is None when it holds weights only."""
+    return {
+        "format": FORMAT,
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "model_config": state.model_config,
+        "layout": layout,
+        "optimizer": optimizer,
+        **state.extra,
+    }
+
+
+def is_complete(path: Path) -> bool:
+    """A step directory whose manifest is written (the last file of a save)."""
+    return (path / META).is_file()
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Write and fsync the manifest into ``directory`` (the caller fsyncs the directory)."""
+    file = directory / META
+    file.write_text(json.dumps(meta, indent=2))
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path``, checked to be ours and readable."""
+    path = Path(path)
+    file = path / META
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {META}; not a complete yuanlfa checkpoint")
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file}: holds a JSON {type(meta).__name__}, not a manifest")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; convert it with "
+            "yuanlfa-reshard"
+        )
+    for key in ("step", "consumed_samples", "model_config"):
+        if key not in meta:
+            raise CheckpointError(f"{file}: no {key!r}; the manifest is incomplete")
+    return meta
+
+
+def model_config(meta: dict[str, Any]) -> ModelConfig:
+    """The model a manifest describes."""
+    return ModelConfig(**meta["model_config"])
+
+
+def saved_model_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's model config with fields added after it was written at their defaults."""
+    return {**config_to_dict(ModelConfig()), **meta.get("model_config", {})}
+
+
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Model settings that differ between a checkpoint and a config, those that change the
+    parameters only."""
+    return [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k) and k not in IGNORED_MODEL_KEYS
+    ]
+
+
+def adam_steps(meta: dict[str, Any]) -> int:
+    """AdamW updates taken before the checkpoint (fewer than steps when some were skipped)."""
+    return int((meta.get("optimizer") or {}).get("steps", meta["step"]))
+
+
+def run_settings(meta: dict[str, Any], section: str) -> dict[str, Any]:
+    """A section (``train``, ``optim``...) of the run config saved with the checkpoint; empty for
+    an imported one."""
+    return meta.get("config", {}).get(section, {})
+
+
+def training_state(meta: dict[str, Any]) -> TrainingState:
+    """The position a manifest records; everything else it holds travels in ``extra``."""
+    extra = {k: v for k, v in meta.items() if k not in _POSITION}
+    return TrainingState(meta["step"], meta["consumed_samples"], saved_model_config(meta), extra)
