@@ -227,5 +227,8 @@ def unknown_costs(cfg: ModelConfig) -> list[str]:
         cost = component_cost(kind, cfg)
         if cost is not None and cost.unknown:
             name = cfg.filter_name if kind == "filter" else cfg.attention
-            lines.append(f"{kind} {name!r} declares no {', '.join(cost.unknown)}: counted as zero")
+            lines.append(
+                f"{kind} {name!r} declares no {', '.join(cost.unknown)} (counted as zero); "
+                f"declare them with register_{kind}({name!r}, cost=...)"
+            )
     return lines
