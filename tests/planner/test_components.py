@@ -225,25 +225,25 @@ def _info_json(tmp_path: Path, model: dict, capsys) -> tuple[dict, str]:
 )
 def test_info_reports_the_built_models_params(model: dict, tmp_path: Path, capsys) -> None:
     got, err = _info_json(tmp_path, model, capsys)
-    cfg = config_from_dict({"model": {**got_model(tmp_path)}}).model
+    cfg = _written_model(tmp_path / "cfg.yaml")
     assert got["params_total"] == _count(build_model(cfg))
     assert got["filter"] == model["filter"] and got["unknown_costs"] == [] and err == ""
 
 
-def got_model(tmp_path: Path) -> dict:
-    return json.loads((tmp_path / "cfg.yaml").read_text())["model"]
+def _written_model(path: Path) -> ModelConfig:
+    return config_from_dict({"model": json.loads(path.read_text())["model"]}).model
 
 
 def test_info_with_plugins(tmp_path: Path, declared: str, undeclared: str, capsys) -> None:
     got, err = _info_json(tmp_path, {"plugins": [declared], "filter": "test_declared_gate"}, capsys)
-    cfg = config_from_dict({"model": got_model(tmp_path)}).model
+    cfg = _written_model(tmp_path / "cfg.yaml")
     assert got["params_total"] == _count(build_model(cfg)) and err == ""
     got, err = _info_json(
         tmp_path,
         {"plugins": [undeclared], "filter": "test_taps", "attention": "test_scaled"},
         capsys,
     )
-    cfg = config_from_dict({"model": got_model(tmp_path)}).model
+    cfg = _written_model(tmp_path / "cfg.yaml")
     assert got["params_total"] == _count(build_model(cfg))
     assert len(got["unknown_costs"]) == 2
     assert len(err.strip().splitlines()) == 2 and "test_taps" in err and "test_scaled" in err
@@ -261,3 +261,46 @@ def test_unknown_plugin_is_never_costed_as_lfa() -> None:
     cfg = dataclasses.replace(_model_cfg(64, 4, 2), filter="nobody_declared_this")
     with pytest.raises(ConfigError, match="nobody_declared_this"):
         param_counts(cfg)
+
+
+def _plan_json(tmp_path: Path, model: dict, capsys, *args: str) -> tuple[dict, str]:
+    from yuanlfa.cli.plan import main
+
+    path = tmp_path / "plan.yaml"
+    base = {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 256}
+    cfg = {"model": {**base, **model}, "parallel": {"pp": 2}, "train": {"seq_length": 32}}
+    path.write_text(json.dumps(cfg))
+    assert main(["--config", str(path), "--json", *args]) == 0
+    out = capsys.readouterr()
+    return json.loads(out.out), out.err
+
+
+@pytest.mark.parametrize(
+    "model",
+    [{"filter": "conv", "filter_kernel": 3}, {"filter": "none"}, {"filter": "test_declared_gate"}],
+    ids=_ids,
+)
+def test_plan_weighs_the_built_model(model: dict, tmp_path: Path, declared: str, capsys) -> None:
+    """yuanlfa-plan's per-rank weights hold the built model's parameters (plus the last stage's
+    copy of the tied embedding)."""
+    if model["filter"].startswith("test_"):
+        model = {**model, "plugins": [declared]}
+    out, err = _plan_json(tmp_path, model, capsys)
+    cfg = _written_model(tmp_path / "plan.yaml")
+    built = build_model(cfg)
+    weights = sum(s["weights_bytes"] for s in out["released"]["stages"])
+    assert weights == 4 * (_count(built) + cfg.vocab_size * cfg.hidden_size)  # fp32 weights
+    assert err == ""
+
+
+def test_plan_and_advise_warn_about_undeclared_costs(
+    tmp_path: Path, undeclared: str, capsys
+) -> None:
+    model = {"plugins": [undeclared], "filter": "test_taps"}
+    _, err = _plan_json(tmp_path, model, capsys)
+    assert err.count("warning: ") == 1 and "test_taps" in err
+    advice, err = _plan_json(
+        tmp_path, model, capsys, "--advise", "--nodes", "1", "--gpus-per-node", "2",
+        "--intra-bw", "100",
+    )  # fmt: skip
+    assert err.count("warning: ") == 1 and advice
