@@ -304,3 +304,44 @@ def test_plan_and_advise_warn_about_undeclared_costs(
         "--intra-bw", "100",
     )  # fmt: skip
     assert err.count("warning: ") == 1 and advice
+
+
+def test_registry_keeps_a_cost_declaration() -> None:
+    from torch import nn
+
+    from yuanlfa.model.registry import RegistryError, get_entry, register_filter
+
+    def cost(cfg: ModelConfig) -> ComponentCost:
+        return ComponentCost(params=cfg.hidden_size, saved_bytes=lambda spec: 0)
+
+    class Scale(nn.Module):
+        receptive_field = 0
+
+        def __init__(self, cfg) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(cfg.hidden_size))
+
+        def forward(self, x, doc_start=None):
+            return x * self.w
+
+    register_filter("t_cost_arg", cost=cost)(Scale)
+    assert get_entry("filter", "t_cost_arg").cost is cost
+
+    class Attribute(Scale):
+        pass
+
+    Attribute.cost = staticmethod(cost)
+    register_filter("t_cost_attr")(Attribute)
+    assert get_entry("filter", "t_cost_attr").cost is cost
+    assert get_entry("filter", "lfa").cost is None  # built-ins are declared by the planner
+
+    class NotCallable(Scale):
+        cost = 3
+
+    with pytest.raises(RegistryError, match="cost attribute must be a callable"):
+        register_filter("t_cost_bad")(NotCallable)
+    with pytest.raises(RegistryError, match="cost must be a callable"):
+        register_filter("t_cost_bad", cost=3)(Scale)
+    cfg = dataclasses.replace(_model_cfg(64, 4, 2), filter="t_cost_arg")
+    load_plugin_costs(cfg)
+    assert param_counts(cfg).lfa_per_layer == 64

@@ -158,6 +158,12 @@ def _check_class(name: str, kind: Kind, cls: Any) -> None:
                 "for the whole sequence), used for sequence-parallel halos and decoding"
             )
         _check_receptive_field(what, cls.receptive_field)
+    declared = getattr(cls, "cost", None)
+    if declared is not None and not callable(declared):
+        raise RegistryError(
+            f"{what}: its cost attribute must be a callable cfg -> yuanlfa.planner.ComponentCost, "
+            f"got {type(declared).__name__}"
+        )
     plan = getattr(cls, "tp_plan", None)
     if plan is not None:
         if not isinstance(plan, dict):
