@@ -87,9 +87,7 @@ def norm_saved_bytes(spec: ActivationSpec, h: int, tokens: int) -> int:
 def filter_tokens(spec: ActivationSpec, halo: int | None) -> int:
     """Tokens a filter runs on for one microbatch: all of them, or under sequence parallelism
     its shard plus the previous shard's last ``halo`` rows (the whole sequence for None)."""
-    if not spec.sequence_parallel:
-        return spec.tokens
-    if halo is None:
+    if not spec.sequence_parallel or halo is None:
         return spec.tokens
     return spec.shard_tokens + halo * spec.micro_batch
 
