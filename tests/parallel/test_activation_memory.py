@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.planner.declared_plugin import write_declared_plugin
+from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import config_from_dict, resolve
 from yuanlfa.layout import build_layout
 from yuanlfa.parallel import build_mesh
@@ -24,9 +26,15 @@ from yuanlfa.train.recompute import apply_recompute
 MICRO, SEQ, MICROBATCHES = 2, 32, 8
 
 
-def _config(parallel: dict, recompute: str):
+def _config(parallel: dict, recompute: str, model: dict | None = None):
     data = {
-        "model": {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 256},
+        "model": {
+            "num_layers": 4,
+            "hidden_size": 64,
+            "num_heads": 4,
+            "vocab_size": 256,
+            **(model or {}),
+        },
         "parallel": parallel,
         "train": {
             "micro_batch_size": MICRO,
@@ -40,8 +48,11 @@ def _config(parallel: dict, recompute: str):
     return config_from_dict(data)
 
 
-def _measure(rank: int, world: int, parallel: dict, recompute: str) -> tuple[int, int]:
-    cfg = resolve(_config(parallel, recompute), world)
+def _measure(
+    rank: int, world: int, parallel: dict, recompute: str, model: dict | None = None
+) -> tuple[int, int]:
+    cfg = resolve(_config(parallel, recompute, model), world)
+    load_plugin_costs(cfg.model)
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     layout = build_layout(cfg.parallel, cfg.model)
     device = torch.device("cpu")
@@ -80,3 +91,25 @@ def test_stage_activations_match_the_planner(parallel: dict, recompute: str, wor
     if parallel["pipeline_blocks"] == [2, 2]:
         # Equal layers: under 1F1B the first rank holds more microbatches than the last.
         assert results[0][0] > results[-1][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"filter": "conv", "filter_kernel": 3},
+        {"filter": "lfa_no_norm"},
+        {"filter": "none"},
+        {"filter": "test_declared_gate", "attention": "test_declared_scaled"},
+    ],
+    ids=["conv3", "lfa_no_norm", "none", "plugins"],
+)
+def test_filter_variants_match_the_planner(model: dict, tmp_path_factory) -> None:
+    """Every filter variant (and plug-ins declaring their costs) as LFA above."""
+    if model["filter"].startswith("test_"):
+        model = {**model, "plugins": [write_declared_plugin(tmp_path_factory.mktemp("plugin"))]}
+    parallel = {"pp": 2, "pipeline_blocks": [1, 3], "schedule": "1f1b"}
+    results = run_distributed(_measure, 2, parallel, "none", model, timeout=300)
+    for rank, (measured, predicted) in enumerate(results):
+        assert measured > 0
+        assert predicted == pytest.approx(measured, rel=0.10), (rank, measured, predicted)

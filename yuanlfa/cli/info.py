@@ -1,4 +1,8 @@
-"""yuanlfa-info: sizes and costs of a config, without building or allocating the model."""
+"""yuanlfa-info: sizes and costs of a config, without building or allocating the model.
+
+The filter and core attention are costed as they declare (yuanlfa.planner.components); a
+plug-in's declaration is read from its registration, and what a plug-in leaves undeclared is
+listed under ``unknown_costs`` (and warned about on stderr), not costed as LFA."""
 
 from __future__ import annotations
 
@@ -7,10 +11,17 @@ import json
 import sys
 
 from yuanlfa.cli.common import add_config_args
+from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, load_config, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
-from yuanlfa.planner import cost_model, flops_per_token, param_counts, stage_memory
+from yuanlfa.planner import (
+    cost_model,
+    flops_per_token,
+    param_counts,
+    stage_memory,
+    unknown_costs,
+)
 from yuanlfa.planner.stages import config_blocks
 
 GIB = 2**30
@@ -25,6 +36,7 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
     if cfg.model.vocab_size is None:
         tokenizer_vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
     cfg = resolve(cfg, world_size, tokenizer_vocab)
+    load_plugin_costs(cfg.model)
     dp = cfg.parallel.dp
     counts = param_counts(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_length)
@@ -33,10 +45,14 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
     # Activations at the schedule's peak and transient buffers, from the planner's cost model.
     ranks = cost_model(cfg).evaluate(blocks).ranks
     return {
+        "filter": cfg.model.filter_name,
+        "attention": cfg.model.attention,
+        "unknown_costs": unknown_costs(cfg.model),
         "params_total": counts.total,
         "params_embedding": counts.embedding,
         "params_per_layer": counts.per_layer,
         "params_lfa_per_layer": counts.lfa_per_layer,
+        "params_attention_per_layer": counts.attention_per_layer,
         "lfa_share": counts.lfa_share,
         "lfa_share_of_layer": counts.lfa_per_layer / counts.per_layer,
         "flops_per_token": flops,
@@ -75,16 +91,19 @@ def _print_text(info: dict) -> None:
     lay = info["layout"]
     print(f"parameters      {info['params_total'] / 1e9:.3f} B")
     print(f"  embedding     {info['params_embedding'] / 1e6:.1f} M (tied with the head)")
+    name = info["filter"]
     print(
-        f"  per layer     {info['params_per_layer'] / 1e6:.2f} M, of which LFA "
+        f"  per layer     {info['params_per_layer'] / 1e6:.2f} M, of which filter {name} "
         f"{info['params_lfa_per_layer'] / 1e6:.2f} M ({100 * info['lfa_share_of_layer']:.1f}%)"
     )
-    print(f"  LFA share     {100 * info['lfa_share']:.2f}% of the model")
+    print(f"  filter share  {100 * info['lfa_share']:.2f}% of the model")
     f = info["flops_per_token"]
     print(
         f"FLOPs/token     forward {f['forward'] / 1e9:.2f} G, train {f['train'] / 1e9:.2f} G "
-        f"at seq {info['seq_length']} (LFA {f['lfa'] / 1e9:.2f} G forward)"
+        f"at seq {info['seq_length']} (filter {f['lfa'] / 1e9:.2f} G forward)"
     )
+    for line in info["unknown_costs"]:
+        print(f"unknown         {line}")
     print(
         f"layout          tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} = {lay['world_size']} "
         f"ranks, distributed optimizer {'on' if lay['distributed_optimizer'] else 'off'}"

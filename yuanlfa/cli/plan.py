@@ -25,6 +25,7 @@ import json
 import sys
 
 from yuanlfa.cli.common import add_config_args
+from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
 from yuanlfa.layout import resolve_blocks, uniform_blocks
 from yuanlfa.planner.advisor import advise
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         _check_components(cfg.model)
+        load_plugin_costs(cfg.model)
         cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
         name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
         device = get_device(name)
@@ -442,6 +444,7 @@ def _advise_main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         _check_components(cfg.model)
+        load_plugin_costs(cfg.model)
         device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
         if args.paper_comparison:
             return _paper_main(args, cfg, device)

@@ -29,6 +29,10 @@ What a plug-in declares, and what the library does with it:
   seeded from (train.seed, the module's global name), so every layout starts identically.
   A classmethod ``init_parameter(name, shape, cfg, generator) -> Tensor`` overrides that.
 - Construction: ``cls(cfg)`` with the ModelConfig, or a classmethod ``from_config(cfg)``.
+- Costs (optional): ``register_filter(name, cost=fn)`` (or a ``cost`` attribute on the class)
+  with ``fn(cfg) -> yuanlfa.planner.ComponentCost``: its parameters, FLOPs, saved activations
+  and tp communication, for yuanlfa-info and yuanlfa-plan. Without it those tools count the
+  parameters of the built module and report the rest as unknown.
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ class Entry:
     kind: Kind
     cls: type[nn.Module]
     builtin: bool
+    declared_cost: Callable[[ModelConfig], Any] | None = None
+
+    @property
+    def cost(self) -> Callable[[ModelConfig], Any] | None:
+        """The plug-in's cost declaration (``cfg -> ComponentCost``), or None."""
+        return self.declared_cost or getattr(self.cls, "cost", None)
 
     @property
     def origin(self) -> str:
@@ -149,6 +159,12 @@ def _check_class(name: str, kind: Kind, cls: Any) -> None:
                 "for the whole sequence), used for sequence-parallel halos and decoding"
             )
         _check_receptive_field(what, cls.receptive_field)
+    declared = getattr(cls, "cost", None)
+    if declared is not None and not callable(declared):
+        raise RegistryError(
+            f"{what}: its cost attribute must be a callable cfg -> yuanlfa.planner.ComponentCost, "
+            f"got {type(declared).__name__}"
+        )
     plan = getattr(cls, "tp_plan", None)
     if plan is not None:
         if not isinstance(plan, dict):
@@ -190,12 +206,23 @@ def style_dim(style: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _register(kind: Kind, name: str, override: bool, builtin: bool) -> Callable[[type], type]:
+def _register(
+    kind: Kind,
+    name: str,
+    override: bool,
+    builtin: bool,
+    cost: Callable[[ModelConfig], Any] | None = None,
+) -> Callable[[type], type]:
     if not isinstance(name, str) or not name:
         raise RegistryError(f"register_{kind}: the name must be a non-empty string, got {name!r}")
 
     if kind == "filter" and name == "none":
         raise RegistryError("register_filter: 'none' means no filter; choose another name")
+    if cost is not None and not callable(cost):
+        raise RegistryError(
+            f"register_{kind}({name!r}): cost must be a callable cfg -> ComponentCost, got "
+            f"{type(cost).__name__}"
+        )
 
     def decorate(cls: type) -> type:
         _check_class(name, kind, cls)
@@ -211,7 +238,7 @@ def _register(kind: Kind, name: str, override: bool, builtin: bool) -> Callable[
                 f"{kind} {name!r} is already registered by {old.origin}; choose another name "
                 "or pass override=True"
             )
-        table[name] = Entry(name, kind, cls, builtin)
+        table[name] = Entry(name, kind, cls, builtin, cost)
         return cls
 
     return decorate
@@ -222,14 +249,20 @@ def register_builtin(kind: Kind, name: str) -> Callable[[type], type]:
     return _register(kind, name, override=False, builtin=True)
 
 
-def register_filter(name: str, *, override: bool = False) -> Callable[[type], type]:
-    """Class decorator: make a local filter selectable as ``model.filter: name``."""
-    return _register("filter", name, override, builtin=False)
+def register_filter(
+    name: str, *, override: bool = False, cost: Callable[[ModelConfig], Any] | None = None
+) -> Callable[[type], type]:
+    """Class decorator: make a local filter selectable as ``model.filter: name``; ``cost``
+    (``cfg -> yuanlfa.planner.ComponentCost``) declares what it costs, for the planner."""
+    return _register("filter", name, override, builtin=False, cost=cost)
 
 
-def register_attention(name: str, *, override: bool = False) -> Callable[[type], type]:
-    """Class decorator: make a core attention selectable as ``model.attention: name``."""
-    return _register("attention", name, override, builtin=False)
+def register_attention(
+    name: str, *, override: bool = False, cost: Callable[[ModelConfig], Any] | None = None
+) -> Callable[[type], type]:
+    """Class decorator: make a core attention selectable as ``model.attention: name``; ``cost``
+    as for :func:`register_filter`."""
+    return _register("attention", name, override, builtin=False, cost=cost)
 
 
 def _builtins() -> None:

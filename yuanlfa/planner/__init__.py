@@ -15,6 +15,7 @@ from yuanlfa.planner.activations import (
 from yuanlfa.planner.advisor import Advice, Layout, Ranked, advise, apply_layout, snippet
 from yuanlfa.planner.balance import BalanceResult, auto_blocks, balance, best_blocks
 from yuanlfa.planner.calibrate import fit_flops_per_s, fit_latency_s, flops_from_layer_time
+from yuanlfa.planner.components import ComponentCost, component_cost, declare_cost, unknown_costs
 from yuanlfa.planner.cost import CostModel, PlanCost, RankCost, cost_model, simulate
 from yuanlfa.planner.devices import (
     DEFAULT_MFU,
@@ -42,6 +43,7 @@ __all__ = [
     "Advice",
     "BalanceResult",
     "Cluster",
+    "ComponentCost",
     "CostModel",
     "DevicePreset",
     "Layout",
@@ -61,7 +63,9 @@ __all__ = [
     "bandwidth_sweep",
     "config_blocks",
     "best_blocks",
+    "component_cost",
     "cost_model",
+    "declare_cost",
     "device_from_cuda_name",
     "fit_flops_per_s",
     "fit_latency_s",
@@ -82,4 +86,5 @@ __all__ = [
     "snippet",
     "stage_activation_bytes",
     "stage_memory",
+    "unknown_costs",
 ]

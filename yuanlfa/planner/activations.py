@@ -7,7 +7,10 @@ per microbatch: T = micro_batch * seq_length tokens, Tq = T / tp under sequence 
 T), a = activation dtype bytes, n = max(a, 4) (RMSNorm and the loss statistics compute in fp32),
 h hidden, f ffn, H heads. Parameters are not activations and are never counted.
 
-Per decoder layer (tp = 1, no sequence parallelism, reference LFA, unfused norm):
+Per decoder layer the fixed parts (norms, projections, MLP) are counted here and the filter's
+and core attention's own bytes are what they declare (:mod:`.components`; the terms below are
+LFA's and softmax attention's). With tp = 1, no sequence parallelism, reference LFA, unfused
+norm:
 
 - ``none``: input norm 2n*h + n (its fp32 input, input * rstd, rstd) and its output a*h (input of
   v_proj and the LFA); LFA a*h/2 (conv1 output y) + 2n*h + n (its norm) + a*h (filtered x, input
@@ -53,6 +56,7 @@ from typing import Literal
 
 from yuanlfa.config import Config, ConfigError, ModelConfig
 from yuanlfa.layout import PipelineLayout
+from yuanlfa.planner.components import component_cost, norm_saved_bytes
 
 Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
@@ -138,49 +142,31 @@ def activation_spec(
     )
 
 
-def _norm(spec: ActivationSpec, h: int, tokens: int) -> int:
-    """Bytes an RMSNorm over ``tokens`` keeps, its output excluded (the consumer saves that):
-    its fp32 input, input * rstd (unfused only), rstd, and, when the activations are narrower
-    than fp32, the fp32 copy of its weight."""
-    n = spec.norm_bytes
-    per_token = (1 if spec.fused_norm else 2) * n * h + n
-    return per_token * tokens + (n * h if spec.dtype_bytes < n else 0)
-
-
 def layer_activation_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
-    """Bytes one decoder layer saves for backward, for one microbatch (see the module doc)."""
-    a, n, h, f = spec.dtype_bytes, spec.norm_bytes, model.hidden_size, model.ffn_size
+    """Bytes one decoder layer saves for backward, for one microbatch (see the module doc): the
+    fixed parts counted here plus what the filter and core attention declare
+    (:mod:`.components`)."""
+    a, h, f = spec.dtype_bytes, model.hidden_size, model.ffn_size
     T, Tq, tp, sp = spec.tokens, spec.shard_tokens, spec.tp, spec.sequence_parallel
     if spec.recompute == "full":
         return a * h * Tq  # the checkpoint keeps the layer input only
-    total = _norm(spec, h, Tq)  # input norm
-    # The normed input: v_proj's input (all-gathered under SP), also the LFA's input (the local
-    # shard under SP); without LFA, qk_proj all-gathers a second copy under SP.
-    total += a * h * T
-    if sp:
-        total += a * h * (Tq if model.lfa else T)
-    if model.lfa:
-        total += a * (h // 2) * Tq  # y = conv1(x), kept for conv2's weight gradient
-        if spec.lfa_impl == "reference":
-            total += _norm(spec, h, Tq)
-        else:
-            total += n * Tq  # the Triton kernel keeps rstd and recomputes the norm's input
-        if model.lfa_reset_at_doc_start:
-            total += (a if spec.lfa_impl == "reference" else n) * Tq  # the keep mask
-        if not sp:
-            total += a * h * T  # filtered x, qk_proj's input
-        else:
-            total += a * h * T  # qk_proj's all-gathered input
-            # The 2-token halo and the conv1 state entering this shard (ranks > 0), and the
-            # halo's document-start mask.
-            total += a * spec.micro_batch * (2 * h + h // 2)
-            total += a * spec.micro_batch if model.lfa_reset_at_doc_start else 0
-    total += 4 * a * (h // tp) * T  # q, k (after RoPE), v, core-attention output
-    if spec.recompute == "none":
-        total += 4 * (model.num_heads // tp) * T  # fp32 softmax log-sum-exp
-    total += (
-        _norm(spec, h, Tq) + a * h * T
-    )  # post-attention norm; fc1's input (all-gathered under SP)
+    filt = component_cost("filter", model)
+    core = component_cost("attention", model)
+    total = norm_saved_bytes(spec, h, Tq)  # input norm
+    total += a * h * T  # the normed input: v_proj's input (all-gathered under SP)
+    # qk_proj's input: the filter's output (all-gathered under SP); without a filter the normed
+    # input again, a second all-gathered copy under SP.
+    if filt is not None or sp:
+        total += a * h * T
+    if filt is not None:
+        total += filt.saved(spec)
+    if spec.recompute == "selective":
+        total += 3 * a * (h // tp) * T  # the checkpointed core attention keeps q, k, v only
+    else:
+        total += core.saved(spec)
+    total += a * (h // tp) * T  # the core attention's output, o_proj's input
+    # Post-attention norm; fc1's input (all-gathered under SP).
+    total += norm_saved_bytes(spec, h, Tq) + a * h * T
     total += 4 * a * (f // tp) * T  # fc1 output [.., 2f], silu(a) [.., f], silu(a) * g [.., f]
     return total
 
@@ -189,7 +175,8 @@ def shared_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
     """Tensors computed once per stage and read by every layer: the RoPE tables cos and sin
     [s, b, 1, head_dim], and under full recompute the document-start mask (a checkpoint input)."""
     rope = 2 * spec.dtype_bytes * model.head_dim * spec.tokens
-    resets = model.lfa and model.lfa_reset_at_doc_start and spec.recompute == "full"
+    filtered = model.filter_name != "none"
+    resets = filtered and model.lfa_reset_at_doc_start and spec.recompute == "full"
     return rope + (spec.tokens if resets else 0)
 
 
@@ -201,7 +188,7 @@ def embedding_activation_bytes(spec: ActivationSpec) -> int:
 def head_activation_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
     """Final norm, its output (the loss input, all-gathered under SP), labels, log-sum-exp."""
     h, T = model.hidden_size, spec.tokens
-    norm = _norm(spec, h, spec.shard_tokens)
+    norm = norm_saved_bytes(spec, h, spec.shard_tokens)
     return norm + spec.dtype_bytes * h * T + INDEX_BYTES * T + spec.norm_bytes * T
 
 
@@ -264,10 +251,11 @@ def recompute_workspace_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
     if spec.recompute == "full":
         return layer_activation_bytes(model, _replace_recompute(spec, "none"))
     if spec.recompute == "selective":
-        tp = spec.tp
-        return (spec.dtype_bytes * model.hidden_size // tp + 4 * model.num_heads // tp) * (
-            spec.tokens
-        )
+        # The core attention's own saved tensors and its output, less the q, k, v kept anyway.
+        plain = _replace_recompute(spec, "none")
+        qkv = 3 * spec.dtype_bytes * (model.hidden_size // spec.tp) * spec.tokens
+        own = component_cost("attention", model).saved(plain) - qkv
+        return max(own, 0) + spec.dtype_bytes * (model.hidden_size // spec.tp) * spec.tokens
     return 0
 
 

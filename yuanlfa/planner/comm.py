@@ -10,8 +10,11 @@ full activation [s, b, h] in the activation dtype:
   attention block costs one all-reduce more than Megatron's GPT; counted by wrapping
   torch.distributed in a tp=2 run, 5 per layer);
 - with it each column-parallel input is all-gathered (3) and each row-parallel output
-  reduce-scattered (2) in the forward, the reverse in the backward, plus the LFA's 2-token halo
-  (an all-gather of 2 rows per rank) each way.
+  reduce-scattered (2) in the forward, the reverse in the backward, plus the filter's halo (an
+  all-gather of its ``halo_tokens`` rows per rank each way: LFA's 2, a conv filter's kernel - 1),
+  or, for a filter reading the whole sequence, an all-gather forward and a reduce-scatter back;
+- a filter's or core attention's own column- and row-parallel layers (plug-ins, as they declare
+  in :mod:`.components`) add theirs the same way.
 
 Per stage and microbatch: the vocab-parallel embedding sums its output (all-reduce, or
 reduce-scatter under SP) on the first stage; the head's input is copied (its gradient
@@ -32,6 +35,7 @@ import math
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.planner.activations import ActivationSpec
+from yuanlfa.planner.components import component_cost
 from yuanlfa.planner.links import (
     Link,
     ring_all_gather_s,
@@ -42,7 +46,6 @@ from yuanlfa.planner.memory import StateBytes
 
 COLUMN_PARALLEL = 3  # v_proj, qk_proj, fc1: each takes its own copy (or gather) of its input
 ROW_PARALLEL = 2  # o_proj, fc2: each sums (or reduce-scatters) its output
-HALO_TOKENS = 2
 LOSS_STAT_BYTES = 4 + 8  # per token: the max, then (sum of exp, target logit)
 
 
@@ -58,18 +61,21 @@ def layer_tp_s(
     if tp == 1:
         return 0.0, 0.0
     act = _act(model, spec)
+    filt = component_cost("filter", model)
+    parts = [c for c in (filt, component_cost("attention", model)) if c is not None]
+    columns = COLUMN_PARALLEL + sum(c.column_inputs or 0.0 for c in parts)
+    rows = ROW_PARALLEL + sum(c.row_outputs or 0.0 for c in parts)
     if not sequence_parallel:
-        return (
-            ROW_PARALLEL * ring_all_reduce_s(act, tp, link),
-            COLUMN_PARALLEL * ring_all_reduce_s(act, tp, link),
-        )
+        return rows * ring_all_reduce_s(act, tp, link), columns * ring_all_reduce_s(act, tp, link)
     gather, scatter = ring_all_gather_s(act, tp, link), ring_reduce_scatter_s(act, tp, link)
-    halo = 0.0
-    if model.lfa:
-        halo_bytes = tp * HALO_TOKENS * spec.micro_batch * model.hidden_size * spec.dtype_bytes
-        halo = ring_all_gather_s(halo_bytes, tp, link)
-    forward = COLUMN_PARALLEL * gather + ROW_PARALLEL * scatter + halo
-    backward = COLUMN_PARALLEL * scatter + ROW_PARALLEL * gather + halo
+    forward = columns * gather + rows * scatter
+    backward = columns * scatter + rows * gather
+    if filt is not None and filt.halo_tokens is None:  # the whole sequence gathered
+        forward, backward = forward + gather, backward + scatter
+    elif filt is not None and filt.halo_tokens:
+        rows_bytes = filt.halo_tokens * spec.micro_batch * model.hidden_size * spec.dtype_bytes
+        halo = ring_all_gather_s(tp * rows_bytes, tp, link)
+        forward, backward = forward + halo, backward + halo
     return forward, backward
 
 

@@ -41,7 +41,8 @@ def state_bytes(cfg: Config, dp: int, gpu: bool | None = None) -> StateBytes:
 
 def layer_params(cfg: Config) -> int:
     """Parameters of one decoder layer on one tensor-parallel rank. Replicated parameters
-    (norms, and the LFA filter) are held whole by every rank."""
+    (norms, the built-in filters, what a plug-in leaves out of its tp_plan) are held whole by
+    every rank."""
     counts = param_counts(cfg.model)
     return counts.per_layer_replicated + counts.per_layer_sharded // cfg.parallel.tp
 
