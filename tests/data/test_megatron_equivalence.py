@@ -1,0 +1,180 @@
+"""Our samples against megatron-core's own GPTDataset and BlendedMegatronDatasetBuilder.
+
+A small corpus is written with our IndexedDatasetBuilder and read by both stacks; every sample
+asked for must agree token for token, position ids and loss masks included, for fewer than one
+epoch, exactly one, several with a last epoch shuffled apart (< 80% used) and several without;
+train and valid; one dataset and blends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from yuanlfa.data import IndexedDatasetBuilder, MMapIndexedDataset, PackedDataset, split_documents
+from yuanlfa.data.blended import BlendedDataset, component_samples
+from yuanlfa.data.megatron_index import epochs_needed, samples_before_last_epoch, samples_in
+
+EOD = 256
+SEQ = 16
+SPLIT = "70,20,10"
+
+
+def _megatron_datasets():
+    """megatron.core.datasets with its C++ helpers, or a skip that says what is missing."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (the dev extra)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            # The helpers are compiled on first use by Megatron itself (a make in that folder).
+            try:
+                from megatron.core.datasets.utils import compile_helpers
+
+                compile_helpers()
+                importlib.import_module("megatron.core.datasets.helpers_cpp")
+            except (ImportError, SystemExit, OSError) as exc:
+                pytest.skip(f"megatron-core's C++ dataset helpers cannot be built here ({exc})")
+        builder = importlib.import_module("megatron.core.datasets.blended_megatron_dataset_builder")
+        gpt = importlib.import_module("megatron.core.datasets.gpt_dataset")
+    return builder.BlendedMegatronDatasetBuilder, gpt.GPTDataset, gpt.GPTDatasetConfig
+
+
+class _Tokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer; no pad token (so none is masked)."""
+
+    eod = EOD
+    vocab_size = None  # token type read from the .idx file
+    unique_identifiers = {"class": "test tokenizer"}
+
+
+def _write(tmp_path, name: str, seed: int, num_docs: int) -> str:
+    rng = np.random.default_rng(seed)
+    prefix = str(tmp_path / name)
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for _ in range(num_docs):
+            body = rng.integers(0, 256, size=int(rng.integers(0, 40)))
+            builder.add_item(np.append(body, EOD))
+            builder.end_document()
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("megatron_eq")
+    return [_write(tmp, f"d{k}", seed=k, num_docs=n) for k, n in enumerate((60, 45, 30))]
+
+
+def _megatron(prefixes, weights, sizes, seed, eod_mask_loss, reset_position_ids):
+    builder_cls, gpt_cls, config_cls = _megatron_datasets()
+    config = config_cls(
+        random_seed=seed,
+        sequence_length=SEQ,
+        blend=(list(prefixes), weights),
+        split=SPLIT,
+        tokenizer=_Tokenizer(),
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,
+        path_to_cache=None,  # then next to the data (a blend's own cache would need a process group)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return builder_cls(gpt_cls, sizes, lambda: True, config).build()
+
+
+def _ours(prefix, split, num_samples, seed, eod_mask_loss, reset_position_ids, cache_dir=None):
+    indexed = MMapIndexedDataset(prefix)
+    documents = split_documents(indexed.num_documents, SPLIT)[split]
+    return PackedDataset(
+        indexed,
+        seq_length=SEQ,
+        num_samples=num_samples,
+        seed=seed,
+        eod_id=EOD,
+        documents=documents,
+        eod_mask_loss=eod_mask_loss,
+        reset_position_ids=reset_position_ids,
+        cache_dir=cache_dir,
+        name=("train", "valid", "test")[split],
+    )
+
+
+def _assert_same_samples(ours, theirs, n):
+    assert len(ours) == n and len(theirs) >= n
+    for i in range(n):
+        got, want = ours[i], theirs[i]
+        for key in ("tokens", "labels", "position_ids", "loss_mask"):
+            assert torch.equal(got[key], want[key].to(got[key].dtype)), (i, key)
+
+
+def _tokens_per_epoch(prefix: str, split: int) -> int:
+    indexed = MMapIndexedDataset(prefix)
+    return int(indexed.sizes[split_documents(indexed.num_documents, SPLIT)[split]].sum())
+
+
+# Sample counts as fractions of one epoch's samples: below one epoch, exactly one, several with a
+# small last part (shuffled apart), several with a large last part (shuffled with the others).
+CASES = {"part": 0.4, "one": 1.0, "separate_last": 3.2, "joint_last": 2.9}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("split", [0, 1], ids=["train", "valid"])
+def test_single_dataset_matches_megatron(corpora, tmp_path, case, split):
+    prefix = corpora[0]
+    tokens = _tokens_per_epoch(prefix, split)
+    per_epoch = samples_in(1, tokens, SEQ)
+    n = per_epoch if case == "one" else int(CASES[case] * per_epoch)
+    separate = samples_before_last_epoch(tokens, SEQ, n) is not None
+    assert separate == (case == "separate_last")
+    assert (epochs_needed(tokens, SEQ, n) == 1) == (case in ("part", "one"))
+    sizes = [n if split == 0 else 5, n if split == 1 else 5, 0]
+    seed, mask, reset = 1234 + split, case != "one", case != "part"
+    theirs = _megatron([prefix], None, sizes, seed, mask, reset)[split]
+    ours = _ours(prefix, split, n, seed, mask, reset, cache_dir=tmp_path)
+    np.testing.assert_array_equal(ours.doc_order, theirs.document_index)
+    np.testing.assert_array_equal(ours.sample_index, theirs.sample_index)
+    np.testing.assert_array_equal(ours.shuffle_index, theirs.shuffle_index)
+    _assert_same_samples(ours, theirs, n)
+    # The cached copy is the same dataset.
+    again = _ours(prefix, split, n, seed, mask, reset, cache_dir=tmp_path)
+    assert isinstance(again.shuffle_index, np.memmap)
+    _assert_same_samples(again, theirs, n)
+
+
+def test_split_matches_megatron(corpora):
+    builder_cls, gpt_cls, config_cls = _megatron_datasets()
+    for prefix in corpora:
+        theirs = _megatron([prefix], None, [3, 3, 3], 1, False, False)
+        num_docs = MMapIndexedDataset(prefix).num_documents
+        for ours, dataset in zip(split_documents(num_docs, SPLIT), theirs, strict=True):
+            np.testing.assert_array_equal(ours, dataset.indices)
+
+
+@pytest.mark.parametrize(
+    "weights,train,valid",
+    [([0.3, 0.7], 90, 40), ([2.0, 1.0, 1.0], 150, 20), ([0.5, 0.25, 0.25], 400, 60)],
+)
+def test_blend_matches_megatron(corpora, weights, train, valid):
+    prefixes = corpora[: len(weights)]
+    seed = 7
+    theirs = _megatron(prefixes, weights, [train, valid, 0], seed, True, True)
+    for split, n in ((0, train), (1, valid)):
+        components = [
+            _ours(p, split, c, seed, True, True)
+            for p, c in zip(prefixes, component_samples(weights, n), strict=True)
+        ]
+        ours = BlendedDataset(components, weights, n)
+        mega = theirs[split]
+        assert ours.dataset_index.dtype == np.int16
+        np.testing.assert_array_equal(ours.dataset_index, mega.dataset_index[:n])
+        np.testing.assert_array_equal(ours.dataset_sample_index, mega.dataset_sample_index[:n])
+        for component, dataset in zip(components, mega.datasets, strict=True):
+            assert component.num_samples == dataset.num_samples
+        _assert_same_samples(ours, mega, n)
