@@ -82,7 +82,8 @@ def _megatron(prefixes, weights, sizes, seed, eod_mask_loss, reset_position_ids)
         reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
-        path_to_cache=None,  # then next to the data (a blend's own cache would need a process group)
+        # None: next to the data (a cached blend would ask torch.distributed for the rank).
+        path_to_cache=None,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

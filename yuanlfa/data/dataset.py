@@ -114,9 +114,10 @@ class PackedDataset(torch.utils.data.Dataset):
         first token of this id; the response keeps its loss through its closing EOD label (so
         the model learns to stop), and the position whose input is that EOD predicts the next
         record's prompt, which carries no loss. ``shuffle=False``: documents and samples in
-        order (not Megatron's; for inspection). ``pad_id``: padding in the data (e.g. of fixed-length SFT
-        records) never carries loss. ``cache_dir``: keep the three index arrays there as .npy files
-        (``name`` tells splits apart in the file names) and memory-map them on later runs."""
+        order (not Megatron's; for inspection). ``pad_id``: padding in the data (e.g. of
+        fixed-length SFT records) never carries loss. ``cache_dir``: keep the three index arrays
+        there as .npy files (``name`` tells splits apart in the file names) and memory-map them
+        on later runs."""
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
         if num_samples < 0:
@@ -212,7 +213,8 @@ class PackedDataset(torch.utils.data.Dataset):
         """Sample ``i`` (after shuffling) as (document, first token, length) runs."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range ({self.num_samples} samples)")
-        j = int(self.shuffle_index[i])
+        # Modulo the samples asked for: the shuffle index is longer (every sample of the epochs).
+        j = int(self.shuffle_index[i % self.num_samples])
         (first, start), (last, end) = self.sample_index[j], self.sample_index[j + 1]
         first, start, last, end = int(first), int(start), int(last), int(end)
         order = self.doc_order

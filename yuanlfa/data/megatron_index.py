@@ -1,4 +1,4 @@
-"""The index construction of Megatron's GPTDataset: which documents, in which order, in which samples.
+"""Megatron's GPTDataset index construction: which documents, in which order, in which samples.
 
 A dataset that asks for ``num_samples`` samples of ``seq_length`` tokens covers as many whole
 epochs over its documents as those need (each sample reads ``seq_length + 1`` tokens, the last
