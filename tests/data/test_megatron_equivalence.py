@@ -48,9 +48,11 @@ def _megatron_datasets():
 class _Tokenizer:
     """What megatron-core's GPTDataset asks of a tokenizer; no pad token (so none is masked)."""
 
-    eod = EOD
     vocab_size = None  # token type read from the .idx file
     unique_identifiers = {"class": "test tokenizer"}
+
+    def __init__(self, eod: int) -> None:
+        self.eod = eod
 
 
 def _write(tmp_path, name: str, seed: int, num_docs: int) -> str:
@@ -70,14 +72,16 @@ def corpora(tmp_path_factory):
     return [_write(tmp, f"d{k}", seed=k, num_docs=n) for k, n in enumerate((60, 45, 30))]
 
 
-def _megatron(prefixes, weights, sizes, seed, eod_mask_loss, reset_position_ids):
+def megatron_build(prefixes, weights, sizes, *, seed, seq_length=SEQ, eod=EOD, split=SPLIT,
+                   eod_mask_loss=False, reset_position_ids=True):  # fmt: skip
+    """megatron-core's train, valid and test datasets, as its pretrain_gpt builds them."""
     builder_cls, gpt_cls, config_cls = _megatron_datasets()
     config = config_cls(
         random_seed=seed,
-        sequence_length=SEQ,
+        sequence_length=seq_length,
         blend=(list(prefixes), weights),
-        split=SPLIT,
-        tokenizer=_Tokenizer(),
+        split=split,
+        tokenizer=_Tokenizer(eod),
         reset_position_ids=reset_position_ids,
         reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss,
@@ -88,6 +92,11 @@ def _megatron(prefixes, weights, sizes, seed, eod_mask_loss, reset_position_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return builder_cls(gpt_cls, sizes, lambda: True, config).build()
+
+
+def _megatron(prefixes, weights, sizes, seed, eod_mask_loss, reset_position_ids):
+    return megatron_build(prefixes, weights, sizes, seed=seed, eod_mask_loss=eod_mask_loss,
+                          reset_position_ids=reset_position_ids)  # fmt: skip
 
 
 def _ours(prefix, split, num_samples, seed, eod_mask_loss, reset_position_ids, cache_dir=None):
@@ -107,7 +116,8 @@ def _ours(prefix, split, num_samples, seed, eod_mask_loss, reset_position_ids, c
     )
 
 
-def _assert_same_samples(ours, theirs, n):
+def assert_same_samples(ours, theirs, n):
+    """Samples 0..n-1 equal token for token, labels, position ids and loss masks included."""
     assert len(ours) == n and len(theirs) >= n
     for i in range(n):
         got, want = ours[i], theirs[i]
@@ -126,7 +136,7 @@ CASES = {"part": 0.4, "one": 1.0, "separate_last": 3.2, "joint_last": 2.9}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("split", [0, 1], ids=["train", "valid"])
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["train", "valid", "test"])
 def test_single_dataset_matches_megatron(corpora, tmp_path, case, split):
     prefix = corpora[0]
     tokens = _tokens_per_epoch(prefix, split)
@@ -135,22 +145,22 @@ def test_single_dataset_matches_megatron(corpora, tmp_path, case, split):
     separate = samples_before_last_epoch(tokens, SEQ, n) is not None
     assert separate == (case == "separate_last")
     assert (epochs_needed(tokens, SEQ, n) == 1) == (case in ("part", "one"))
-    sizes = [n if split == 0 else 5, n if split == 1 else 5, 0]
+    sizes = [5, 5, 5]
+    sizes[split] = n
     seed, mask, reset = 1234 + split, case != "one", case != "part"
     theirs = _megatron([prefix], None, sizes, seed, mask, reset)[split]
     ours = _ours(prefix, split, n, seed, mask, reset, cache_dir=tmp_path)
     np.testing.assert_array_equal(ours.doc_order, theirs.document_index)
     np.testing.assert_array_equal(ours.sample_index, theirs.sample_index)
     np.testing.assert_array_equal(ours.shuffle_index, theirs.shuffle_index)
-    _assert_same_samples(ours, theirs, n)
+    assert_same_samples(ours, theirs, n)
     # The cached copy is the same dataset.
     again = _ours(prefix, split, n, seed, mask, reset, cache_dir=tmp_path)
     assert isinstance(again.shuffle_index, np.memmap)
-    _assert_same_samples(again, theirs, n)
+    assert_same_samples(again, theirs, n)
 
 
 def test_split_matches_megatron(corpora):
-    builder_cls, gpt_cls, config_cls = _megatron_datasets()
     for prefix in corpora:
         theirs = _megatron([prefix], None, [3, 3, 3], 1, False, False)
         num_docs = MMapIndexedDataset(prefix).num_documents
@@ -178,4 +188,4 @@ def test_blend_matches_megatron(corpora, weights, train, valid):
         np.testing.assert_array_equal(ours.dataset_sample_index, mega.dataset_sample_index[:n])
         for component, dataset in zip(components, mega.datasets, strict=True):
             assert component.num_samples == dataset.num_samples
-        _assert_same_samples(ours, mega, n)
+        assert_same_samples(ours, mega, n)
