@@ -9,7 +9,14 @@ train and valid; one dataset and blends.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,22 +31,44 @@ SEQ = 16
 SPLIT = "70,20,10"
 
 
+def _build_helpers(source: Path, out_dir: Path) -> Path:
+    """Compile megatron-core's helpers.cpp into ``out_dir`` (its wheel ships the source only;
+    Megatron compiles it with make in site-packages on first use, which a read-only install
+    cannot). pybind11's headers come from pybind11 or, failing that, from torch."""
+    try:
+        import pybind11
+
+        include = pybind11.get_include()
+    except ImportError:
+        include = str(Path(torch.__file__).parent / "include")
+    target = out_dir / f"helpers_cpp{sysconfig.get_config_var('EXT_SUFFIX')}"
+    command = [
+        os.environ.get("CXX", "g++"), "-O3", "-shared", "-fPIC", "-std=c++17",
+        f"-I{include}", f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    return target
+
+
 def _megatron_datasets():
     """megatron.core.datasets with its C++ helpers, or a skip that says what is missing."""
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (the dev extra)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        name = "megatron.core.datasets.helpers_cpp"
         try:
-            importlib.import_module("megatron.core.datasets.helpers_cpp")
+            importlib.import_module(name)
         except ImportError:
-            # The helpers are compiled on first use by Megatron itself (a make in that folder).
+            package = importlib.import_module("megatron.core.datasets")
+            source = Path(package.__file__).parent / "helpers.cpp"
             try:
-                from megatron.core.datasets.utils import compile_helpers
-
-                compile_helpers()
-                importlib.import_module("megatron.core.datasets.helpers_cpp")
-            except (ImportError, SystemExit, OSError) as exc:
-                pytest.skip(f"megatron-core's C++ dataset helpers cannot be built here ({exc})")
+                path = _build_helpers(source, Path(tempfile.mkdtemp(prefix="megatron_helpers")))
+            except (OSError, subprocess.SubprocessError) as exc:
+                pytest.skip(f"megatron-core's C++ dataset helpers could not be compiled ({exc})")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
         builder = importlib.import_module("megatron.core.datasets.blended_megatron_dataset_builder")
         gpt = importlib.import_module("megatron.core.datasets.gpt_dataset")
     return builder.BlendedMegatronDatasetBuilder, gpt.GPTDataset, gpt.GPTDatasetConfig
