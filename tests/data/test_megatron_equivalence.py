@@ -182,6 +182,9 @@ def test_single_dataset_matches_megatron(corpora, tmp_path, case, split):
     np.testing.assert_array_equal(ours.doc_order, theirs.document_index)
     np.testing.assert_array_equal(ours.sample_index, theirs.sample_index)
     np.testing.assert_array_equal(ours.shuffle_index, theirs.shuffle_index)
+    for name, theirs_name in (("doc_order", "document_index"), ("sample_index", "sample_index"),
+                              ("shuffle_index", "shuffle_index")):  # fmt: skip
+        assert getattr(ours, name).dtype == getattr(theirs, theirs_name).dtype, name
     assert_same_samples(ours, theirs, n)
     # The cached copy is the same dataset.
     again = _ours(prefix, split, n, seed, mask, reset, cache_dir=tmp_path)
