@@ -176,7 +176,9 @@ std::string format_g(double x) {
   return buf;
 }
 
-constexpr int64_t kMaxDatasets = 255;  // dataset_index is uint8, as in Megatron's helpers.cpp
+// dataset_index is int16 as in Megatron's helpers.cpp while that holds the dataset numbers, and
+// int32 beyond (Megatron stops there), so a blend may have any number of datasets.
+constexpr int64_t kInt16Datasets = 32767;
 
 // How far the weights' sum may be from 1 (numpy.isclose's default tolerances, which Megatron's
 // BlendedDataset asserts with).
@@ -184,9 +186,7 @@ constexpr double kSumTolerance = 1e-8 + 1e-5;
 
 std::string check_weights(const std::vector<double>& w) {
   const auto n = static_cast<int64_t>(w.size());
-  if (n < 1 || n > kMaxDatasets) {
-    return "need 1 to 255 datasets (dataset_index is uint8), got " + std::to_string(n);
-  }
+  if (n < 1) return "need at least 1 dataset, got 0";
   for (int64_t d = 0; d < n; ++d) {
     if (!std::isfinite(w[d]) || !(w[d] > 0.0)) {
       return "weights[" + std::to_string(d) + "] = " + format_g(w[d]) +
@@ -208,10 +208,11 @@ std::string check_weights(const std::vector<double>& w) {
 // Where the target has FMA (aarch64, x86 with -march=haswell or later) GCC and Clang would fuse
 // the multiply and subtract into one, rounded once instead of twice: no longer numpy's number
 // (nor that of Megatron's x86 build), so a near-tie could go the other way. Hence no contraction.
+template <typename T>
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("fp-contract=off")))
 #endif
-void blend(const std::vector<double>& weights, int64_t size, uint8_t* dataset_index,
+void blend(const std::vector<double>& weights, int64_t size, T* dataset_index,
            int64_t* dataset_sample_index) {
 #ifdef __clang__
 #pragma clang fp contract(off)
@@ -229,20 +230,33 @@ void blend(const std::vector<double>& weights, int64_t size, uint8_t* dataset_in
         best = d;
       }
     }
-    dataset_index[i] = static_cast<uint8_t>(best);
+    dataset_index[i] = static_cast<T>(best);
     dataset_sample_index[i] = current[best];
     ++current[best];
   }
 }
 
-std::pair<py::array_t<uint8_t>, py::array_t<int64_t>> build_blending_indices(
+template <typename T>
+std::pair<py::array, py::array_t<int64_t>> fill(const std::vector<double>& weights, int64_t size) {
+  py::array_t<T> dataset_index(static_cast<py::ssize_t>(size));
+  py::array_t<int64_t> dataset_sample_index(static_cast<py::ssize_t>(size));
+  T* index_out = dataset_index.mutable_data();
+  int64_t* sample_out = dataset_sample_index.mutable_data();
+  {
+    py::gil_scoped_release release;
+    blend(weights, size, index_out, sample_out);
+  }
+  return {dataset_index, dataset_sample_index};
+}
+
+std::pair<py::array, py::array_t<int64_t>> build_blending_indices(
     const py::array& weights_arr, int64_t size) {
   if (weights_arr.ndim() != 1 || !py::isinstance<py::array_t<double>>(weights_arr)) {
     throw py::value_error("weights must be a 1-D float64 array in native byte order, got " +
                           std::string(py::str(weights_arr.dtype())) + " [" +
                           std::to_string(weights_arr.ndim()) + "-D]");
   }
-  // At most 255 numbers (once checked): copied, so the loop needs neither the array nor the GIL.
+  // Copied, so the loop needs neither the array nor the GIL.
   const auto* data = static_cast<const char*>(weights_arr.data());
   std::vector<double> weights(static_cast<size_t>(weights_arr.shape(0)));
   for (py::ssize_t d = 0; d < weights_arr.shape(0); ++d) {
@@ -253,15 +267,8 @@ std::pair<py::array_t<uint8_t>, py::array_t<int64_t>> build_blending_indices(
   if (size < 0) {
     throw py::value_error("size must be in [0, 2**63 - 1], got " + std::to_string(size));
   }
-  py::array_t<uint8_t> dataset_index(static_cast<py::ssize_t>(size));
-  py::array_t<int64_t> dataset_sample_index(static_cast<py::ssize_t>(size));
-  uint8_t* index_out = dataset_index.mutable_data();
-  int64_t* sample_out = dataset_sample_index.mutable_data();
-  {
-    py::gil_scoped_release release;
-    blend(weights, size, index_out, sample_out);
-  }
-  return {dataset_index, dataset_sample_index};
+  if (static_cast<int64_t>(weights.size()) <= kInt16Datasets) return fill<int16_t>(weights, size);
+  return fill<int32_t>(weights, size);
 }
 
 }  // namespace
@@ -274,8 +281,9 @@ PYBIND11_MODULE(_index_helpers, m) {
         "doc_lengths and doc_order are 1-D int32 or int64 arrays; raises ValueError on bad "
         "inputs with the messages of yuanlfa.data.index_helpers.build_sample_index.");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
-        "(dataset_index uint8 [size], dataset_sample_index int64 [size]): sample i of the blend\n"
+        "(dataset_index int16 [size] (int32 beyond 32767 datasets), dataset_sample_index int64\n"
+        "[size]): sample i of the blend\n"
         "is sample dataset_sample_index[i] of dataset dataset_index[i].\n\n"
-        "weights: 1-D float64, 1 to 255 of them, each > 0, summing to 1; raises ValueError on\n"
+        "weights: 1-D float64, one or more, each > 0, summing to 1; raises ValueError on\n"
         "bad inputs with the messages of yuanlfa.data.index_helpers.build_blending_indices.");
 }

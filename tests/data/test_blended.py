@@ -77,7 +77,7 @@ def test_hand_worked_case(impl):
     # 0.3/0.7, shortfalls per step: (0.3, 0.7) -> 1, (0.3, -0.3) -> 0, (-0.4, 0.4) -> 1,
     # (-0.1, 0.1) -> 1, (0.2, -0.2) -> 0, ...
     index, positions = build_blending_indices(np.array([0.3, 0.7]), 10, impl=impl)
-    assert index.dtype == np.uint8 and positions.dtype == np.int64
+    assert index.dtype == np.int16 and positions.dtype == np.int64  # Megatron's types
     assert index.tolist() == [1, 0, 1, 1, 0, 1, 1, 0, 1, 1]
     assert positions.tolist() == [0, 0, 1, 2, 1, 3, 4, 2, 5, 6]
     index, positions = build_blending_indices([1 / 3] * 3, 7, impl=impl)
@@ -106,10 +106,26 @@ def test_cpp_equals_numpy_random():
         size = int(rng.choice([0, 1, 2, int(rng.integers(0, 3000))]))
         cpp = build_blending_indices(w, size, impl="cpp")
         numpy = build_blending_indices(w, size, impl="numpy")
-        assert cpp[0].dtype == numpy[0].dtype == np.uint8
+        assert cpp[0].dtype == numpy[0].dtype == np.int16
         assert cpp[1].dtype == numpy[1].dtype == np.int64
         np.testing.assert_array_equal(cpp[0], numpy[0])
         np.testing.assert_array_equal(cpp[1], numpy[1])
+
+
+@pytest.mark.parametrize("impl", ["cpp", "numpy"])
+@pytest.mark.parametrize("n,dtype", [(300, np.int16), (32767, np.int16), (32768, np.int32)])
+def test_any_number_of_datasets(impl, n, dtype):
+    if impl == "cpp" and not have_cpp():
+        pytest.skip("yuanlfa._index_helpers is not built")
+    index, positions = build_blending_indices(np.full(n, 1 / n), 40, impl=impl)
+    assert index.dtype == dtype
+    assert index.tolist() == list(range(40)) and positions.tolist() == [0] * 40  # ties: first
+    w = np.zeros(n)
+    w[-3:] = [0.25, 0.25, 0.5]
+    w[:-3] = 1e-12
+    w /= w.sum()
+    index, _ = build_blending_indices(w, 4, impl=impl)
+    assert index.tolist() == [n - 1, n - 3, n - 2, n - 1]  # the last ids fit the type
 
 
 @needs_cpp
@@ -167,12 +183,12 @@ def test_positions_in_datasets():
         w = random_weights(rng)
         index, positions = build_blending_indices(w, int(rng.integers(0, 1000)))
         np.testing.assert_array_equal(positions_in_datasets(index, len(w)), positions)
-    assert positions_in_datasets(np.zeros(0, dtype=np.uint8), 3).tolist() == []
+    assert positions_in_datasets(np.zeros(0, dtype=np.int16), 3).tolist() == []
 
 
 ERRORS = [
-    (([], 5), "need 1 to 255 datasets (dataset_index is uint8), got 0"),
-    ((np.full(256, 1 / 256), 5), "need 1 to 255 datasets (dataset_index is uint8), got 256"),
+    (([], 5), "need at least 1 dataset, got 0"),
+    ((np.full(256, 1 / 256), 5), None),  # valid: more than a byte's worth of datasets
     (([1.5, -0.5], 5), "weights[1] = -0.5 is not a finite number > 0"),
     (([0.5, 0.0, 0.5], 5), "weights[1] = 0 is not a finite number > 0"),
     (([float("nan"), 1.0], 5), "weights[0] = nan is not a finite number > 0"),
@@ -284,8 +300,10 @@ def test_parse_blend_errors(items, message):
 
 
 def test_component_samples():
-    assert component_samples([0.3, 0.7], 1000) == [302, 704]  # 301.5, 703.5 rounded up
-    assert component_samples([1, 3], 100) == [26, 76]  # normalized first: 25.125, 75.375
+    # megatron-core's ceil(ceil(n * w) * 1.005): ceil(300 * 1.005), ceil(700 * 1.005)
+    assert component_samples([0.3, 0.7], 1000) == [302, 704]
+    assert component_samples([1, 3], 100) == [26, 76]  # normalized first: 25 * 1.005, 75 * 1.005
+    assert component_samples([1, 2], 10) == [5, 8]  # ceil(3.33) = 4 -> 4.02, 7 -> 7.035
     assert component_samples([2.0], 0) == [0]
     assert component_samples([5.0], 1000) == [1005]
     with pytest.raises(DataError, match="num_samples must be >= 0"):
@@ -298,7 +316,7 @@ def test_component_samples():
 
 def test_component_samples_are_always_enough():
     # A dataset never gets w * n + 1 samples or more (test_greedy_bounds), and
-    # component_samples asks for ceil(w * n * 1.005) >= that: the blend never runs short.
+    # component_samples asks for ceil(ceil(w * n) * 1.005) >= that: the blend never runs short.
     rng = np.random.default_rng(5)
     for _ in range(100):
         raw = random_weights(rng) * float(rng.choice([1, 7, 1000]))

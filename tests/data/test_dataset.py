@@ -98,19 +98,38 @@ def dataset(indexed, seed=3, shuffle=True, num_samples=25, seq_length=16, docume
     )
 
 
-def test_doc_order_is_one_permutation_per_epoch(tmp_path):
+@pytest.mark.parametrize("num_samples", [10, 60, 75])
+def test_doc_order_spans_whole_epochs(tmp_path, num_samples):
     docs = make_docs(0)
     indexed = write(tmp_path, docs)
     documents = np.arange(5, 35)
-    ds = dataset(indexed, documents=documents, num_samples=60)
     n = len(documents)
-    assert len(ds.doc_order) % n == 0 and len(ds.doc_order) // n >= 2
-    for e in range(len(ds.doc_order) // n):
-        assert sorted(ds.doc_order[e * n : (e + 1) * n].tolist()) == documents.tolist()
-    plain = dataset(indexed, documents=documents, num_samples=60, shuffle=False)
-    epochs = len(plain.doc_order) // n
+    tokens = int(indexed.sizes[documents].sum())
+    epochs = -(-(num_samples * 16 + 1) // tokens)
+    ds = dataset(indexed, documents=documents, num_samples=num_samples)
+    # Every epoch's documents, shuffled together; a last epoch used < 80% is shuffled apart.
+    assert len(ds.doc_order) == epochs * n
+    assert sorted(ds.doc_order.tolist()) == sorted(documents.tolist() * epochs)
+    total = (epochs * tokens - 1) // 16
+    assert ds.sample_index.shape == (total + 1, 2)
+    assert sorted(ds.shuffle_index.tolist()) == list(range(total))
+    before = (((epochs - 1) * tokens - 1) // 16) if epochs > 1 else None
+    separate = before is not None and num_samples - before < int(0.8 * ((tokens - 1) // 16))
+    if separate:
+        assert sorted(ds.doc_order[-n:].tolist()) == documents.tolist()
+        assert sorted(ds.shuffle_index[:before].tolist()) == list(range(before))
+    plain = dataset(indexed, documents=documents, num_samples=num_samples, shuffle=False)
     assert plain.doc_order.tolist() == documents.tolist() * epochs
-    assert plain.shuffle_index.tolist() == list(range(60))
+    assert plain.shuffle_index.tolist() == list(range(total))
+
+
+def test_the_cases_above_cover_a_separate_last_epoch(tmp_path):
+    from yuanlfa.data.megatron_index import samples_before_last_epoch
+
+    indexed = write(tmp_path, make_docs(0))
+    tokens = int(indexed.sizes[5:35].sum())
+    kinds = {samples_before_last_epoch(tokens, 16, n) is None for n in (10, 60, 75)}
+    assert kinds == {True, False}
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -120,15 +139,15 @@ def test_samples_tile_the_document_stream(tmp_path, shuffle):
     seq = 16
     ds = dataset(indexed, shuffle=shuffle, num_samples=70, seq_length=seq)
     stream = stream_of(docs, ds.doc_order)
-    assert sorted(ds.shuffle_index.tolist()) == list(range(70))
-    by_position = [None] * 70
+    total = len(ds.shuffle_index)
+    assert total >= 70 and sorted(ds.shuffle_index.tolist()) == list(range(total))
     for i in range(len(ds)):
         sample = ds.sample_tokens(i)
         assert sample.shape == (seq + 1,)
-        by_position[int(ds.shuffle_index[i])] = sample
-    # Dropping each sample's last token (the next sample's first) must give the stream back.
-    joined = np.concatenate([s[:-1] for s in by_position] + [by_position[-1][-1:]])
-    np.testing.assert_array_equal(joined, stream[: 70 * seq + 1])
+        start = int(ds.shuffle_index[i]) * seq
+        np.testing.assert_array_equal(sample, stream[start : start + seq + 1])
+    # The samples cover the stream of all epochs but for the last partial sample.
+    assert total * seq + 1 <= len(stream) < (total + 1) * seq + 1
 
 
 def slow_positions(tokens, eod):

@@ -84,13 +84,15 @@ def test_fim_samples_are_deterministic_and_only_reordered(short_docs: str) -> No
     assert checked > 0 and {"psm", "spm"} <= layouts
 
 
-def test_eod_mask_loss_masks_exactly_the_eod_labels(short_docs: str) -> None:
+def test_eod_mask_loss_masks_exactly_the_eod_inputs(short_docs: str) -> None:
+    # Megatron's rule: no loss where the input is <eod> (predicting the next document's first
+    # token); the <eod> label is learned, so a model learns to end a document.
     data = _dataset(short_docs, 0.0, eod_mask_loss=True)
     eod = ByteTokenizer().eod
     seen = 0
     for i in range(len(data)):
         sample = data[i]
-        is_eod = sample["labels"] == eod
+        is_eod = sample["tokens"] == eod
         seen += int(is_eod.sum())
         assert torch.equal(sample["loss_mask"] == 0, is_eod)
     assert seen > 0

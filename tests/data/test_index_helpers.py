@@ -43,7 +43,8 @@ def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int, 
         lengths = rng.integers(0, 40, size=num_docs)
     if lengths.sum() == 0:
         lengths[0] = 1
-    # As PackedDataset does it: a seeded permutation per epoch, so ids repeat across epochs.
+    # Epochs of document ids, so ids repeat (PackedDataset shuffles all epochs together; for the
+    # sample index only the order matters, not how it was drawn).
     state = np.random.RandomState(int(rng.integers(0, 2**31)))
     docs = np.arange(num_docs)
     order = np.concatenate([state.permutation(docs) for _ in range(int(rng.integers(1, 4)))])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tests.data.test_dataset import EOD, stream_of, write
 from yuanlfa.data import PackedDataset
@@ -72,11 +73,19 @@ def test_sft_loss_only_after_first_sep(tmp_path, pieces):
 
 
 def test_sft_with_eod_mask(tmp_path):
+    # The response's closing <eod> label keeps its loss (the model learns to stop); the position
+    # whose input is <eod> (predicting the next record's first token) has none.
     docs = sft_docs(1)
-    ds = packed(write(tmp_path, docs), sft_sep_id=SEP, eod_mask_loss=True)
+    plain = packed(write(tmp_path, docs), sft_sep_id=SEP)
+    ds = packed(write(tmp_path, docs, name="m"), sft_sep_id=SEP, eod_mask_loss=True)
+    learned = 0
     for i in range(len(ds)):
-        item = ds[i]
-        assert not item["loss_mask"][item["labels"] == EOD].any()
+        item, base = ds[i], plain[i]
+        at_eod = item["tokens"] == EOD
+        assert not item["loss_mask"][at_eod].any()
+        assert torch.equal(item["loss_mask"][~at_eod], base["loss_mask"][~at_eod])
+        learned += int(item["loss_mask"][item["labels"] == EOD].sum())
+    assert learned > 10
 
 
 def test_padding_carries_no_loss(tmp_path):

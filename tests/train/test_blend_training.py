@@ -47,6 +47,29 @@ def test_blend_samples_come_from_components_by_weight(small_corpus, text_corpus,
     assert "0.25*" in data.prefix and "0.75*" in data.prefix
 
 
+@pytest.mark.parametrize("blend", [False, True], ids=["one", "blend"])
+def test_build_datasets_match_megatron(small_corpus, text_corpus, tmp_path, blend):
+    """The training and validation samples the trainer builds are megatron-core's (issue 24)."""
+    from tests.data.test_megatron_equivalence import assert_same_samples, megatron_build
+
+    split, seed, seq = "70,20,10", 11, 32
+    data_cfg = {"split": split, "eod_mask_loss": True, "cache_dir": str(tmp_path)}
+    if blend:
+        data_cfg["blend"] = [0.25, small_corpus, 0.75, text_corpus]
+        prefixes, weights = [small_corpus, text_corpus], [0.25, 0.75]
+    else:
+        data_cfg["path"] = text_corpus
+        prefixes, weights = [text_corpus], None
+    train_n, valid_n = 300, 40
+    data = build_datasets(config_from_dict({"data": data_cfg}).data, vocab_size=384,
+                          seq_length=seq, train_samples=train_n, valid_samples=valid_n,
+                          seed=seed, progress=False)  # fmt: skip
+    theirs = megatron_build(prefixes, weights, [train_n, valid_n, 0], seed=seed, seq_length=seq,
+                            eod=ByteTokenizer().eod, split=split, eod_mask_loss=True)  # fmt: skip
+    assert_same_samples(data.train, theirs[0], train_n)
+    assert_same_samples(data.valid, theirs[1], valid_n)
+
+
 def test_train_and_resume_on_a_blend(small_corpus, text_corpus, tmp_path):
     base = tiny_overrides(
         small_corpus, data__blend=[0.5, small_corpus, 0.5, text_corpus], train__steps=6,

@@ -128,7 +128,8 @@ class DataConfig:
     # sample. 0 turns it off.
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
-    # No loss on predicting <eod> (Megatron's --eod-mask-loss).
+    # No loss where the input is <eod>, i.e. on predicting the next document's first token
+    # (Megatron's --eod-mask-loss); the <eod> label itself is learned.
     eod_mask_loss: bool = False
     # Several datasets mixed by weight instead of data.path, Megatron's --data-path form:
     # [0.3, /data/code, 0.7, /data/text] (each a .bin/.idx prefix; each split by data.split).

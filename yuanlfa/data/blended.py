@@ -18,9 +18,9 @@ import torch
 from yuanlfa.data.index_helpers import build_blending_indices, positions_in_datasets
 from yuanlfa.data.indexed_dataset import DataError
 
-# Megatron's surplus: each component packs 0.5% more samples than its share, so the greedy
-# interleaving (within one sample of the share at every prefix) never runs past one.
-SURPLUS = 1.005
+# Megatron's mid_level_dataset_surplus: each component packs 0.5% more samples than its share, so
+# the greedy interleaving (within one sample of the share at every prefix) never runs past one.
+SURPLUS = 0.005
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
@@ -37,12 +37,16 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
 
 
 def component_samples(weights: Sequence[float], num_samples: int) -> list[int]:
-    """Samples to pack from each component for a blend of ``num_samples``: Megatron's
-    ``ceil(weight * num_samples * 1.005)`` with the weights normalized."""
+    """Samples to pack from each component for a blend of ``num_samples``: megatron-core's
+    ``ceil(ceil(num_samples * weight) * (1 + 0.005))`` with the weights normalized. The count
+    decides how many epochs the component spans and so its sample order: it must be Megatron's.
+    """
     num_samples = operator.index(num_samples)
     if num_samples < 0:
         raise DataError(f"num_samples must be >= 0, got {num_samples}")
-    return [math.ceil(w * num_samples * SURPLUS) for w in normalize_weights(weights)]
+    return [
+        math.ceil(math.ceil(num_samples * w) * (1 + SURPLUS)) for w in normalize_weights(weights)
+    ]
 
 
 def _describe(dataset: Any, d: int) -> str:
@@ -72,7 +76,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         if num_samples < 0:
             raise DataError(f"num_samples must be >= 0, got {num_samples}")
         self.datasets = list(datasets)
-        self.weights = normalize_weights(weights)
+        # Normalized twice, as Megatron does (its builder, then its BlendedDataset): the second
+        # pass can move the last bit of a weight, and with it a near-tie of the interleaving.
+        self.weights = normalize_weights(normalize_weights(weights))
         self.num_samples = num_samples
         self.dataset_index, self.dataset_sample_index = build_blending_indices(
             np.array(self.weights), num_samples
@@ -88,7 +94,7 @@ class BlendedDataset(torch.utils.data.Dataset):
                 )
 
     def __getstate__(self) -> dict:
-        # The sample positions follow from dataset_index: send one byte per sample, not nine.
+        # The sample positions follow from dataset_index: send two bytes per sample, not ten.
         state = self.__dict__.copy()
         del state["dataset_sample_index"]
         return state

@@ -1,24 +1,24 @@
 """Documents packed into fixed-length training samples, as Megatron's GPTDataset does it.
 
-Three index arrays define the samples: the document order (one seeded permutation per epoch), the
-sample index (where each sample starts and ends in that order) and a seeded shuffle of the
-samples. A sample holds ``seq_length + 1`` tokens: inputs are the first ``seq_length``, labels
-the last ``seq_length``; consecutive samples share one token.
+Three index arrays define the samples: the document order (all epochs shuffled together, a
+partly used last epoch apart), the sample index (where each sample starts and ends in that order)
+and a seeded shuffle of all the samples of those epochs; yuanlfa.data.megatron_index builds them.
+A sample holds ``seq_length + 1`` tokens: inputs are the first ``seq_length``, labels the last
+``seq_length``; consecutive samples share one token.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 
 import numpy as np
 import torch
 
 from yuanlfa.data.fim import FIMConfig, FIMTokenizer, apply_fim
 from yuanlfa.data.index_cache import IndexCache
-from yuanlfa.data.index_helpers import build_sample_index
 from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
+from yuanlfa.data.megatron_index import build_indices, parse_split, split_bounds
 
 
 def _one_sequence_per_document(indexed: MMapIndexedDataset) -> bool:
@@ -51,7 +51,9 @@ class PackedDataset(torch.utils.data.Dataset):
 
     ``documents`` are document indices (entries of ``indexed.doc_idx``); a document made of
     several sequences is read as their concatenation. Sample ``i`` is the same for a given
-    seed whatever the process, worker or layout that asks for it.
+    seed whatever the process, worker or layout that asks for it, and is sample ``i`` of
+    Megatron's GPTDataset built with the same seed, documents, sequence length and sample
+    count (for data with one sequence per document, as yuanlfa-preprocess writes it).
     """
 
     def __init__(
@@ -74,12 +76,16 @@ class PackedDataset(torch.utils.data.Dataset):
         name: str = "train",
     ) -> None:
         """``fim``: rewrite documents fill-in-the-middle (needs ``tokenizer``), deterministically
-        per sample index. ``eod_mask_loss``: no loss where the label is EOD.
+        per sample index. ``eod_mask_loss``: no loss where the input is EOD (Megatron's rule).
         ``reset_position_ids``: positions restart after each EOD (else 0..seq-1).
         ``sft_sep_id``: supervised fine-tuning, no loss up to and including each document's
-        first token of this id. ``pad_id``: padding in the data (e.g. of fixed-length SFT
-        records) never carries loss. ``cache_dir``: keep the three index arrays there as .npy files
-        (``name`` tells splits apart in the file names) and memory-map them on later runs."""
+        first token of this id; the response keeps its loss through its closing EOD label (so
+        the model learns to stop), and the position whose input is that EOD predicts the next
+        record's prompt, which carries no loss. ``shuffle=False``: documents and samples in
+        order (not Megatron's; for inspection). ``pad_id``: padding in the data (e.g. of
+        fixed-length SFT records) never carries loss. ``cache_dir``: keep the three index arrays
+        there as .npy files (``name`` tells splits apart in the file names) and memory-map them
+        on later runs."""
         if seq_length < 1:
             raise DataError(f"seq_length must be >= 1, got {seq_length}")
         if num_samples < 0:
@@ -117,7 +123,7 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"{seq_length + 1}); use a shorter train.seq_length or more data"
             )
         key = {
-            "version": 1,
+            "version": 2,  # 2: Megatron's construction (all epochs shuffled together)
             "seq_length": seq_length,
             "num_samples": num_samples,
             "seed": seed,
@@ -127,30 +133,18 @@ class PackedDataset(torch.utils.data.Dataset):
         cache = IndexCache(cache_dir, indexed.prefix, key, name) if cache_dir is not None else None
         arrays = cache.load() if cache is not None else None
         if arrays is None:
-            arrays = self._build_indices(documents, tokens_per_epoch, shuffle)
+            arrays = self._build_indices(documents, shuffle)
             if cache is not None:
                 cache.save(arrays)
         self.doc_order, self.sample_index, self.shuffle_index = arrays
 
     def _build_indices(
-        self, documents: np.ndarray, tokens_per_epoch: int, shuffle: bool
+        self, documents: np.ndarray, shuffle: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Document order (a seeded permutation per epoch), sample index and sample shuffle."""
-        seq_length, num_samples = self.seq_length, self.num_samples
-        needed = num_samples * seq_length + 1
-        epochs = -(-needed // tokens_per_epoch)
-        # RandomState, not Generator: its streams are frozen across numpy versions, so a seed
-        # names the same samples forever.
-        rng = np.random.RandomState(self.seed)
+        """Megatron's document order, sample index and shuffle index (see megatron_index)."""
         order_dtype = np.int32 if self.indexed.num_documents < 2**31 else np.int64
-        orders = [rng.permutation(documents) if shuffle else documents for _ in range(epochs)]
-        doc_order = np.concatenate(orders).astype(order_dtype)
-        # The C++ helper when built, else numpy (the same result).
-        sample_index = build_sample_index(self.doc_lengths, doc_order, seq_length, num_samples)
-        shuffle_index = (
-            rng.permutation(num_samples) if shuffle else np.arange(num_samples)
-        ).astype(np.int64)
-        return doc_order, sample_index, shuffle_index
+        return build_indices(self.doc_lengths, documents, self.seq_length, self.num_samples,
+                             self.seed, shuffle, order_dtype)  # fmt: skip
 
     def __getstate__(self) -> dict:
         # The lengths may be a view of the memory map: recompute them instead of copying.
@@ -187,7 +181,8 @@ class PackedDataset(torch.utils.data.Dataset):
         """Sample ``i`` (after shuffling) as (document, first token, length) runs."""
         if not -self.num_samples <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range ({self.num_samples} samples)")
-        j = int(self.shuffle_index[i])
+        # Modulo the samples asked for: the shuffle index is longer (every sample of the epochs).
+        j = int(self.shuffle_index[i % self.num_samples])
         (first, start), (last, end) = self.sample_index[j], self.sample_index[j + 1]
         first, start, last, end = int(first), int(start), int(last), int(end)
         order = self.doc_order
@@ -248,7 +243,10 @@ class PackedDataset(torch.utils.data.Dataset):
         if self.pad_id is not None:
             loss_mask[labels == self.pad_id] = 0.0
         if self.eod_mask_loss:
-            loss_mask[labels == self.eod_id] = 0.0
+            # Megatron's rule: no loss where the INPUT is <eod>, i.e. on predicting the next
+            # document's first token; the <eod> label itself is learned (a model must learn to
+            # end a document).
+            loss_mask[tokens == self.eod_id] = 0.0
         return {
             "tokens": torch.from_numpy(tokens.copy()),
             "labels": torch.from_numpy(labels.copy()),
@@ -264,40 +262,20 @@ class PackedDataset(torch.utils.data.Dataset):
 def split_documents(num_documents: int, split: str = "98,1,1") -> tuple[np.ndarray, ...]:
     """Contiguous train/valid/test ranges of document indices from weights like ``"98,1,1"``.
 
-    Every split with a positive weight gets at least one document when there are enough.
+    Megatron's ranges (:func:`yuanlfa.data.megatron_index.split_bounds`). Where its rounding
+    leaves a split with a positive weight empty (a tiny dataset: Megatron could not build that
+    split), the largest split hands it one document so that every such split has data.
     """
-    parts = [p.strip() for p in re.split(r"[,/]", split)]
-    try:
-        weights = [float(p) for p in parts]
-    except ValueError:
-        weights = []
-    if not 1 <= len(weights) <= 3 or any(w < 0 or w != w for w in weights) or sum(weights) <= 0:
-        raise DataError(
-            f"invalid data split {split!r}: give up to three non-negative weights with a "
-            "positive sum, like '98,1,1' (train, valid, test)"
-        )
-    weights += [0.0] * (3 - len(weights))
+    weights = parse_split(split)
     if num_documents < 1:
         raise DataError("cannot split a dataset with no documents")
-    total = sum(weights)
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + round(w / total * num_documents))
-    # Rounding can overshoot or undershoot; the last boundary must be the document count.
-    shift = bounds[-1] - num_documents
-    bounds = [max(0, b - shift) if i else 0 for i, b in enumerate(bounds)]
-    counts = [bounds[i + 1] - bounds[i] for i in range(3)]
     wanted = [i for i in range(3) if weights[i] > 0]
     if len(wanted) > num_documents:
         raise DataError(
             f"data split {split!r} needs at least {len(wanted)} documents, the dataset has "
             f"{num_documents}; set a split with fewer non-zero parts, e.g. '1,0,0'"
         )
-    # The shift above can hand documents to a zero-weight split; they belong to the others.
-    for i in range(3):
-        if weights[i] == 0 and counts[i]:
-            counts[max(wanted, key=lambda k: counts[k])] += counts[i]
-            counts[i] = 0
+    counts = [end - begin for begin, end in split_bounds(num_documents, weights)]
     for i in wanted:
         if counts[i] == 0:
             donor = max(range(3), key=lambda k: counts[k])

@@ -58,8 +58,16 @@ class IndexCache:
         except (OSError, ValueError):
             return None
         doc_order, sample_index, shuffle_index = arrays
+        # The indices cover every sample of the epochs used, at least the num_samples asked for.
         n = self.description["num_samples"]
-        if sample_index.shape != (n + 1, 2) or shuffle_index.shape != (n,) or doc_order.ndim != 1:
+        total = sample_index.shape[0] - 1 if sample_index.ndim == 2 else -1
+        if (
+            sample_index.ndim != 2
+            or sample_index.shape[1] != 2
+            or total < n
+            or shuffle_index.shape != (total,)
+            or doc_order.ndim != 1
+        ):
             return None
         return doc_order, sample_index, shuffle_index
 

@@ -18,7 +18,9 @@ from yuanlfa.data.indexed_dataset import DataError
 from yuanlfa.data.sample_index import build_sample_index as _build_numpy
 
 _INT64_MAX = 2**63 - 1
-_MAX_DATASETS = 255  # dataset_index is uint8, as in Megatron's helpers.cpp
+# dataset_index is int16 as in Megatron's helpers.cpp while that holds the dataset numbers, and
+# int32 beyond (Megatron stops there), so a blend may have any number of datasets.
+_INT16_DATASETS = 2**15 - 1
 # How far the weights' sum may be from 1: numpy.isclose's defaults, as Megatron asserts it.
 _SUM_TOLERANCE = 1e-8 + 1e-5
 # Datasets beyond which one numpy argmax per sample beats a Python loop over the datasets.
@@ -146,8 +148,8 @@ def _as_weights(weights: np.ndarray) -> np.ndarray:
 def _check_weights(weights: np.ndarray) -> None:
     """Same order and texts as check_weights in csrc/index_helpers.cpp (format "g" is C's %g)."""
     n = len(weights)
-    if not 1 <= n <= _MAX_DATASETS:
-        raise DataError(f"need 1 to 255 datasets (dataset_index is uint8), got {n}")
+    if n < 1:
+        raise DataError("need at least 1 dataset, got 0")
     bad = ~(np.isfinite(weights) & (weights > 0))
     if bad.any():
         d = int(np.argmax(bad))
@@ -176,12 +178,17 @@ def _blend_loop(weights: list[float], size: int) -> list[int]:
     return picks
 
 
+def index_dtype(num_datasets: int) -> type:
+    """dataset_index's type: int16 (Megatron's) up to 32767 datasets, int32 beyond."""
+    return np.int16 if num_datasets <= _INT16_DATASETS else np.int32
+
+
 def _blend_vector(weights: np.ndarray, size: int) -> np.ndarray:
     """The same picks with the datasets in one array: product, difference and argmax are the
     rounded operations C++ does, and argmax takes the first of equal maxima."""
     current = np.zeros(len(weights))  # float64 counts: exact below 2**53
     errors = np.empty(len(weights))
-    picks = np.empty(size, dtype=np.uint8)
+    picks = np.empty(size, dtype=index_dtype(len(weights)))
     for i in range(size):
         np.multiply(weights, float(i) if i else 1.0, out=errors)
         np.subtract(errors, current, out=errors)
@@ -193,10 +200,10 @@ def _blend_vector(weights: np.ndarray, size: int) -> np.ndarray:
 
 def positions_in_datasets(dataset_index: np.ndarray, num_datasets: int) -> np.ndarray:
     """dataset_sample_index from dataset_index, int64: how many earlier samples of the blend
-    come from the same dataset (so a blend can keep or send one byte per sample)."""
+    come from the same dataset (so a blend can keep or send two bytes per sample)."""
     counts = np.bincount(dataset_index, minlength=num_datasets)
     starts = np.cumsum(counts) - counts  # where each dataset's run begins once grouped
-    grouped = np.argsort(dataset_index, kind="stable")  # radix sort for uint8: linear
+    grouped = np.argsort(dataset_index, kind="stable")  # radix sort for int16: linear
     positions = np.empty(len(dataset_index), dtype=np.int64)
     positions[grouped] = np.arange(len(dataset_index), dtype=np.int64) - np.repeat(starts, counts)
     return positions
@@ -205,9 +212,9 @@ def positions_in_datasets(dataset_index: np.ndarray, num_datasets: int) -> np.nd
 def build_blending_indices(
     weights: np.ndarray, size: int, impl: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Interleave datasets by weight: (dataset_index uint8 [size], dataset_sample_index int64
-    [size]); sample i of the blend is sample ``dataset_sample_index[i]`` of dataset
-    ``dataset_index[i]``.
+    """Interleave datasets by weight: (dataset_index int16 [size] (int32 beyond 32767
+    datasets), dataset_sample_index int64 [size]); sample i of the blend is sample
+    ``dataset_sample_index[i]`` of dataset ``dataset_index[i]``.
 
     Megatron's build_blending_indices: sample i goes to the dataset furthest behind its share,
     ``weights[d] * max(i, 1) - (samples it already has)``, the first one on ties. A dataset is
@@ -215,7 +222,7 @@ def build_blending_indices(
     ``weights[d] * n + 1`` or more. The shortfalls sum to zero, so none lags by a whole sample
     when there are two datasets; with more, one can (by less than two in practice).
 
-    ``weights``: 1 to 255 numbers, each finite and > 0, that the caller has normalized to sum
+    ``weights``: one or more numbers, each finite and > 0, that the caller has normalized to sum
     to 1 (to within 1e-5). They are used as given: normalizing again could move a near-tie off
     Megatron's choice. ``impl`` as in :func:`build_sample_index`.
     """
@@ -232,7 +239,7 @@ def build_blending_indices(
             raise DataError(str(exc)) from None
     _check_weights(w)
     if len(w) < _VECTOR_FROM:
-        dataset_index = np.array(_blend_loop(w.tolist(), size), dtype=np.uint8)
+        dataset_index = np.array(_blend_loop(w.tolist(), size), dtype=index_dtype(len(w)))
     else:
         dataset_index = _blend_vector(w, size)
     return dataset_index, positions_in_datasets(dataset_index, len(w))

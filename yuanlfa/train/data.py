@@ -131,7 +131,6 @@ def build_datasets(
                         indexed,
                         num_samples=n_valid,
                         documents=valid_docs,
-                        shuffle=False,
                         name="valid",
                         **common,
                     )
