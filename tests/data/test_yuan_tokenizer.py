@@ -23,6 +23,7 @@ from yuanlfa.data import (
     build_tokenizer,
     preprocess_files,
 )
+from yuanlfa.data.fim import FIMConfig
 from yuanlfa.data.tokenizer import YUAN_SPECIAL_TOKENS
 
 pytest.importorskip("sentencepiece")
@@ -128,6 +129,9 @@ def test_special_ids_vocabulary_and_decoding(reference, yuan) -> None:
         assert yuan.encode(name) == [reference.convert_tokens_to_ids(name)], name
     assert (yuan.sep, yuan.pad) == (77187, 77188)
     assert (yuan.fim_prefix, yuan.fim_middle, yuan.fim_suffix) == (134956, 134957, 134955)
+    fim = FIMConfig.from_tokenizer(yuan)  # data.fim_rate's sentinels: Yuan's
+    assert (fim.prefix_id, fim.middle_id, fim.suffix_id) == (134956, 134957, 134955)
+    assert (fim.eod_id, fim.pad_id) == (77185, 77188)
     # Every id decodes; the appended ones by name.
     assert isinstance(yuan.decode(range(yuan.vocab_size)), str)
     assert yuan.decode(range(134953, 134958)) == "".join(
@@ -238,6 +242,8 @@ def test_default_input_format_keeps_text_as_given(tmp_path, yuan) -> None:
     assert read_docs(tmp_path / "out") == [yuan.encode("  a<n>b  \n\nc<sep>d\n") + [yuan.eod]]
     with pytest.raises(DataError, match="unknown input format"):
         preprocess_files([src], tmp_path / "x", yuan, progress=False, input_format="csv")
+    with pytest.raises(SystemExit):  # the default corpus is Python sources, not Yuan's format
+        preprocess_main(["--default-corpus", "--input-format", "yuan", "--output-prefix", "x"])
 
 
 def test_sft_masks_the_prompts_of_yuan_format_samples(tmp_path, yuan) -> None:
