@@ -7,6 +7,7 @@ tokens added) on a varied corpus, its special ids and vocabulary; ``yuanlfa-prep
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sysconfig
@@ -24,6 +25,7 @@ from yuanlfa.data import (
     preprocess_files,
 )
 from yuanlfa.data.fim import FIMConfig
+from yuanlfa.data.spm import SentencePieceTokenizer
 from yuanlfa.data.tokenizer import YUAN_SPECIAL_TOKENS
 
 pytest.importorskip("sentencepiece")
@@ -290,3 +292,21 @@ def test_sft_masks_the_prompts_of_yuan_format_samples(tmp_path, yuan) -> None:
         np.testing.assert_array_equal(item["loss_mask"].numpy(), expected, err_msg=str(i))
         masked += int((expected == 0).sum())
     assert masked > 100
+
+
+def test_strip_around_added_equals_transformers_4_31() -> None:
+    """Ids recorded with transformers 4.31.0, which dropped the whitespace next to added tokens
+    (see yuan_tokenizer/README.md): strip_around_added=True gives them, the default does not."""
+    recorded = json.loads((YUAN_DIR / "ids_transformers_4_31_0.json").read_text())
+    assert recorded["transformers"] == "4.31.0" and len(recorded["cases"]) > 400
+    strip = SentencePieceTokenizer(YUAN_MODEL, strip_around_added=True)
+    default = SentencePieceTokenizer(YUAN_MODEL)
+    assert strip.name != default.name  # different ids: different data caches
+    differ = 0
+    for text, ids in recorded["cases"]:
+        assert strip.encode(text) == ids, repr(text)
+        differ += default.encode(text) != ids
+    assert differ > 100
+    # " a" <sep> "b " <eod> " c ": stripped next to <sep>, kept next to <eod> (as 4.31.0 did).
+    expected = [29871, 263, 77187, 289, 29871, 77185, 29871, 274, 29871]
+    assert strip.encode(" a <sep>\n b <eod> c ") == expected

@@ -42,7 +42,18 @@ def _sentencepiece():
 
 
 class SentencePieceTokenizer(SpecialTokens):
-    def __init__(self, model_file: str | os.PathLike[str]) -> None:
+    """A SentencePiece model encoding as Yuan 2.0's procedure does (see the module's doc).
+
+    ``strip_around_added``: whitespace next to the tokens Yuan's code adds with ``add_tokens``
+    (YUAN_SPECIAL_TOKENS but ``<eod>``) is dropped (str.rstrip before, str.lstrip after), as
+    transformers 4.34.0 and earlier did; 4.34.1 and later keep it, as the default here does.
+    Yuan 2.0's released models were trained before 4.34.1 came out (its FastChat guide pins
+    4.31.0), so their data may have been tokenized the stripping way.
+    """
+
+    def __init__(
+        self, model_file: str | os.PathLike[str], *, strip_around_added: bool = False
+    ) -> None:
         path = Path(model_file)
         if not path.is_file():
             raise DataError(
@@ -67,7 +78,8 @@ class SentencePieceTokenizer(SpecialTokens):
         # The data cache is keyed by the model's content, not its path; "spm2": the ids of
         # specials written in text changed (one id each, as in Yuan 2.0), so caches made by the
         # older encoding are not reused.
-        self.name = f"spm2-{hashlib.sha1(data).hexdigest()[:12]}"
+        digest = hashlib.sha1(data).hexdigest()[:12]
+        self.name = f"spm2-{digest}" + ("-strip" if strip_around_added else "")
         self._pieces = self._sp.get_piece_size()
         self._special = resolve_specials(self._piece, self._pieces, YUAN_SPECIAL_TOKENS)
         self._appended = {i: t for t, i in self._special.items() if i >= self._pieces}
@@ -82,6 +94,7 @@ class SentencePieceTokenizer(SpecialTokens):
         # Longest first: a token that begins another must not cut it (none of Yuan's does).
         alternatives = "|".join(re.escape(t) for t in sorted(matched, key=len, reverse=True))
         self._split = re.compile(f"({alternatives})").split
+        self._stripping = frozenset(YUAN_SPECIAL_TOKENS[1:]) if strip_around_added else frozenset()
 
     def _piece(self, token: str) -> int | None:
         """The id of the piece ``token``, or None when the model has no such piece."""
@@ -107,6 +120,11 @@ class SentencePieceTokenizer(SpecialTokens):
         if len(parts) == 1:
             return self._sp.encode(text, out_type=int)
         # re.split with a group: text, special, text, ..., text.
+        if self._stripping:
+            for k in range(1, len(parts), 2):
+                if parts[k] in self._stripping:
+                    parts[k - 1] = parts[k - 1].rstrip()
+                    parts[k + 1] = parts[k + 1].lstrip()
         texts = parts[0::2]
         if len(texts) > _BATCH_FROM:
             encoded = self._sp.encode(texts, out_type=int, num_threads=1)
