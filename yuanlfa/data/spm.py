@@ -6,9 +6,10 @@ Encoding follows Yuan 2.0's own procedure (transformers' ``LlamaTokenizer`` in l
 for every text: Yuan's specials (YUAN_SPECIAL_TOKENS), and ``<unk>`` and ``<s>`` where the model
 has them, written in the text are one id each; the text between them is encoded by SentencePiece
 piece by piece, so its dummy ``▁`` prefix (where the model adds one) restarts after each
-special; no whitespace around a special is dropped. Specials the model lacks are appended after
-its last piece in YUAN_SPECIAL_TOKENS order. Models trained here carry them all as user-defined
-pieces.
+special; no whitespace around a special is dropped (as transformers 4.34.1 and later do; see
+SentencePieceTokenizer's ``strip_around_added`` for the older behaviour). Specials the model lacks
+are appended after its last piece in YUAN_SPECIAL_TOKENS order (``<eod>`` first, as transformers
+adds the eos token before the others). Models trained here carry them all as user-defined pieces.
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class SentencePieceTokenizer(SpecialTokens):
         # Longest first: a token that begins another must not cut it (none of Yuan's does).
         alternatives = "|".join(re.escape(t) for t in sorted(matched, key=len, reverse=True))
         self._split = re.compile(f"({alternatives})").split
-        self._stripping = frozenset(YUAN_SPECIAL_TOKENS[1:]) if strip_around_added else frozenset()
+        # <eod> is the eos token (an AddedToken without lstrip/rstrip), never stripped around.
+        added = frozenset(t for t in YUAN_SPECIAL_TOKENS if t != "<eod>")
+        self._stripping = added if strip_around_added else frozenset()
 
     def _piece(self, token: str) -> int | None:
         """The id of the piece ``token``, or None when the model has no such piece."""
