@@ -99,6 +99,9 @@ setup(
             "sentencepiece>=0.1.99",
             "tokenizers>=0.15",
             "tensorboard>=2.12",
+            # The reference for Yuan 2.0's tokenizer in tests: LlamaTokenizer as Yuan used it
+            # (slow, SentencePiece-based, legacy mode), which transformers 5 no longer offers.
+            "transformers>=4.40,<5",
             "triton>=3.0; platform_system=='Linux'",
         ],
     },

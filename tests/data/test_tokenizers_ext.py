@@ -14,7 +14,7 @@ import pytest
 from yuanlfa.cli.train_tokenizer import main as train_tokenizer
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.data import DataError, MMapIndexedDataset, build_tokenizer, preprocess_files
-from yuanlfa.data.special_tokens import SPECIAL_TOKENS
+from yuanlfa.data.special_tokens import SPECIAL_TOKENS, YUAN_SPECIAL_TOKENS
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -61,11 +61,13 @@ def test_a_model_without_the_specials_gets_them_appended(tmp_path: Path) -> None
         input=str(text), model_prefix=str(prefix), vocab_size=300, minloglevel=2
     )
     tok = build_tokenizer(f"sentencepiece:{prefix}.model")
-    assert tok.vocab_size == 300 + len(SPECIAL_TOKENS)
-    assert sorted(tok.token_to_id(t) for t in SPECIAL_TOKENS) == list(range(300, 306))
+    # All of Yuan 2.0's specials, appended in its order (<eod>, <sep>, <pad>, <mask>, ...).
+    assert tok.vocab_size == 300 + len(YUAN_SPECIAL_TOKENS)
+    assert [tok.token_to_id(t) for t in YUAN_SPECIAL_TOKENS] == list(range(300, 316))
+    assert set(SPECIAL_TOKENS) <= set(YUAN_SPECIAL_TOKENS)
     assert tok.decode([tok.fim_prefix, tok.fim_suffix]) == "<FIM_PREFIX><FIM_SUFFIX>"
     with pytest.raises(DataError, match="outside the vocabulary"):
-        tok.decode([306])
+        tok.decode([316])
 
 
 def _hf_dir(tmp_path: Path, specials: list[str]) -> Path:

@@ -1,4 +1,5 @@
-"""yuanlfa-preprocess: tokenize text or JSON-lines files into a Megatron .bin/.idx pair."""
+"""yuanlfa-preprocess: tokenize text, JSON-lines or Yuan 2.0-format files into a Megatron .bin/.idx
+pair."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from yuanlfa.data import (
     default_corpus_files,
     preprocess_files,
 )
+from yuanlfa.data.preprocess import INPUT_FORMATS
 
 
 def _expand(patterns: list[str]) -> list[str]:
@@ -51,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default="byte", help="tokenizer name (default: byte)")
     parser.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="auto (default): .jsonl files give one document per line, any other file is one "
+        "document, text as given; yuan: every file holds one sample per line in Yuan 2.0's "
+        "format (newlines written <n>), tokenized as Yuan 2.0's preprocessing does: the line "
+        "stripped, <n> turned into newlines, one <eod> appended",
+    )
+    parser.add_argument(
         "--json-key", default="text", help="field holding the text in .jsonl files (default: text)"
     )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
@@ -66,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.skip_existing and args.force:
         parser.error("--skip-existing and --force exclude each other")
+    if args.default_corpus and args.input_format != "auto":
+        parser.error(
+            "--default-corpus is Python sources, not Yuan-format text: drop --input-format"
+        )
     if args.skip_existing and _valid_output(args.output_prefix):
         print(f"{args.output_prefix}.bin/.idx exist and are valid; skipping (--skip-existing)")
         return 0
@@ -81,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             append_eod=not args.no_eod,
             progress=not args.quiet,
             force=args.force,
+            input_format=args.input_format,
         )
     except (DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

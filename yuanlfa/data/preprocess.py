@@ -1,4 +1,5 @@
-"""Tokenize text files and JSON-lines files into a Megatron ``.bin``/``.idx`` pair."""
+"""Tokenize text files and JSON-lines files into a Megatron ``.bin``/``.idx`` pair; files in
+Yuan 2.0's one-sample-per-line format as Yuan's own preprocessing reads them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from yuanlfa.data.tokenizer import build_tokenizer
 # amortize the pickling and small enough to keep memory flat.
 _JSONL_TASK_BYTES = 1 << 20
 
+# "auto": a .jsonl file gives one document per line, any other file is one document (its text as
+# given). "yuan": every file is in Yuan 2.0's format, one sample per line (see yuan_sample).
+INPUT_FORMATS = ("auto", "yuan")
+
 
 @dataclass(frozen=True)
 class _Settings:
@@ -41,9 +46,42 @@ def _is_jsonl(path: str) -> bool:
     return path.lower().endswith(".jsonl")
 
 
-def _tasks(paths: Sequence[str]) -> Iterator[tuple]:
-    """Work items in output order: a whole text file, or a batch of numbered JSON lines."""
+def yuan_sample(line: str) -> str | None:
+    """The text Yuan 2.0's preprocessing (its ``tools/preprocess_data_yuan.py``) tokenizes for
+    one line of its format, or None for a line it skips: the line is stripped (after dropping a
+    leading ``<n>``), ``<n>`` becomes a newline, ``▃`` is removed, ``[SEP]`` becomes
+    ``<sep>``; a line that is empty or only newlines is skipped. Yuan then appends one ``<eod>``."""
+    if line == "\n":
+        return None
+    data = line[3:] if line.startswith("<n>") else line
+    data = data.strip().replace("\r", "").replace("\n", "")
+    data = data.replace("<n>", "\n").replace("\u2583", "").replace("[SEP]", "<sep>")
+    return data if data.strip("\n") else None
+
+
+def _yuan_tasks(path: str) -> Iterator[tuple]:
+    """Batches of a Yuan-format file's lines. Read as Yuan reads them: text mode (universal
+    newlines, so a lone ``\r`` also ends a line), UTF-8, undecodable bytes dropped."""
+    with open(path, encoding="utf-8", errors="ignore") as f:
+        batch: list[str] = []
+        size = 0
+        for line in f:
+            batch.append(line)
+            size += len(line)
+            if size >= _JSONL_TASK_BYTES:
+                yield ("yuan", batch)
+                batch, size = [], 0
+        if batch:
+            yield ("yuan", batch)
+
+
+def _tasks(paths: Sequence[str], input_format: str = "auto") -> Iterator[tuple]:
+    """Work items in output order: a whole text file, a batch of numbered JSON lines, or a batch
+    of lines in Yuan 2.0's format."""
     for path in paths:
+        if input_format == "yuan":
+            yield from _yuan_tasks(path)
+            continue
         if not _is_jsonl(path):
             yield ("text", path)
             continue
@@ -67,10 +105,10 @@ def _encode(text: str, tok: Tokenizer) -> np.ndarray:
     return encode_np(text) if encode_np is not None else np.asarray(tok.encode(text), np.int64)
 
 
-def _add(text: str, settings: _Settings, docs: list[np.ndarray]) -> None:
+def _add(text: str, settings: _Settings, docs: list[np.ndarray], keep_empty: bool = False) -> None:
     tokens = _encode(text, settings.tokenizer)
-    # Empty documents would only add lone EOD tokens.
-    if tokens.size == 0:
+    # Empty documents would only add lone EOD tokens (kept where Yuan's preprocessing keeps them).
+    if tokens.size == 0 and not (keep_empty and settings.append_eod):
         return
     out = np.empty(tokens.size + settings.append_eod, dtype=settings.dtype)
     out[: tokens.size] = tokens
@@ -82,6 +120,14 @@ def _add(text: str, settings: _Settings, docs: list[np.ndarray]) -> None:
 def _run_task(task: tuple, settings: _Settings) -> tuple[list[np.ndarray], int]:
     """Tokenize one work item; returns its documents and the input bytes it consumed."""
     docs: list[np.ndarray] = []
+    if task[0] == "yuan":
+        size = 0
+        for line in task[1]:
+            size += len(line.encode("utf-8"))
+            text = yuan_sample(line)
+            if text is not None:
+                _add(text, settings, docs, keep_empty=True)
+        return docs, size
     if task[0] == "text":
         raw = Path(task[1]).read_bytes()
         _add(raw.decode("utf-8", errors="replace"), settings, docs)
@@ -168,11 +214,16 @@ def preprocess_files(
     append_eod: bool = True,
     progress: bool = True,
     force: bool = False,
+    input_format: str = "auto",
 ) -> dict[str, Any]:
     """Tokenize ``paths`` in order into ``output_prefix.bin``/``.idx``; returns statistics.
 
-    A ``.jsonl`` file gives one document per line (its ``json_key`` field, default "text"); any
-    other file is one document. The output is identical for every number of workers.
+    ``input_format="auto"``: a ``.jsonl`` file gives one document per line (its ``json_key``
+    field, default "text"); any other file is one document, its text as given.
+    ``input_format="yuan"``: every file holds one sample per line in Yuan 2.0's format (newlines
+    written ``<n>``), read as Yuan's preprocessing reads it (see ``yuan_sample``), so the output
+    holds Yuan's documents and ids, in the order of the lines. The output is identical for every
+    number of workers.
     """
     files = [str(p) for p in paths]
     if not files:
@@ -182,6 +233,10 @@ def preprocess_files(
             raise DataError(f"input {path} is not a readable file")
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
+    if input_format not in INPUT_FORMATS:
+        raise DataError(
+            f"unknown input format {input_format!r}; use one of {', '.join(INPUT_FORMATS)}"
+        )
     if isinstance(tokenizer, str):
         tokenizer = build_tokenizer(tokenizer)
     prefix = str(output_prefix)
@@ -203,11 +258,16 @@ def preprocess_files(
     try:
         with IndexedDatasetBuilder(prefix, dtype) as builder:
             if workers == 1:
-                results: Iterable[Any] = (_run_task(t, settings) for t in _tasks(files))
+                results: Iterable[Any] = (
+                    _run_task(t, settings) for t in _tasks(files, input_format)
+                )
             else:
                 pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(settings,))
                 results = map(
-                    _unpack, _ordered_map(pool, _run_in_worker, _tasks(files), window=4 * workers)
+                    _unpack,
+                    _ordered_map(
+                        pool, _run_in_worker, _tasks(files, input_format), window=4 * workers
+                    ),
                 )
             for docs, nbytes in results:
                 for doc in docs:

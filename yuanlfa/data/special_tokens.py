@@ -23,15 +23,44 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
 
-# The order is part of the format: token files written with these ids must stay readable.
+# The specials every tokenizer offers (the properties of SpecialTokens). The order is part of
+# the format of the byte tokenizer (ids 256..261) and of Hugging Face tokenizers that lack them:
+# token files written with these ids must stay readable.
 SPECIAL_TOKENS = ("<eod>", "<pad>", "<sep>", "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>")
 
+# Yuan 2.0's specials in the order its code adds them to its SentencePiece model (``<eod>`` as
+# the eos token, then ``add_tokens([...], special_tokens=True)``): a SentencePiece model that
+# lacks some gets them appended in this order, which gives Yuan's own ids (``<mask>`` 134953 ..
+# ``<FIM_MIDDLE>`` 134957 for its released model) and, for any other model, the ids Yuan's
+# procedure would give it. Written in text, each is one id.
+YUAN_SPECIAL_TOKENS = (
+    "<eod>",
+    "<sep>",
+    "<pad>",
+    "<mask>",
+    "<predict>",
+    "<FIM_SUFFIX>",
+    "<FIM_PREFIX>",
+    "<FIM_MIDDLE>",
+    "<commit_before>",
+    "<commit_msg>",
+    "<commit_after>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<empty_output>",
+)
 
-def resolve_specials(lookup: Callable[[str], int | None], size: int) -> dict[str, int]:
-    """Id of each of SPECIAL_TOKENS: ``lookup(token)`` where the vocabulary has it, else the next
-    id after the ``size`` ids of the vocabulary (so every tokenizer offers the same specials)."""
+
+def resolve_specials(
+    lookup: Callable[[str], int | None], size: int, tokens: tuple[str, ...] = SPECIAL_TOKENS
+) -> dict[str, int]:
+    """Id of each of ``tokens``: ``lookup(token)`` where the vocabulary has it, else the next id
+    after the ``size`` ids of the vocabulary, in the order of ``tokens`` (so every tokenizer
+    offers the same specials)."""
     out: dict[str, int] = {}
-    for token in SPECIAL_TOKENS:
+    for token in tokens:
         found = lookup(token)
         out[token] = found if found is not None else size + sum(v >= size for v in out.values())
     return out

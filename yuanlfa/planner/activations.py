@@ -57,38 +57,10 @@ from typing import Literal
 from yuanlfa.config import Config, ConfigError, ModelConfig
 from yuanlfa.layout import PipelineLayout
 from yuanlfa.planner.components import component_cost, norm_saved_bytes
+from yuanlfa.planner.spec import ActivationSpec, Recompute
 
-Recompute = Literal["none", "selective", "full"]
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
 INDEX_BYTES = 8  # token ids and labels are int64
-
-
-@dataclass(frozen=True)
-class ActivationSpec:
-    """Everything besides the model config that fixes the activation bytes."""
-
-    micro_batch: int
-    seq_length: int
-    tp: int = 1
-    sequence_parallel: bool = False
-    dtype_bytes: int = 4
-    # torch's fused rms_norm kernel (CUDA) saves (input, rstd); the CPU composite also saves
-    # input * rstd.
-    fused_norm: bool = False
-    lfa_impl: Literal["reference", "triton"] = "reference"
-    recompute: Recompute = "none"
-
-    @property
-    def norm_bytes(self) -> int:
-        return max(self.dtype_bytes, 4)
-
-    @property
-    def tokens(self) -> int:
-        return self.micro_batch * self.seq_length
-
-    @property
-    def shard_tokens(self) -> int:
-        return self.tokens // self.tp if self.sequence_parallel else self.tokens
 
 
 def resolve_gpu(cfg: Config, gpu: bool | None = None) -> bool:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 
 from yuanlfa.config import ModelConfig
-from yuanlfa.planner.activations import ActivationSpec
 from yuanlfa.planner.components import component_cost
 from yuanlfa.planner.links import (
     Link,
@@ -43,6 +42,7 @@ from yuanlfa.planner.links import (
     ring_reduce_scatter_s,
 )
 from yuanlfa.planner.memory import StateBytes
+from yuanlfa.planner.spec import ActivationSpec
 
 COLUMN_PARALLEL = 3  # v_proj, qk_proj, fc1: each takes its own copy (or gather) of its input
 ROW_PARALLEL = 2  # o_proj, fc2: each sums (or reduce-scatters) its output

@@ -37,15 +37,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from yuanlfa.config import ConfigError, ModelConfig
-
-if TYPE_CHECKING:
-    from yuanlfa.planner.activations import ActivationSpec
+from yuanlfa.planner.spec import ActivationSpec
 
 Kind = Literal["filter", "attention"]
-SavedBytes = Callable[["ActivationSpec"], int]
+SavedBytes = Callable[[ActivationSpec], int]
 
 
 @dataclass(frozen=True)
