@@ -125,8 +125,8 @@ def worker_deepspeed(args: argparse.Namespace) -> None:
     from yuanlfa.data import build_tokenizer
     from yuanlfa.model import create_model
     from yuanlfa.ops.rope import rope_cos_sin
-    from yuanlfa.parallel.optimizer import no_weight_decay
-    from yuanlfa.train.data import build_datasets, get_batch
+    from yuanlfa.parallel.dp.zero import no_weight_decay
+    from yuanlfa.data.build import build_datasets, get_batch
 
     cfg = config_from_dict(config_dict(args, args.data))
     cfg = resolve(cfg, WORLD, build_tokenizer(cfg.data.tokenizer).vocab_size)

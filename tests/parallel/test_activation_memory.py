@@ -19,7 +19,7 @@ from yuanlfa.planner.activations import stage_activation_bytes
 from yuanlfa.train.activation_probe import SavedActivationProbe
 from yuanlfa.train.distributed import build_local_model
 from yuanlfa.train.pipeline import build_runner
-from yuanlfa.train.recompute import apply_recompute
+from yuanlfa.parallel.recompute import apply_recompute
 
 MICRO, SEQ, MICROBATCHES = 2, 32, 8
 

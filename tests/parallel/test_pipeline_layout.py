@@ -11,7 +11,7 @@ from yuanlfa.parallel.pipeline import (
     parse_layout_string,
     uniform_blocks,
 )
-from yuanlfa.parallel.pipeline.stage import stage_flags
+from yuanlfa.parallel.pp.stage import stage_flags
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.data import ByteTokenizer, IndexedDatasetBuilder, MMapIndexedDataset, best_dtype
 from yuanlfa.data.blended import BlendedDataset
 from yuanlfa.train import train
-from yuanlfa.train.data import build_datasets
+from yuanlfa.data.build import build_datasets
 
 
 @pytest.fixture(scope="module")

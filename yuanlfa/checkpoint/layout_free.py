@@ -49,8 +49,8 @@ from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
 from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
 from yuanlfa.parallel.mesh import Mesh
-from yuanlfa.parallel.optimizer import ShardedAdamW
-from yuanlfa.parallel.tensor_parallel import shard_pieces
+from yuanlfa.parallel.dp.zero import ShardedAdamW
+from yuanlfa.parallel.tp.plan import shard_pieces
 
 FORMAT = "yuanlfa-dcp-v1"
 # Settings that do not change the parameters or their values (plug-in files may move).

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yuanlfa.parallel.data_parallel import allreduce_flat
+from yuanlfa.parallel.dp.reducer import allreduce_flat
 
 
 def is_sharded(param: nn.Parameter) -> bool:
@@ -29,7 +29,7 @@ def is_tied_across_stages(param: nn.Parameter) -> bool:
 
 def grad_of(param: nn.Parameter) -> torch.Tensor | None:
     """The gradient to reduce and step with: the fp32 accumulation buffer of a parameter handled
-    by a :class:`~yuanlfa.parallel.data_parallel.GradReducer`, else ``param.grad``."""
+    by a :class:`~yuanlfa.parallel.dp.reducer.GradReducer`, else ``param.grad``."""
     return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 

@@ -13,7 +13,7 @@ from yuanlfa.model import build_model, materialize
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel import Mesh, apply_tensor_parallel, build_mesh, shard_full_tensor
 from yuanlfa.parallel.pipeline import PipelineLayout
-from yuanlfa.parallel.pipeline.stage import stage_flags
+from yuanlfa.parallel.pp.stage import stage_flags
 
 
 def world_from_env() -> tuple[int, int]:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from yuanlfa.config import OptimConfig
-from yuanlfa.parallel.optimizer import no_weight_decay
+from yuanlfa.parallel.dp.zero import no_weight_decay
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

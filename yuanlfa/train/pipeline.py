@@ -14,9 +14,9 @@ from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel.grads import grad_of, is_tied_across_stages
 from yuanlfa.parallel.mesh import Mesh
 from yuanlfa.parallel.pipeline import PipelineLayout, build_layout
-from yuanlfa.parallel.pipeline.runner import PipelineRunner
-from yuanlfa.parallel.pipeline.stage import build_stage_modules
-from yuanlfa.train.data import get_batch
+from yuanlfa.parallel.pp.runner import PipelineRunner
+from yuanlfa.parallel.pp.stage import build_stage_modules
+from yuanlfa.data.build import get_batch
 
 
 def pipeline_layout(cfg: Config, device: torch.device | None = None) -> PipelineLayout:

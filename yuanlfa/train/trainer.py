@@ -26,14 +26,14 @@ from yuanlfa.checkpoint import (
 from yuanlfa.config import Config, ConfigError, config_to_dict, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.ops.lfa import resolve_impl
-from yuanlfa.parallel.data_parallel import GradReducer
+from yuanlfa.parallel.dp.reducer import GradReducer
 from yuanlfa.parallel.grads import (
     allreduce_replicated_grads,
     clip_grads,
     global_grad_norm,
 )
-from yuanlfa.parallel.optimizer import ShardedAdamW
-from yuanlfa.train.data import build_datasets, get_batch
+from yuanlfa.parallel.dp.zero import ShardedAdamW
+from yuanlfa.data.build import build_datasets, get_batch
 from yuanlfa.train.distributed import (
     build_local_model,
     init_distributed,
@@ -51,7 +51,7 @@ from yuanlfa.train.pipeline import (
     stage_stats,
     sync_tied_embedding_grads,
 )
-from yuanlfa.train.recompute import apply_recompute
+from yuanlfa.parallel.recompute import apply_recompute
 from yuanlfa.train.schedule import learning_rate
 
 

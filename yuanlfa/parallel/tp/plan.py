@@ -24,7 +24,7 @@ from yuanlfa.model.registry import component_of, split_dim
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss
 from yuanlfa.ops.lfa import LFAState, halo_state
-from yuanlfa.parallel.comm import (
+from yuanlfa.parallel.tp.comm import (
     copy_to_tp,
     gather_seq,
     prev_halo,
@@ -234,7 +234,7 @@ def apply_tensor_parallel(
     model: YuanModel, group, sequence_parallel: bool, loss_block_size: int = 2048
 ) -> YuanModel:
     """Turn the single-device model (real or meta) into this rank's tensor-parallel shard."""
-    from yuanlfa.parallel.plugin_plan import apply_attention_plan, apply_filter_plan
+    from yuanlfa.parallel.tp.plugin import apply_attention_plan, apply_filter_plan
 
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     cfg = model.cfg

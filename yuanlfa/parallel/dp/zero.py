@@ -2,7 +2,7 @@
 
 Parameters are grouped by weight decay, by whether tensor parallelism shards them and by their
 role in the pipeline's tied embedding, and each group is cut into gradient buckets
-(:class:`~yuanlfa.parallel.data_parallel.GradReducer`). Each data-parallel rank owns one
+(:class:`~yuanlfa.parallel.dp.reducer.GradReducer`). Each data-parallel rank owns one
 contiguous 1/dp slice of every bucket and keeps fp32 master weights and AdamW moments for that
 slice only. Backward reduce-scatters each bucket as soon as its gradients are complete (each rank
 receives the summed gradient of its slice); the step computes the global norm from the slices,
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.config import OptimConfig
-from yuanlfa.parallel.data_parallel import BUCKET_ELEMENTS, GradBucket, GradReducer, allreduce_flat
+from yuanlfa.parallel.dp.reducer import BUCKET_ELEMENTS, GradBucket, GradReducer, allreduce_flat
 from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded, is_tied_across_stages, sum_over
 
 
@@ -65,7 +65,7 @@ class ShardedAdamW:
         parameters). ``embed_group``: the first and last pipeline rank, whose tied embedding
         gradients are summed. ``sequence_parallel``: the gradients of tp-replicated parameters
         are partial sums to add over ``tp_group``. ``bucket_elements`` and ``overlap``: see
-        :class:`~yuanlfa.parallel.data_parallel.GradReducer`."""
+        :class:`~yuanlfa.parallel.dp.reducer.GradReducer`."""
         # dp_group/dp: the group the masters are sharded over (None/1 when replicated).
         replicas = dp_group
         if not shard or dp_group is None or dist.get_world_size(dp_group) == 1:

@@ -23,8 +23,8 @@ from torch import nn
 
 from yuanlfa.config import ConfigError, ModelConfig
 from yuanlfa.model.registry import Entry, RegistryError, get_entry, param_style, style_dim
-from yuanlfa.parallel.comm import copy_to_tp, gather_seq, prev_halo
-from yuanlfa.parallel.tensor_parallel import (
+from yuanlfa.parallel.tp.comm import copy_to_tp, gather_seq, prev_halo
+from yuanlfa.parallel.tp.plan import (
     ColumnParallelLinear,
     RowParallelLinear,
     _mark_sharded,
