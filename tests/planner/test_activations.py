@@ -17,6 +17,7 @@ from yuanlfa.config import ModelConfig, config_from_dict, resolve
 from yuanlfa.model import create_model
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel.pipeline.layout import PipelineLayout
+from yuanlfa.parallel.recompute import apply_recompute
 from yuanlfa.planner.activations import (
     ActivationSpec,
     in_flight_microbatches,
@@ -25,7 +26,6 @@ from yuanlfa.planner.activations import (
     rank_ops,
     stage_activation_bytes,
 )
-from yuanlfa.parallel.recompute import apply_recompute
 
 MODES = ("none", "selective", "full")
 # (hidden, heads, seq, micro batch)

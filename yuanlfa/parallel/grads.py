@@ -10,21 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.parallel.dp.reducer import allreduce_flat
-
-
-def is_sharded(param: nn.Parameter) -> bool:
-    return getattr(param, "tensor_parallel", False)
-
-
-def is_pipeline_copy(param: nn.Parameter) -> bool:
-    """A second copy of a parameter another pipeline stage owns (the last stage's tied
-    embedding): its gradient is synchronized with the owner's and counted there, once."""
-    return getattr(param, "pipeline_copy", False)
-
-
-def is_tied_across_stages(param: nn.Parameter) -> bool:
-    """The embedding of a pipeline's first stage or its copy on the last (tied to the head)."""
-    return getattr(param, "pipeline_tied", False)
+from yuanlfa.parallel.roles import is_pipeline_copy, is_sharded
 
 
 def grad_of(param: nn.Parameter) -> torch.Tensor | None:
