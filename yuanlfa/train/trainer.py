@@ -28,6 +28,7 @@ from yuanlfa.checkpoint import (
 from yuanlfa.config import Config, config_to_dict
 from yuanlfa.data.build import TrainData, build_datasets, get_batch
 from yuanlfa.parallel import Mesh, parallelize
+from yuanlfa.parallel.grads import sum_over
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
 from yuanlfa.train.loader import StepLoader
@@ -240,14 +241,10 @@ class Trainer:
         batches = loader.next_step()
         # Normalize by the tokens of the whole global batch, so the gradient is that of the
         # global-batch mean loss however the batch is split into microbatches and ranks.
-        num_tokens = sum(b["loss_mask"].sum() for b in batches)
-        if mesh.dp > 1:
-            dist.all_reduce(num_tokens, group=mesh.dp_group)
+        num_tokens = sum_over(sum(b["loss_mask"].sum() for b in batches), mesh.dp_group)
         # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
         self.grad_sync.start(self.micro_batches)
-        loss_sum = self.forward_backward(batches, num_tokens)
-        if mesh.dp > 1:
-            dist.all_reduce(loss_sum, group=mesh.dp_group)
+        loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
         grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad)
         skipped = not self.update(grad_norm)
         self.step += 1
