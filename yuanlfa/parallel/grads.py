@@ -1,5 +1,6 @@
 """Gradient bookkeeping across tensor-parallel ranks: replicated-parameter reduction, the global
-norm (replicated parameters counted once) and clipping."""
+norm (replicated parameters counted once) and clipping; the pieces
+:class:`~yuanlfa.parallel.grad_sync.ReplicatedGradSync` is made of."""
 
 from __future__ import annotations
 
