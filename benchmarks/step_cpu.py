@@ -123,10 +123,10 @@ def worker_deepspeed(args: argparse.Namespace) -> None:
 
     from yuanlfa.config import config_from_dict, resolve
     from yuanlfa.data import build_tokenizer
+    from yuanlfa.data.build import build_datasets, get_batch
     from yuanlfa.model import create_model
     from yuanlfa.ops.rope import rope_cos_sin
-    from yuanlfa.parallel.optimizer import no_weight_decay
-    from yuanlfa.train.data import build_datasets, get_batch
+    from yuanlfa.parallel.dp.zero import no_weight_decay
 
     cfg = config_from_dict(config_dict(args, args.data))
     cfg = resolve(cfg, WORLD, build_tokenizer(cfg.data.tokenizer).vocab_size)

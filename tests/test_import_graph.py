@@ -8,12 +8,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "yuanlfa"
 
-# Circles owned by another part of the redesign, accepted until it lands. Emptied at merge:
-# a circle listed here that no longer exists fails the test too.
-KNOWN_CIRCLES_TO_REMOVE: set[frozenset[str]] = {
-    frozenset({"yuanlfa.parallel.tensor_parallel", "yuanlfa.parallel.plugin_plan"}),
-}
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -102,7 +96,4 @@ def test_the_graph_sees_deferred_imports() -> None:
 
 def test_no_import_circles() -> None:
     found = circles(import_graph())
-    unexpected = [sorted(c) for c in found - KNOWN_CIRCLES_TO_REMOVE]
-    assert not unexpected, f"import circles: {unexpected}"
-    gone = [sorted(c) for c in KNOWN_CIRCLES_TO_REMOVE - found]
-    assert not gone, f"resolved, remove from KNOWN_CIRCLES_TO_REMOVE: {gone}"
+    assert not found, f"import circles: {[sorted(c) for c in found]}"

@@ -16,12 +16,10 @@ from tests.planner.declared_plugin import write_declared_plugin
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import config_from_dict, resolve
 from yuanlfa.layout import build_layout
-from yuanlfa.parallel import build_mesh
+from yuanlfa.parallel import build_mesh, parallelize
+from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.planner.activations import stage_activation_bytes
 from yuanlfa.train.activation_probe import SavedActivationProbe
-from yuanlfa.train.distributed import build_local_model
-from yuanlfa.train.pipeline import build_runner
-from yuanlfa.train.recompute import apply_recompute
 
 MICRO, SEQ, MICROBATCHES = 2, 32, 8
 
@@ -56,7 +54,7 @@ def _measure(
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     layout = build_layout(cfg.parallel, cfg.model)
     device = torch.device("cpu")
-    model = apply_recompute(build_local_model(cfg, mesh, device, layout), recompute)
+    model = parallelize(cfg, mesh, device, layout)  # applies train.recompute
     runner = build_runner(cfg, mesh, model, layout, device, MICROBATCHES)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (MICRO * MICROBATCHES, SEQ + 1), generator=gen)

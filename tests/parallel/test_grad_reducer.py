@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.distributed.launcher import run_distributed
-from yuanlfa.parallel.data_parallel import GradReducer
+from yuanlfa.parallel.dp.reducer import GradReducer
 
 MICROBATCHES = 3
 

@@ -12,7 +12,7 @@ from yuanlfa.config import (
     parse_layout_string,
 )
 from yuanlfa.layout import PipelineLayout, build_layout, uniform_blocks
-from yuanlfa.parallel.pipeline.stage import stage_flags
+from yuanlfa.parallel.pp.stage import stage_flags
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from yuanlfa.checkpoint import CheckpointError, latest_checkpoint
 from yuanlfa.checkpoint.convert.hf import export_hf
 from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
 from yuanlfa.config import config_from_dict
-from yuanlfa.parallel.comm import gather_seq, split_seq
+from yuanlfa.parallel.tp.comm import gather_seq, split_seq
 from yuanlfa.train import train
 
 STEPS = 6
@@ -96,7 +96,7 @@ def _check_sp_filters(rank: int, world: int, plugin: str) -> None:
     from yuanlfa.config import ModelConfig
     from yuanlfa.model.registry import build_component, load_plugins
     from yuanlfa.parallel.grads import allreduce_replicated_grads
-    from yuanlfa.parallel.plugin_plan import SequenceParallelFilterForward
+    from yuanlfa.parallel.tp.plugin import SequenceParallelFilterForward
 
     load_plugins([plugin])
     group = dist.group.WORLD

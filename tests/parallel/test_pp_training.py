@@ -13,10 +13,10 @@ from tests.tiny import tiny_overrides
 from yuanlfa.config import config_from_dict, resolve
 from yuanlfa.layout import build_layout
 from yuanlfa.model import create_model
-from yuanlfa.parallel import build_mesh
+from yuanlfa.parallel import build_mesh, parallelize
+from yuanlfa.parallel.pp.build import build_runner
+from yuanlfa.parallel.pp.tied import sync_tied_embedding_grads
 from yuanlfa.train import train
-from yuanlfa.train.distributed import build_local_model
-from yuanlfa.train.pipeline import build_runner, sync_tied_embedding_grads
 
 STEPS = 20
 MODEL = {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 256}
@@ -59,7 +59,7 @@ def _pipeline_grads(rank: int, world: int, parallel: dict):
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     layout = build_layout(cfg.parallel, cfg.model)
     device = torch.device("cpu")
-    model = build_local_model(cfg, mesh, device, layout)
+    model = parallelize(cfg, mesh, device, layout)
     runner = build_runner(cfg, mesh, model, layout, device, num_microbatches=4)
     batch = _batch(2, 16, MODEL["vocab_size"])
     loss = runner.train_step(batch, batch["loss_mask"].sum())

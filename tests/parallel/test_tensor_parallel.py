@@ -14,9 +14,9 @@ from yuanlfa.layout import rank_coords
 from yuanlfa.model import build_model, create_model, materialize
 from yuanlfa.ops.lfa import lfa_reference
 from yuanlfa.parallel import apply_tensor_parallel, build_mesh, shard_full_tensor
-from yuanlfa.parallel.comm import gather_seq, split_seq
 from yuanlfa.parallel.grads import allreduce_replicated_grads, global_grad_norm
-from yuanlfa.parallel.tensor_parallel import SequenceParallelLFA
+from yuanlfa.parallel.tp.comm import gather_seq, split_seq
+from yuanlfa.parallel.tp.layers import SequenceParallelLFA
 
 SEED = 11
 
@@ -93,7 +93,7 @@ def _check_layers(rank: int, world: int) -> None:
     w_col = torch.randn(out * world, h, generator=gen, dtype=torch.float64)
     w_row = torch.randn(h, out * world, generator=gen, dtype=torch.float64)
     g = torch.randn(s, b, h, generator=gen, dtype=torch.float64)
-    from yuanlfa.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from yuanlfa.parallel.tp.layers import ColumnParallelLinear, RowParallelLinear
 
     for sp in (False, True):
         ref_x = x.clone().requires_grad_()

@@ -17,6 +17,7 @@ from yuanlfa.config import ModelConfig, config_from_dict, resolve
 from yuanlfa.layout import PipelineLayout
 from yuanlfa.model import create_model
 from yuanlfa.model.transformer import YuanModel
+from yuanlfa.parallel.recompute import apply_recompute
 from yuanlfa.planner.activations import (
     ActivationSpec,
     in_flight_microbatches,
@@ -25,7 +26,6 @@ from yuanlfa.planner.activations import (
     rank_ops,
     stage_activation_bytes,
 )
-from yuanlfa.train.recompute import apply_recompute
 
 MODES = ("none", "selective", "full")
 # (hidden, heads, seq, micro batch)
@@ -159,7 +159,7 @@ def test_stage_extras(first: bool, last: bool, mode: str) -> None:
 def _tp_worker(rank: int, world: int, cases: list) -> list[tuple[int, int]]:
     import torch.distributed as dist
 
-    from yuanlfa.parallel.tensor_parallel import apply_tensor_parallel
+    from yuanlfa.parallel.tp.plan import apply_tensor_parallel
 
     out = []
     for sp, mode in cases:

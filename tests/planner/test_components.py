@@ -22,6 +22,7 @@ from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import ConfigError, ModelConfig, config_from_dict
 from yuanlfa.model import build_model, create_model
 from yuanlfa.model.registry import split_dim
+from yuanlfa.parallel.recompute import apply_recompute
 from yuanlfa.planner import (
     ComponentCost,
     declare_cost,
@@ -32,7 +33,6 @@ from yuanlfa.planner import (
 from yuanlfa.planner.activations import microbatch_activations
 from yuanlfa.planner.comm import layer_tp_s
 from yuanlfa.planner.links import Link, ring_all_gather_s
-from yuanlfa.train.recompute import apply_recompute
 
 BUILTIN = [
     {"filter": "lfa_no_norm"},
@@ -141,7 +141,7 @@ def test_declared_plugin_activations(extra: dict, mode: str, declared: str) -> N
 def _tp_worker(rank: int, world: int, plugin: str, cases: list) -> list[tuple[int, int]]:
     import torch.distributed as dist
 
-    from yuanlfa.parallel.tensor_parallel import apply_tensor_parallel
+    from yuanlfa.parallel import apply_tensor_parallel
 
     out = []
     for extra, sp, mode in cases:

@@ -10,7 +10,7 @@ from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.config import OptimConfig, config_from_dict
 from yuanlfa.model import create_model
-from yuanlfa.parallel.optimizer import ShardedAdamW
+from yuanlfa.parallel.dp.zero import ShardedAdamW
 from yuanlfa.train import train
 
 STEPS = 12

@@ -10,8 +10,8 @@ from tests.tiny import tiny_overrides
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.data import ByteTokenizer, IndexedDatasetBuilder, MMapIndexedDataset, best_dtype
 from yuanlfa.data.blended import BlendedDataset
+from yuanlfa.data.build import build_datasets
 from yuanlfa.train import train
-from yuanlfa.train.data import build_datasets
 
 
 @pytest.fixture(scope="module")

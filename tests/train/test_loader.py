@@ -9,7 +9,7 @@ import torch
 
 from tests.data.test_dataset import EOD, make_docs, write
 from yuanlfa.data import PackedDataset
-from yuanlfa.train.data import get_batch
+from yuanlfa.data.build import get_batch
 from yuanlfa.train.loader import StepLoader, StepSampler
 
 

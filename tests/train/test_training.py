@@ -207,7 +207,7 @@ def test_recompute_modes_give_identical_training(small_corpus: str) -> None:
 
 def test_recompute_drops_saved_activations() -> None:
     from yuanlfa.model import create_model
-    from yuanlfa.train.recompute import apply_recompute
+    from yuanlfa.parallel.recompute import apply_recompute
 
     cfg = config_from_dict(
         {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 128}}

@@ -64,7 +64,7 @@ def local_blocks(
     """Blocks of the global tensor ``key`` covered by elements [start, stop) of a rank's local
     shard (shape ``local_shape``, flattened in ``flat``, whose element 0 is local element
     ``start``), given how the shard maps into the full tensor (``pieces`` from
-    :func:`yuanlfa.parallel.tensor_parallel.shard_pieces`)."""
+    :func:`yuanlfa.parallel.tp.plan.shard_pieces`)."""
     numel = math.prod(local_shape)
     stop = numel if stop is None else stop
     dim, parts = pieces

@@ -37,10 +37,10 @@ from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 from yuanlfa.parallel.collectives import collective_device
-from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded
 from yuanlfa.parallel.mesh import Mesh
-from yuanlfa.parallel.optimizer import ShardedAdamW
-from yuanlfa.parallel.tensor_parallel import shard_pieces
+from yuanlfa.parallel.optim_state import OptimizerState, checkpoint_state
+from yuanlfa.parallel.roles import is_pipeline_copy, is_sharded
+from yuanlfa.parallel.tp.plan import shard_pieces
 
 
 def _barrier() -> None:
@@ -94,75 +94,33 @@ def _param_blocks(
     return out
 
 
-def _adam_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Updates taken so far (fewer than training steps when some were skipped)."""
-    for state in optimizer.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def _init_adamw_state(optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Create the AdamW state tensors (torch creates them lazily at the first update) so a
-    checkpoint can be read into them, and set every parameter's step count."""
-    for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if "exp_avg" not in state:
-                device = p.device if on_device else "cpu"
-                state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:
-                state["step"].fill_(float(step))
-
-
 def _optimizer_blocks(
-    optimizer, model: nn.Module, placer: _Placer, mesh: Mesh, saving: bool, keys: set[str]
+    optimizer: OptimizerState,
+    model: nn.Module,
+    placer: _Placer,
+    mesh: Mesh,
+    saving: bool,
+    keys: set[str],
 ) -> list[Block]:
     names = {id(p): n for n, p in model.named_parameters()}
     out: list[Block] = []
-    if isinstance(optimizer, ShardedAdamW):
-        rank = dist.get_rank(optimizer.dp_group) if optimizer.dp > 1 else 0
-        for b in optimizer.buckets:
-            state = optimizer.inner.state[b.shard]
-            per_rank = b.shard.numel()
-            lo_rank = rank * per_rank
-            offset = 0
-            for p in b.params:
-                name = names[id(p)]
-                lo, hi = max(lo_rank, offset), min(lo_rank + per_rank, offset + p.numel())
-                own = _owns_param(p, mesh, replicas_write=optimizer.dp > 1)
-                if lo < hi and (own or not saving):
-                    # fp32 masters of fp32 parameters equal them: saved once, as model.<name>.
-                    master = f"optim.{name}.master"
-                    if not saving and master not in keys:
-                        master = f"model.{name}"
-                    tensors = [
-                        (f"optim.{name}.exp_avg", state["exp_avg"]),
-                        (f"optim.{name}.exp_avg_sq", state["exp_avg_sq"]),
-                    ]
-                    if not (saving and p.dtype == torch.float32):
-                        tensors.append((master, b.shard.data))
-                    for key, flat in tensors:
-                        part = flat[lo - lo_rank : hi - lo_rank]
-                        out += placer.blocks(key, name, p.shape, part, lo - offset, hi - offset)
-                offset += p.numel()
-        return out
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if saving and not _owns_param(p, mesh):
-                continue
-            state, name = optimizer.state[p], names[id(p)]
-            for moment in ("exp_avg", "exp_avg_sq"):
-                key = f"optim.{name}.{moment}"
-                out += placer.blocks(key, name, p.shape, state[moment].view(-1))
+    for piece in optimizer.pieces():
+        p, name = piece.param, names[id(piece.param)]
+        if saving and not _owns_param(p, mesh, replicas_write=optimizer.sharded):
+            continue
+        tensors = [
+            (manifest.optim_key(name, "exp_avg"), piece.exp_avg),
+            (manifest.optim_key(name, "exp_avg_sq"), piece.exp_avg_sq),
+        ]
+        # fp32 masters of fp32 parameters equal them: saved once, as model.<name>.
+        if piece.master is not None and not (saving and p.dtype == torch.float32):
+            master = manifest.master_key(name)
+            if not saving and master not in keys:
+                master = manifest.model_key(name)
+            tensors.append((master, piece.master))
+        for key, flat in tensors:
+            out += placer.blocks(key, name, p.shape, flat, piece.start, piece.stop)
     return out
-
-
-def _inner(optimizer) -> torch.optim.Optimizer:
-    return optimizer.inner if isinstance(optimizer, ShardedAdamW) else optimizer
 
 
 def _rng_file(path: Path, mesh: Mesh) -> Path:
@@ -197,10 +155,11 @@ def save_checkpoint(
         (tmp / manifest.RNG_DIR).mkdir(parents=True)
     _barrier()
     placer = _Placer(model_cfg, mesh)
-    adam_steps = _adam_steps(_inner(optimizer))
-    _init_adamw_state(_inner(optimizer), adam_steps)  # before the first update it has none
+    optim_state = checkpoint_state(optimizer)
+    adam_steps = optim_state.steps()
+    optim_state.prepare(adam_steps)  # before the first update it has none
     blocks = _param_blocks(model, placer, mesh, saving=True)
-    blocks += _optimizer_blocks(optimizer, model, placer, mesh, saving=True, keys=set())
+    blocks += _optimizer_blocks(optim_state, model, placer, mesh, saving=True, keys=set())
     try:
         with quiet_single_process():
             dcp.save(
@@ -220,8 +179,9 @@ def save_checkpoint(
         raise
     _barrier()
     if mesh.rank == 0:
-        sharded = isinstance(optimizer, ShardedAdamW) and optimizer.dp > 1
-        meta = manifest.build_meta(state, layout, manifest.adamw_record(adam_steps, sharded))
+        meta = manifest.build_meta(
+            state, layout, manifest.adamw_record(adam_steps, optim_state.sharded)
+        )
         publish(root, name, tmp, meta, keep_last)
     _barrier()
     return final
@@ -285,8 +245,9 @@ def load_checkpoint(
         placer = _Placer(model_cfg, mesh)
         blocks = _param_blocks(model, placer, mesh, saving=False, keys=keys)
         if optimizer is not None:
-            _init_adamw_state(_inner(optimizer), manifest.adam_steps(meta))
-            blocks += _optimizer_blocks(optimizer, model, placer, mesh, saving=False, keys=keys)
+            optim_state = checkpoint_state(optimizer)
+            optim_state.prepare(manifest.adam_steps(meta))
+            blocks += _optimizer_blocks(optim_state, model, placer, mesh, saving=False, keys=keys)
         missing = sorted({b.key for b in blocks if b.key not in keys})
         shapes = sorted(
             {

@@ -60,7 +60,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.lfa import LocalizedFiltering
 from yuanlfa.ops.rmsnorm import rms_norm
-from yuanlfa.parallel.tensor_parallel import SequenceParallelLFA, shard_pieces
+from yuanlfa.parallel.tp.layers import SequenceParallelLFA
+from yuanlfa.parallel.tp.plan import shard_pieces
 
 
 class RMSNorm(nn.Module):

@@ -136,7 +136,7 @@ class YuanModel(nn.Module):
         return self.head_forward(hidden, labels)
 
     # The pieces below let a pipeline stage run a subset of this model's layers (see
-    # yuanlfa.parallel.pipeline.stage) with the same code as the whole model.
+    # yuanlfa.parallel.pp.stage) with the same code as the whole model.
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, s] -> hidden [s, b, h]."""

@@ -1,5 +1,6 @@
 """Gradient bookkeeping across tensor-parallel ranks: replicated-parameter reduction, the global
-norm (replicated parameters counted once) and clipping."""
+norm (replicated parameters counted once) and clipping; the pieces
+:class:`~yuanlfa.parallel.grad_sync.ReplicatedGradSync` is made of."""
 
 from __future__ import annotations
 
@@ -9,27 +10,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yuanlfa.parallel.data_parallel import allreduce_flat
-
-
-def is_sharded(param: nn.Parameter) -> bool:
-    return getattr(param, "tensor_parallel", False)
-
-
-def is_pipeline_copy(param: nn.Parameter) -> bool:
-    """A second copy of a parameter another pipeline stage owns (the last stage's tied
-    embedding): its gradient is synchronized with the owner's and counted there, once."""
-    return getattr(param, "pipeline_copy", False)
-
-
-def is_tied_across_stages(param: nn.Parameter) -> bool:
-    """The embedding of a pipeline's first stage or its copy on the last (tied to the head)."""
-    return getattr(param, "pipeline_tied", False)
+from yuanlfa.parallel.dp.reducer import allreduce_flat
+from yuanlfa.parallel.roles import is_pipeline_copy, is_sharded
 
 
 def grad_of(param: nn.Parameter) -> torch.Tensor | None:
     """The gradient to reduce and step with: the fp32 accumulation buffer of a parameter handled
-    by a :class:`~yuanlfa.parallel.data_parallel.GradReducer`, else ``param.grad``."""
+    by a :class:`~yuanlfa.parallel.dp.reducer.GradReducer`, else ``param.grad``."""
     return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 

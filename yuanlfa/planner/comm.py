@@ -1,7 +1,7 @@
 """The collectives our training code runs, counted where the code runs them and costed with the
 ring formulas of :mod:`.links`.
 
-Tensor parallelism (``yuanlfa.parallel.tensor_parallel``), per layer and microbatch, act = the
+Tensor parallelism (``yuanlfa.parallel.tp``), per layer and microbatch, act = the
 full activation [s, b, h] in the activation dtype:
 
 - without sequence parallelism the row-parallel o_proj and fc2 all-reduce their outputs in the

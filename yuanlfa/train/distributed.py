@@ -1,4 +1,4 @@
-"""Process-group set-up under torchrun, and building this rank's part of the model."""
+"""Process-group set-up under torchrun and the mesh."""
 
 from __future__ import annotations
 
@@ -9,11 +9,7 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import Config
-from yuanlfa.layout import PipelineLayout
-from yuanlfa.model import build_model, materialize
-from yuanlfa.model.transformer import YuanModel
-from yuanlfa.parallel import Mesh, apply_tensor_parallel, build_mesh, shard_full_tensor
-from yuanlfa.parallel.pipeline.stage import stage_flags
+from yuanlfa.parallel import Mesh, build_mesh
 
 
 def world_from_env() -> tuple[int, int]:
@@ -59,39 +55,3 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
         created = True
     mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
     return mesh, created
-
-
-def build_local_model(
-    cfg: Config,
-    mesh: Mesh,
-    device: torch.device,
-    layout: PipelineLayout | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> YuanModel:
-    """This rank's model: the whole single-device model, or the layers of this rank's pipeline
-    stages (with the embedding on the first, norm and head on the last), cut to this rank's
-    tensor-parallel shard. Every parameter starts from the full initial value a single process
-    would use, so every layout trains the same model."""
-    m, seed = cfg.model, cfg.train.seed
-    layer_ids, has_embedding, has_head = None, True, True
-    if layout is not None and mesh.pp > 1:
-        layer_ids, has_embedding, has_head = stage_flags(layout, mesh.pp_rank)
-    model = build_model(m, layer_ids, has_embedding, has_head)
-    shard = None
-    if mesh.tp > 1:
-        apply_tensor_parallel(
-            model, mesh.tp_group, cfg.parallel.sequence_parallel, m.loss_block_size
-        )
-
-        def shard(name: str, full: torch.Tensor) -> torch.Tensor:
-            return shard_full_tensor(name, full, m, mesh.tp_rank, mesh.tp)
-
-    materialize(model, m, seed, device, dtype, shard=shard)
-    tied = m.tie_embeddings and model.embed is not None
-    if mesh.pp > 1 and tied and mesh.embed_group is not None:
-        # The first stage's embedding and the last stage's copy (for the tied head): kept equal
-        # by summing their gradients; counted once (on the first stage) in the gradient norm.
-        model.embed.weight.pipeline_tied = True
-        if has_head and not has_embedding:
-            model.embed.weight.pipeline_copy = True
-    return model

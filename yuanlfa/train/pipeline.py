@@ -1,5 +1,5 @@
-"""The trainer's pipeline-parallel pieces: the stage split, the runner, tied-embedding gradients
-and evaluation through the pipeline."""
+"""The trainer's pipeline-parallel pieces: the stage split (``auto`` asks the planner), values
+only the last stage holds, evaluation through the pipeline and per-stage statistics."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import Config
+from yuanlfa.data.build import get_batch
 from yuanlfa.layout import PipelineLayout, build_layout
 from yuanlfa.model.transformer import YuanModel
-from yuanlfa.parallel.grads import grad_of, is_tied_across_stages
 from yuanlfa.parallel.mesh import Mesh
-from yuanlfa.parallel.pipeline.runner import PipelineRunner
-from yuanlfa.parallel.pipeline.stage import build_stage_modules
-from yuanlfa.train.data import get_batch
+from yuanlfa.parallel.pp.runner import PipelineRunner
 
 
 def pipeline_layout(cfg: Config, device: torch.device | None = None) -> PipelineLayout:
@@ -34,48 +32,8 @@ def pipeline_layout(cfg: Config, device: torch.device | None = None) -> Pipeline
     return build_layout(cfg.parallel, cfg.model, auto)
 
 
-def build_runner(
-    cfg: Config,
-    mesh: Mesh,
-    model: YuanModel,
-    layout: PipelineLayout,
-    device: torch.device,
-    num_microbatches: int,
-) -> PipelineRunner:
-    t, p = cfg.train, cfg.parallel
-    modules = build_stage_modules(model, layout, mesh.pp_rank)
-    return PipelineRunner(
-        modules,
-        layout.stages_of_rank(mesh.pp_rank),
-        layout,
-        mesh.pp_group,
-        device,
-        schedule=p.schedule,
-        num_microbatches=num_microbatches,
-        micro_batch_size=t.micro_batch_size,
-        seq_length=t.seq_length,
-        hidden_size=cfg.model.hidden_size,
-        hidden_dtype=next(model.parameters()).dtype,
-        seq_shards=p.tp if p.sequence_parallel else 1,
-    )
-
-
 def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
-
-
-def sync_tied_embedding_grads(model: YuanModel, mesh: Mesh) -> None:
-    """Sum the embedding gradient of the first stage (input) and the last (head), for optimizers
-    that step whole parameters (the distributed optimizer sums its slices itself)."""
-    if mesh.embed_group is None or model.embed is None:
-        return
-    weight = model.embed.weight
-    if not is_tied_across_stages(weight):  # untied: the head has a weight of its own
-        return
-    grad = grad_of(weight)
-    if grad is None:  # no microbatch reached it (cannot happen in training; keep ranks in step)
-        weight.grad = grad = torch.zeros_like(weight)
-    dist.all_reduce(grad, group=mesh.embed_group)
 
 
 def from_last_stage(value: torch.Tensor | None, mesh: Mesh, like: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ The Megatron layout (DESIGN.md 3): ``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/mo
 plus ``latest_checkpointed_iteration.txt``; each file a pickled dict with ``args`` (an
 argparse.Namespace), ``checkpoint_version``, ``iteration``, ``model`` (nested dicts, layer indices
 local to the stage), optionally ``optimizer`` and ``rng_state``. Tensor-parallel slicing is
-:func:`~yuanlfa.parallel.tensor_parallel.shard_pieces`, the same as in training, which is the
+:func:`~yuanlfa.parallel.tp.plan.shard_pieces`, the same as in training, which is the
 release's (vocab rows; QK and V rows by whole heads; fc1 as [SiLU slice; linear slice]).
 
 Optimizer state is written as Megatron's non-distributed mixed-precision optimizer lays it out:
@@ -46,8 +46,8 @@ from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streami
 from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
 from yuanlfa.layout import PipelineLayout, uniform_blocks
 from yuanlfa.model import build_model
-from yuanlfa.parallel.optimizer import no_weight_decay
-from yuanlfa.parallel.tensor_parallel import shard_pieces
+from yuanlfa.parallel.dp.zero import no_weight_decay
+from yuanlfa.parallel.tp.plan import shard_pieces
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"

@@ -23,12 +23,9 @@ from torch import nn
 
 from yuanlfa.config import ConfigError, ModelConfig
 from yuanlfa.model.registry import Entry, RegistryError, get_entry, param_style, style_dim
-from yuanlfa.parallel.comm import copy_to_tp, gather_seq, prev_halo
-from yuanlfa.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    _mark_sharded,
-)
+from yuanlfa.parallel.roles import is_sharded
+from yuanlfa.parallel.tp.comm import copy_to_tp, gather_seq, prev_halo
+from yuanlfa.parallel.tp.layers import ColumnParallelLinear, RowParallelLinear, sharded_param
 
 Shard = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -83,7 +80,7 @@ def _shard_module(
                     f"{param.dim()} dims {tuple(param.shape)}"
                 )
             _check_divisible(what, path, param.shape[dim], tp)
-            _set(module, path, _mark_sharded(nn.Parameter(shard(f"{prefix}.{path}", param))))
+            _set(module, path, sharded_param(shard(f"{prefix}.{path}", param)))
         sharded = True
     return sharded
 
@@ -207,7 +204,7 @@ def apply_attention_plan(
     replicated = [
         name
         for name, p in module.named_parameters()
-        if not getattr(p, "tensor_parallel", False) and param_style(entry.tp_plan, name) is None
+        if not is_sharded(p) and param_style(entry.tp_plan, name) is None
     ]
     if replicated:
         module.forward = ReplicatedParamsForward(module, module.forward, replicated, group)

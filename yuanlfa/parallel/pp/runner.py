@@ -21,7 +21,7 @@ from torch.distributed.pipelining import (
 )
 
 from yuanlfa.layout import PipelineLayout
-from yuanlfa.parallel.pipeline.stage import StageModule
+from yuanlfa.parallel.pp.stage import StageModule
 
 SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MULTI_STAGE = {

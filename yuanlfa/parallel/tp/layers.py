@@ -1,9 +1,5 @@
-"""Tensor (and sequence) parallelism: parallel layers and the plan that applies them.
-
-The single-device model is untouched; :func:`apply_tensor_parallel` swaps its modules for
-parallel ones that keep the same parameter names and hold this rank's slice of each full weight.
-The same slicing rule (:func:`shard_full_tensor`) serves the module swap and layout-independent
-initialization, so every layout starts from exactly the single-device values.
+"""Tensor- and sequence-parallel layers: each holds this rank's slice of a full weight, under
+the single-device parameter name, and takes its tp group as a constructor argument.
 
 With sequence parallelism, activations between the attention and MLP blocks are split along the
 sequence over the tp group: norms and LFA run on the local shard (LFA with a 2-token halo from the
@@ -18,13 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from yuanlfa.config import ModelConfig
 from yuanlfa.model.lfa import LocalizedFiltering
-from yuanlfa.model.registry import component_of, split_dim
-from yuanlfa.model.transformer import YuanModel
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss
 from yuanlfa.ops.lfa import LFAState, halo_state
-from yuanlfa.parallel.comm import (
+from yuanlfa.parallel.roles import set_role
+from yuanlfa.parallel.tp.comm import (
     copy_to_tp,
     gather_seq,
     prev_halo,
@@ -33,11 +27,9 @@ from yuanlfa.parallel.comm import (
 )
 
 
-def _mark_sharded(param: nn.Parameter) -> nn.Parameter:
-    # Read by the gradient-norm code: sharded parameters are summed over tp, replicated ones
-    # counted once.
-    param.tensor_parallel = True
-    return param
+def sharded_param(tensor: torch.Tensor) -> nn.Parameter:
+    """A parameter holding this rank's tp slice (its role: summed over tp in the norm)."""
+    return set_role(nn.Parameter(tensor), tp_sharded=True)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -52,8 +44,8 @@ class ColumnParallelLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.weight = _mark_sharded(nn.Parameter(weight))
-        self.bias = _mark_sharded(nn.Parameter(bias)) if bias is not None else None
+        self.weight = sharded_param(weight)
+        self.bias = sharded_param(bias) if bias is not None else None
         self.group = group
         self.sequence_parallel = sequence_parallel
 
@@ -75,7 +67,7 @@ class RowParallelLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.weight = _mark_sharded(nn.Parameter(weight))
+        self.weight = sharded_param(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.group = group
         self.sequence_parallel = sequence_parallel
@@ -97,7 +89,7 @@ class VocabParallelEmbedding(nn.Module):
         self, weight: torch.Tensor, vocab_start: int, group, sequence_parallel: bool
     ) -> None:
         super().__init__()
-        self.weight = _mark_sharded(nn.Parameter(weight))
+        self.weight = sharded_param(weight)
         self.vocab_start = vocab_start
         self.group = group
         self.sequence_parallel = sequence_parallel
@@ -180,99 +172,3 @@ class SequenceParallelLFA(LocalizedFiltering):
             zero = halo[1] * 0
             state = LFAState(zero, zero[..., : zero.shape[-1] // 2])
         return super().forward(x, state=state, doc_start=local_start)
-
-
-def shard_pieces(
-    name: str,
-    full_shape: tuple[int, ...],
-    tp_rank: int,
-    tp: int,
-    cfg: ModelConfig | None = None,
-) -> tuple[int, list[tuple[int, int, int]]]:
-    """Where this rank's shard of the full parameter ``name`` comes from: ``(dim, pieces)`` with
-    pieces ``(local_start, global_start, length)`` along ``dim`` (one source of truth for
-    initialization, checkpoints and conversion).
-
-    Fused QK rows are laid out per head as [q_head; k_head], so a contiguous block of rows is a
-    block of whole heads. fc1's rows are [SiLU branch; linear branch]: each rank keeps its slice
-    of both halves, in that order, as the Yuan 2.0 release does. Replicated parameters are one
-    piece covering the whole tensor. With ``cfg``, a plug-in filter's or core attention's
-    parameters follow its ``tp_plan`` (yuanlfa.model.registry).
-    """
-    if tp > 1 and cfg is not None and component_of(name, cfg) is not None:
-        dim = split_dim(name, cfg)
-        if dim is None:
-            return 0, [(0, 0, full_shape[0])]
-        n = full_shape[dim] // tp
-        return dim, [(0, tp_rank * n, n)]
-    if tp > 1:
-        if name.endswith(("attn.qk_proj.weight", "attn.v_proj.weight", "embed.weight")) or (
-            name == "output.weight"
-        ):
-            n = full_shape[0] // tp
-            return 0, [(0, tp_rank * n, n)]
-        if name.endswith(("attn.o_proj.weight", "mlp.fc2.weight")):
-            n = full_shape[1] // tp
-            return 1, [(0, tp_rank * n, n)]
-        if name.endswith("mlp.fc1.weight"):
-            half = full_shape[0] // 2
-            n = half // tp
-            return 0, [(0, tp_rank * n, n), (n, half + tp_rank * n, n)]
-    return 0, [(0, 0, full_shape[0])]
-
-
-def shard_full_tensor(
-    name: str, full: torch.Tensor, cfg: ModelConfig, tp_rank: int, tp: int
-) -> torch.Tensor:
-    """This rank's slice of the full parameter ``name`` (replicated ones are returned whole)."""
-    dim, pieces = shard_pieces(name, tuple(full.shape), tp_rank, tp, cfg)
-    parts = [full.narrow(dim, start, length) for _, start, length in pieces]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def apply_tensor_parallel(
-    model: YuanModel, group, sequence_parallel: bool, loss_block_size: int = 2048
-) -> YuanModel:
-    """Turn the single-device model (real or meta) into this rank's tensor-parallel shard."""
-    from yuanlfa.parallel.plugin_plan import apply_attention_plan, apply_filter_plan
-
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
-    cfg = model.cfg
-    if not cfg.tie_embeddings:
-        raise NotImplementedError("tensor parallelism with an untied output matrix")
-
-    def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return shard_full_tensor(name, tensor.detach(), cfg, rank, tp).clone()
-
-    for layer_id, layer in model.layers.items():
-        prefix = f"layers.{layer_id}."
-        attn, mlp = layer.attn, layer.mlp
-        for attr, cls in (("qk_proj", ColumnParallelLinear), ("v_proj", ColumnParallelLinear),
-                          ("o_proj", RowParallelLinear)):  # fmt: skip
-            module = getattr(attn, attr)
-            full_name = f"{prefix}attn.{attr}.weight"
-            setattr(attn, attr, cls(shard(full_name, module.weight), group, sequence_parallel))
-        attn.num_heads = cfg.num_heads // tp
-        if isinstance(attn.lf_gate, LocalizedFiltering):
-            if sequence_parallel:
-                attn.lf_gate = SequenceParallelLFA(attn.lf_gate, group)
-        elif attn.lf_gate is not None:
-            apply_filter_plan(
-                attn.lf_gate, cfg, f"{prefix}attn.lf_gate", group, sequence_parallel, shard
-            )
-        apply_attention_plan(attn.core, cfg, f"{prefix}attn.core", group, sequence_parallel, shard)
-        mlp.fc1 = ColumnParallelLinear(
-            shard(f"{prefix}mlp.fc1.weight", mlp.fc1.weight), group, sequence_parallel
-        )
-        mlp.fc2 = RowParallelLinear(
-            shard(f"{prefix}mlp.fc2.weight", mlp.fc2.weight), group, sequence_parallel
-        )
-    vocab_start = rank * (cfg.vocab_size // tp)
-    if model.embed is not None:
-        weight = shard("embed.weight", model.embed.weight)
-        model.embed = VocabParallelEmbedding(weight, vocab_start, group, sequence_parallel)
-    if model.lm_head is not None:
-        model.lm_head = VocabParallelLMHead(vocab_start, group, sequence_parallel, loss_block_size)
-    model.tp_group = group
-    model.sequence_parallel = sequence_parallel
-    return model

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from yuanlfa.parallel.comm import _reduce_scatter
+from yuanlfa.parallel.tp.comm import _reduce_scatter
 
 # Megatron-LM's default bucket: large enough to use the links well, small enough to start early.
 BUCKET_ELEMENTS = 40_000_000

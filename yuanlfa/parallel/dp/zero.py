@@ -2,7 +2,7 @@
 
 Parameters are grouped by weight decay, by whether tensor parallelism shards them and by their
 role in the pipeline's tied embedding, and each group is cut into gradient buckets
-(:class:`~yuanlfa.parallel.data_parallel.GradReducer`). Each data-parallel rank owns one
+(:class:`~yuanlfa.parallel.dp.reducer.GradReducer`). Each data-parallel rank owns one
 contiguous 1/dp slice of every bucket and keeps fp32 master weights and AdamW moments for that
 slice only. Backward reduce-scatters each bucket as soon as its gradients are complete (each rank
 receives the summed gradient of its slice); the step computes the global norm from the slices,
@@ -19,8 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.config import OptimConfig
-from yuanlfa.parallel.data_parallel import BUCKET_ELEMENTS, GradBucket, GradReducer, allreduce_flat
-from yuanlfa.parallel.grads import is_pipeline_copy, is_sharded, is_tied_across_stages, sum_over
+from yuanlfa.parallel.dp.reducer import BUCKET_ELEMENTS, GradBucket, GradReducer, allreduce_flat
+from yuanlfa.parallel.grads import sum_over
+from yuanlfa.parallel.optim_state import StatePiece, adam_steps, init_adamw_state
+from yuanlfa.parallel.roles import is_pipeline_copy, is_sharded, is_tied_across_stages
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -65,7 +67,7 @@ class ShardedAdamW:
         parameters). ``embed_group``: the first and last pipeline rank, whose tied embedding
         gradients are summed. ``sequence_parallel``: the gradients of tp-replicated parameters
         are partial sums to add over ``tp_group``. ``bucket_elements`` and ``overlap``: see
-        :class:`~yuanlfa.parallel.data_parallel.GradReducer`."""
+        :class:`~yuanlfa.parallel.dp.reducer.GradReducer`."""
         # dp_group/dp: the group the masters are sharded over (None/1 when replicated).
         replicas = dp_group
         if not shard or dp_group is None or dist.get_world_size(dp_group) == 1:
@@ -73,7 +75,7 @@ class ShardedAdamW:
         self.dp_group, self.tp_group, self.pp_group = dp_group, tp_group, pp_group
         self.embed_group, self.sequence_parallel = embed_group, sequence_parallel
         self.dp = dist.get_world_size(dp_group) if dp_group is not None else 1
-        rank = dist.get_rank(dp_group) if dp_group is not None else 0
+        self.rank = rank = dist.get_rank(dp_group) if dp_group is not None else 0
         groups: dict[tuple[bool, bool, bool, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -197,3 +199,38 @@ class ShardedAdamW:
         for state in self.inner.state.values():
             total += sum(t.numel() * t.element_size() for t in state.values() if t.dim() > 0)
         return total
+
+    def checkpoint_state(self) -> ShardedState:
+        return ShardedState(self)
+
+
+class ShardedState:
+    """The checkpoint view of :class:`ShardedAdamW` (see yuanlfa.parallel.optim_state): per
+    parameter, the part of its flat elements inside this rank's slice of its bucket."""
+
+    def __init__(self, optimizer: ShardedAdamW) -> None:
+        self.optimizer = optimizer
+        self.sharded = optimizer.dp > 1
+
+    def steps(self) -> int:
+        return adam_steps(self.optimizer.inner)
+
+    def prepare(self, steps: int) -> None:
+        init_adamw_state(self.optimizer.inner, steps)
+
+    def pieces(self) -> list[StatePiece]:
+        out = []
+        for b in self.optimizer.buckets:
+            state = self.optimizer.inner.state[b.shard]
+            per_rank = b.shard.numel()
+            lo_rank = self.optimizer.rank * per_rank
+            offset = 0
+            for p in b.params:
+                lo, hi = max(lo_rank, offset), min(lo_rank + per_rank, offset + p.numel())
+                if lo < hi:
+                    local = slice(lo - lo_rank, hi - lo_rank)
+                    exp_avg, exp_avg_sq = state["exp_avg"][local], state["exp_avg_sq"][local]
+                    master = b.shard.data[local]
+                    out.append(StatePiece(p, lo - offset, hi - offset, exp_avg, exp_avg_sq, master))
+                offset += p.numel()
+        return out

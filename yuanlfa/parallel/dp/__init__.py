@@ -1,0 +1,1 @@
+"""Data parallelism: gradient buckets and their reducer, the ZeRO-1 optimizer."""

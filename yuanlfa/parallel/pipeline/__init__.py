@@ -1,2 +1,0 @@
-"""Pipeline parallelism: stage modules and schedules (the split itself is
-:mod:`yuanlfa.layout.splits`)."""

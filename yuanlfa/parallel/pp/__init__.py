@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stage modules and the schedule runner."""

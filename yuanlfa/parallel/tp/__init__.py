@@ -1,0 +1,1 @@
+"""Tensor and sequence parallelism: parallel layers, the plan that applies them, comm."""

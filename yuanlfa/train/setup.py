@@ -1,0 +1,137 @@
+"""Before a run starts: the device, the precision, the resolved config and the checks that can
+fail before any data is loaded; what a checkpoint records to tell one run from another."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yuanlfa.checkpoint import CheckpointError, holds_checkpoints, resolve_checkpoint
+from yuanlfa.config import Config, ConfigError, resolve
+from yuanlfa.data import build_tokenizer
+from yuanlfa.model.registry import check_model_config
+from yuanlfa.ops.lfa import resolve_impl
+from yuanlfa.train.distributed import world_from_env
+from yuanlfa.train.metrics import check_tensorboard
+from yuanlfa.train.pipeline import pipeline_layout
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: cuda requested but no CUDA device is visible")
+        # Modulo the visible devices: a launcher may give each process one visible GPU.
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        device = torch.device("cuda", local)
+        # Triton launches and NCCL use the current device: make it this rank's GPU.
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def pick_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def prepare_config(cfg: Config) -> Config:
+    """Resolve derived fields for this launch and check what can be checked up front."""
+    world, _ = world_from_env()
+    check_model_config(cfg.model)  # plug-ins imported, filter and attention names known
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
+    if cfg.parallel.pp > 1:
+        pipeline_layout(cfg)  # a bad block list or layout string fails here, before any data
+    if cfg.checkpoint.init_from is not None:
+        init_source(cfg.checkpoint.init_from)
+    check_tensorboard(cfg.logging)
+    ckpt = cfg.checkpoint
+    if ckpt.dir is not None and not ckpt.resume and holds_checkpoints(ckpt.dir):
+        raise ConfigError(
+            f"checkpoint.dir: {ckpt.dir} already holds checkpoints; set checkpoint.resume=true "
+            "to continue from them, or choose another directory (nothing was overwritten)"
+        )
+    return cfg
+
+
+def run_settings(cfg: Config, data_source: str) -> dict[str, Any]:
+    """What fixes the sample order and the lr schedule: a resumed run must keep all of it."""
+    t = cfg.train
+    return {
+        "train.steps": t.steps,
+        "train.seed": t.seed,
+        "train.global_batch_size": t.global_batch_size,
+        "train.seq_length": t.seq_length,
+        "data.path": data_source,
+        "data.split": cfg.data.split,
+        "optim.lr_schedule": cfg.optim.lr_schedule,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.decay_steps": cfg.optim.decay_steps,
+    }
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    changed = [
+        f"{k} {saved[k]!r} -> {current[k]!r}"
+        for k in current
+        if k in saved and saved[k] != current[k]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({'; '.join(changed)}); the sample "
+            "order and lr schedule depend on them, so resuming would not continue that run. "
+            "Restore the settings, or start a new run in another checkpoint.dir"
+        )
+
+
+def init_source(path: str) -> Path:
+    """The checkpoint ``checkpoint.init_from`` names: a step directory or a checkpoint.dir."""
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"checkpoint.init_from: {exc}, e.g. the output of yuanlfa-reshard --to yuanlfa"
+        ) from None
+
+
+def layout_record(cfg: Config, layout) -> dict[str, Any]:
+    """The layout a checkpoint was written from (informational: any layout loads it)."""
+    p = cfg.parallel
+    return {
+        "tp": p.tp,
+        "pp": p.pp,
+        "dp": p.dp,
+        "virtual_stages": p.virtual_stages,
+        "pipeline_blocks": list(layout.blocks) if layout is not None else None,
+        "sequence_parallel": p.sequence_parallel,
+        "distributed_optimizer": cfg.optim.distributed,
+        "param_dtype": cfg.train.param_dtype,
+    }
+
+
+def check_lfa_impl(cfg: Config, device: torch.device) -> None:
+    """Fail before loading data when the requested LFA implementation cannot run here."""
+    if not cfg.model.lfa:
+        return
+    try:
+        impl = resolve_impl(cfg.model.lfa_impl, device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"model.lfa_impl: {exc}") from None
+    if impl == "triton" and cfg.model.hidden_size % 16:
+        raise ConfigError(
+            f"model.lfa_impl: the Triton kernels need model.hidden_size % 16 == 0, got "
+            f"{cfg.model.hidden_size}; use lfa_impl=reference"
+        )
