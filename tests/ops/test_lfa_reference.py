@@ -1,4 +1,4 @@
-"""The LFA filter reference against the equations of DESIGN.md 3, written independently here.
+"""The LFA filter reference against the equations of docs/yuan2_facts.md, written independently here.
 
 Everything runs in fp64 so that a mismatch of the formula, not rounding, is what fails.
 """

@@ -32,7 +32,7 @@ class ModelConfig:
     # false: no filter (plain attention), the same as filter: none (kept for older configs).
     lfa: bool = True
     # The local filter in front of the Q/K projections, by registered name: lfa (the paper's
-    # two convolutions + RMSNorm, DESIGN.md 3), lfa_no_norm, conv (one causal convolution of
+    # two convolutions + RMSNorm, docs/yuan2_facts.md), lfa_no_norm, conv (one causal convolution of
     # filter_kernel taps, + residual and RMSNorm), none (plain attention), or a plug-in's name.
     filter: str = "lfa"
     # Taps of the conv filter (the paper's ablation: 1, 2, 3, 7); plug-ins may read it too.

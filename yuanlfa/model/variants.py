@@ -3,7 +3,7 @@
 Filters (``model.filter``), the variants of the paper's attention ablation (Yuan 2.0, Table 1):
 
 - ``lfa``: two causal convolutions of kernel 2 (h -> h/2 -> h), residual, RMSNorm (the default,
-  DESIGN.md 3);
+  docs/yuan2_facts.md);
 - ``lfa_no_norm``: the same convolutions and residual without the RMSNorm;
 - ``conv``: one causal convolution h -> h of ``model.filter_kernel`` taps, residual, RMSNorm;
 - ``none``: no filter (Q and K read the normed input, as in plain attention).

@@ -1,6 +1,6 @@
 """Conversion between our checkpoints and the Hugging Face Yuan 2.0 layout (weights only).
 
-Names and splits are the public format's (DESIGN.md 3): q_proj / k_proj are the first and
+Names and splits are the public format's (docs/yuan2_facts.md): q_proj / k_proj are the first and
 second halves (rows) of our fused per-head [q; k] projection, up_proj (the SiLU branch) and
 gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding. Tensors are
 streamed one at a time: the export holds at most one output shard, the import one tensor.
