@@ -21,7 +21,8 @@ from yuanlfa.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["tiny", "yuan2-2b", "yuan2-51b", "yuan2-102b"]
 
-# Facts from docs/yuan2_facts.md (the Yuan 2.0 report): layers, hidden, heads, seq, micro, global, lr.
+# Facts from docs/yuan2_facts.md 1 (the Yuan 2.0 report): layers, hidden, heads, seq, micro,
+# global, lr.
 PAPER = {
     "yuan2-2b": (24, 2048, 32, 8192, 2, 384, 2e-4, 2e-5),
     "yuan2-51b": (42, 8192, 64, 4096, 1, 1152, 9e-5, 9e-6),

@@ -1,4 +1,5 @@
-"""The LFA filter reference against the equations of docs/yuan2_facts.md, written independently here.
+"""The LFA filter reference against the equations of docs/yuan2_facts.md 2, written here
+independently.
 
 Everything runs in fp64 so that a mismatch of the formula, not rounding, is what fails.
 """

@@ -1,6 +1,7 @@
 """Conversion between our checkpoints and the Megatron / Yuan 2.0 format, both ways.
 
-The Megatron layout (docs/yuan2_facts.md): ``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
+The Megatron layout (docs/yuan2_facts.md 4):
+``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
 plus ``latest_checkpointed_iteration.txt``; each file a pickled dict with ``args`` (an
 argparse.Namespace), ``checkpoint_version``, ``iteration``, ``model`` (nested dicts, layer indices
 local to the stage), optionally ``optimizer`` and ``rng_state``. Tensor-parallel slicing is
