@@ -17,6 +17,7 @@ specialization.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,7 +115,7 @@ def cases(quick: bool) -> list[dict]:
                 variants += ((True, False), (False, True))
             for state, doc in variants:
                 out.append(dict(s=1024, b=2, h=h, dtype=dtype, state=state, doc=doc))
-            # decoding: one token per entry (M = b), with the carried state
+            # decoding: one token per entry (M = b), with the carried state, forward only
             out.append(dict(s=1, b=1, h=h, dtype=dtype, state=True, doc=False))
             out.append(dict(s=1, b=2, h=h, dtype=dtype, state=True, doc=True))
     # the trainer's mixed-dtype paths: fp32 parameters under bf16 autocast, and bf16 activations
@@ -140,9 +141,14 @@ def drive(case: dict) -> None:
     params = (t(h // 2, h, 2, 1), t(h // 2), t(h, h // 2, 2, 1), t(h), t(h))
     prev = (t(b, h), t(b, h // 2)) if case["state"] else (None, None)
     doc = (torch.rand(s, b, generator=g) < 0.01) if case["doc"] else None
-    with torch.autocast("cpu", dtype=dtype, enabled=mix == "autocast"):
+    decoding = s == 1  # decoding runs without gradients
+    with (
+        torch.autocast("cpu", dtype=dtype, enabled=mix == "autocast"),
+        torch.no_grad() if decoding else contextlib.nullcontext(),
+    ):
         out, y = lfa_triton(x, *params, 1e-6, *prev, doc)
-    torch.autograd.backward([out, y], [torch.zeros_like(out), torch.zeros_like(y)])
+    if not decoding:
+        torch.autograd.backward([out, y], [torch.zeros_like(out), torch.zeros_like(y)])
 
 
 def resources(cubin: bytes) -> dict:
