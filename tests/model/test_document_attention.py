@@ -162,15 +162,25 @@ def test_layout_cache_follows_the_tensor() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_equals_sdpa_gpu() -> None:
+    # The compiled FlexAttention kernel, forward and backward, against SDPA's boolean mask.
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
-        torch.randn(256, 2, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        torch.randn(
+            2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g
+        ).requires_grad_()
         for _ in range(3)
     )
     starts = random_starts(256, 2, seed=3, device="cuda")
-    flex = causal_attention(q, k, v, backend="auto", doc_start=starts)
-    ref = causal_attention(q.float(), k.float(), v.float(), backend="sdpa", doc_start=starts)
+    flex = attention.flex_document_attention(q, k, v, starts)
+    mask = attention.document_layout(starts, "dense")
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask)
     torch.testing.assert_close(flex.float(), ref, rtol=2e-2, atol=2e-2)
+    g_out = torch.randn(ref.shape, device="cuda", generator=g)
+    grads = torch.autograd.grad(flex.float(), (q, k, v), g_out)
+    ref_grads = torch.autograd.grad(ref, leaves, g_out)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), e, rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.gpu
