@@ -31,9 +31,10 @@ pytestmark = pytest.mark.skipif(
 
 # Shared memory a block may use (the opt-in maximum): sm_90 227 KB, sm_80 163 KB.
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-# Global loads outside the cp.async pipeline that a bf16 GEMM may keep: bias, document flags,
-# the carried state's rows, the residual (the epilogue loads it once per tile). The strided
-# weight views this replaces cost 32-42 scalar loads per thread per k-step.
+# Global loads outside the cp.async pipeline that a bf16 GEMM may keep, once per tile or per
+# row: the bias in the epilogue (16 32-bit loads per thread in a 128 x 128 wgmma accumulator
+# layout), the document flags, the carried state's rows. The strided weight views that the
+# K-major layout replaced cost 32-42 scalar 16-bit loads per thread per k-step.
 MAX_SCALAR_LOADS = 20
 GEMMS = ("_shifted_gemm_kernel", "_weight_grad_kernel")
 
