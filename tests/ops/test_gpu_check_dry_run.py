@@ -16,7 +16,6 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_stage(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHON=sys.executable)
     proc = subprocess.run(
