@@ -79,7 +79,9 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "pyyaml>=6.0", "tqdm>=4.60"],
     extras_require={
         "tensorboard": ["tensorboard>=2.12"],
-        "triton": ["triton>=3.0"],
+        # The version torch 2.13's CUDA wheels require (their Requires-Dist), so CI compiles and
+        # interprets the kernels with the triton a GPU install runs them with.
+        "triton": ["triton==3.7.1; platform_system=='Linux'"],
         # yuanlfa-plan --plot
         "plot": ["matplotlib>=3.5"],
         # yuanlfa-reshard to and from the Hugging Face format
@@ -102,7 +104,7 @@ setup(
             # The reference for Yuan 2.0's tokenizer in tests: LlamaTokenizer as Yuan used it
             # (slow, SentencePiece-based, legacy mode), which transformers 5 no longer offers.
             "transformers>=4.40,<5",
-            "triton>=3.0; platform_system=='Linux'",
+            "triton==3.7.1; platform_system=='Linux'",
         ],
     },
     entry_points={

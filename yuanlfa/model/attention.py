@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -79,31 +80,100 @@ def document_attention(
     """Causal attention within documents. q, k, v: [s, b, heads, d]; doc_start: bool [s, b].
 
     The first token of every row starts a document whatever doc_start says (a sample may begin
-    inside one). flash-attn's variable-length kernel when usable, else SDPA with a block mask.
+    inside one). In order of preference: flash-attn's variable-length kernel, FlexAttention with
+    a document-causal block mask (CUDA, backend auto), SDPA with a boolean mask. What each needs
+    from doc_start (cu_seqlens, the block mask, the boolean mask) is computed once per
+    micro-batch and reused by every layer (``document_layout``): the model passes the same
+    doc_start tensor to all of them, so no layer repeats the host syncs or the mask.
     """
     s, b, heads, d = q.shape
-    starts = doc_start.t().clone()  # [b, s]
-    starts[:, 0] = True
     if _use_flash(q, backend):
         from flash_attn import flash_attn_varlen_func
 
-        # Every document of every row is one sequence of the flattened [b * s] token stream.
-        first = torch.nonzero(starts.reshape(-1)).flatten()
-        cu = torch.cat([first, first.new_tensor([b * s])]).to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
+        cu, longest = document_layout(doc_start, "varlen")
         flat = [t.transpose(0, 1).reshape(b * s, heads, d) for t in (q, k, v)]
         out = flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True)
         return out.view(b, s, heads, d).transpose(0, 1)
-    segment = torch.cumsum(starts, dim=1)  # [b, s]: document number of each token
-    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    mask = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal  # [b, s_q, s_k]
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-    if backend == "math":
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(1))
+    if backend == "auto" and q.is_cuda and _HAS_FLEX:
+        out = flex_document_attention(qb, kb, vb, doc_start)
     else:
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.unsqueeze(1))
+        mask = document_layout(doc_start, "dense")  # [b, 1, s, s]
+        if backend == "math":
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
     return out.permute(2, 0, 1, 3)
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor
+) -> torch.Tensor:
+    """FlexAttention with a document-causal block mask. q, k, v: [b, heads, s, d].
+
+    Compiled on CUDA (the fused kernel skips the blocks the mask empties); elsewhere it runs
+    eagerly, forward only (torch 2.13 has no CPU backward for it), which the tests use to check
+    it against SDPA.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = document_layout(doc_start, "block")
+    if q.is_cuda:
+        global _FLEX_COMPILED
+        if _FLEX_COMPILED is None:
+            _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+        return _FLEX_COMPILED(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+_HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+_FLEX_COMPILED = None
+# The last micro-batch's layouts: (weak reference to its doc_start, its version) -> by kind.
+_LAYOUT_CACHE: dict[str, object] = {"key": None, "layouts": {}}
+
+
+def document_layout(doc_start: torch.Tensor, kind: str):
+    """What document attention needs from doc_start [s, b], computed once per doc_start tensor.
+
+    kind "varlen": (cu_seqlens int32 [docs + 1], longest document) of the flattened [b * s]
+    token stream, for flash-attn (two host syncs, now once per micro-batch, not per layer);
+    "block": FlexAttention's BlockMask; "dense": the boolean mask [b, 1, s, s] for SDPA.
+    The cache holds the last doc_start only (weakly), so a new micro-batch or an in-place edit
+    (the tensor's version changes) recomputes.
+    """
+    ref = _LAYOUT_CACHE["key"]
+    key_ok = ref is not None and ref[0]() is doc_start and ref[1] == doc_start._version
+    if not key_ok:
+        _LAYOUT_CACHE["key"] = (weakref.ref(doc_start), doc_start._version)
+        _LAYOUT_CACHE["layouts"] = {}
+    layouts = _LAYOUT_CACHE["layouts"]
+    if kind not in layouts:
+        layouts[kind] = _make_layout(doc_start, kind)
+    return layouts[kind]
+
+
+def _make_layout(doc_start: torch.Tensor, kind: str):
+    s, b = doc_start.shape
+    starts = doc_start.t().clone()  # [b, s]
+    starts[:, 0] = True
+    if kind == "varlen":
+        # Every document of every row is one sequence of the flattened [b * s] token stream.
+        first = torch.nonzero(starts.reshape(-1)).flatten()
+        cu = torch.cat([first, first.new_tensor([b * s])]).to(torch.int32)
+        return cu, int((cu[1:] - cu[:-1]).max())
+    segment = torch.cumsum(starts, dim=1)  # [b, s]: document number of each token
+    if kind == "dense":
+        causal = torch.ones(s, s, dtype=torch.bool, device=doc_start.device).tril()
+        return ((segment.unsqueeze(2) == segment.unsqueeze(1)) & causal).unsqueeze(1)
+    if kind == "block":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document_causal(batch, head, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (segment[batch, q_idx] == segment[batch, kv_idx])
+
+        return create_block_mask(document_causal, b, None, s, s, device=doc_start.device)
+    raise ValueError(f"unknown document layout {kind!r}")
 
 
 class LFAAttention(nn.Module):
