@@ -202,11 +202,13 @@ def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
             f"{where}: rms_norm_eps is {eps:g}, but Yuan's LFA norm uses 1e-06 and this "
             "library's model has one model.norm_eps for all norms; only 1e-06 imports exactly"
         )
+    ffn = config["intermediate_size"]
     return ModelConfig(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
         num_heads=config["num_attention_heads"],
-        ffn_hidden_size=config["intermediate_size"],
+        # None when it is Yuan's 4 * hidden, as a run config gives it (init_from compares).
+        ffn_hidden_size=None if ffn == 4 * config["hidden_size"] else ffn,
         vocab_size=config["vocab_size"],
         rope_base=YUAN_ROPE_BASE,  # Yuan's code ignores rope_theta
         norm_eps=YUAN_NORM_EPS,
