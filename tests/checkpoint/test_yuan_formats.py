@@ -137,6 +137,34 @@ def test_hf_export_carries_the_runs_tokenizer_as_transformers_loads_it(tmp_path:
     assert tok.decode([134953, 134957], spaces_between_special_tokens=False) == "<mask><FIM_MIDDLE>"
 
 
+def test_hf_export_carries_any_sentencepiece_tokenizer_with_its_appended_ids(
+    tmp_path: Path,
+) -> None:
+    """A model without Yuan's specials (they are appended after its pieces): transformers,
+    loading the exported files, gives the run's ids for them and for every text."""
+    transformers = pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "in.txt"
+    corpus.write_text((Path(spm.__file__).parent / "__init__.py").read_text())
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "own"), vocab_size=300, minloglevel=2
+    )
+    spec = f"sentencepiece:{tmp_path / 'own.model'}"
+    cfg = _model_cfg(vocab_size=384)
+    run = {"data": {"tokenizer": spec}, "train": {"seq_length": 32}}
+    out = tmp_path / "hf"
+    export_hf(_checkpoint(tmp_path / "ours", cfg, _model(cfg), run), out, progress=False)
+    tok = transformers.LlamaTokenizer.from_pretrained(str(out))
+    ours = SentencePieceTokenizer(tmp_path / "own.model")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eod_token"], config["sep_token"]) == (ours.eod, ours.sep) == (300, 301)
+    for token in YUAN_SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(token) == ours.token_to_id(token), token
+    cases = json.loads((YUAN_DIR / "ids_transformers_4_31_0.json").read_text())["cases"]
+    for text, _ in cases:
+        assert tok.encode(text) == ours.encode(text), text
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 REFUSED = [
