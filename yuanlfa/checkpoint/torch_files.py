@@ -221,8 +221,12 @@ class _StreamingFile:
             )
         tensor = tensor.detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        # From the data pointer: a contiguous view into a larger storage needs no copy.
-        self.writer.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
+        # A storage object, not a data pointer (deprecated, to become an error): the slice of
+        # the tensor's storage that it covers, which shares the memory, so a contiguous view
+        # into a larger storage is written without a copy.
+        start = tensor.storage_offset() * tensor.element_size()
+        data = tensor.untyped_storage()[start : start + nbytes]
+        self.writer.write_record(f"data/{key}", data, nbytes)
         return nbytes
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint.convert.hf import INDEX, export_hf, import_hf, verify_hf
+from yuanlfa.checkpoint.convert.hf import BIN_INDEX, INDEX, export_hf, import_hf, verify_hf
 from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
     export_megatron,
@@ -47,6 +47,9 @@ class Reshard:
     verify: bool = False
     force: bool = False
     progress: bool = True
+    # A data.tokenizer spec for the HF export's special ids and tokenizer files, in place of
+    # the run's (e.g. when its model file has moved).
+    tokenizer: str | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -57,13 +60,13 @@ def detect_format(path: Path) -> str:
         return "yuanlfa"
     if (path / TRACKER).is_file() or path.name.startswith("iter_"):
         return "megatron"
-    if (path / "config.json").is_file() and (
-        (path / INDEX).is_file() or (path / "model.safetensors").is_file()
-    ):
+    weights = (INDEX, "model.safetensors", BIN_INDEX, "pytorch_model.bin")
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in weights):
         return "hf"
     raise CheckpointError(
         f"{path}: not a checkpoint this tool reads (expected our meta.json / latest, Megatron's "
-        f"{TRACKER} or an iter_* directory, or a Hugging Face config.json with safetensors)"
+        f"{TRACKER} or an iter_* directory, or a Hugging Face config.json with safetensors or "
+        "pytorch_model.bin weights)"
     )
 
 
@@ -135,6 +138,7 @@ def reshard(job: Reshard) -> Path:
                 max_shard_bytes=job.max_shard_bytes,
                 force=job.force,
                 progress=job.progress,
+                tokenizer=job.tokenizer,
             )
             verify = verify_hf
         else:
