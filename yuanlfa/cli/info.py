@@ -11,7 +11,7 @@ import json
 
 from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.cli.plugin_costs import load_plugin_costs
-from yuanlfa.config import Config, load_config, resolve
+from yuanlfa.config import Config, ConfigError, load_config, resolve
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.planner import (
