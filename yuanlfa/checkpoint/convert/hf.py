@@ -228,13 +228,28 @@ def export_hf(
     return Path(output)
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file of the checkpoint; a damaged one is named."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({exc}); the file is truncated or corrupt"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a {what} object")
+    return data
+
+
 class _HFReader:
     """Tensors of an HF checkpoint directory by name, opening shard files lazily."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         if (path / INDEX).is_file():
-            self.where = json.loads((path / INDEX).read_text())["weight_map"]
+            self.where = _read_json(path / INDEX, "shard index").get("weight_map")
+            if not isinstance(self.where, dict):
+                raise CheckpointError(f"{path / INDEX}: no 'weight_map'; not a shard index")
         elif (path / "model.safetensors").is_file():
             self.where = None
         else:
@@ -244,19 +259,34 @@ class _HFReader:
     def _file(self, name: str) -> Path:
         return self.path / (self.where[name] if self.where is not None else "model.safetensors")
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _open(self, name: str):
+        """The shard holding ``name``, opened; a missing or damaged shard is named."""
+        from safetensors import SafetensorError, safe_open
 
+        if self.where is not None and name not in self.where:
+            raise KeyError(name)
+        file = self._file(name)
         try:
-            with safe_open(str(self._file(name)), framework="pt") as f:
+            return safe_open(str(file), framework="pt")
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+            raise CheckpointError(f"{file}: cannot read the shard ({problem})") from None
+        except SafetensorError as exc:
+            problem = " ".join(str(exc).split())
+            raise CheckpointError(
+                f"{file}: not a readable safetensors shard ({problem}); the file is truncated "
+                "or corrupt, download it again"
+            ) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            with self._open(name) as f:
                 return f.get_tensor(name)
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing") from None
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        from safetensors import safe_open
-
-        with safe_open(str(self._file(name)), framework="pt") as f:
+        with self._open(name) as f:
             sl = f.get_slice(name)
             dtype = HF_DTYPES.get(sl.get_dtype())
             if dtype is None:
@@ -274,7 +304,7 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{src}: no config.json; not a Hugging Face model directory")
-    cfg = model_config_from_hf(json.loads(config_file.read_text()))
+    cfg = model_config_from_hf(_read_json(config_file, "model config"))
     reader = _HFReader(src)
     tensors = []
     for name, param in build_model(cfg).named_parameters():
