@@ -12,6 +12,7 @@ import json
 from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, load_config, resolve
+from yuanlfa.config.preflight import preflight
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.planner import (
@@ -141,6 +142,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"--world-size: must be >= 1 (the number of ranks), got {args.world_size}"
         )
     cfg = load_config(args.config, args.overrides)
+    # What a run of this config would write and read, before anything is built; the device
+    # is not this one (yuanlfa-info runs on login nodes), so CUDA is not asked for.
+    preflight(cfg, cuda=None)
     info = summarize(cfg, args.world_size)
     if args.json:
         print(json.dumps(info, indent=2))

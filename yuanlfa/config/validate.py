@@ -212,7 +212,8 @@ def _validate_split(split: str) -> None:
         weights = [float(x) for x in parts]
     except ValueError:
         raise ConfigError(
-            f"data.split: {split!r} must be comma-separated weights (train,valid,test) such as 98,1,1"
+            f"data.split: {split!r} must be comma-separated weights (train,valid,test) such "
+            "as 98,1,1"
         ) from None
     _require(
         len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
