@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from yuanlfa.cli.common import add_debug_arg, run
 from yuanlfa.cli.preprocess import _expand
 from yuanlfa.data import DataError, default_corpus_files
+from yuanlfa.data.preprocess import check_not_compressed
 from yuanlfa.data.spm import SentencePieceTokenizer, train_sentencepiece
 
 
@@ -84,6 +85,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 0
         args.force = True
     files = default_corpus_files() if args.default_corpus else _expand(args.input)
+    for path in files:
+        check_not_compressed(str(path))  # before SentencePiece reads anything
     out = train_sentencepiece(
         _texts([str(f) for f in files], args.json_key),
         args.output_prefix,
