@@ -22,6 +22,8 @@ from yuanlfa.config import ConfigError
 EXPECTED = ("ConfigError", "CheckpointError", "DataError", "NonFiniteGradients")
 EXIT_EXPECTED = 2
 EXIT_BUG = 1
+# A run that diverged is not a bad input: its own status, as before.
+EXIT_CODES = {"NonFiniteGradients": 1}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +70,7 @@ def run(prog: str, body: Callable[[], int], args: argparse.Namespace | None = No
         line = " ".join(message(cause).split())  # one line, whatever the library said
         if expected(cause):
             print(f"{prog}: {line}", file=sys.stderr)
-            return EXIT_EXPECTED
+            return EXIT_CODES.get(type(cause).__name__, EXIT_EXPECTED)
         print(
             f"{prog}: internal error: {type(cause).__name__}: {line}. This is a bug; rerun with "
             "--debug (or YUANLFA_DEBUG=1) for the traceback and report it",

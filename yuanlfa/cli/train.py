@@ -6,6 +6,7 @@ import argparse
 
 from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.config import load_config
+from yuanlfa.config.preflight import preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,9 +19,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import torch
+
     from yuanlfa.train import train
 
     cfg = load_config(args.config, args.overrides)
+    # Output paths, input files and kernels, before any data is read or model built.
+    preflight(cfg, cuda=torch.cuda.is_available())
     train(cfg, progress=not args.quiet)
     return 0
 
