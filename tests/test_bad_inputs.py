@@ -235,6 +235,30 @@ def test_truncated_sentencepiece_models_are_clean_errors(tmp_path: Path) -> None
         assert tree_digest(tmp_path) == before
 
 
+def test_truncated_hugging_face_tokenizer_files_are_clean_errors(tmp_path: Path, capsys) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eod>"])
+    tok.train_from_iterator(["hello world, hello tokenizer"] * 20, trainer)
+    good = tmp_path / "good.json"
+    tok.save(str(good))
+    text = tmp_path / "in.txt"
+    text.write_text("hello world\n")
+    for frac in CUTS:
+        directory = tmp_path / f"cut{frac}"
+        directory.mkdir()
+        shutil.copy(good, directory / "tokenizer.json")
+        _cut(directory / "tokenizer.json", frac)
+        before = tree_digest(tmp_path)
+        argv = ["--input", str(text), "--output-prefix", str(tmp_path / "o" / "x"), "--quiet"]
+        argv += ["--tokenizer", f"huggingface:{directory}"]
+        clean_error(preprocess, argv, capsys, str(directory / "tokenizer.json"))
+        assert tree_digest(tmp_path) == before
+
+
 def test_truncated_configs_are_clean_errors_or_load(tmp_path: Path, capsys) -> None:
     # A YAML file cut anywhere is either still a valid config (cut at a line end) or one line
     # naming the file or the field; never a traceback.
