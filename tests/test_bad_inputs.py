@@ -209,6 +209,23 @@ def test_truncated_bin_idx_are_data_errors(dataset: Path, tmp_path: Path, suffix
         assert tree_digest(prefix.parent) == before
 
 
+@pytest.mark.parametrize("suffix", [".idx", ".bin"])
+def test_truncated_data_through_yuanlfa_train(
+    dataset: Path, tmp_path: Path, capsys, suffix: str
+) -> None:
+    from yuanlfa.cli.train import main as train
+
+    prefix = tmp_path / "docs"
+    for s in (".bin", ".idx"):
+        shutil.copy(f"{dataset}{s}", f"{prefix}{s}")
+    _cut(Path(f"{prefix}{suffix}"), 0.5)
+    before = tree_digest(tmp_path)
+    argv = ["--config", str(TINY), "--quiet", "--set", f"data.path={prefix}"]
+    argv += ["data.num_workers=0", "train.steps=1", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    clean_error(train, argv, capsys, f"{prefix}{suffix}")
+    assert tree_digest(tmp_path) == before
+
+
 def test_truncated_sentencepiece_models_are_clean_errors(tmp_path: Path) -> None:
     # A subprocess: sentencepiece segfaults on some files, which must be refused before.
     text = tmp_path / "in.txt"
