@@ -413,14 +413,30 @@ def test_outputs_and_inputs_checked_before_work(
     assert file.read_text() == "x"
 
 
-def test_unwritable_output_directory(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
+def test_unwritable_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    cfg = config_from_dict({"logging": {"jsonl": str(locked / "log.jsonl")}})
-    with pytest.raises(ConfigError, match=r"logging\.jsonl.*not writable"):
-        check_outputs(cfg)
+    if os.geteuid() == 0:  # root writes anywhere: let access() answer as for another user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: Path(p) != locked and real(p, m))
+    for cfg, field in (
+        ({"logging": {"jsonl": str(locked / "log.jsonl")}}, r"logging\.jsonl"),
+        ({"checkpoint": {"dir": str(locked / "ckpt")}}, r"checkpoint\.dir"),
+        ({"logging": {"tensorboard_dir": str(locked)}}, r"logging\.tensorboard_dir"),
+    ):
+        with pytest.raises(ConfigError, match=field + r".*not writable"):
+            check_outputs(config_from_dict(cfg))
+
+
+def test_yuanlfa_train_checks_outputs_before_work(tmp_path: Path, capsys) -> None:
+    from yuanlfa.cli.train import main as train
+
+    file = tmp_path / "ckpt"
+    file.write_text("not a directory")
+    argv = ["--config", str(TINY), "--quiet", "--set", f"checkpoint.dir={file}"]
+    clean_error(train, argv, capsys, "checkpoint.dir", str(file))
+    assert file.read_text() == "not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_good_outputs_pass_and_create_nothing(tmp_path: Path) -> None:
