@@ -13,8 +13,8 @@ checkpoint and pointer intact.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from yuanlfa.checkpoint.errors import CheckpointError
@@ -31,8 +31,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_temp(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file for writing, ``(fd, path)``, with the mode the umask gives (as every other
+    tool's output on a shared cluster). tempfile.mkstemp would make it 0600, unreadable to the
+    group, and the rename keeps that mode."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name starting {prefix!r}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = create_temp(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -92,7 +92,11 @@ def load_untrusted(path: str | Path) -> Any:
                 "something else (it may be malicious, or not a Megatron checkpoint)"
             ) from None
         except (OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc})") from None
+            problem = str(exc).split(". ")[0] or type(exc).__name__  # torch adds paragraphs
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint file ({problem}); the file is "
+                "truncated or corrupt, copy it again"
+            ) from None
 
 
 def _dcp_metadata_allowed(module: str, name: str) -> bool:

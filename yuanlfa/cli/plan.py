@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from yuanlfa.cli.common import add_config_args
+from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
 from yuanlfa.layout import resolve_blocks, uniform_blocks
@@ -357,38 +356,39 @@ def main(argv: list[str] | None = None) -> int:
     advise.add_argument(
         "--devices", type=int, default=96, help="devices for --paper-comparison (a multiple of 32)"
     )
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
+    return run("yuanlfa-plan", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.advise or args.paper_comparison:
         return _advise_main(args)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        _check_components(cfg.model)
-        load_plugin_costs(cfg.model)
-        cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
-        name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
-        device = get_device(name)
-        limit = None
-        if args.memory_limit_gib is not None:
-            if args.memory_limit_gib <= 0:
-                raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
-            limit = int(args.memory_limit_gib * GIB)
-        options = {
-            "mfu": args.mfu,
-            "flops_per_s": args.flops,
-            "p2p_gbps": args.p2p_gbps,
-            "tp_gbps": args.tp_gbps,
-            "dp_gbps": args.dp_gbps,
-            "memory_limit_bytes": limit,
-        }
-        model, plans, source = make_plan(
-            cfg, device, args.objective, not args.no_empty_stages, **options
-        )
-        summary = _summary(args, cfg, model, source)
-        if args.plot:
-            write_plot(args.plot, summary, model, plans)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
+    name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
+    device = get_device(name)
+    limit = None
+    if args.memory_limit_gib is not None:
+        if args.memory_limit_gib <= 0:
+            raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+        limit = int(args.memory_limit_gib * GIB)
+    options = {
+        "mfu": args.mfu,
+        "flops_per_s": args.flops,
+        "p2p_gbps": args.p2p_gbps,
+        "tp_gbps": args.tp_gbps,
+        "dp_gbps": args.dp_gbps,
+        "memory_limit_bytes": limit,
+    }
+    model, plans, source = make_plan(
+        cfg, device, args.objective, not args.no_empty_stages, **options
+    )
+    summary = _summary(args, cfg, model, source)
+    if args.plot:
+        write_plot(args.plot, summary, model, plans)
     if args.json:
         out = dict(summary)
         out.update({name: plan_to_dict(plans[name]) for name in SPLITS})
@@ -441,31 +441,27 @@ def _tokenizer_vocab(cfg: Config) -> int | None:
 
 def _advise_main(args: argparse.Namespace) -> int:
     """--advise and --paper-comparison."""
-    try:
-        cfg = load_config(args.config, args.overrides)
-        _check_components(cfg.model)
-        load_plugin_costs(cfg.model)
-        device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
-        if args.paper_comparison:
-            return _paper_main(args, cfg, device)
-        limit = None
-        if args.memory_limit_gib is not None:
-            if args.memory_limit_gib <= 0:
-                raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
-            limit = int(args.memory_limit_gib * GIB)
-        advice = advise(
-            cfg,
-            _cluster(args),
-            device,
-            top=args.top,
-            mfu=args.mfu,
-            flops_per_s=args.flops,
-            memory_limit_bytes=limit,
-            tokenizer_vocab=_tokenizer_vocab(cfg),
-        )
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
+    if args.paper_comparison:
+        return _paper_main(args, cfg, device)
+    limit = None
+    if args.memory_limit_gib is not None:
+        if args.memory_limit_gib <= 0:
+            raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+        limit = int(args.memory_limit_gib * GIB)
+    advice = advise(
+        cfg,
+        _cluster(args),
+        device,
+        top=args.top,
+        mfu=args.mfu,
+        flops_per_s=args.flops,
+        memory_limit_bytes=limit,
+        tokenizer_vocab=_tokenizer_vocab(cfg),
+    )
     if args.json:
         print(json.dumps(advice_to_dict(advice), indent=2))
     else:

@@ -211,7 +211,10 @@ def _validate_split(split: str) -> None:
     try:
         weights = [float(x) for x in parts]
     except ValueError:
-        raise ConfigError(f"data.split: {split!r} must be comma-separated numbers") from None
+        raise ConfigError(
+            f"data.split: {split!r} must be comma-separated weights (train,valid,test) such "
+            "as 98,1,1"
+        ) from None
     _require(
         len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
         f"data.split: {split!r} must be up to three non-negative weights (train,valid,test)",

@@ -12,6 +12,7 @@ import torch
 
 from yuanlfa.checkpoint import CheckpointError, holds_checkpoints, resolve_checkpoint
 from yuanlfa.config import Config, ConfigError, resolve
+from yuanlfa.config.preflight import preflight
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.ops.lfa import resolve_impl
@@ -50,6 +51,8 @@ def memory_gb(device: torch.device) -> float:
 def prepare_config(cfg: Config) -> Config:
     """Resolve derived fields for this launch and check what can be checked up front."""
     world, _ = world_from_env()
+    # Output paths, input files and kernels, before any data is read or model built.
+    preflight(cfg, cuda=torch.cuda.is_available())
     check_model_config(cfg.model)  # plug-ins imported, filter and attention names known
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)

@@ -134,9 +134,13 @@ def write_ours(
     inner = tmp / f".{name}.tmp"
     if progress:
         print(f"import: writing {len(tensors)} tensors", flush=True)
-    save_lazy(inner, tensors)
-    publish(tmp, name, inner, manifest.build_meta(state, layout, optimizer), keep_last=1)
-    replace_output(tmp, out_root)
+    try:
+        save_lazy(inner, tensors)
+        publish(tmp, name, inner, manifest.build_meta(state, layout, optimizer), keep_last=1)
+        replace_output(tmp, out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no debris
+        raise
     return out_root
 
 

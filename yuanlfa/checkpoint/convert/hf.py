@@ -334,6 +334,19 @@ def export_hf(
     return Path(output)
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file of the checkpoint; a damaged one is named."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({exc}); the file is truncated or corrupt"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a {what} object")
+    return data
+
+
 class _HFReader:
     """Tensors of an HF checkpoint directory by name: safetensors shards (opened lazily), or the
     ``pytorch_model*.bin`` files some released models ship (through the allow-list unpickler,
@@ -346,11 +359,15 @@ class _HFReader:
         if (path / INDEX).is_file() or (path / "model.safetensors").is_file():
             _safetensors()  # a clear error now if the package is missing, not at the first read
         if (path / INDEX).is_file():
-            self.where = json.loads((path / INDEX).read_text())["weight_map"]
+            self.where = _read_json(path / INDEX, "shard index").get("weight_map")
+            if not isinstance(self.where, dict):
+                raise CheckpointError(f"{path / INDEX}: no 'weight_map'; not a shard index")
         elif (path / "model.safetensors").is_file():
             self.where = {n: "model.safetensors" for n in self._keys(path / "model.safetensors")}
         elif (path / BIN_INDEX).is_file():
-            self.where = json.loads((path / BIN_INDEX).read_text())["weight_map"]
+            self.where = _read_json(path / BIN_INDEX, "shard index").get("weight_map")
+            if not isinstance(self.where, dict):
+                raise CheckpointError(f"{path / BIN_INDEX}: no 'weight_map'; not a shard index")
             self.bin = True
         elif (path / "pytorch_model.bin").is_file():
             self.bin = True
@@ -360,11 +377,8 @@ class _HFReader:
                 f"{path}: none of {INDEX}, model.safetensors, {BIN_INDEX}, pytorch_model.bin"
             )
 
-    @staticmethod
-    def _keys(file: Path) -> list[str]:
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
+    def _keys(self, file: Path) -> list[str]:
+        with self._open_file(file) as f:
             return list(f.keys())
 
     def _bin(self, file: Path) -> dict:
@@ -386,24 +400,38 @@ class _HFReader:
             raise CheckpointError(f"{self.path}: tensor {name!r} missing")
         return self.path / self.where[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        file = self._file(name)
-        if self.bin:
-            return self._bin(file)[name]
-        from safetensors import safe_open
+    def _open(self, name: str):
+        """The safetensors shard holding ``name``, opened; a missing or damaged one is named."""
+        return self._open_file(self._file(name))
 
-        with safe_open(str(file), framework="pt") as f:
+    @staticmethod
+    def _open_file(file: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(str(file), framework="pt")
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+            raise CheckpointError(f"{file}: cannot read the shard ({problem})") from None
+        except SafetensorError as exc:
+            problem = " ".join(str(exc).split())
+            raise CheckpointError(
+                f"{file}: not a readable safetensors shard ({problem}); the file is truncated "
+                "or corrupt, download it again"
+            ) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.bin:
+            return self._bin(self._file(name))[name]
+        with self._open(name) as f:
             return f.get_tensor(name)
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        file = self._file(name)
         if self.bin:
-            t = self._bin(file)[name]
+            t = self.get(name)
             shape, dtype, label = tuple(t.shape), t.dtype, str(t.dtype)
         else:
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
+            with self._open(name) as f:
                 sl = f.get_slice(name)
                 shape, label = tuple(sl.get_shape()), sl.get_dtype()
                 dtype = HF_DTYPES.get(label)
@@ -447,7 +475,7 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{src}: no config.json; not a Hugging Face model directory")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file, "model config")
     cfg = model_config_from_hf(config, config_file)
     reader = _HFReader(src)
     embed = "model.embed_tokens.weight"

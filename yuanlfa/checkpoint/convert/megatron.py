@@ -483,6 +483,21 @@ def rank_files(iter_dir: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
+def _check_grid(iter_dir: Path, args: Any, files: dict[tuple[int, int], Path]) -> None:
+    """The rank directories the checkpoint's own args call for are all there: a missing last
+    stage or tp rank would otherwise read as a smaller grid and fail later with a message
+    about the split."""
+    fields = vars(args) if isinstance(args, argparse.Namespace) else {}
+    tp = max(fields.get("tensor_model_parallel_size") or 1, max(t for t, _ in files) + 1)
+    pp = max(fields.get("pipeline_model_parallel_size") or 1, max(p for _, p in files) + 1)
+    missing = [rank_dir(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in files]
+    if missing:
+        raise CheckpointError(
+            f"{iter_dir}: missing {', '.join(d + '/' + FILE for d in missing[:4])} (the "
+            f"checkpoint's args say tp {tp} x pp {pp}); copy the whole iteration directory"
+        )
+
+
 def _layer_count(model: dict) -> int:
     encoder = model.get("language_model", {}).get("encoder", {})
     layers = {int(m.group(1)) for k in encoder if (m := re.match(r"layers\.(\d+)\.", k))}
@@ -516,6 +531,7 @@ class MegatronReader:
                 raise CheckpointError(f"{self.files[key]}: no 'model' dict; not a Megatron file")
         first = self.states[(0, 0)]
         self.args = first.get("args")
+        _check_grid(self.iter_dir, self.args, self.files)
         self.cfg = model_cfg or model_config_from_args(self.args, self.files[(0, 0)])
         _check_tp(self.cfg, self.tp)
         pp, layers = self.pp, self.cfg.num_layers

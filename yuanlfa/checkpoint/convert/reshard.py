@@ -70,6 +70,21 @@ def detect_format(path: Path) -> str:
     )
 
 
+def check_output(src: Path, out: Path) -> None:
+    """The output is a directory (or nothing yet) apart from the input: --force replaces an
+    existing output, and an output that is, contains or lies inside the input would replace or
+    mix with the source checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {out} is a file; give a directory to create")
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        where = "is" if a == b else ("lies inside" if a in b.parents else "contains")
+        raise CheckpointError(
+            f"--output {out} {where} the input {src}; choose an output outside it (even "
+            "--force never writes over the source)"
+        )
+
+
 def parse_blocks(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
@@ -103,7 +118,19 @@ def _to_ours(src: Path, fmt: str, out: Path, job: Reshard) -> None:
 
 
 def reshard(job: Reshard) -> Path:
-    """Run ``job``; returns the output directory."""
+    """Run ``job``; returns the output directory. A failure leaves no temporary directory
+    behind, and the existing output (with --force) untouched."""
+    try:
+        return _reshard(job)
+    except BaseException:
+        # The converters build the output in .NAME.tmp next to it (convert.common.prepare_output,
+        # which clears it before each use, so it holds nothing of anyone else).
+        out = Path(job.output)
+        shutil.rmtree(out.parent / f".{out.name}.tmp", ignore_errors=True)
+        raise
+
+
+def _reshard(job: Reshard) -> Path:
     src, out = Path(job.input), Path(job.output)
     fmt = detect_format(src)
     if job.to not in FORMATS:
@@ -114,6 +141,7 @@ def reshard(job: Reshard) -> Path:
         raise CheckpointError(
             f"{src} is already in our format; it loads into any tp / pp / dp as it is"
         )
+    check_output(src, out)
     if out.exists() and any(out.iterdir()) and not job.force:
         raise CheckpointError(f"{out} exists and is not empty; choose another output or --force")
     if job.to == "yuanlfa":
