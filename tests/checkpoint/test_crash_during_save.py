@@ -82,7 +82,7 @@ def _arm(point: str) -> None:
         )
     elif point == "while pruning the old checkpoint":
 
-        def prune_half_then_die(root: Path, keep_last: int, keep: str) -> None:
+        def prune_half_then_die(root: Path, keep_last: int, keep: str, **_: object) -> None:
             old = root / "step_0000001"
             for i, f in enumerate(sorted(old.rglob("*"))):
                 if f.is_file() and i % 2 == 0:
