@@ -28,9 +28,10 @@ from yuanlfa.checkpoint.convert.common import (
     weight_keys,
     write_ours,
 )
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
+from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
