@@ -11,6 +11,7 @@ DCP computes the overlaps with the saved ones. The manifest and the tensor keys 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@functools.lru_cache(maxsize=4)  # every save of a run asks again; building even on meta costs
 def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
 
