@@ -151,6 +151,8 @@ def main() -> None:
             },
             "torch": torch.__version__,
             "omp_threads": torch.get_num_threads(),
+            # Other processes on the machine distort every timing here: say how busy it was.
+            "load_average_at_end": os.getloadavg(),
             "settings": vars(args),
             "summary": summary,
             "runs": results,
