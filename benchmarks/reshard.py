@@ -229,6 +229,8 @@ def main() -> int:
             "yuanlfa_version": yuanlfa.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            # Other processes on the machine distort every timing here: say how busy it was.
+            "load_average_at_end": os.getloadavg(),
             "weight_bytes": weight_bytes,
             "largest_tensor_bytes": largest,
             "baseline": baseline,
