@@ -182,6 +182,13 @@ class CheckpointConfig:
     interval: int = 0
     resume: bool = False
     keep_last: int = 2
+    # Also keep every checkpoint whose step is a multiple of this (for later evaluation); None
+    # keeps only the newest keep_last. Pruning happens only after a newer save is complete.
+    keep_every: int | None = None
+    # Write checkpoints in a background thread while training continues (the saving step only
+    # copies its tensors to host memory). None (auto): on GPU; on CPU the writer would compete
+    # with training for the cores. ("async" itself is a Python keyword.)
+    async_save: bool | None = None
     save_at_end: bool = True
     # Initialize the model's weights (not the optimizer or the step) from this checkpoint, e.g.
     # one imported with yuanlfa-reshard --to yuanlfa; ignored when resuming from checkpoint.dir.

@@ -141,6 +141,10 @@ def validate(cfg: Config) -> None:
     _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")
     _require(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
     _require(
+        c.keep_every is None or c.keep_every >= 1,
+        f"checkpoint.keep_every: must be >= 1 (or unset: keep only keep_last), got {c.keep_every}",
+    )
+    _require(
         not (c.resume and c.dir is None),
         "checkpoint.resume: needs checkpoint.dir to know where to resume from",
     )

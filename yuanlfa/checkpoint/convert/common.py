@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.files import fsync_dir, resolve_checkpoint, step_name
 from yuanlfa.checkpoint.layout_free import publish
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, save_lazy, stored_tensors
+from yuanlfa.checkpoint.storage import save_lazy, stored_tensors
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 

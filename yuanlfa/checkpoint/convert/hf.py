@@ -46,9 +46,10 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
     run_tokenizer,
     write_tokenizer_files,
 )
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
+from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model

@@ -40,9 +40,10 @@ from yuanlfa.checkpoint.convert.common import (
     verify_weights,
     write_ours,
 )
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
+from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
 from yuanlfa.layout import PipelineLayout, uniform_blocks
