@@ -50,6 +50,8 @@ def causal_attention(
     if doc_start is not None and past:
         raise ValueError("document masks apply to whole sequences, not to cached decoding")
     if dropout is not None and dropout.p > 0:
+        if _use_flash(q, backend):
+            return flash_dropout_attention(q, k, v, doc_start, dropout)
         return dropout_attention(q, k, v, doc_start, dropout)
     if doc_start is not None:
         return document_attention(q, k, v, doc_start, backend)
@@ -94,7 +96,8 @@ def dropout_attention(
     between tp layouts; here each (sample, global head) mask comes from its own seed
     (:class:`~yuanlfa.model.dropout.DropoutKey`), so every layout trains the same model. The
     price is the [b, heads, s, s] score matrix per layer (what Megatron's unfused attention keeps
-    too): the softmax in fp32, the probabilities saved for backward in the activation dtype.
+    too): the softmax in fp32, the probabilities saved for backward in the activation dtype. On
+    CUDA with flash-attn, :func:`flash_dropout_attention` runs instead.
     """
     s, b, heads, d = q.shape
     kv = k.shape[0]
@@ -109,6 +112,38 @@ def dropout_attention(
     keep = dropout.keep_mask(heads, (s, kv), q.device)
     probs = (probs * keep * (1.0 / (1.0 - dropout.p))).to(v.dtype)
     return torch.matmul(probs, vb).permute(2, 0, 1, 3)
+
+
+def flash_dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_start: torch.Tensor | None,
+    dropout: LayerDropout,
+) -> torch.Tensor:
+    """flash-attn's fused dropout (no score matrix kept, as Yuan 2.0's --flash-attn-drop), one
+    call per sample with the CUDA generator seeded from (seed, step, sample, layer, first
+    head): the same masks whatever the pp or dp layout, and again when recomputed. flash-attn
+    draws per LOCAL head index, so unlike :func:`dropout_attention` the masks change with tp.
+    """
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    s, b, heads, d = q.shape
+    outs = []
+    for i in range(b):
+        one = [t[:, i : i + 1].transpose(0, 1) for t in (q, k, v)]  # [1, len, heads, d]
+        with torch.random.fork_rng(devices=[q.device]):
+            torch.cuda.manual_seed(dropout.sample_seed(i))
+            if doc_start is None:
+                out = flash_attn_func(*one, dropout_p=dropout.p, causal=True)
+            else:
+                cu, longest = _make_layout(doc_start[:, i : i + 1], "varlen")
+                flat = [t.reshape(-1, heads, d) for t in one]
+                out = flash_attn_varlen_func(
+                    *flat, cu, cu, longest, longest, dropout_p=dropout.p, causal=True
+                ).view(1, s, heads, d)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs, dim=1)
 
 
 def document_attention(

@@ -120,3 +120,10 @@ class LayerDropout:
 
     def keep_mask(self, heads: int, shape: tuple[int, int], device) -> torch.Tensor:
         return self.key.keep_mask(self.layer, self.head_offset, heads, shape, device)
+
+    def sample_seed(self, index: int) -> int:
+        """The seed of the ``index``-th sample's masks for this rank's heads (the fused
+        flash-attn path, which draws all of a call's heads from one generator)."""
+        k = self.key
+        sample = k.samples[index]
+        return name_seed(k.seed, f"attn-drop:{k.step}:{sample}:{self.layer}:from{self.head_offset}")

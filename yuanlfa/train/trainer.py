@@ -32,6 +32,7 @@ from yuanlfa.parallel import Mesh, parallelize
 from yuanlfa.parallel.grads import sum_over
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
+from yuanlfa.train.fit_check import check_memory_fit
 from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
@@ -94,6 +95,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     t = cfg.train
     device = pick_device(cfg)
     check_lfa_impl(cfg, device)
+    check_memory_fit(cfg, device)  # the planner's peak per rank against the device, up front
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)
     progress = progress and world_from_env()[1] == 0
