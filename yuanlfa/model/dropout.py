@@ -10,6 +10,9 @@ The trainer says which samples a step's microbatches hold by setting a :class:`D
 (:func:`dropout_step`) around the step; the model reads it once per microbatch and stage
 (``YuanModel.run_layers``) and hands the resulting :class:`DropoutKey` down to the attention as
 an argument, so a checkpointed layer recomputed in backward sees the key of its own microbatch.
+With flash-attn on CUDA the fused kernel draws the masks instead (no score matrix kept): seeded
+per (step, sample, layer, first head of the rank), so the same for every pp and dp layout and on
+recompute, but flash-attn numbers heads locally, so its masks change with tp.
 Nothing here knows about process groups. Without a DropoutStep (a model trained outside the
 Trainer) the key comes from torch's global generator: reproducible under torch.manual_seed, but
 tied to the process.
