@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from yuanlfa.config import Config
+from yuanlfa.planner.components import is_builtin
 from yuanlfa.planner.fit import GIB, FitReport, require_fit
 
 
@@ -16,6 +17,9 @@ def check_memory_fit(cfg: Config, device: torch.device) -> FitReport | None:
     """Raise ConfigError naming the overflow and the settings that fit (resolved ``cfg``); no
     check on CPU unless train.device_memory_gb is set."""
     m, t = cfg.model, cfg.train
+    if not (is_builtin("filter", m.filter_name) and is_builtin("attention", m.attention)):
+        # A plug-in's costs come from importing and building it (yuanlfa-info does); not here.
+        return None
     if (
         m.attention_dropout > 0
         and device.type == "cuda"
