@@ -58,3 +58,18 @@ def test_dropped_attention_is_unbiased(document: bool) -> None:
     assert torch.equal(
         causal_attention(q, k, v, "auto", starts, zero), causal_attention(q, k, v, "auto", starts)
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"attention_dropout": 1.0}, r"model.attention_dropout: must be in \[0, 1\)"),
+        ({"attention_dropout": -0.1}, r"model.attention_dropout: must be in \[0, 1\)"),
+        ({"attention_dropout": 0.1, "attention": "mine"}, "built-in causal attention"),
+    ],
+)
+def test_bad_dropout_settings_name_the_fix(model: dict, needle: str) -> None:
+    from yuanlfa.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"model": model})

@@ -97,3 +97,18 @@ def test_block_activations_match_the_planner(layers: int) -> None:
         none = stage_activation_bytes(resolve(_config("none"), 2), layout, rank)
         full = stage_activation_bytes(resolve(_config("full"), 2), layout, rank)
         assert full < predicted < none, (rank, full, predicted, none)
+
+
+@pytest.mark.parametrize(
+    ("train", "needle"),
+    [
+        ({"recompute_num_layers": 0}, "train.recompute_num_layers: must be >= 1"),
+        ({"recompute_method": "uniform", "recompute_num_layers": 2}, "recompute_method: block"),
+        ({"recompute_method": "blocks"}, "recompute_method"),
+    ],
+)
+def test_bad_recompute_settings_name_the_fix(train: dict, needle: str) -> None:
+    from yuanlfa.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"train": train})
