@@ -22,6 +22,7 @@ from yuanlfa.planner import (
     stage_memory,
     unknown_costs,
 )
+from yuanlfa.planner.fit import fit_summary
 from yuanlfa.planner.stages import config_blocks
 
 GIB = 2**30
@@ -84,6 +85,7 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
         ],
         "max_rank_bytes": max(s.total_bytes for s in stages),
         "max_rank_bytes_with_activations": max(r.memory_bytes for r in ranks),
+        "fit": fit_summary(cfg),  # against train.device_memory_gb (None: unset)
     }
 
 
@@ -119,6 +121,9 @@ def _print_text(info: dict) -> None:
             f"{r['optimizer_bytes'] / GIB:10.2f}  {r['total_bytes'] / GIB:6.2f}  "
             f"{r['total_with_activations_bytes'] / GIB:10.2f}"
         )
+    print(
+        f"fit             {info['fit']['verdict'] if info['fit'] else 'set train.device_memory_gb'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

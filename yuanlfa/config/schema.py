@@ -50,6 +50,11 @@ class ModelConfig:
     document_attention: bool = False
     lfa_impl: Literal["auto", "reference", "triton"] = "auto"
     attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    # Dropout on the attention probabilities in training (Yuan 2.0's --flash-attn-drop 0.1;
+    # Megatron's --attention-dropout is the same thing on its unfused path). The mask of each
+    # (step, sample, layer, head) is drawn from a seed of (train.seed, step, global sample index,
+    # layer, global head), so every tp/pp/dp layout draws the same masks. 0: off.
+    attention_dropout: float = 0.0
     # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
     # logits are never materialized there).
     loss_block_size: int = 2048
@@ -171,6 +176,15 @@ class TrainConfig:
     # Per pipeline rank (pp entries), overriding recompute: early stages hold more microbatches
     # in flight under 1F1B, so they gain most from recomputing, e.g. [full, selective, none].
     recompute_stages: tuple[Literal["none", "selective", "full"], ...] | None = None
+    # Which layers full recompute covers (Megatron's --recompute-method): uniform, every layer
+    # (recompute_num_layers must be 1: each layer its own checkpoint); block, only the first
+    # recompute_num_layers layers of each pipeline stage (the others keep all activations).
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    # Megatron's --recompute-num-layers (see recompute_method).
+    recompute_num_layers: int = 1
+    # The memory of one device in GiB for the fit check (yuanlfa-info, yuanlfa-train); None: read
+    # from the GPU at train time, and no check in yuanlfa-info.
+    device_memory_gb: float | None = None
     # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
     # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
     exit_interval: int = 0

@@ -71,6 +71,15 @@ def validate(cfg: Config) -> None:
         f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
     )
     _validate_model_components(m)
+    _require(
+        0.0 <= m.attention_dropout < 1.0,
+        f"model.attention_dropout: must be in [0, 1), got {m.attention_dropout}",
+    )
+    _require(
+        m.attention_dropout == 0.0 or m.attention == "causal",
+        f"model.attention_dropout: applies to the built-in causal attention, but model.attention "
+        f"is {m.attention!r}; set it to 0 (a plug-in applies its own dropout)",
+    )
 
     _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages", "grad_bucket_size")
     _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
@@ -136,6 +145,20 @@ def validate(cfg: Config) -> None:
             f"train.recompute_stages: has {len(t.recompute_stages)} entries but parallel.pp = "
             f"{p.pp}; give one mode (none, selective, full) per pipeline rank",
         )
+
+    _require(
+        t.recompute_num_layers >= 1,
+        f"train.recompute_num_layers: must be >= 1, got {t.recompute_num_layers}",
+    )
+    _require(
+        t.recompute_method == "block" or t.recompute_num_layers == 1,
+        f"train.recompute_num_layers: {t.recompute_num_layers} with recompute_method uniform "
+        "(checkpoints of several layers) is not implemented; use 1, or recompute_method: block",
+    )
+    _require(
+        t.device_memory_gb is None or t.device_memory_gb > 0,
+        f"train.device_memory_gb: must be > 0, got {t.device_memory_gb}",
+    )
 
     c = cfg.checkpoint
     _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")

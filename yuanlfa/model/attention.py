@@ -11,6 +11,7 @@ from torch import nn
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.cache import LayerCache
+from yuanlfa.model.dropout import DropoutKey, LayerDropout
 from yuanlfa.model.lfa import LocalizedFiltering
 from yuanlfa.model.registry import build_component
 from yuanlfa.ops.rope import apply_rope
@@ -34,18 +35,25 @@ def causal_attention(
     v: torch.Tensor,
     backend: str = "auto",
     doc_start: torch.Tensor | None = None,
+    dropout: LayerDropout | None = None,
 ) -> torch.Tensor:
     """Causal attention where the queries are the last ``s`` of the ``past + s`` keys.
 
     q: [s, b, heads, d]; k, v: [past + s, b, heads, d]. Returns [s, b, heads, d].
     doc_start: optional bool [s, b], True where a document starts: each token then attends only
     to the earlier tokens of its own document (packed samples; needs past == 0).
+    dropout: drop attention probabilities with the layout-free masks of
+    :mod:`yuanlfa.model.dropout` (every backend then takes :func:`dropout_attention`).
     """
     s, kv = q.shape[0], k.shape[0]
     past = kv - s
+    if doc_start is not None and past:
+        raise ValueError("document masks apply to whole sequences, not to cached decoding")
+    if dropout is not None and dropout.p > 0:
+        if _use_flash(q, backend):
+            return flash_dropout_attention(q, k, v, doc_start, dropout)
+        return dropout_attention(q, k, v, doc_start, dropout)
     if doc_start is not None:
-        if past:
-            raise ValueError("document masks apply to whole sequences, not to cached decoding")
         return document_attention(q, k, v, doc_start, backend)
     if _use_flash(q, backend):
         from flash_attn import flash_attn_func
@@ -72,6 +80,70 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int, past: int) 
     rows = torch.arange(s, device=q.device).unsqueeze(1) + past
     mask = torch.arange(past + s, device=q.device).unsqueeze(0) <= rows
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_start: torch.Tensor | None,
+    dropout: LayerDropout,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) with dropout on the probabilities, then @ v, spelled out.
+
+    q: [s, b, heads, d]; k, v: [past + s, b, heads, d]. The fused kernels (flash-attn, SDPA)
+    draw their dropout masks from the process's generator by LOCAL head index, which differs
+    between tp layouts; here each (sample, global head) mask comes from its own seed
+    (:class:`~yuanlfa.model.dropout.DropoutKey`), so every layout trains the same model. The
+    price is the [b, heads, s, s] score matrix per layer (what Megatron's unfused attention keeps
+    too): the softmax in fp32, the probabilities saved for backward in the activation dtype. On
+    CUDA with flash-attn, :func:`flash_dropout_attention` runs instead.
+    """
+    s, b, heads, d = q.shape
+    kv = k.shape[0]
+    qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, len, d]
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).float() * d**-0.5  # [b, heads, s, kv]
+    if doc_start is not None:
+        allowed = document_layout(doc_start, "dense")  # [b, 1, s, s]
+    else:
+        rows = torch.arange(s, device=q.device).unsqueeze(1) + (kv - s)
+        allowed = torch.arange(kv, device=q.device).unsqueeze(0) <= rows  # [s, kv]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    keep = dropout.keep_mask(heads, (s, kv), q.device)
+    probs = (probs * keep * (1.0 / (1.0 - dropout.p))).to(v.dtype)
+    return torch.matmul(probs, vb).permute(2, 0, 1, 3)
+
+
+def flash_dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_start: torch.Tensor | None,
+    dropout: LayerDropout,
+) -> torch.Tensor:
+    """flash-attn's fused dropout (no score matrix kept, as Yuan 2.0's --flash-attn-drop), one
+    call per sample with the CUDA generator seeded from (seed, step, sample, layer, first
+    head): the same masks whatever the pp or dp layout, and again when recomputed. flash-attn
+    draws per LOCAL head index, so unlike :func:`dropout_attention` the masks change with tp.
+    """
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    s, b, heads, d = q.shape
+    outs = []
+    for i in range(b):
+        one = [t[:, i : i + 1].transpose(0, 1) for t in (q, k, v)]  # [1, len, heads, d]
+        with torch.random.fork_rng(devices=[q.device]):
+            torch.cuda.manual_seed(dropout.sample_seed(i))
+            if doc_start is None:
+                out = flash_attn_func(*one, dropout_p=dropout.p, causal=True)
+            else:
+                cu, longest = _make_layout(doc_start[:, i : i + 1], "varlen")
+                flat = [t.reshape(-1, heads, d) for t in one]
+                out = flash_attn_varlen_func(
+                    *flat, cu, cu, longest, longest, dropout_p=dropout.p, causal=True
+                ).view(1, s, heads, d)
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs, dim=1)
 
 
 def document_attention(
@@ -196,6 +268,10 @@ class LFAAttention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
         self.core = build_component("attention", cfg)
+        # Set by the decoder layer and the tp plan: which layer and which global heads this
+        # module computes, for the layout-free attention-dropout masks.
+        self.layer_id = 0
+        self.head_offset = 0
 
     def core_attention(
         self,
@@ -203,9 +279,15 @@ class LFAAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         doc_start: torch.Tensor | None = None,
+        dropout: DropoutKey | None = None,
     ) -> torch.Tensor:
-        """The core attention alone (a method so selective recompute can wrap just this)."""
-        out = self.core(q, k, v, doc_start)
+        """The core attention alone (a method so selective recompute can wrap just this; the
+        dropout key is an argument so the recomputed forward draws the same masks)."""
+        if dropout is not None:
+            layer = LayerDropout(dropout, self.layer_id, self.head_offset)
+            out = self.core(q, k, v, doc_start, dropout=layer)
+        else:
+            out = self.core(q, k, v, doc_start)
         if not isinstance(out, torch.Tensor) or out.shape != q.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -221,11 +303,13 @@ class LFAAttention(nn.Module):
         sin: torch.Tensor,
         doc_start: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        dropout: DropoutKey | None = None,
     ) -> torch.Tensor:
         """x: [s, b, h] (the normed layer input); cos/sin: [s, b, 1, head_dim].
 
         doc_start: bool [s, b] (the whole sequence), True where position ids restart; used by
         the filter and the attention mask when the config asks for document-aware behaviour.
+        dropout: this microbatch's attention-dropout key (training only), else None.
         """
         v = self.v_proj(x)
         # The projections define the sequence length: a sequence-parallel plan feeds this block
@@ -243,7 +327,8 @@ class LFAAttention(nn.Module):
             k, v = cache.append(k, v)
         # Cached decoding continues one document: the plain causal mask is the document mask.
         mask_docs = self.document_mask and cache is None and doc_start is not None
-        out = self.core_attention(q, k, v, doc_start if mask_docs else None)  # [s, b, heads, d]
+        starts = doc_start if mask_docs else None
+        out = self.core_attention(q, k, v, starts, dropout)  # [s, b, heads, d]
         return self.o_proj(out.reshape(s, b, self.num_heads * self.head_dim))
 
 

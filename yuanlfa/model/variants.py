@@ -19,6 +19,7 @@ from torch import nn
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.attention import causal_attention
+from yuanlfa.model.dropout import LayerDropout
 from yuanlfa.model.lfa import LocalizedFiltering, conv_parameters, init_conv_stack
 from yuanlfa.model.registry import register_builtin
 from yuanlfa.ops.causal_conv import causal_conv
@@ -106,6 +107,7 @@ class CausalAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         doc_start: torch.Tensor | None = None,
+        dropout: LayerDropout | None = None,
     ) -> torch.Tensor:
         """q: [s, b, heads, d]; k, v: [past + s, b, heads, d] -> [s, b, heads, d]."""
-        return causal_attention(q, k, v, self.backend, doc_start)
+        return causal_attention(q, k, v, self.backend, doc_start, dropout)

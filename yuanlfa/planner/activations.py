@@ -23,7 +23,9 @@ norm:
 - ``selective``: the core attention is recomputed; since our core attention is SDPA/flash, the
   only thing that disappears is its log-sum-exp (4*H per token): q, k, v stay saved (the
   checkpoint's inputs) and its output stays saved (o_proj's input).
-- ``full``: the layer's input only, a*h per token (per Tq under sequence parallelism).
+- ``full``: the layer's input only, a*h per token (per Tq under sequence parallelism). With
+  train.recompute_method block only the first recompute_num_layers layers of each stage are
+  checkpointed; the stage's other layers save what ``none`` says.
 
 On CUDA torch's fused rms_norm saves (input, rstd) instead of (input, input * rstd, rstd): n*h
 less per norm. The Triton LFA saves y and one rstd, not its norm's input (recomputed): 2n*h less.
@@ -111,6 +113,7 @@ def activation_spec(
         fused_norm=gpu,
         lfa_impl=impl,
         recompute=recompute_mode(cfg, pp_rank),
+        recompute_layers=t.recompute_num_layers if t.recompute_method == "block" else None,
     )
 
 
@@ -141,6 +144,18 @@ def layer_activation_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
     total += norm_saved_bytes(spec, h, Tq) + a * h * T
     total += 4 * a * (f // tp) * T  # fc1 output [.., 2f], silu(a) [.., f], silu(a) * g [.., f]
     return total
+
+
+def stage_layers_bytes(model: ModelConfig, spec: ActivationSpec, layers: int) -> int:
+    """Bytes ``layers`` decoder layers of one stage save for one microbatch: under block
+    recompute the first ``spec.recompute_layers`` keep their input only, the rest everything."""
+    if spec.recompute != "full" or spec.recompute_layers is None:
+        return layers * layer_activation_bytes(model, spec)
+    recomputed = min(spec.recompute_layers, layers)
+    plain = _replace_recompute(spec, "none")
+    return recomputed * layer_activation_bytes(model, spec) + (
+        layers - recomputed
+    ) * layer_activation_bytes(model, plain)
 
 
 def shared_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
@@ -210,7 +225,7 @@ def microbatch_activations(
             kept = spec.dtype_bytes == spec.norm_bytes or (layers > 0 and spec.recompute == "full")
             pipeline += 0 if kept else boundary
     return StageActivations(
-        layers=layers * layer_activation_bytes(model, spec),
+        layers=stage_layers_bytes(model, spec, layers),
         shared=shared_bytes(model, spec) if layers > 0 else 0,
         embedding=embedding_activation_bytes(spec) if first else 0,
         head=head_activation_bytes(model, spec) if last else 0,

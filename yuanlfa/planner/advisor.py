@@ -129,7 +129,14 @@ def apply_layout(
         cfg,
         parallel=parallel,
         optim=dataclasses.replace(cfg.optim, distributed=layout.distributed),
-        train=dataclasses.replace(cfg.train, recompute=layout.recompute, recompute_stages=None),
+        # The advisor's "full" recomputes every layer (method uniform, one layer per checkpoint).
+        train=dataclasses.replace(
+            cfg.train,
+            recompute=layout.recompute,
+            recompute_stages=None,
+            recompute_method="uniform",
+            recompute_num_layers=1,
+        ),
     )
     validate(out)
     t = out.train
@@ -366,7 +373,12 @@ def snippet(ranked: Ranked) -> dict:
     return {
         "parallel": parallel,
         "optim": {"distributed": lay.distributed},
-        "train": {"recompute": lay.recompute, "recompute_stages": None},
+        "train": {
+            "recompute": lay.recompute,
+            "recompute_stages": None,
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
     }
 
 

@@ -266,7 +266,11 @@ class CostModel:
 
     def microbatch_bytes(self, stage: int, layers: int) -> int:
         """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
-        if layers > 1:  # linear in the layers beyond the first (microbatch_activations)
+        spec = self.specs[rank_of_stage(stage, self.pp)]
+        # Linear in the layers beyond the first (microbatch_activations), except under block
+        # recompute, where the first recompute_layers layers save less than the rest.
+        block = spec.recompute == "full" and spec.recompute_layers is not None
+        if layers > 1 and not block:
             rank = rank_of_stage(stage, self.pp)
             per_layer = self._cached(
                 ("layer_bytes", rank),
@@ -274,7 +278,6 @@ class CostModel:
             )
             return self.microbatch_bytes(stage, 1) + (layers - 1) * per_layer
         first, last = stage == 0, stage == self.num_stages - 1
-        spec = self.specs[rank_of_stage(stage, self.pp)]
         return self._cached(
             ("microbatch_bytes", stage, layers),
             lambda: (

@@ -27,10 +27,12 @@ from yuanlfa.checkpoint import (
 )
 from yuanlfa.config import Config, config_to_dict
 from yuanlfa.data.build import TrainData, build_datasets, get_batch
+from yuanlfa.model.dropout import DropoutStep, dropout_step
 from yuanlfa.parallel import Mesh, parallelize
 from yuanlfa.parallel.grads import sum_over
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
+from yuanlfa.train.fit_check import check_memory_fit
 from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
@@ -93,6 +95,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     t = cfg.train
     device = pick_device(cfg)
     check_lfa_impl(cfg, device)
+    check_memory_fit(cfg, device)  # the planner's peak per rank against the device, up front
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)
     progress = progress and world_from_env()[1] == 0
@@ -244,7 +247,8 @@ class Trainer:
         num_tokens = sum_over(sum(b["loss_mask"].sum() for b in batches), mesh.dp_group)
         # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
         self.grad_sync.start(self.micro_batches)
-        loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
+        with dropout_step(self.dropout_state()):
+            loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
         grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad)
         skipped = not self.update(grad_norm)
         self.step += 1
@@ -264,6 +268,16 @@ class Trainer:
         if skipped:
             record["skipped"] = True
         return record
+
+    def dropout_state(self) -> DropoutStep:
+        """Which samples this step's microbatches hold (the loader's order: dp rank r takes the
+        r-th contiguous share of the global batch), for the layout-free dropout masks."""
+        t = self.cfg.train
+        local = t.global_batch_size // self.mesh.dp
+        start = self.consumed + self.mesh.dp_rank * local
+        return DropoutStep(
+            t.seed, self.step, tuple(range(start, start + local)), t.micro_batch_size
+        )
 
     def forward_backward(
         self, batches: list[dict[str, torch.Tensor]], num_tokens: torch.Tensor
