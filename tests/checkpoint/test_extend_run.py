@@ -116,11 +116,6 @@ def _run(corpus: str, ckpt: str, steps: int, resume: bool) -> list[tuple]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the trainer wiring of issue 19 (run settings with data.order, resume_problem "
-    "instead of check_same_run): remove this mark when wired",
-)
 def test_16_steps_extended_to_24_equal_a_24_step_run(small_corpus: str, tmp_path: Path) -> None:
     straight = _run(small_corpus, str(tmp_path / "straight"), 24, resume=False)
     head = _run(small_corpus, str(tmp_path / "extended"), 16, resume=False)

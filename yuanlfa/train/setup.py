@@ -86,20 +86,6 @@ def run_settings(cfg: Config, data_source: str) -> dict[str, Any]:
     }
 
 
-def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    changed = [
-        f"{k} {saved[k]!r} -> {current[k]!r}"
-        for k in current
-        if k in saved and saved[k] != current[k]
-    ]
-    if changed:
-        raise CheckpointError(
-            f"{path} belongs to a run with other settings ({'; '.join(changed)}); the sample "
-            "order and lr schedule depend on them, so resuming would not continue that run. "
-            "Restore the settings, or start a new run in another checkpoint.dir"
-        )
-
-
 def init_source(path: str) -> Path:
     """The checkpoint ``checkpoint.init_from`` names: a step directory or a checkpoint.dir."""
     try:

@@ -23,8 +23,9 @@ from yuanlfa.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    manifest,
 )
+from yuanlfa.checkpoint.async_save import AsyncSaver, SaveDone, use_async
 from yuanlfa.config import Config, config_to_dict
 from yuanlfa.data.build import TrainData, build_datasets, get_batch
 from yuanlfa.model.dropout import DropoutStep, dropout_step
@@ -46,7 +47,6 @@ from yuanlfa.train.pipeline import (
 from yuanlfa.train.schedule import learning_rate
 from yuanlfa.train.setup import (
     check_lfa_impl,
-    check_same_run,
     init_source,
     layout_record,
     memory_gb,
@@ -140,9 +140,18 @@ class Trainer:
         self.optimizer, self.grad_sync = build_optimizer_and_sync(
             self.model, cfg, mesh, param_dtype
         )
-        self.extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
+        run = run_settings(cfg, data.prefix)
+        # The sample order's signature per dataset: a run may be extended only while it holds.
+        datasets = getattr(data.train, "datasets", [data.train])
+        run["data.order"] = [list(d.order_signature) for d in datasets]
+        self.extra = {"config": config_to_dict(cfg), "run": run}
         self.step, self.consumed = self._resume()
         self.result = TrainResult()
+        ckpt = cfg.checkpoint
+        self.saver = None
+        if ckpt.dir is not None:
+            enabled = use_async(ckpt.async_save, device)
+            self.saver = AsyncSaver(ckpt.dir, ckpt.keep_last, ckpt.keep_every, enabled)
 
     def say(self, *args, **kwargs) -> None:
         if self.is_logger:
@@ -166,7 +175,9 @@ class Trainer:
                 state = load_checkpoint(
                     path, self.model, self.optimizer, self.model_dict, self.mesh, self.cfg.model
                 )
-                check_same_run(state.extra.get("run", {}), self.extra["run"], path)
+                problem = manifest.resume_problem(state.extra.get("run", {}), self.extra["run"])
+                if problem is not None:
+                    raise CheckpointError(f"{path}: {problem}")
                 step, consumed = state.step, state.consumed_samples
                 self.say(f"resumed from {path} at step {step}", flush=True)
         if self.mesh.world_size > 1:
@@ -217,15 +228,18 @@ class Trainer:
         try:
             while self.step < t.steps:
                 record = self.train_step(loader)
+                self.note_saved(self.saver.poll() if self.saver else None, record)
                 exiting = bool(t.exit_interval) and self.step % t.exit_interval == 0
                 exiting = exiting and self.step < t.steps
                 last = self.step == t.steps or exiting
                 if self.eval_due(last):
                     record["eval_loss"] = self.evaluate()
+                self.maybe_save(last, exiting, record)
+                if last and self.saver is not None:  # the end and a clean exit publish the save
+                    self.note_saved(self.saver.wait(), record)
                 console = last or self.step == 1 or self.step % self.cfg.logging.log_interval == 0
                 logger.log(record, console=console or "eval_loss" in record)
                 self.result.records.append(record)
-                self.maybe_save(last, exiting)
                 if exiting:
                     self.say(f"exiting at step {self.step} (train.exit_interval={t.exit_interval})")
                     break
@@ -329,19 +343,30 @@ class Trainer:
             lambda: _autocast(self.device, self.dtype),
         )
 
-    def maybe_save(self, last: bool, exiting: bool) -> None:
+    def maybe_save(self, last: bool, exiting: bool, record: dict[str, Any]) -> None:
+        """Save when due: the step only stages its tensors when saves are asynchronous
+        (``save_blocking_s`` is the time the loop was held); ``save_total_s`` is logged when the
+        save is published (a later step's poll, the next save, or the end)."""
         ckpt = self.cfg.checkpoint
         interval_due = ckpt.interval and self.step % ckpt.interval == 0
-        if ckpt.dir is None or not (interval_due or exiting or (last and ckpt.save_at_end)):
+        if self.saver is None or not (interval_due or exiting or (last and ckpt.save_at_end)):
             return
-        self.result.final_checkpoint = save_checkpoint(
-            ckpt.dir,
+        started, previous = self.saver.save(
             self.model,
             self.optimizer,
             TrainingState(self.step, self.consumed, self.model_dict, self.extra),
             self.mesh,
             self.cfg.model,
             layout_record(self.cfg, self.layout),
-            keep_last=ckpt.keep_last,
         )
-        self.say(f"saved checkpoint {self.result.final_checkpoint}", flush=True)
+        self.note_saved(previous, record)
+        record["save_blocking_s"] = round(started.blocking_s, 4)
+        if not self.saver.in_flight:  # written inline: already published
+            self.note_saved(SaveDone(started.path, started.blocking_s), record)
+
+    def note_saved(self, done: SaveDone | None, record: dict[str, Any]) -> None:
+        if done is None:
+            return
+        self.result.final_checkpoint = done.path
+        record["save_total_s"] = round(done.total_s, 4)
+        self.say(f"saved checkpoint {done.path}", flush=True)
