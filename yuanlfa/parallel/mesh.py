@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from yuanlfa.config import ConfigError, ModelConfig, ParallelConfig
+from yuanlfa.layout.schedules import schedule_spec
 
 DIMS = ("tp", "dp", "pp")
 
@@ -138,9 +139,10 @@ def build_mesh(
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
-    if sizes["pp"] > 1:
+    if sizes["pp"] > 1 and not schedule_spec(parallel.schedule).ends_on_one_rank:
         # The tied embedding lives on the first stage (input) and the last (head): their
-        # gradients are summed over this two-rank group each step.
+        # gradients are summed over this two-rank group each step. (V-shaped schedules put
+        # both stages on pipeline rank 0, whose one embedding collects both gradients.)
         for fixed in itertools.product(range(sizes["tp"]), range(sizes["dp"])):
             base = dict(zip(("tp", "dp"), fixed))
             ranks = [coords_rank(order, sizes, {**base, "pp": i}) for i in (0, sizes["pp"] - 1)]

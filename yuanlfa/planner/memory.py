@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import Config
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.params import param_counts
 
 
@@ -66,7 +67,9 @@ def stage_extra_params(cfg: Config, first: bool, last: bool, num_stages: int) ->
     params = counts.embedding // tp if first else 0
     if last:
         params += counts.final_norm + counts.head // tp
-        if num_stages > 1 and cfg.model.tie_embeddings:
+        # A V-shaped placement puts the last stage on the first stage's rank: no copy there.
+        ends_apart = not schedule_spec(cfg.parallel.schedule).ends_on_one_rank
+        if num_stages > 1 and cfg.model.tie_embeddings and ends_apart:
             params += counts.embedding // tp
     return params
 
@@ -90,7 +93,7 @@ def stage_memory(
     """Static memory of one rank of each pipeline rank's stages (activations excluded).
 
     ``blocks`` defaults to the configured split. Under interleaving, virtual stage s runs on
-    pipeline rank s % pp, and the rank holds the sum of its stages.
+    the pipeline rank the schedule places it on, and the rank holds the sum of its stages.
     """
     pp = cfg.parallel.pp
     blocks = tuple(blocks) if blocks is not None else config_blocks(cfg)
@@ -98,8 +101,9 @@ def stage_memory(
     per_layer = layer_params(cfg)
     layers_on = [0] * pp
     params_on = [0] * pp
+    schedule = schedule_spec(cfg.parallel.schedule)
     for stage, layers in enumerate(blocks):
-        rank = stage % pp
+        rank = schedule.rank_of_stage(pp, cfg.parallel.virtual_stages, stage)
         layers_on[rank] += layers
         first, last = stage == 0, stage == len(blocks) - 1
         params_on[rank] += layers * per_layer + stage_extra_params(cfg, first, last, len(blocks))

@@ -6,9 +6,10 @@ A split is given in one of three ways (``parallel``):
   per stage, ``|`` between stages, ``x*N`` repeats a token or a parenthesized group;
 - ``pipeline_blocks: auto``: the balancer's split (see :mod:`yuanlfa.planner.balance`).
 
-With ``virtual_stages`` v > 1 there are pp * v stages and stage s runs on pipeline rank s % pp
-(the assignment of Megatron's and torch's interleaved schedules). Pure Python: the planner uses it
-without building anything.
+With ``virtual_stages`` v > 1 there are pp * v stages, placed as the schedule's spec says
+(:mod:`yuanlfa.layout.schedules`): looped, stage s on pipeline rank s % pp (Megatron's and torch's
+interleaved schedules), or V-shaped (ZBV, DualPipeV). Pure Python: the planner uses it without
+building anything.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError, ModelConfig, ParallelConfig
+from yuanlfa.layout.schedules import Placement, rank_of_stage, schedule_spec, stages_of_rank
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class PipelineLayout:
     blocks: tuple[int, ...]  # layers per stage, in stage order
     pp: int
     virtual_stages: int = 1
+    placement: Placement = "looped"  # of the schedule, see yuanlfa.layout.schedules
 
     def __post_init__(self) -> None:
         if len(self.blocks) != self.pp * self.virtual_stages:
@@ -45,11 +48,11 @@ class PipelineLayout:
         return list(range(start, start + self.blocks[stage]))
 
     def stages_of_rank(self, pp_rank: int) -> list[int]:
-        """The stages pipeline rank ``pp_rank`` runs, in execution order."""
-        return [pp_rank + k * self.pp for k in range(self.virtual_stages)]
+        """The stages pipeline rank ``pp_rank`` runs, in stage order."""
+        return list(stages_of_rank(self.placement, self.pp, self.virtual_stages, pp_rank))
 
     def rank_of_stage(self, stage: int) -> int:
-        return stage % self.pp
+        return rank_of_stage(self.placement, self.pp, self.virtual_stages, stage)
 
     def is_first(self, stage: int) -> bool:
         return stage == 0
@@ -166,5 +169,8 @@ def build_layout(
     parallel: ParallelConfig, model: ModelConfig, auto_blocks: tuple[int, ...] | None = None
 ) -> PipelineLayout:
     return PipelineLayout(
-        resolve_blocks(parallel, model, auto_blocks), parallel.pp, parallel.virtual_stages
+        resolve_blocks(parallel, model, auto_blocks),
+        parallel.pp,
+        parallel.virtual_stages,
+        schedule_spec(parallel.schedule).placement,
     )

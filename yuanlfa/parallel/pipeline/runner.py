@@ -12,22 +12,12 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-)
+from torch.distributed import pipelining
+from torch.distributed.pipelining import PipelineStage
 
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.parallel.pipeline.layout import PipelineLayout
 from yuanlfa.parallel.pipeline.stage import StageModule
-
-SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-MULTI_STAGE = {
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "zero_bubble": ScheduleInterleavedZeroBubble,
-}
 
 
 class PipelineRunner:
@@ -76,15 +66,21 @@ class PipelineRunner:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         for stage in self.stages:
             self._time_compute(stage, device)
+        # The spec names torch's class and refuses, as a ConfigError, what torch would refuse.
+        spec = schedule_spec(schedule)
+        spec.check(layout.pp, layout.virtual_stages, num_microbatches)
+        if layout.placement != spec.placement:
+            raise ValueError(
+                f"layout placed {layout.placement}, but {schedule} places {spec.placement}"
+            )
+        cls = getattr(pipelining, spec.torch_class)
         common = {"loss_fn": self._loss, "scale_grads": False}
-        if schedule in SINGLE_STAGE:
+        if spec.single_stage:
             if len(self.stages) != 1:
                 raise ValueError(f"schedule {schedule} runs one stage per rank")
-            self.schedule = SINGLE_STAGE[schedule](self.stages[0], num_microbatches, **common)
-        elif schedule in MULTI_STAGE:
-            self.schedule = MULTI_STAGE[schedule](self.stages, num_microbatches, **common)
+            self.schedule = cls(self.stages[0], num_microbatches, **common)
         else:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}")
+            self.schedule = cls(self.stages, num_microbatches, **common)
 
     def _time_compute(self, stage: PipelineStage, device: torch.device) -> None:
         """Record the time this rank spends computing (forward, backward, weight gradients);

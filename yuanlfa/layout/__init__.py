@@ -1,0 +1,1 @@
+"""Torch-free vocabulary of layouts: pipeline splits, rank arithmetic, schedules as specs."""
