@@ -58,7 +58,9 @@ def _measure(rank: int, world: int, parallel: dict, recompute: str) -> tuple[int
     # The batch lives in the trainer anyway; microbatches are views of it.
     with SavedActivationProbe([*model.parameters(), *batch.values()]) as probe:
         runner.train_step(batch, batch["loss_mask"].sum())
-    predicted = stage_activation_bytes(cfg, layout, layout.stages_of_rank(mesh.pp_rank)[0])
+    # The rank's peak: each of its stages' microbatches held at that moment.
+    stages = layout.stages_of_rank(mesh.pp_rank)
+    predicted = sum(stage_activation_bytes(cfg, layout, s) for s in stages)
     return probe.peak, predicted
 
 
@@ -70,6 +72,22 @@ def _measure(rank: int, world: int, parallel: dict, recompute: str) -> tuple[int
         ({"pp": 2, "pipeline_blocks": [3, 1], "schedule": "gpipe"}, "none", 2),
         ({"pp": 2, "pipeline_blocks": [2, 2], "schedule": "1f1b"}, "selective", 2),
         ({"pp": 4, "pipeline_blocks": [1, 1, 2, 0], "schedule": "1f1b"}, "full", 4),
+        # V-shaped, two stages per rank, uneven: rank 0 holds stages 0 and 3, rank 1 1 and 2.
+        (
+            {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [1, 2, 1, 0], "schedule": "zbv"},
+            "none",
+            2,
+        ),
+        (
+            {
+                "pp": 2,
+                "virtual_stages": 2,
+                "pipeline_blocks": [0, 1, 2, 1],
+                "schedule": "dualpipev",
+            },
+            "none",
+            2,
+        ),
     ],
 )
 def test_stage_activations_match_the_planner(parallel: dict, recompute: str, world: int) -> None:

@@ -76,16 +76,21 @@ def _pipeline_grads(rank: int, world: int, parallel: dict):
         {"pp": 2, "pipeline_blocks": [1, 3], "schedule": "1f1b"},
         {"pp": 2, "pipeline_blocks": [3, 1], "schedule": "gpipe"},
         {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [0, 2, 1, 1], "schedule": "zero_bubble"},
+        # V-shaped: rank 0 holds stages 0 and 3 (the embedding and the tied head), rank 1 the
+        # turn (stages 1 and 2, passing activations locally).
+        {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [1, 2, 1, 0], "schedule": "zbv"},
+        {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [0, 1, 2, 1], "schedule": "dualpipev"},
     ],
+    ids=lambda parallel: parallel["schedule"],
 )
 def test_pipeline_gradients_equal_one_process(parallel: dict) -> None:
     cfg = _config({})
     ref_loss, ref_grads = _reference_grads(cfg, _batch(2, 16, MODEL["vocab_size"]))
     results = run_distributed(_pipeline_grads, 2, parallel, timeout=300)
     seen: set[str] = set()
-    for rank, (loss, grads) in enumerate(results):
-        if rank == 1:  # the last stage holds the loss
-            assert loss == pytest.approx(ref_loss, rel=1e-6)
+    losses = [loss for loss, _ in results if loss is not None]
+    assert losses == [pytest.approx(ref_loss, rel=1e-6)]  # on the one rank holding the last stage
+    for _, grads in results:
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
             seen.add(name)

@@ -89,12 +89,13 @@ class ScheduleSpec:
                 "micro_batch_size"
             )
         if self.name in ("interleaved_1f1b", "zero_bubble"):
+            # torch runs rounds of pp microbatches.
             rounds = max(1, m // pp)
             if m % rounds:
                 raise ConfigError(
-                    f"train.global_batch_size: {m} microbatches per pipeline is not a multiple of "
-                    f"{rounds} rounds of {pp} (needed by {self.name}); use a multiple of "
-                    "parallel.pp"
+                    f"train.global_batch_size: {m} microbatches per pipeline is not a multiple "
+                    f"of the {rounds} rounds of parallel.pp={pp} that {self.name} runs; use a "
+                    "multiple of parallel.pp"
                 )
 
 

@@ -561,6 +561,8 @@ def cost_model(
         raise ConfigError(
             "train.global_batch_size: smaller than micro_batch_size * dp; no microbatch to run"
         )
+    if p.pp > 1:
+        schedule_spec(p.schedule).check(p.pp, p.virtual_stages, m)
     return CostModel(
         cfg=cfg,
         device=device,
