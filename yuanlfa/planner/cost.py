@@ -390,10 +390,7 @@ class CostModel:
         """Sending ``nbytes`` from ``stage`` to ``stage + 1``: nothing where one rank holds both
         (the turn of a V-shaped placement); else over the link between their ranks."""
         a, b = self.rank_of(stage), self.rank_of(stage + 1)
-        if a == b:
-            return 0.0
-        # links.p2p[r] joins ranks r and r + 1 (mod pp): the V's way back uses its lower rank.
-        return self.links.p2p[a if b == (a + 1) % self.pp else b].transfer_s(nbytes)
+        return 0.0 if a == b else self.links.between(a, b).transfer_s(nbytes)
 
     def rank_stage_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> StageTime:
         """The rank's stages together. Computed from the layer count and the stages' fixed

@@ -54,9 +54,10 @@ class LinkPlan:
     embed: Link  # pipeline rank 0 <-> pp - 1 (the tied embedding's gradient)
     crossing: frozenset[str] = frozenset()  # of tp, dp, pp: the ones using inter-node links
 
-    def boundary(self, stage: int, pp: int) -> Link:
-        """The link from stage ``stage`` to ``stage + 1`` (ranks stage % pp and its successor)."""
-        return self.p2p[stage % pp]
+    def between(self, a: int, b: int) -> Link:
+        """The link joining neighbouring pipeline ranks ``a`` and ``b`` (either direction: a
+        V-shaped placement sends from rank r to r - 1 on its way back)."""
+        return self.p2p[a if b == (a + 1) % len(self.p2p) else b]
 
 
 def uniform_links(p2p: Link, tp: Link, dp: Link, pp: int) -> LinkPlan:
