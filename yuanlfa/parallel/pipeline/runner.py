@@ -81,6 +81,14 @@ class PipelineRunner:
             self.schedule = cls(self.stages[0], num_microbatches, **common)
         else:
             self.schedule = cls(self.stages, num_microbatches, **common)
+        # torch's runtime walks its whole lowered order under eval() too, backward actions
+        # included, and the V-shaped ones fail there at the V's turn (the local gradient
+        # hand-off between the two stages of the last rank): evaluate with the forward part of
+        # the order instead (its sends and receives keep their order, so no new waits).
+        self._eval_order = None
+        if spec.placement == "v":
+            lowered = self.schedule.pipeline_order_with_comms
+            self._eval_order = {rank: _forward_only(order) for rank, order in lowered.items()}
 
     def _time_compute(self, stage: PipelineStage, device: torch.device) -> None:
         """Record the time this rank spends computing (forward, backward, weight gradients);
@@ -151,5 +159,26 @@ class PipelineRunner:
         self.num_tokens = torch.ones((), device=batch["loss_mask"].device)
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
-        self.schedule.eval(*args, target=batch["loss_mask"], losses=losses, **kwargs)
+        train_order = self.schedule.pipeline_order_with_comms if self._eval_order else None
+        if self._eval_order:
+            self.schedule.pipeline_order_with_comms = self._eval_order
+        try:
+            self.schedule.eval(*args, target=batch["loss_mask"], losses=losses, **kwargs)
+        finally:
+            if train_order is not None:
+                self.schedule.pipeline_order_with_comms = train_order
         return torch.stack(losses).sum() if self.is_last else None
+
+
+_FORWARD_ACTIONS = frozenset({"FORWARD", "SEND_F", "RECV_F"})
+
+
+def _forward_only(order: list) -> list:
+    """The forward computations of one rank's lowered torch schedule, with their sends and
+    receives (an overlapped forward+backward action contributes its forward)."""
+    return [
+        part
+        for action in order
+        for part in (action.sub_actions or (action,))
+        if part.computation_type.name in _FORWARD_ACTIONS
+    ]
