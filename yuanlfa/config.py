@@ -489,6 +489,13 @@ def validate(cfg: Config) -> None:
         f"parallel.schedule: {p.schedule} runs 2 stages per rank (V-shaped); set "
         f"parallel.virtual_stages: 2, got {p.virtual_stages}",
     )
+    # DualPipeV mixes full and split backwards: a parameter's gradients do not arrive once per
+    # microbatch through autograd's hook, which the reduction overlapping backward counts on.
+    _require(
+        p.schedule != "dualpipev" or (p.dp or 1) == 1 or not p.overlap_grad_reduce,
+        "parallel.overlap_grad_reduce: dualpipev with parallel.dp > 1 needs "
+        "overlap_grad_reduce: false (its split backwards bypass the gradient hooks)",
+    )
     _require(
         not p.sequence_parallel or p.tp > 1,
         "parallel.sequence_parallel: needs parallel.tp > 1",

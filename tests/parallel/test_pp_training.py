@@ -130,6 +130,19 @@ LAYOUTS = {
             "schedule": "interleaved_1f1b",
         },
         "pp2 v2 zero bubble": {"pp": 2, "virtual_stages": 2, "schedule": "zero_bubble"},
+        # V-shaped: the embedding and the tied head both on rank 0.
+        "pp2 v2 [1,2,1,0] zbv": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [1, 2, 1, 0],
+            "schedule": "zbv",
+        },
+        "pp2 v2 [0,1,2,1] dualpipev": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [0, 1, 2, 1],
+            "schedule": "dualpipev",
+        },
     },
     4: {
         "pp4 [1,1,2,0] head-only last stage, recompute per stage": {
@@ -142,6 +155,21 @@ LAYOUTS = {
             "pp": 2,
             "pipeline_blocks": [3, 1],
             "sequence_parallel": True,
+        },
+        "tp2 x pp2 v2 [1,1,2,0] zbv + sp": {
+            "tp": 2,
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [1, 1, 2, 0],
+            "schedule": "zbv",
+            "sequence_parallel": True,
+        },
+        "pp2 v2 [2,1,1,0] dualpipev x dp2, reduced after backward": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [2, 1, 1, 0],
+            "schedule": "dualpipev",
+            "overlap_grad_reduce": False,
         },
     },
     8: {

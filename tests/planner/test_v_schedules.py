@@ -73,3 +73,13 @@ def test_dualpipev_needs_a_microbatch_per_stage() -> None:
     assert "\n" not in str(exc.value)
     schedule_spec("dualpipev").check(4, 2, 8)  # enough
     schedule_spec("zbv").check(4, 2, 1)  # torch's ZBV drops the microbatches it lacks
+
+
+def test_dualpipev_with_data_parallelism_reduces_after_backward() -> None:
+    parallel = {"pp": 2, "dp": 2, "virtual_stages": 2, "schedule": "dualpipev"}
+    data = {"model": {"num_layers": 4}, "parallel": parallel}
+    with pytest.raises(ConfigError, match="overlap_grad_reduce: false") as exc:
+        config_from_dict(data)
+    assert "\n" not in str(exc.value)
+    config_from_dict({**data, "parallel": {**parallel, "overlap_grad_reduce": False}})
+    config_from_dict({**data, "parallel": {**parallel, "schedule": "zbv"}})
