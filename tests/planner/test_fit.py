@@ -81,14 +81,18 @@ def _resolved_with(overrides: list[str]):
     return resolve(cfg, _world(cfg))
 
 
-def test_train_stops_before_allocating() -> None:
+def test_train_stops_before_allocating(tmp_path) -> None:
     from yuanlfa.train import train
 
+    # Files that exist (the preflight checks that) but are empty: reading them would fail with
+    # another error, so the fit verdict comes before any data is read.
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"never-read{suffix}").write_bytes(b"")
     cfg = config_from_dict(
         {
             "model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 384},
             "train": {"device": "cpu", "steps": 1, "device_memory_gb": 1e-4},
-            "data": {"path": "/nonexistent/never-read"},
+            "data": {"path": str(tmp_path / "never-read")},
         }
     )
     with pytest.raises(ConfigError, match="does not fit: pipeline rank 0 needs"):

@@ -269,7 +269,7 @@ def write_plot(path: str, summary: dict, model: CostModel, plans: dict[str, Plan
 
     shown = _timeline_model(model)
     timeline = simulate(shown, plans["balanced"].blocks)
-    colors = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
+    colors = {"F": "tab:blue", "B": "tab:orange", "I": "tab:red", "W": "tab:green"}
     edge = 0.3 if pp <= 16 else 0.0  # separators would hide the thin ops of deep pipelines
     for kind, color in colors.items():
         for r in range(pp):
@@ -279,7 +279,8 @@ def write_plot(path: str, summary: dict, model: CostModel, plans: dict[str, Plan
                 if op.rank == r and op.kind == kind
             ]
             if spans:
-                label = {"F": "forward", "B": "backward", "W": "weight grad"}[kind]
+                label = {"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}
+                label = label[kind]
                 gantt.broken_barh(
                     spans, (r - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=edge,
                     label=label if r == 0 else None,

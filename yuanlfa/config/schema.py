@@ -92,8 +92,11 @@ class ParallelConfig:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (torch's
-    # interleaved zero-bubble) run virtual_stages stages per rank.
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    # interleaved zero-bubble) run virtual_stages stages per rank; zbv (torch's ZBV zero-bubble)
+    # and dualpipev (DualPipeV) run 2, V-shaped. Specs: yuanlfa.layout.schedules.
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"] = (
+        "1f1b"
+    )
     rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
     # Start each gradient bucket's dp reduction during the last backward pass, as soon as its
     # gradients are complete (Megatron's --overlap-grad-reduce); false: all after backward.

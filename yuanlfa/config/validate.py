@@ -91,9 +91,24 @@ def validate(cfg: Config) -> None:
     )
     configured_blocks(p, m)
     _require(
-        p.virtual_stages == 1 or p.schedule in ("interleaved_1f1b", "zero_bubble"),
+        p.virtual_stages == 1 or p.schedule not in ("gpipe", "1f1b"),
         f"parallel.schedule: {p.schedule} runs one stage per rank but parallel.virtual_stages = "
         f"{p.virtual_stages}; use interleaved_1f1b or zero_bubble, or set virtual_stages=1",
+    )
+    # The full rules of each schedule (microbatch counts, pp >= 2 for V shapes) are its spec's
+    # check (yuanlfa.layout.schedules), which the runner and planner call; config cannot import
+    # layout, so the stage count of the V shapes is stated here too.
+    _require(
+        p.virtual_stages == 2 or p.schedule not in ("zbv", "dualpipev"),
+        f"parallel.schedule: {p.schedule} runs 2 stages per rank (V-shaped); set "
+        f"parallel.virtual_stages: 2, got {p.virtual_stages}",
+    )
+    # DualPipeV mixes full and split backwards: a parameter's gradients do not arrive once per
+    # microbatch through autograd's hook, which the reduction overlapping backward counts on.
+    _require(
+        p.schedule != "dualpipev" or (p.dp or 1) == 1 or not p.overlap_grad_reduce,
+        "parallel.overlap_grad_reduce: dualpipev with parallel.dp > 1 needs "
+        "overlap_grad_reduce: false (its split backwards bypass the gradient hooks)",
     )
     _require(
         not p.sequence_parallel or p.tp > 1,

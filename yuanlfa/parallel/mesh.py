@@ -19,6 +19,7 @@ from yuanlfa.layout.ranks import (
     rank_coords,
     rank_order,
 )
+from yuanlfa.layout.schedules import schedule_spec
 
 
 @dataclass
@@ -101,9 +102,10 @@ def build_mesh(
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
-    if sizes["pp"] > 1:
+    if sizes["pp"] > 1 and not schedule_spec(parallel.schedule).ends_on_one_rank:
         # The tied embedding lives on the first stage (input) and the last (head): their
-        # gradients are summed over this two-rank group each step.
+        # gradients are summed over this two-rank group each step. (V-shaped schedules put
+        # both stages on pipeline rank 0, whose one embedding collects both gradients.)
         for ranks in embedding_group_ranks(order, sizes):
             group = dist.new_group(ranks)
             if rank in ranks:

@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from yuanlfa.config import Config, ConfigError, resolve, validate
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, DevicePreset
@@ -141,14 +142,8 @@ def apply_layout(
     validate(out)
     t = out.train
     m = t.global_batch_size // (t.micro_batch_size * layout.dp)
-    if v > 1:
-        # torch's interleaved schedules run rounds of pp microbatches.
-        rounds = max(1, m // layout.pp)
-        if m % rounds:
-            raise ConfigError(
-                f"parallel.schedule: {layout.schedule} needs the {m} microbatches to be a "
-                f"multiple of the {rounds} rounds of pp={layout.pp}"
-            )
+    if layout.pp > 1:
+        schedule_spec(layout.schedule).check(layout.pp, v, m)
     return resolve(out, layout.tp * layout.pp * layout.dp, tokenizer_vocab)
 
 

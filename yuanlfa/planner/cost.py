@@ -28,18 +28,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from yuanlfa.config import Config, ConfigError
-from yuanlfa.layout import PipelineLayout, rank_of_stage
+from yuanlfa.layout import PipelineLayout
+from yuanlfa.layout.schedules import Op, ScheduleSpec, rank_ops, schedule_spec
 from yuanlfa.planner import comm
 from yuanlfa.planner.activations import (
     ActivationSpec,
-    Op,
     activation_spec,
     layer_activation_bytes,
     loss_workspace_bytes,
     microbatch_activations,
     num_microbatches,
     outstanding_profile,
-    rank_ops,
     recompute_workspace_bytes,
 )
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset
@@ -200,6 +199,14 @@ class CostModel:
         return schedule_held(p.schedule, p.pp, self.num_microbatches, p.virtual_stages)
 
     @cached_property
+    def schedule(self) -> ScheduleSpec:
+        return schedule_spec(self.cfg.parallel.schedule)
+
+    def rank_of(self, stage: int) -> int:
+        """The pipeline rank holding ``stage`` (the schedule's placement)."""
+        return self.schedule.rank_of_stage(self.pp, self.virtual_stages, stage)
+
+    @cached_property
     def _memo(self) -> dict:
         """Per-layer and per-stage terms, computed once: the balancer and the advisor ask for
         them for every layer count of every stage (the model is immutable)."""
@@ -266,12 +273,12 @@ class CostModel:
 
     def microbatch_bytes(self, stage: int, layers: int) -> int:
         """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
-        spec = self.specs[rank_of_stage(stage, self.pp)]
+        spec = self.specs[self.rank_of(stage)]
         # Linear in the layers beyond the first (microbatch_activations), except under block
         # recompute, where the first recompute_layers layers save less than the rest.
         block = spec.recompute == "full" and spec.recompute_layers is not None
         if layers > 1 and not block:
-            rank = rank_of_stage(stage, self.pp)
+            rank = self.rank_of(stage)
             per_layer = self._cached(
                 ("layer_bytes", rank),
                 lambda: layer_activation_bytes(self.cfg.model, self.specs[rank]),
@@ -296,9 +303,7 @@ class CostModel:
     def workspace_bytes(self, stages: tuple[int, ...], blocks: tuple[int, ...]) -> int:
         """The largest transient buffer: one layer's recompute (if the rank holds a layer), the
         loss's blocks and weight-gradient accumulator (if it holds the last stage)."""
-        recompute = (
-            self.recompute_workspace_bytes(rank_of_stage(stages[0], self.pp)) if sum(blocks) else 0
-        )
+        recompute = self.recompute_workspace_bytes(self.rank_of(stages[0])) if sum(blocks) else 0
         loss = self.loss_workspace_bytes() if self.num_stages - 1 in stages else 0
         return max(recompute, loss)
 
@@ -352,7 +357,7 @@ class CostModel:
 
     def stage_time(self, stage: int, layers: int) -> StageTime:
         """``stage`` holding ``layers`` layers: that many layers plus its fixed parts."""
-        layer = self.layer_time(rank_of_stage(stage, self.pp))
+        layer = self.layer_time(self.rank_of(stage))
         fixed = self._cached(("stage_fixed", stage), lambda: self._stage_fixed(stage))
         fwd_comm = layers * layer.comm_split[0] + fixed.comm_split[0]
         return StageTime(
@@ -379,10 +384,16 @@ class CostModel:
             fwd_comm, bwd_comm = fwd_comm + f, bwd_comm + b
         boundary = spec.dtype_bytes * m.hidden_size * spec.shard_tokens
         if not last:  # the activation to the next stage
-            fwd_comm += self.links.boundary(stage, self.pp).transfer_s(boundary)
+            fwd_comm += self._boundary_s(stage, boundary)
         if not first:  # the input's gradient back to the previous stage
-            bwd_comm += self.links.boundary(stage - 1, self.pp).transfer_s(boundary)
+            bwd_comm += self._boundary_s(stage - 1, boundary)
         return StageTime(forward, backward, weight_grad, fwd_comm + bwd_comm, fwd_comm)
+
+    def _boundary_s(self, stage: int, nbytes: int) -> float:
+        """Sending ``nbytes`` from ``stage`` to ``stage + 1``: nothing where one rank holds both
+        (the turn of a V-shaped placement); else over the link between their ranks."""
+        a, b = self.rank_of(stage), self.rank_of(stage + 1)
+        return 0.0 if a == b else self.links.between(a, b).transfer_s(nbytes)
 
     def rank_stage_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> StageTime:
         """The rank's stages together. Computed from the layer count and the stages' fixed
@@ -416,8 +427,10 @@ class CostModel:
         cfg, p = self.cfg, self.cfg.parallel
         stages = self.stages_of(rank)
         total = 0.0
-        holds_ends = 0 in stages or self.num_stages - 1 in stages
-        if self.num_stages > 1 and cfg.model.tie_embeddings and holds_ends:
+        # Only where the two ends are on different ranks (a V-shaped placement puts both on rank
+        # 0, whose one embedding collects both gradients).
+        holds_one_end = (0 in stages) != (self.num_stages - 1 in stages)
+        if self.num_stages > 1 and cfg.model.tie_embeddings and holds_one_end:
             total += comm.tied_embedding_s(
                 param_counts(cfg.model).embedding // p.tp, self.dp, self.state,
                 cfg.optim.distributed, self.links.embed,
@@ -430,7 +443,8 @@ class CostModel:
     # Whole plans
 
     def stages_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(rank + k * self.pp for k in range(self.virtual_stages))
+        """The stages pipeline rank ``rank`` runs (the schedule's placement), in stage order."""
+        return self.schedule.stages_of_rank(self.pp, self.virtual_stages, rank)
 
     def check_blocks(self, blocks: tuple[int, ...]) -> None:
         if len(blocks) != self.num_stages or sum(blocks) != self.num_layers or min(blocks) < 0:
@@ -547,6 +561,8 @@ def cost_model(
         raise ConfigError(
             "train.global_batch_size: smaller than micro_batch_size * dp; no microbatch to run"
         )
+    if p.pp > 1:
+        schedule_spec(p.schedule).check(p.pp, p.virtual_stages, m)
     return CostModel(
         cfg=cfg,
         device=device,
@@ -573,8 +589,9 @@ def schedule_held(
 
 
 def held_counts(ops: list[Op], pp: int, virtual_stages: int) -> tuple[tuple[int, ...], ...]:
-    """Microbatches held per local stage (k-th entry: the rank's k-th stage, s // pp = k) after
-    each forward, keeping only vectors no other one dominates (the only candidate peaks)."""
+    """Microbatches held per local stage (k-th entry: the rank's k-th stage, s // pp = k under
+    both looped and V-shaped placement) after each forward, keeping only vectors no other one
+    dominates (the only candidate peaks)."""
     vectors = set()
     for held in outstanding_profile(ops):
         vec = [0] * virtual_stages
@@ -591,10 +608,10 @@ def held_counts(ops: list[Op], pp: int, virtual_stages: int) -> tuple[tuple[int,
 def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...]:
     """Run every rank's ops in schedule order; an op starts when its rank is free and its input
     exists: a forward needs the previous stage's forward of that microbatch, a backward the next
-    stage's backward (the last stage its own forward), a weight-gradient op its backward."""
+    stage's input gradient (full backward B or input-only I; the last stage its own forward), a
+    weight-gradient op W its I."""
     times = [model.stage_time(s, b) for s, b in enumerate(blocks)]
     last = len(blocks) - 1
-    zero_bubble = model.cfg.parallel.schedule == "zero_bubble"
 
     # A forward runs its collectives and sends the activation; a backward runs its collectives
     # and sends the input gradient.
@@ -603,12 +620,17 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
         fwd_comm, bwd_comm = t.comm_split
         duration["F", stage] = t.forward_s + fwd_comm
         duration["W", stage] = t.weight_grad_s
-        duration["B", stage] = t.backward_s - (t.weight_grad_s if zero_bubble else 0.0) + bwd_comm
+        duration["B", stage] = t.backward_s + bwd_comm
+        duration["I", stage] = t.backward_s - t.weight_grad_s + bwd_comm
+
+    def done_key(op: Op) -> tuple[str, int, int]:
+        # B and I both deliver the input gradient the previous stage waits for.
+        return ("B" if op.kind == "I" else op.kind, op.stage, op.microbatch)
 
     def dependency(op: Op) -> tuple[str, int, int] | None:
         if op.kind == "F":
             return ("F", op.stage - 1, op.microbatch) if op.stage > 0 else None
-        if op.kind == "B":
+        if op.kind in ("B", "I"):
             if op.stage == last:
                 return ("F", op.stage, op.microbatch)
             return ("B", op.stage + 1, op.microbatch)
@@ -632,7 +654,7 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
                         break
                     now = max(now, ready)
                 end = now + duration[op.kind, op.stage]
-                done[op.kind, op.stage, op.microbatch] = end
+                done[done_key(op)] = end
                 out.append(TimelineOp(r, op.kind, op.stage, op.microbatch, now, end))
                 now = end
                 i += 1

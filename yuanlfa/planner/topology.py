@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
-from yuanlfa.layout import DIMS, group_ranks, rank_of_stage
+from yuanlfa.layout import DIMS, group_ranks
 from yuanlfa.planner.links import Link
 
 
@@ -53,9 +53,10 @@ class LinkPlan:
     embed: Link  # pipeline rank 0 <-> pp - 1 (the tied embedding's gradient)
     crossing: frozenset[str] = frozenset()  # of tp, dp, pp: the ones using inter-node links
 
-    def boundary(self, stage: int, pp: int) -> Link:
-        """The link from stage ``stage`` to ``stage + 1`` (ranks stage % pp and its successor)."""
-        return self.p2p[rank_of_stage(stage, pp)]
+    def between(self, a: int, b: int) -> Link:
+        """The link joining neighbouring pipeline ranks ``a`` and ``b`` (either direction: a
+        V-shaped placement sends from rank r to r - 1 on its way back)."""
+        return self.p2p[a if b == (a + 1) % len(self.p2p) else b]
 
 
 def uniform_links(p2p: Link, tp: Link, dp: Link, pp: int) -> LinkPlan:
