@@ -32,6 +32,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type, or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # list entries that are sections (cluster.groups)
+        return _from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -55,6 +55,7 @@ class RankCandidates:
     memory: np.ndarray  # [C] peak bytes
     time: np.ndarray  # [C] seconds per microbatch (a function of ``layers`` only)
     stage_time: np.ndarray  # [C] seconds per microbatch of the slowest of its stages
+    recompute: np.ndarray | None = None  # [C] recompute mode index (:mod:`.recompute`)
 
 
 @dataclass(frozen=True)
@@ -152,22 +153,10 @@ def best_blocks(
             f"model.num_layers={L} is fewer than the {pp * v} pipeline stages; allow empty stages"
         )
     ranks = [rank_candidates(model, r, allow_empty_stages) for r in range(pp)]
-    limit = model.memory_limit_bytes
-    ok = [np.ones(len(c.layers), dtype=bool) for c in ranks]
-    if objective == "time" and limit is not None:
-        ok = [c.memory <= limit for c in ranks]
-    optima = []
-    choice: list[int] | None = None
-    for criterion in CRITERIA[objective]:
-        costs = [
-            _best_per_layers(getattr(c, criterion), c.layers, mask, L) for c, mask in zip(ranks, ok)
-        ]
-        optimum, choice = _minmax(costs, L)
-        if choice is None:
-            every = [_best_per_layers(c.memory, c.layers, c.memory >= 0, L) for c in ranks]
-            raise ConfigError(_infeasible_message(model, _minmax(every, L)[0]))
-        optima.append(optimum)
-        ok = [mask & (getattr(c, criterion) <= optimum) for c, mask in zip(ranks, ok)]
+    ok = _fitting(model, ranks, objective)
+    optima, choice, ok = _search(ranks, ok, CRITERIA[objective], L)
+    if choice is None:
+        raise ConfigError(_infeasible_message(model, [[c] for c in ranks]))
     even = uniform_blocks(L, model.num_stages)
     if (allow_empty_stages or min(even) > 0) and _within(model, even, objective, optima):
         return even
@@ -190,6 +179,38 @@ def plan_scores(model: CostModel, blocks: tuple[int, ...]) -> dict[str, float]:
     }
 
 
+def _fitting(model: CostModel, ranks: list[RankCandidates], objective: str) -> list[np.ndarray]:
+    """Per rank: the candidates allowed before the search (under "time", those that fit the
+    rank's own device)."""
+    out = []
+    for r, c in enumerate(ranks):
+        limit = model.limit_of(r)
+        fits = objective != "time" or limit is None
+        out.append(np.ones(len(c.layers), dtype=bool) if fits else c.memory <= limit)
+    return out
+
+
+def _search(
+    ranks: list[RankCandidates], ok: list[np.ndarray], criteria: tuple[str, ...], total: int
+) -> tuple[list[float], list[int] | None, list[np.ndarray]]:
+    """The lexicographic min-max over ``criteria``: each phase splits ``total`` layers over the
+    ranks by the min-max DP and keeps only the candidates within its optimum. Returns the
+    optima, the layers per rank, and the candidates left; choice None when nothing is allowed."""
+    optima: list[float] = []
+    choice: list[int] | None = None
+    for criterion in criteria:
+        costs = [
+            _best_per_layers(getattr(c, criterion), c.layers, mask, total)
+            for c, mask in zip(ranks, ok)
+        ]
+        optimum, choice = _minmax(costs, total)
+        if choice is None:
+            return optima, None, ok
+        optima.append(optimum)
+        ok = [mask & (getattr(c, criterion) <= optimum) for c, mask in zip(ranks, ok)]
+    return optima, choice, ok
+
+
 def _within(model: CostModel, blocks: tuple[int, ...], objective: str, optima: list) -> bool:
     scores = plan_scores(model, blocks)
     limit = model.memory_limit_bytes
@@ -198,14 +219,53 @@ def _within(model: CostModel, blocks: tuple[int, ...], objective: str, optima: l
     return all(scores[c] <= opt for c, opt in zip(CRITERIA[objective], optima))
 
 
-def _infeasible_message(model: CostModel, least: float) -> str:
-    limit = model.memory_limit_bytes or 0
+def _room(model: CostModel, ranks: list[list[RankCandidates]]) -> list[int]:
+    """Per rank: the most layers it can hold within its own limit under any of its candidate
+    sets (recompute modes); -1 when not even its fixed parts fit."""
+    room = []
+    for r, variants in enumerate(ranks):
+        limit = model.limit_of(r)
+        most = -1
+        for c in variants:
+            fit = c.layers[c.memory <= limit] if limit is not None else c.layers
+            most = max(most, int(fit.max()) if len(fit) else -1)
+        room.append(most)
+    return room
+
+
+def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> str:
+    """What does not fit, by rank and device, and the smallest change that would make it fit."""
+    room = _room(model, ranks)
+    L = model.num_layers
+    fixes = (
+        "set train.recompute=full, optim.distributed=true with dp > 1, a smaller "
+        "train.micro_batch_size or a larger parallel.pp/tp, or use devices with more memory"
+    )
+    full = model.cfg.train.recompute == "full" or len(ranks[0]) > 1
+    if full:
+        fixes = fixes.replace("set train.recompute=full, ", "set ")
+    bad = [r for r, n in enumerate(room) if n < 0]
+    if bad:
+        r = bad[0]
+        c = min(ranks[r], key=lambda c: c.memory.min())
+        need = float(c.memory.min())
+        limit = model.limit_of(r) or 0
+        return (
+            f"pipeline rank {r} ({model.device_of(r).name}, {limit / GIB:.1f} GiB) cannot hold "
+            f"even its fixed parts (embedding / head) with no layers: needs {need / GIB:.1f} GiB, "
+            f"{(need - limit) / GIB:.1f} GiB more; {fixes}"
+        )
+    short = L - sum(room)
+    per_rank = (
+        ", ".join(f"{r}:{n}" for r, n in enumerate(room) if model.limit_of(r) != model.limit_of(0))
+        or f"each at most {room[0]}"
+    )
+    smallest = min(model.limit_of(r) or 0 for r in range(model.pp))
     return (
-        f"no split of {model.num_layers} layers over {model.pp} pipeline ranks fits "
-        f"{limit / GIB:.1f} GiB per device ({model.device.name}): the most memory-even split "
-        f"needs {least / GIB:.1f} GiB; set train.recompute=full (or selective), "
-        "optim.distributed=true with dp > 1, a smaller train.micro_batch_size or a larger "
-        "parallel.pp/tp, or use a device with more memory"
+        f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's device "
+        f"(smallest {smallest / GIB:.1f} GiB, {model.device_of(0).name} first): the ranks hold "
+        f"at most {sum(room)} layers together ({per_rank}), {short} too few; room for "
+        f"{short} more layers fits, e.g. {fixes}"
     )
 
 
@@ -226,7 +286,8 @@ def balance(
     blocks = best_blocks(model, objective, allow_empty_stages)
     cost = model.evaluate(blocks)
     if require_fit and not cost.fits:
-        raise ConfigError(_infeasible_message(model, cost.memory_max_bytes))
+        ranks = [[rank_candidates(model, r, allow_empty_stages)] for r in range(model.pp)]
+        raise ConfigError(_infeasible_message(model, ranks))
     return BalanceResult(blocks, objective, cost)
 
 
