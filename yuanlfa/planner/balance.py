@@ -256,16 +256,17 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
             f"{(need - limit) / GIB:.1f} GiB more; {fixes}"
         )
     short = L - sum(room)
-    per_rank = (
-        ", ".join(f"{r}:{n}" for r, n in enumerate(room) if model.limit_of(r) != model.limit_of(0))
-        or f"each at most {room[0]}"
-    )
-    smallest = min(model.limit_of(r) or 0 for r in range(model.pp))
+    kinds: dict[str, list[int]] = {}
+    for r, n in enumerate(room):
+        kinds.setdefault(model.device_of(r).name, []).append(n)
+    held = ", ".join(f"{len(ns)} x {name}: {min(ns)}-{max(ns)}" for name, ns in kinds.items())
+    # A layer's state on the roomiest rank: what each missing layer needs somewhere.
+    r = max(range(model.pp), key=lambda r: model.limit_of(r) or 0)
+    per_layer = sum(model.state.of(model.stage_params(r, 1) - model.stage_params(r, 0)))
     return (
-        f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's device "
-        f"(smallest {smallest / GIB:.1f} GiB, {model.device_of(0).name} first): the ranks hold "
-        f"at most {sum(room)} layers together ({per_rank}), {short} too few; room for "
-        f"{short} more layers fits, e.g. {fixes}"
+        f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's own device: "
+        f"together they hold at most {sum(room)} layers (per rank {held}), {short} short, about "
+        f"{short * per_layer / GIB:.0f} GiB of layer state more; {fixes}"
     )
 
 
