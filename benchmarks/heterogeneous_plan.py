@@ -38,27 +38,35 @@ from yuanlfa.planner.devices import GIB, get_device  # noqa: E402
 from yuanlfa.planner.links import Link  # noqa: E402
 from yuanlfa.planner.topology import Cluster  # noqa: E402
 
-CLUSTER = {
-    "groups": [
-        {"device": "h100-80g", "nodes": 2, "devices_per_node": 8},
-        {"device": "a100-40g", "nodes": 2, "devices_per_node": 8},
-    ],
-    "inter_gbps": 12.5,  # 100 Gbit/s
-    "inter_latency_us": 10.0,
-    "intra_latency_us": 5.0,
-}
-PRESETS = ("yuan2-51b", "yuan2-102b")
+
+def cluster_dict(nodes: int) -> dict:
+    """``nodes`` nodes of 8 H100-80G and as many of 8 A100-40G, 100 Gbit/s between nodes."""
+    return {
+        "groups": [
+            {"device": "h100-80g", "nodes": nodes, "devices_per_node": 8},
+            {"device": "a100-40g", "nodes": nodes, "devices_per_node": 8},
+        ],
+        "inter_gbps": 12.5,  # 100 Gbit/s
+        "inter_latency_us": 10.0,
+        "intra_latency_us": 5.0,
+    }
 
 
-def load(preset: str):
+# (preset, nodes per group): the issue's cluster for both presets, and 102B (which does not fit
+# it) on twice the nodes.
+CASES = (("yuan2-51b", 2), ("yuan2-102b", 2), ("yuan2-102b", 4))
+
+
+def load(preset: str, nodes: int):
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["parallel.dp=null"])
-    cluster_cfg = config_from_dict({"cluster": CLUSTER}).cluster
+    cluster_cfg = config_from_dict({"cluster": cluster_dict(nodes)}).cluster
     return dataclasses.replace(cfg, cluster=cluster_cfg)
 
 
-def recost(ranked, cluster) -> dict:
+def recost(ranked, cluster, nodes: int) -> dict:
     """A homogeneous advisor's layout, costed on the mixed devices (groups as listed)."""
-    cfg = dataclasses.replace(ranked.cfg, cluster=config_from_dict({"cluster": CLUSTER}).cluster)
+    mixed = config_from_dict({"cluster": cluster_dict(nodes)}).cluster
+    cfg = dataclasses.replace(ranked.cfg, cluster=mixed)
     model = cost_model(cfg, cluster=cluster)
     plan = model.evaluate(ranked.blocks)
     modes = cfg.train.recompute_stages or (cfg.train.recompute,) * model.pp
@@ -82,19 +90,20 @@ def recost(ranked, cluster) -> dict:
     }
 
 
-def homogeneous(cfg, device_name: str, cluster) -> dict:
-    inter = Link(CLUSTER["inter_gbps"], CLUSTER["inter_latency_us"] * 1e-6)
+def homogeneous(cfg, device_name: str, cluster, nodes: int) -> dict:
+    c = cluster_dict(nodes)
+    inter = Link(c["inter_gbps"], c["inter_latency_us"] * 1e-6)
     device = get_device(device_name)
-    flat = Cluster(4, 8, Link(device.link_gbps, CLUSTER["intra_latency_us"] * 1e-6), inter)
+    flat = Cluster(2 * nodes, 8, Link(device.link_gbps, c["intra_latency_us"] * 1e-6), inter)
     try:
         best = advise(dataclasses.replace(cfg, cluster=type(cfg.cluster)()), flat, device, top=1)
     except Exception as exc:  # a ConfigError: no layout fits that assumption
         return {"assumed_device": device_name, "error": str(exc)}
-    return {"assumed_device": device_name, **recost(best.best, cluster)}
+    return {"assumed_device": device_name, **recost(best.best, cluster, nodes)}
 
 
-def run(preset: str) -> dict:
-    cfg = load(preset)
+def run(preset: str, nodes: int) -> dict:
+    cfg = load(preset, nodes)
     cluster = mixed_cluster(cfg.cluster)
     start = time.perf_counter()
     try:
@@ -121,9 +130,10 @@ def run(preset: str) -> dict:
     aware["advisor_s"] = time.perf_counter() - start
     out = {
         "preset": preset,
+        "cluster": cluster.describe(),
         "aware": aware,
-        "homogeneous": homogeneous(cfg, "A100-40GB", cluster),
-        "homogeneous_h100": homogeneous(cfg, "H100-SXM", cluster),
+        "homogeneous": homogeneous(cfg, "A100-40GB", cluster, nodes),
+        "homogeneous_h100": homogeneous(cfg, "H100-SXM", cluster, nodes),
     }
     h = out["homogeneous"]
     if "step_time_s" in aware and "step_time_s" in h and h["fits"]:
@@ -133,7 +143,7 @@ def run(preset: str) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "# Mixed cluster: 2 x 8 H100-80G + 2 x 8 A100-40G, 100 Gbit/s between nodes",
+        "# Mixed clusters: H100-80G and A100-40G nodes (8 each), 100 Gbit/s between nodes",
         "",
         "`python benchmarks/heterogeneous_plan.py --out benchmarks/results/heterogeneous_plan`"
         " (cost model, mfu 0.45; predictions, not measurements).",
@@ -141,7 +151,7 @@ def markdown(results: list[dict]) -> str:
     ]
     for r in results:
         a, h, o = r["aware"], r["homogeneous"], r["homogeneous_h100"]
-        lines += [f"## {r['preset']}", ""]
+        lines += [f"## {r['preset']} on {r['cluster']}", ""]
         if "error" in a:
             lines += [f"aware: does not fit: {a['error']}", ""]
         else:
@@ -180,13 +190,12 @@ def markdown(results: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     args = parser.parse_args()
-    results = [run(p) for p in args.presets]
+    results = [run(p, n) for p, n in CASES]
     text = markdown(results)
     print(text)
     if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"cluster": CLUSTER, "results": results},
+        Path(args.out + ".json").write_text(json.dumps({"results": results},
                                                        indent=2) + "\n")  # fmt: skip
         Path(args.out + ".md").write_text(text + "\n")
     return 0

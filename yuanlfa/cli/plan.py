@@ -430,6 +430,7 @@ def _mixed(args: argparse.Namespace) -> int:
                 "and nodes; drop --device / --nodes / --paper-comparison"
             )
         cfg = with_cluster(cfg, read_cluster(args.cluster) if args.cluster else None)
+        validate(cfg)  # the cluster against parallel.dp, before any planning
         cfg = _with_pipeline(cfg, args.pp, args.virtual_stages)
         return mixed_main(args, cfg, _tokenizer_vocab(cfg))
     except (ConfigError, OSError) as exc:

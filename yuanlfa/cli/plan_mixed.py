@@ -102,6 +102,7 @@ def plans_to_dict(plans: MixedPlans) -> dict:
         return {
             "blocks": list(plan.blocks),
             "step_time_s": plan.step_time_s,
+            "time_max_s": plan.time_max_s,  # the balancer's objective: the slowest rank
             "fits": plan.fits,
             "ranks": [
                 {
@@ -195,7 +196,6 @@ def mixed_main(args: argparse.Namespace, cfg: Config, tokenizer_vocab: int | Non
             f"cluster: {world} devices, not a multiple of tp * pp * cp = {p.tp * p.pp * p.cp}; "
             "change parallel.pp / parallel.tp or the groups"
         )
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=None))
     cfg = resolve(cfg, world, tokenizer_vocab)
     plans = plan_mixed(cfg, args.mfu)
     if args.json:
