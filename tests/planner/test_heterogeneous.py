@@ -13,6 +13,7 @@ import pytest
 from yuanlfa.config import ConfigError, config_from_dict, load_config, resolve
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cluster import mixed_cluster, pipeline_devices, tp_mixed
+from yuanlfa.planner.cluster_plan import cluster_plan, predicted_busy_s
 from yuanlfa.planner.cost import CostModel, cost_model
 from yuanlfa.planner.devices import GIB, DevicePreset
 from yuanlfa.planner.recompute import MODES, balance_recompute, with_recompute
@@ -183,3 +184,26 @@ def test_102b_pp32_mixed_is_fast_and_fits_each_device() -> None:
         assert r.memory_bytes <= plan.model.limit_of(r.rank)
     # The A100s (pipeline ranks 16-31: 3.2x slower, less memory) hold fewer layers.
     assert sum(plan.blocks[16:]) < sum(plan.blocks[:16])
+
+
+def test_cluster_plan_for_the_trainer() -> None:
+    data = {
+        "model": {"num_layers": 8, "hidden_size": 64, "num_heads": 4, "vocab_size": 512},
+        "parallel": {"pp": 4, "pipeline_blocks": "auto"},
+        "train": {"micro_batch_size": 2, "global_batch_size": 16, "seq_length": 64},
+        "cluster": groups(
+            ("fast", 1, 2, {"memory_gib": 1, "tflops": 2}),
+            ("slow", 1, 2, {"memory_gib": 1, "tflops": 1}),
+        ),
+    }
+    cfg = resolve(config_from_dict(data), 4)
+    plan = cluster_plan(cfg)
+    assert sum(plan.blocks[:2]) > sum(plan.blocks[2:])
+    busy = predicted_busy_s(plan)
+    assert len(busy) == 4 and all(b > 0 for b in busy)
+    assert cluster_plan(resolve(config_from_dict({**data, "cluster": {}}), 4)) is None
+    # A given split that overfills the small device: a one-line error naming the rank.
+    data["cluster"]["groups"][1]["memory_gib"] = 0.001
+    data["parallel"]["pipeline_blocks"] = [2, 2, 2, 2]
+    with pytest.raises(ConfigError, match=r"pipeline rank 2 .* holds 0.0 GiB; set"):
+        cluster_plan(resolve(config_from_dict(data), 4))
