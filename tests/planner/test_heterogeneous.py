@@ -207,3 +207,17 @@ def test_cluster_plan_for_the_trainer() -> None:
     data["parallel"]["pipeline_blocks"] = [2, 2, 2, 2]
     with pytest.raises(ConfigError, match=r"pipeline rank 2 .* holds 0.0 GiB; set"):
         cluster_plan(resolve(config_from_dict(data), 4))
+
+
+def test_even_split_is_not_preferred_over_a_small_devices_limit() -> None:
+    """The balancer prefers the even split among equals; it must still fit each rank's own
+    limit (not only the largest one)."""
+    cfg = small(8, 2)
+    free = cost_model(cfg, gpu=False)
+    even = free.rank_memory(1, (4,))
+    big = DevicePreset("big", 1e12, 64 * GIB, 10.0, gpu=False)
+    tight = DevicePreset("tight", 1e12, int(even) - 1, 10.0, gpu=False)
+    model = cost_model(cfg, devices=(big, tight), gpu=False)
+    blocks = balance(cfg, model=model).blocks
+    assert blocks[1] < 4
+    assert model.rank_memory(1, (blocks[1],)) <= tight.memory_bytes

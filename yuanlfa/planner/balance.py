@@ -213,9 +213,12 @@ def _search(
 
 def _within(model: CostModel, blocks: tuple[int, ...], objective: str, optima: list) -> bool:
     scores = plan_scores(model, blocks)
-    limit = model.memory_limit_bytes
-    if objective == "time" and limit is not None and scores["memory"] > limit:
-        return False
+    if objective == "time":  # each rank within its own device's limit
+        for r in range(model.pp):
+            limit = model.limit_of(r)
+            mine = tuple(blocks[s] for s in model.stages_of(r))
+            if limit is not None and model.rank_memory(r, mine) > limit:
+                return False
     return all(scores[c] <= opt for c, opt in zip(CRITERIA[objective], optima))
 
 

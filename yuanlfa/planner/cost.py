@@ -214,10 +214,6 @@ class CostModel:
     def limit_of(self, rank: int) -> int | None:
         return self.rank_limits[rank] if self.rank_limits else self.memory_limit_bytes
 
-    @property
-    def heterogeneous(self) -> bool:
-        return len(set(self.rank_flops)) > 1 or len(set(self.rank_limits)) > 1
-
     @cached_property
     def held(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
         """Per rank: microbatches held per local stage at the schedule's candidate peaks
