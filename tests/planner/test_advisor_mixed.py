@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from yuanlfa.cli.plan import main
-from yuanlfa.config import config_from_dict, load_config, resolve
+from yuanlfa.config import ConfigError, config_from_dict, load_config, resolve
 from yuanlfa.planner.advisor import advise, merge, snippet
 from yuanlfa.planner.advisor_mixed import advise_mixed, stage_table
 from yuanlfa.planner.cluster import mixed_cluster, tp_mixed
@@ -137,3 +137,14 @@ def test_cli_missing_cluster_file(capsys, tmp_path: Path) -> None:
 def test_unused_device_presets() -> None:
     assert get_device("a100-80g").memory_bytes == 80 * GIB
     assert get_device("l40s-48g").name == "L40S"
+
+
+def test_nothing_fits_names_the_closest_layout() -> None:
+    tiny = ("tiny", {"memory_gib": 0.0015, "tflops": 300, "intra_gbps": 100})
+    cfg = with_cluster(mixed(tiny, tiny))
+    with pytest.raises(ConfigError) as err:
+        advise_mixed(cfg, mixed_cluster(cfg.cluster), top=3)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("no layout of 8 layers fits 1 x 4 tiny + 1 x 4 tiny")
+    assert "the closest, tp" in message and "MiB of layer state more" in message

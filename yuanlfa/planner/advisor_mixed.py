@@ -31,6 +31,7 @@ from yuanlfa.planner.advisor import (
     apply_layout,
     candidate_layouts,
 )
+from yuanlfa.planner.balance import NoFitError
 from yuanlfa.planner.cluster import MixedCluster, mixed_cluster, pipeline_devices, tp_mixed
 from yuanlfa.planner.cost import CostModel, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, GIB
@@ -109,7 +110,8 @@ def advise_mixed(
             bound = relaxed_bound_s(model)
             bounded.append((bound, len(bounded), lay, resolved, options, order))
     if not bounded:
-        why = "; ".join(f"{k} ({n}x)" for k, n in rejected.most_common(3))
+        reasons = Counter({k: n for k, n in rejected.items() if not k.startswith("dominated")})
+        why = "; ".join(f"{k} ({n}x)" for k, n in reasons.most_common(3))
         raise ConfigError(
             f"no layout of {cfg.model.num_layers} layers fits {cluster.describe()}: {why}; add "
             "nodes with more memory or lower train.micro_batch_size / train.seq_length"
@@ -117,16 +119,17 @@ def advise_mixed(
     bounded.sort(key=lambda item: (item[0], item[1]))
     ranked: list[Ranked] = []
     balanced = 0
-    least_short = None
+    closest: tuple[float, str, str] | None = None  # (GiB short, layout, why) of a near miss
     for bound, _, lay, resolved, options, order in bounded:
         if len(ranked) >= top and bound > ranked[top - 1].step_time_s:
             break
         balanced += 1
         try:
             plan = balance_recompute(resolved, **options)
-        except ConfigError as exc:
+        except NoFitError as exc:
             rejected["does not fit device memory"] += 1
-            least_short = least_short or str(exc)
+            if closest is None or exc.short_bytes < closest[0]:
+                closest = (exc.short_bytes, lay.describe(), str(exc))
             continue
         final = apply_layout(cfg, dataclasses.replace(lay, recompute="none"), plan.blocks,
                              tokenizer_vocab)  # fmt: skip
@@ -134,9 +137,10 @@ def advise_mixed(
         ranked.append(Ranked(lay, plan.cost, plan.model.links, final))
         ranked.sort(key=lambda r: (r.step_time_s, r.plan.memory_max_bytes))
     if not ranked:
+        near = f"the closest, {closest[1]}: {closest[2]}" if closest else "none was balanced"
         raise ConfigError(
-            f"no layout of {cfg.model.num_layers} layers fits {cluster.describe()}; the first "
-            f"tried: {least_short}"
+            f"no layout of {cfg.model.num_layers} layers fits {cluster.describe()} (more "
+            f"devices or more memory per device would); {near}"
         )
     return Advice(tuple(ranked[:top]), cluster, len(seen), balanced, dict(rejected))
 

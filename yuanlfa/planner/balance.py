@@ -46,6 +46,15 @@ CRITERIA: dict[str, tuple[str, ...]] = {
 GIB = 2**30
 
 
+class NoFitError(ConfigError):
+    """No split fits the devices; ``short_bytes``: about how much layer state is missing
+    (infinite when a rank cannot hold even its fixed parts), for ranking near misses."""
+
+    def __init__(self, message: str, short_bytes: float) -> None:
+        super().__init__(message)
+        self.short_bytes = short_bytes
+
+
 @dataclass(frozen=True)
 class RankCandidates:
     """Every allowed spread of layers over one rank's stages, with its costs."""
@@ -156,7 +165,7 @@ def best_blocks(
     ok = _fitting(model, ranks, objective)
     optima, choice, ok = _search(ranks, ok, CRITERIA[objective], L)
     if choice is None:
-        raise ConfigError(_infeasible_message(model, [[c] for c in ranks]))
+        raise _infeasible_message(model, [[c] for c in ranks])
     even = uniform_blocks(L, model.num_stages)
     if (allow_empty_stages or min(even) > 0) and _within(model, even, objective, optima):
         return even
@@ -236,7 +245,11 @@ def _room(model: CostModel, ranks: list[list[RankCandidates]]) -> list[int]:
     return room
 
 
-def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> str:
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.0f} GiB" if nbytes >= 10 * GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> NoFitError:
     """What does not fit, by rank and device, and the smallest change that would make it fit."""
     room = _room(model, ranks)
     L = model.num_layers
@@ -253,10 +266,11 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
         c = min(ranks[r], key=lambda c: c.memory.min())
         need = float(c.memory.min())
         limit = model.limit_of(r) or 0
-        return (
+        return NoFitError(
             f"pipeline rank {r} ({model.device_of(r).name}, {limit / GIB:.1f} GiB) cannot hold "
             f"even its fixed parts (embedding / head) with no layers: needs {need / GIB:.1f} GiB, "
-            f"{(need - limit) / GIB:.1f} GiB more; {fixes}"
+            f"{(need - limit) / GIB:.1f} GiB more; {fixes}",
+            math.inf,
         )
     short = L - sum(room)
     kinds: dict[str, list[int]] = {}
@@ -266,10 +280,11 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
     # A layer's state on the roomiest rank: what each missing layer needs somewhere.
     r = max(range(model.pp), key=lambda r: model.limit_of(r) or 0)
     per_layer = sum(model.state.of(model.stage_params(r, 1) - model.stage_params(r, 0)))
-    return (
+    return NoFitError(
         f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's own device: "
         f"together they hold at most {sum(room)} layers (per rank {held}), {short} short, about "
-        f"{short * per_layer / GIB:.0f} GiB of layer state more; {fixes}"
+        f"{_size(short * per_layer)} of layer state more; {fixes}",
+        short * per_layer,
     )
 
 
@@ -291,7 +306,7 @@ def balance(
     cost = model.evaluate(blocks)
     if require_fit and not cost.fits:
         ranks = [[rank_candidates(model, r, allow_empty_stages)] for r in range(model.pp)]
-        raise ConfigError(_infeasible_message(model, ranks))
+        raise _infeasible_message(model, ranks)
     return BalanceResult(blocks, objective, cost)
 
 

@@ -90,7 +90,7 @@ def balance_recompute(
         ok.append(np.ones(len(c.layers), dtype=bool) if limit is None else c.memory <= limit)
     _, choice, ok = _search(ranks, ok, CRITERIA, L)
     if choice is None:
-        raise ConfigError(_infeasible_message(models[-1], per_mode))
+        raise _infeasible_message(models[-1], per_mode)
     blocks = [0] * (pp * v)
     chosen = []
     for rank, (c, mask, n) in enumerate(zip(ranks, ok, choice)):
