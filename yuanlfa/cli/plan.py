@@ -24,6 +24,7 @@ import dataclasses
 import json
 
 from yuanlfa.cli.common import add_config_args, add_debug_arg, run
+from yuanlfa.cli.plan_mixed import mixed_main, read_cluster, with_cluster
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
 from yuanlfa.layout import resolve_blocks, uniform_blocks
@@ -334,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sustained FLOP/s per device, measured (replaces the device peak x --mfu)",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        default=None,
+        help="a heterogeneous cluster (YAML: cluster.groups of device, nodes, devices_per_node; "
+        "inter_gbps): plan or --advise on each rank's own device (default: the config's cluster)",
+    )
     advise = parser.add_argument_group(
         "layout advisor (--advise): rank every tp x pp x dp layout of a cluster by step time"
     )
@@ -363,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.cluster is not None or _has_cluster(args):
+        return _mixed(args)
     if args.advise or args.paper_comparison:
         return _advise_main(args)
     cfg = load_config(args.config, args.overrides)
@@ -399,6 +409,30 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _has_cluster(args: argparse.Namespace) -> bool:
+    """Whether the config describes a cluster (errors are reported by the main path)."""
+    try:
+        return bool(load_config(args.config, args.overrides).cluster.groups)
+    except (ConfigError, OSError):
+        return False
+
+
+def _mixed(args: argparse.Namespace) -> int:
+    """A heterogeneous cluster: yuanlfa.cli.plan_mixed."""
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    if args.paper_comparison or args.nodes is not None or args.device is not None:
+        raise ConfigError(
+            "--cluster: the cluster file (or the config's cluster section) gives the devices "
+            "and nodes; drop --device / --nodes / --paper-comparison"
+        )
+    cfg = with_cluster(cfg, read_cluster(args.cluster) if args.cluster else None)
+    validate(cfg)  # the cluster against parallel.dp, before any planning
+    cfg = _with_pipeline(cfg, args.pp, args.virtual_stages)
+    return mixed_main(args, cfg, _tokenizer_vocab(cfg))
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:

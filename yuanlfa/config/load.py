@@ -46,6 +46,8 @@ def _coerce(value: Any, tp: Any, key: str, in_list: bool = False) -> Any:
     (``data.blend: [0.3, /data/a, 0.7, /data/b]``) and integers written as text inside a
     comma-separated list string (``--set parallel.pipeline_blocks=2,3,1``)."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # list entries that are sections (cluster.groups)
+        return _from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -220,6 +220,43 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class NodeGroupConfig:
+    """Nodes of one kind. Global ranks fill the groups in the order listed (group 0's nodes
+    first), and within a group node by node, so the rank order decides which pipeline ranks
+    run on which kind of device."""
+
+    # A preset (h100-80g, h200, a100-80g, a100-40g, l40s-48g, ...; yuanlfa.planner.devices),
+    # or any name with memory_gib and tflops both given.
+    device: str = "h100-80g"
+    nodes: int = 1
+    devices_per_node: int = 8
+    # Explicit figures, overriding the preset's: memory per device (GiB) and dense bf16 TFLOP/s.
+    memory_gib: float | None = None
+    tflops: float | None = None
+    # Intra-node P2P GB/s per device (None: the preset's, NVLink or PCIe).
+    intra_gbps: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The devices a run lays out on; no groups: every rank on one (planner-chosen) device."""
+
+    groups: tuple[NodeGroupConfig, ...] = ()
+    # What one device gets across nodes, GB/s (100 Gbit/s = 12.5 GB/s) and per message.
+    inter_gbps: float = 12.5
+    inter_latency_us: float = 10.0
+    intra_latency_us: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.groups, tuple):
+            object.__setattr__(self, "groups", tuple(self.groups))
+
+    @property
+    def world_size(self) -> int:
+        return sum(g.nodes * g.devices_per_node for g in self.groups)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -228,3 +265,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -194,6 +194,7 @@ def validate(cfg: Config) -> None:
         cfg.logging.log_interval >= 1,
         f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
     )
+    _validate_cluster(cfg)
     _validate_split(cfg.data.split)
     _validate_tokenizer(cfg.data.tokenizer)
     for name in ("fim_rate", "fim_spm_rate"):
@@ -248,6 +249,45 @@ def _validate_documents(cfg: Config) -> None:
     )
 
 
+def _validate_cluster(cfg: Config) -> None:
+    """The cluster's shape. Device names are the planner's to know
+    (yuanlfa.planner.cluster.mixed_cluster checks them with the world size)."""
+    c = cfg.cluster
+    for name in ("inter_gbps",):
+        _require(getattr(c, name) > 0, f"cluster.{name}: must be > 0, got {getattr(c, name)}")
+    for name in ("inter_latency_us", "intra_latency_us"):
+        value = getattr(c, name)
+        _require(value >= 0, f"cluster.{name}: must be >= 0, got {value}")
+    for i, g in enumerate(c.groups):
+        key = f"cluster.groups[{i}]"
+        _positive(key, g, "nodes", "devices_per_node", "memory_gib", "tflops", "intra_gbps")
+        _require(bool(g.device.strip()), f"{key}.device: empty; name a preset, e.g. h100-80g")
+    if c.groups and cfg.parallel.dp is not None:
+        p = cfg.parallel
+        world = p.tp * p.pp * p.cp * p.dp
+        _require(
+            world == c.world_size,
+            f"cluster: describes {_cluster_words(cfg)} = {c.world_size} devices but tp * pp * "
+            f"cp * dp = {world}; {_world_fix(cfg, c.world_size)}",
+        )
+
+
+def _cluster_words(cfg: Config) -> str:
+    return " + ".join(f"{g.nodes} x {g.devices_per_node} {g.device}" for g in cfg.cluster.groups)
+
+
+def _world_fix(cfg: Config, devices: int) -> str:
+    """The smallest change that makes the layout fill ``devices`` devices."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    if devices % model_parallel == 0:
+        return f"set parallel.dp={devices // model_parallel} (or leave it out)"
+    return (
+        f"tp * pp * cp = {model_parallel} does not divide {devices}: change parallel.pp or "
+        "parallel.tp to a divisor of it, or the groups' nodes / devices_per_node"
+    )
+
+
 def _validate_split(split: str) -> None:
     parts = split.replace("/", ",").split(",")
     try:
@@ -273,6 +313,11 @@ def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) ->
             f"{world_size}; launch a multiple of {model_parallel} processes"
         )
     dp = world_size // model_parallel
+    if cfg.cluster.groups and world_size != cfg.cluster.world_size:
+        raise ConfigError(
+            f"cluster: describes {_cluster_words(cfg)} = {cfg.cluster.world_size} devices but the "
+            f"run has {world_size} processes; launch {cfg.cluster.world_size} or change the groups"
+        )
     if p.dp is not None and p.dp != dp:
         raise ConfigError(
             f"parallel.dp: {p.dp} but world size {world_size} / (tp * pp * cp = "

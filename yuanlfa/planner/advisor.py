@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from yuanlfa.config import Config, ConfigError, resolve, validate
+from yuanlfa.config import Config, ConfigError, config_to_dict, resolve, validate
 from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
@@ -53,6 +53,9 @@ class Layout:
     distributed: bool = False
     sequence_parallel: bool = False
     rank_order: str = "tp-dp-pp"
+    # On a mixed cluster: the order of its node groups in rank order (which kind runs the
+    # first pipeline stages); recompute is then "per-rank" (chosen by the balancer).
+    groups: tuple[int, ...] = ()
 
     def describe(self) -> str:
         parts = [f"tp{self.tp} pp{self.pp} dp{self.dp}"]
@@ -63,6 +66,8 @@ class Layout:
         parts.append(f"recompute {self.recompute}")
         parts += ["ZeRO-1"] if self.distributed else []
         parts += ["SP"] if self.sequence_parallel else []
+        if self.groups:
+            parts.append("groups " + ",".join(map(str, self.groups)))
         return ", ".join(parts) + f", order {self.rank_order}"
 
 
@@ -365,7 +370,7 @@ def snippet(ranked: Ranked) -> dict:
         "sequence_parallel": lay.sequence_parallel,
         "rank_order": lay.rank_order,
     }
-    return {
+    out = {
         "parallel": parallel,
         "optim": {"distributed": lay.distributed},
         "train": {
@@ -375,6 +380,11 @@ def snippet(ranked: Ranked) -> dict:
             "recompute_num_layers": 1,
         },
     }
+    if lay.groups:  # a mixed cluster: its groups in the chosen order, recompute per rank
+        t = ranked.cfg.train
+        out["train"] = {"recompute": t.recompute, "recompute_stages": list(t.recompute_stages)}
+        out["cluster"] = config_to_dict(ranked.cfg.cluster)
+    return out
 
 
 def merge(base: dict, extra: dict) -> dict:

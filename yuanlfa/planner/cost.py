@@ -41,6 +41,7 @@ from yuanlfa.planner.activations import (
     outstanding_profile,
     recompute_workspace_bytes,
 )
+from yuanlfa.planner.cluster import MixedCluster, pipeline_devices
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset
 from yuanlfa.planner.flops import flops_per_token
 from yuanlfa.planner.links import Link
@@ -130,6 +131,8 @@ class PlanCost:
     pipeline_s: float  # the simulated schedule over all microbatches
     memory_limit_bytes: int | None
     timeline: tuple[TimelineOp, ...] = field(default=(), repr=False)
+    # Per pipeline rank on a heterogeneous cluster (its own device's memory); empty: one limit.
+    rank_limits: tuple[int | None, ...] = ()
 
     @property
     def memory_max_bytes(self) -> int:
@@ -167,10 +170,15 @@ class PlanCost:
         busy = self.num_microbatches * self.time_max_s
         return max(self.pipeline_s - busy, 0.0) / busy
 
+    def limit_of(self, rank: int) -> int | None:
+        return self.rank_limits[rank] if self.rank_limits else self.memory_limit_bytes
+
     @property
     def fits(self) -> bool:
-        limit = self.memory_limit_bytes
-        return limit is None or self.memory_max_bytes <= limit
+        return all(
+            self.limit_of(r.rank) is None or r.memory_bytes <= self.limit_of(r.rank)
+            for r in self.ranks
+        )
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,21 @@ class CostModel:
     flops_per_s: float  # sustained: device peak * mfu, or calibrated
     links: LinkPlan
     num_microbatches: int
-    memory_limit_bytes: int | None
+    memory_limit_bytes: int | None  # with rank_limits: the largest of them
+    # Heterogeneous clusters (:mod:`.cluster`): per pipeline rank its device, sustained FLOP/s
+    # and memory limit. Empty: every rank on ``device`` at ``flops_per_s``.
+    rank_devices: tuple[DevicePreset, ...] = ()
+    rank_flops: tuple[float, ...] = ()
+    rank_limits: tuple[int | None, ...] = ()
+
+    def device_of(self, rank: int) -> DevicePreset:
+        return self.rank_devices[rank] if self.rank_devices else self.device
+
+    def flops_of(self, rank: int) -> float:
+        return self.rank_flops[rank] if self.rank_flops else self.flops_per_s
+
+    def limit_of(self, rank: int) -> int | None:
+        return self.rank_limits[rank] if self.rank_limits else self.memory_limit_bytes
 
     @cached_property
     def held(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
@@ -330,8 +352,8 @@ class CostModel:
 
     # Time
 
-    def _seconds(self, flops: float) -> float:
-        return flops / self.flops_per_s
+    def _seconds(self, flops: float, rank: int) -> float:
+        return flops / self.flops_of(rank)
 
     def layer_time(self, rank: int = 0) -> StageTime:
         """One layer on pipeline rank ``rank`` (its recompute mode)."""
@@ -346,9 +368,9 @@ class CostModel:
         sharded = (terms["projections"] + terms["mlp"]) / L / tp
         attention = terms["attention"] / L / tp
         lfa = terms["lfa"] / L / lfa_div
-        forward = self._seconds((sharded + attention + lfa) * T)
-        recompute = {"none": 0.0, "selective": self._seconds(attention * T), "full": forward}
-        weight_grad = self._seconds((sharded + lfa) * T)  # dW GEMMs mirror the forward GEMMs
+        forward = self._seconds((sharded + attention + lfa) * T, rank)
+        recompute = {"none": 0.0, "selective": self._seconds(attention * T, rank), "full": forward}
+        weight_grad = self._seconds((sharded + lfa) * T, rank)  # dW GEMMs mirror the forward GEMMs
         backward = 2 * forward + recompute[spec.recompute]
         fwd_comm, bwd_comm = comm.layer_tp_s(m, spec, p.sequence_parallel, self.links.tp)
         if spec.recompute == "full":
@@ -376,7 +398,8 @@ class CostModel:
         if first:
             fwd_comm += comm.embedding_tp_s(m, spec, p.sequence_parallel, self.links.tp)
         if last:
-            head = self._seconds(2.0 * m.hidden_size * m.vocab_size / p.tp) * spec.tokens
+            flops = 2.0 * m.hidden_size * m.vocab_size / p.tp
+            head = self._seconds(flops, self.rank_of(stage)) * spec.tokens
             forward += head
             backward += 3 * head  # the block-wise loss recomputes each block's logits
             weight_grad += head
@@ -494,6 +517,7 @@ class CostModel:
             pipeline_s=max(op.end_s for op in timeline),
             memory_limit_bytes=self.memory_limit_bytes,
             timeline=timeline,
+            rank_limits=self.rank_limits,
         )
 
 
@@ -511,6 +535,8 @@ def cost_model(
     links: LinkPlan | None = None,
     memory_limit_bytes: int | None = None,
     gpu: bool | None = None,
+    devices: tuple[DevicePreset, ...] | None = None,
+    speeds: tuple[float, ...] | None = None,
 ) -> CostModel:
     """The cost model of a resolved ``cfg`` (vocab and dp known; dp None counts as 1).
 
@@ -525,6 +551,13 @@ def cost_model(
     ``latency_s``. ``memory_limit_bytes`` defaults to the device's memory when a device is
     given. ``gpu`` (precision ``auto``, fused kernels) defaults to the device kind, else to
     train.device.
+
+    Heterogeneous: ``devices`` gives each pipeline rank its device (a
+    :class:`~.cluster.MixedCluster` gives them from its groups and the rank order): a rank
+    computes at its device's peak * mfu (with a calibrated ``flops_per_s``, that of the fastest
+    device, the others scaled by their peaks) and holds at most its device's memory (or
+    ``memory_limit_bytes`` when smaller). ``speeds`` (per pipeline rank, 1 = full speed)
+    slow ranks down further: an emulated slow rank on a CPU.
     """
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size: resolve the config (yuanlfa.config.resolve) first")
@@ -546,6 +579,8 @@ def cost_model(
         if value is not None and (cluster is not None or links is not None):
             raise ConfigError(f"{name}: give per-dimension links or a cluster, not both")
     p = cfg.parallel
+    if devices is None and isinstance(cluster, MixedCluster):
+        devices = pipeline_devices(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
     if links is None and cluster is not None:
         links = link_plan(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
     elif links is None:
@@ -563,16 +598,48 @@ def cost_model(
         )
     if p.pp > 1:
         schedule_spec(p.schedule).check(p.pp, p.virtual_stages, m)
+    base = flops_per_s if flops_per_s is not None else device.peak_flops * mfu
+    rank_flops: tuple[float, ...] = ()
+    rank_limits: tuple[int | None, ...] = ()
+    if devices is not None:
+        devices = tuple(devices)
+        if len(devices) != p.pp:
+            raise ConfigError(f"devices: {len(devices)} given for parallel.pp={p.pp} ranks")
+        fastest = max(d.peak_flops for d in devices)
+        rank_flops = tuple(
+            (flops_per_s * d.peak_flops / fastest) if flops_per_s is not None else
+            d.peak_flops * mfu
+            for d in devices
+        )  # fmt: skip
+        rank_limits = tuple(
+            d.memory_bytes
+            if memory_limit_bytes is None
+            else min(d.memory_bytes, memory_limit_bytes)
+            for d in devices
+        )
+        limit = max(rank_limits)
+        base = max(rank_flops)
+        device = max(devices, key=lambda d: d.peak_flops)
+    if speeds is not None:
+        speeds = tuple(speeds)
+        if len(speeds) != p.pp or not all(0 < x <= 1 for x in speeds):
+            raise ConfigError(
+                f"speeds: need parallel.pp={p.pp} factors in (0, 1], got {list(speeds)}"
+            )
+        rank_flops = tuple(f * x for f, x in zip(rank_flops or (base,) * p.pp, speeds))
     return CostModel(
         cfg=cfg,
         device=device,
         specs=specs,
         state=state_bytes(cfg, p.dp or 1, gpu),
         mfu=mfu,
-        flops_per_s=flops_per_s if flops_per_s is not None else device.peak_flops * mfu,
+        flops_per_s=base,
         links=links,
         num_microbatches=m,
         memory_limit_bytes=limit,
+        rank_devices=devices or (),
+        rank_flops=rank_flops,
+        rank_limits=rank_limits,
     )
 
 

@@ -9,6 +9,7 @@ from yuanlfa.config import Config
 from yuanlfa.layout import rank_of_stage, resolve_blocks
 from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.balance import auto_blocks
+from yuanlfa.planner.cluster_plan import cluster_plan
 from yuanlfa.planner.memory import layer_params, stage_extra_params, state_bytes
 
 
@@ -28,8 +29,12 @@ class StageMemory:
 
 def config_blocks(cfg: Config) -> tuple[int, ...]:
     """The configured split (block list, layout string, or ``auto``: the balancer's time-optimal
-    split without a memory limit)."""
-    auto = auto_blocks(cfg) if cfg.parallel.pipeline_blocks == "auto" else None
+    split without a memory limit, or with a ``cluster:`` section the split on each rank's own
+    device, :func:`~.cluster_plan.cluster_plan`)."""
+    auto = None
+    if cfg.parallel.pipeline_blocks == "auto":
+        planned = cluster_plan(cfg)
+        auto = planned.blocks if planned is not None else auto_blocks(cfg)
     return resolve_blocks(cfg.parallel, cfg.model, auto)
 
 
