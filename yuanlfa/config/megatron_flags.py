@@ -255,8 +255,12 @@ FLAGS: tuple[Flag, ...] = (
     _no("--train-samples", "training length is counted in steps (--train-iters)"),
     _no("--exit-duration-in-mins", "use train.exit_interval (steps) instead"),
     # precision: Megatron's --bf16 keeps bf16 parameters with fp32 main weights and grads.
-    Flag("--bf16", "map", ("train.precision", "train.param_dtype"), convert=lambda v, f: {
-        "train.precision": "bf16", "train.param_dtype": "bf16"}),
+    Flag(
+        "--bf16",
+        "map",
+        ("train.precision", "train.param_dtype"),
+        convert=lambda v, f: {"train.precision": "bf16", "train.param_dtype": "bf16"},
+    ),
     # data
     _c("--data-path", ("data.path", "data.blend"), _data_path),
     _m("--split", "data.split"),
