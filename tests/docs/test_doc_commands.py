@@ -130,3 +130,16 @@ def test_guide_commands_run(path, tmp_path):
             f"{path.name}:{line}: block failed (exit {proc.returncode})\n{code}\n"
             f"--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
         )
+
+
+def test_relative_links_point_at_files():
+    """A renamed guide or example breaks here. docs/architecture.md is the lead's (issue 24)."""
+    broken = []
+    for path in GUIDES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+            if (
+                not target.startswith(("http://", "https://"))
+                and not (path.parent / target).exists()
+            ):
+                broken.append(f"{path.name} -> {target}")
+    assert not broken, f"broken links: {broken}"
