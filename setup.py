@@ -117,6 +117,7 @@ setup(
             "yuanlfa-plan=yuanlfa.cli.plan:main",
             "yuanlfa-reshard=yuanlfa.cli.reshard:main",
             "yuanlfa-train-tokenizer=yuanlfa.cli.train_tokenizer:main",
+            "yuanlfa-convert-args=yuanlfa.cli.convert_args:main",
         ]
     },
 )

@@ -241,10 +241,13 @@ class NodeGroupConfig:
 class ClusterConfig:
     """The devices a run lays out on; no groups: every rank on one (planner-chosen) device."""
 
+    # Node groups of one device kind each, in rank order (empty: one planner-chosen device).
     groups: tuple[NodeGroupConfig, ...] = ()
-    # What one device gets across nodes, GB/s (100 Gbit/s = 12.5 GB/s) and per message.
+    # What one device gets across nodes, GB/s (100 Gbit/s = 12.5 GB/s).
     inter_gbps: float = 12.5
+    # Latency per message between nodes, microseconds.
     inter_latency_us: float = 10.0
+    # Latency per message inside a node, microseconds.
     intra_latency_us: float = 5.0
 
     def __post_init__(self) -> None:
