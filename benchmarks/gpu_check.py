@@ -90,6 +90,7 @@ def train_command(impl: str, dry: bool, layers: int, steps: int, out: Path) -> l
             "model.hidden_size=64",
             "model.num_heads=4",
             "model.vocab_size=384",
+            "data.tokenizer=byte",  # the stand-in's vocabulary; the GPU run uses Yuan's
             "train.seq_length=64",
             "train.device=cpu",
             "train.precision=fp32",

@@ -80,5 +80,6 @@ def test_truncated_file_is_an_error(tmp_path: Path) -> None:
     _save(tmp_path, {"embed.rows": TENSORS["embed.rows"]})
     (data,) = tmp_path.glob("*.distcp")
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"{data}: shorter than the checkpoint's metadata"):
+    # Found when the metadata is read (storage's size check), or by the direct read itself.
+    with pytest.raises(CheckpointError, match=rf"{data}: .*(metadata needs|shorter than)"):
         direct.read_tensor(tmp_path, "embed.rows")

@@ -187,6 +187,10 @@ def resume_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None
             "and lr schedule depend on them. Restore the settings, or start a new run in another "
             "checkpoint.dir"
         )
+    if "train.steps" not in saved:
+        # No run record (a checkpoint imported from another format): nothing to continue but
+        # the weights and optimizer state, whatever the new run's length.
+        return None
     old, new = saved.get("train.steps"), current.get("train.steps")
     if _decay_span(saved) != _decay_span(current):
         what = f"train.steps {old} -> {new}" if old != new else "optim.decay_steps"
