@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from yuanlfa.train.setup import (
     prepare_config,
     run_settings,
 )
+from yuanlfa.train.throughput import StepTimer
 
 
 @dataclass
@@ -139,6 +139,7 @@ class Trainer:
         )
         self.extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
         self.step, self.consumed = self._resume()
+        self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
 
     def say(self, *args, **kwargs) -> None:
@@ -234,7 +235,7 @@ class Trainer:
     def train_step(self, loader: StepLoader) -> dict[str, Any]:
         """One optimizer step on this data-parallel rank's share of the next global batch."""
         t, mesh = self.cfg.train, self.mesh
-        started = time.perf_counter()
+        self.timer.start()
         lr = learning_rate(self.cfg.optim, self.step, t.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -249,14 +250,12 @@ class Trainer:
         skipped = not self.update(grad_norm)
         self.step += 1
         self.consumed += t.global_batch_size
-        elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "step": self.step,
             "loss": float(loss_sum),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
-            "step_time_s": elapsed,
+            **self.timer.stop(),
             "mem_gb": memory_gb(self.device),
         }
         if self.runner is not None:
