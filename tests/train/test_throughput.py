@@ -9,8 +9,7 @@ import torch
 from tests.tiny import tiny_overrides
 from yuanlfa.config import ConfigError, config_from_dict, resolve
 from yuanlfa.model import create_model
-from yuanlfa.train import train
-from yuanlfa.train import throughput
+from yuanlfa.train import throughput, train
 from yuanlfa.train.setup import prepare_config
 from yuanlfa.train.throughput import StepTimer, device_peak_flops
 
