@@ -41,6 +41,7 @@ def _rank(rank: int, world: int, corpus: str, layout: str, root: str) -> dict:
     return {"callers": audit.callers, "offenders": audit.offenders}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_collectives_get_tensors_on_the_chosen_device(
     small_corpus: str, tmp_path: Path, layout: str

@@ -97,15 +97,21 @@ def build_mesh(
     if world_size == 1:
         return mesh
     for dim in DIMS:
+        if sizes[dim] == 1:
+            # Alone in this dim: no group (every user takes None as "nothing to exchange"),
+            # which saves world_size communicators and their set-up per size-1 dim.
+            continue
         for ranks in group_ranks(order, sizes, dim):
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
     if sizes["pp"] > 1:
         # The tied embedding lives on the first stage (input) and the last (head): their
-        # gradients are summed over this two-rank group each step.
+        # gradients are summed over this two-rank group each step. With two stages that is the
+        # pipeline group itself.
         for ranks in embedding_group_ranks(order, sizes):
-            group = dist.new_group(ranks)
+            same = sizes["pp"] == 2
+            group = None if same else dist.new_group(ranks)
             if rank in ranks:
-                mesh.groups["embed"] = group
+                mesh.groups["embed"] = mesh.groups["pp"] if same else group
     return mesh
