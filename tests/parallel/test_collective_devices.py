@@ -1,6 +1,7 @@
 """No collective of a training run gets a tensor left on the CPU by default (NCCL would refuse
 it: "No backend type associated with device type cpu"): training steps, stage statistics,
-evaluation, saving, resuming and checkpoint.init_from, under pipeline and data parallelism.
+evaluation, saving, resuming and checkpoint.init_from, under pipeline, data (sharded optimizer)
+and tensor (sequence) parallelism.
 
 See collective_audit for how a gloo run tells a deliberately placed tensor from a defaulted one.
 """
@@ -20,6 +21,7 @@ from yuanlfa.config import config_from_dict
 LAYOUTS = {
     "pp2": {"parallel__pp": 2},
     "dp2_sharded": {"optim__distributed": True},
+    "tp2_sp": {"parallel__tp": 2, "parallel__sequence_parallel": True},
 }
 
 
