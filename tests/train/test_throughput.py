@@ -41,7 +41,7 @@ def test_mfu_is_six_flops_per_parameter_plus_attention(small_corpus: str) -> Non
     expected = 3 * (2 * matmul + attention)
     for r in result.records:
         flops_per_token = r["mfu"] * 1e12 / r["tokens_per_s"]
-        assert flops_per_token == pytest.approx(expected, rel=0.02)
+        assert flops_per_token == pytest.approx(expected, rel=1e-9)
         assert r["step_time_s"] > 0
 
 
