@@ -79,7 +79,9 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "pyyaml>=6.0", "tqdm>=4.60"],
     extras_require={
         "tensorboard": ["tensorboard>=2.12"],
-        "triton": ["triton>=3.0"],
+        # A CUDA build of torch brings the triton it was built with; this extra is for CPU installs
+        # that want the interpreter. The dev extra pins what torch 2.13's CUDA wheels require.
+        "triton": ["triton>=3.0; platform_system=='Linux'"],
         # yuanlfa-plan --plot
         "plot": ["matplotlib>=3.5"],
         # yuanlfa-reshard to and from the Hugging Face format
@@ -102,7 +104,9 @@ setup(
             # The reference for Yuan 2.0's tokenizer in tests: LlamaTokenizer as Yuan used it
             # (slow, SentencePiece-based, legacy mode), which transformers 5 no longer offers.
             "transformers>=4.40,<5",
-            "triton>=3.0; platform_system=='Linux'",
+            # torch 2.13's CUDA wheels require triton 3.7.1 (their Requires-Dist), so CI compiles
+            # and interprets the kernels with the triton a GPU install runs them with.
+            "triton==3.7.1; platform_system=='Linux'",
         ],
     },
     entry_points={
@@ -113,6 +117,7 @@ setup(
             "yuanlfa-plan=yuanlfa.cli.plan:main",
             "yuanlfa-reshard=yuanlfa.cli.reshard:main",
             "yuanlfa-train-tokenizer=yuanlfa.cli.train_tokenizer:main",
+            "yuanlfa-convert-args=yuanlfa.cli.convert_args:main",
         ]
     },
 )

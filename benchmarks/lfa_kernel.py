@@ -12,6 +12,7 @@ Prints TFLOP/s (4 M h^2 forward FLOPs, 3x that for forward+backward) and the rat
 
     python benchmarks/lfa_kernel.py                      # GPU: the issue's shapes; CPU: small
     python benchmarks/lfa_kernel.py --out benchmarks/results/lfa_kernel_h100.json
+    TRITON_INTERPRET=1 python benchmarks/lfa_kernel.py --dry-run   # the kernels, interpreted, tiny
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def _timeit(fn, iters: int, sync) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_shape(tokens: int, h: int, dtype, device, iters: int, batch: int) -> dict:
+def bench_shape(
+    tokens: int, h: int, dtype, device, iters: int, batch: int, impl: str = "auto"
+) -> dict:
     s = tokens // batch
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -66,7 +69,7 @@ def bench_shape(tokens: int, h: int, dtype, device, iters: int, batch: int) -> d
         make(h, scale=0.1),
     ]
     grad = torch.randn(s, batch, h, generator=gen).to(device, dtype)
-    ours = lambda: localized_filtering(x, *params)[0]  # noqa: E731
+    ours = lambda: localized_filtering(x, *params, impl=impl)[0]  # noqa: E731
     yuan = lambda: yuan_conv2d_form(x, *params)  # noqa: E731
     m = tokens
     a1 = torch.randn(m, 2 * h, generator=gen).to(device, dtype).requires_grad_()
@@ -106,25 +109,34 @@ def bench_shape(tokens: int, h: int, dtype, device, iters: int, batch: int) -> d
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU stand-in: the Triton kernels under TRITON_INTERPRET=1, one tiny shape",
+    )
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    if cuda:
+    impl = "auto"
+    if args.dry_run:
+        shapes, iters, impl = [(128, 64)], args.iters or 1, "triton"
+        label = "Triton kernels in the CPU interpreter (dry run: checks the path, not the speed)"
+    elif cuda:
         shapes = [(t, h) for h in (2048, 8192) for t in (4096, 8192, 32768)]
         iters = args.iters or 20
-        impl = "triton kernels"
+        label = "triton kernels"
     else:
         shapes = [(1024, 256), (2048, 512)]
         iters = args.iters or 3
-        impl = "GEMM-form reference (the Triton kernels need CUDA; CPU runs small shapes only)"
-        print(f"no CUDA device: (a) is the {impl}")
+        label = "GEMM-form reference (the Triton kernels need CUDA; CPU runs small shapes only)"
+        print(f"no CUDA device: (a) is the {label}")
     results = {
         "benchmark": "lfa_kernel",
         "date": datetime.date.today().isoformat(),
@@ -132,7 +144,7 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": _triton_version(),
         "dtype": str(dtype).removeprefix("torch."),
-        "ours": impl,
+        "ours": label,
         "rows": [],
     }
     header = (
@@ -141,7 +153,7 @@ def main() -> None:
     )
     print(header)
     for tokens, h in shapes:
-        row = bench_shape(tokens, h, dtype, device, iters, args.batch)
+        row = bench_shape(tokens, h, dtype, device, iters, args.batch, impl)
         results["rows"].append(row)
         for mode in ("fwd", "fwd_bwd"):
             r = row[mode]

@@ -3,7 +3,7 @@
 Two network namespaces joined through a bridge by veth links shaped with ``tc tbf``
 (tools/emulated_cluster.py) act as two nodes, one gloo process each (2 cores here), and train
 the same model (8 layers, hidden 256, 4 heads, sequence 128, micro batch 2, global batch 8: 4
-microbatches, fp32) with the two layouts of the paper's comparison (DESIGN.md 3):
+microbatches, fp32) with the two layouts of the paper's comparison (docs/yuan2_facts.md):
 
   A  tensor parallelism across the link: tp=2 (every layer all-reduces its activations);
   B  pipeline parallelism across the link: pp=2 with the balancer's split, 1F1B (one

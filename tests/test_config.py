@@ -21,7 +21,8 @@ from yuanlfa.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["tiny", "yuan2-2b", "yuan2-51b", "yuan2-102b"]
 
-# Facts from DESIGN.md 3 (the Yuan 2.0 report): layers, hidden, heads, seq, micro, global, lr.
+# Facts from docs/yuan2_facts.md 1 (the Yuan 2.0 report): layers, hidden, heads, seq, micro,
+# global, lr.
 PAPER = {
     "yuan2-2b": (24, 2048, 32, 8192, 2, 384, 2e-4, 2e-5),
     "yuan2-51b": (42, 8192, 64, 4096, 1, 1152, 9e-5, 9e-6),
@@ -142,14 +143,101 @@ def test_wrong_type_names_field(data: dict, field: str) -> None:
     assert_one_line_error(exc, field)
 
 
-def test_values_are_coerced_to_declared_types() -> None:
-    cfg = config_from_dict(
-        {"optim": {"lr": 1, "min_lr": "1e-5"}, "train": {"steps": 5.0}, "data": {"split": 1}}
-    )
+def test_numbers_widen_losslessly() -> None:
+    cfg = config_from_dict({"optim": {"lr": 1}, "train": {"steps": 5.0}})
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
-    assert cfg.optim.min_lr == 1e-5
     assert isinstance(cfg.train.steps, int) and cfg.train.steps == 5
-    assert cfg.data.split == "1"
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "hint"),
+    [
+        ({"optim": {"min_lr": "1e-5"}}, "optim.min_lr", "drop the quotes"),
+        ({"train": {"steps": "5"}}, "train.steps", "drop the quotes"),
+        ({"train": {"steps": 5.5}}, "train.steps", "an integer"),
+        ({"data": {"split": 1}}, "data.split", "quote it"),
+        ({"data": {"tokenizer": True}}, "data.tokenizer", "quote it"),
+        ({"model": {"lfa": "yes"}}, "model.lfa", "true or false"),
+        ({"model": {"lfa": 1}}, "model.lfa", "true or false"),
+    ],
+)
+def test_values_of_another_type_are_refused(data: dict, field: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data)
+    assert_one_line_error(exc, field, hint)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        # YAML 1.1 reads these as the base-60 integers 28861 and 5410: they stay text here, and
+        # the split's own check refuses the colons.
+        ("data:\n  split: 8:1:1\n", "data.split"),
+        ("data:\n  split: 90:10\n", "data.split"),
+        # YAML 1.1 reads on/no as booleans: here they are text, refused for a string field
+        # only by its own check, and for a boolean field by the type.
+        ("model:\n  lfa: on\n", "model.lfa"),
+        ("train:\n  steps: 1_000\n", "train.steps"),
+    ],
+)
+def test_yaml_1_1_scalars_are_not_coerced(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert_one_line_error(exc, field)
+
+
+def test_yaml_1_2_scalars_keep_their_types(tmp_path: Path) -> None:
+    # What YAML 1.1 leaves a string (1e-3 without a dot) is the number a user meant.
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  min_lr: 0\ndata:\n  split: 8,1,1\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == 1e-3 and cfg.data.split == "8,1,1"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train:\n  steps: 3\noptim:\n  lr: 1.0\ntrain:\n  steps: 4\n", "'train'", "1 and 5"),
+        ("train:\n  steps: 3\n  seed: 1\n  steps: 4\n", "'steps'", "2 and 4"),
+    ],
+)
+def test_duplicate_keys_are_refused_naming_both_lines(
+    tmp_path: Path, text: str, key: str, lines: str
+) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert_one_line_error(exc, str(path), key, f"lines {lines}")
+
+
+def test_invalid_yaml_is_one_line_with_the_position(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert_one_line_error(exc, str(path), "line 3")
+
+
+def test_binary_file_as_config_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\x80\x81\xff" * 10)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert_one_line_error(exc, str(path))
+
+
+@pytest.mark.parametrize("layout", ["Et*2|t*2L", "Et|t|t|tL"])
+def test_pipeline_layout_with_pp_1_is_refused(layout: str) -> None:
+    # Like a block list of several stages: a layout for another pp is a mistake, not ignored.
+    with pytest.raises(ConfigError) as exc:
+        load_config(CONFIGS / "tiny.yaml", ["parallel.pp=1", f"parallel.pipeline_layout={layout}"])
+    assert_one_line_error(exc, "parallel.pipeline_layout", "parallel.pp")
+    with pytest.raises(ConfigError) as exc:
+        load_config(CONFIGS / "tiny.yaml", ["parallel.pp=1", "parallel.pipeline_blocks=[2,2]"])
+    assert_one_line_error(exc, "parallel.pipeline_blocks")
 
 
 def test_dotted_overrides() -> None:

@@ -82,7 +82,7 @@ def _arm(point: str) -> None:
         )
     elif point == "while pruning the old checkpoint":
 
-        def prune_half_then_die(root: Path, keep_last: int, keep: str) -> None:
+        def prune_half_then_die(root: Path, keep_last: int, keep: str, **_: object) -> None:
             old = root / "step_0000001"
             for i, f in enumerate(sorted(old.rglob("*"))):
                 if f.is_file() and i % 2 == 0:
@@ -137,6 +137,71 @@ def test_a_killed_save_leaves_a_loadable_checkpoint(tmp_path: Path, point: str) 
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # The debris does not get in the way: saving again completes and becomes the latest.
     assert _spawn(tmp_path, None) == 0
+    step, weights = _load_latest(tmp_path)
+    assert step == 2
+    for got, want in zip(weights, _weights(2), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _async_writer(root: str, point: str | None) -> None:
+    """As ``_writer``, with background saves: step 2's writer thread is killed at ``point``
+    while the training thread goes on updating the weights."""
+    from yuanlfa.checkpoint.async_save import AsyncSaver
+
+    cfg, model, opt = _setup()
+    mesh = build_mesh(cfg.parallel, 1, 0)
+    saver = AsyncSaver(root, keep_last=1)
+    if latest_checkpoint(root) is not None:  # a rerun after a crash resumes from the latest
+        state = load_checkpoint(
+            latest_checkpoint(root), model, opt, config_to_dict(cfg.model), mesh, cfg.model
+        )
+        assert state.step == 1, state.step
+    else:
+        saver.save(model, opt, TrainingState(1, 8, config_to_dict(cfg.model), {}), mesh,
+                   cfg.model, {})  # fmt: skip
+        saver.wait()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    if point is not None:
+        _arm(point)
+    saver.save(model, opt, TrainingState(2, 16, config_to_dict(cfg.model), {}), mesh,
+               cfg.model, {})  # fmt: skip
+    with torch.no_grad():  # training goes on: none of this may reach the checkpoint
+        for _ in range(1000):
+            for p in model.parameters():
+                p.add_(100.0)
+            if saver.poll() is not None:
+                break
+    saver.wait()
+
+
+ASYNC_KILL_POINTS = (
+    "while writing tensor data",
+    "before the RNG file",
+    "after the rename, before the latest pointer",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ASYNC_KILL_POINTS)
+def test_a_killed_background_save_leaves_a_loadable_checkpoint(tmp_path: Path, point: str) -> None:
+    code = "from tests.checkpoint.test_crash_during_save import _async_writer; "
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def spawn(armed: str | None) -> int:
+        call = f"_async_writer({str(tmp_path)!r}, {armed!r})"
+        return subprocess.run(
+            [sys.executable, "-c", code + call], cwd=ROOT, env=env, timeout=300
+        ).returncode
+
+    assert spawn(point) == -signal.SIGKILL
+    step, weights = _load_latest(tmp_path)
+    assert step == 1
+    for got, want in zip(weights, _weights(1), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The next run resumes from it and its background save completes.
+    assert spawn(None) == 0
     step, weights = _load_latest(tmp_path)
     assert step == 2
     for got, want in zip(weights, _weights(2), strict=True):

@@ -1,5 +1,9 @@
 """Elastic restart: under ``torchrun --max-restarts``, killing a worker mid-run restarts the job,
-which resumes from the last checkpoint; the finished run's losses equal an uninterrupted one's."""
+which resumes from the last checkpoint; the finished run's losses equal those of the same layout
+run without interruption (bitwise: a resume restores every weight, moment, RNG state and the data
+position). That a pipeline layout equals one process is proven by the equivalence tests; over
+40 steps at this learning rate fp32 rounding differences between the two grow past 1e-5, so one
+process is not the reference here."""
 
 from __future__ import annotations
 
@@ -47,12 +51,13 @@ def test_killed_worker_restarts_and_resumes(small_corpus: str, tmp_path: Path) -
         f"data.path={small_corpus}", f"train.steps={STEPS}", "train.seq_length=64",
         "train.micro_batch_size=2", "train.global_batch_size=8", "train.eval_iters=0",
     ]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--max-restarts", "1", "--rdzv_backend", "c10d"]  # fmt: skip
+    layout = ["parallel.pp=2", "parallel.pipeline_blocks=[1,3]"]
     job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--max-restarts", "1", "--rdzv_backend", "c10d",
-         "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *train_args,
-         "parallel.pp=2", "parallel.pipeline_blocks=[1,3]", f"checkpoint.dir={ckpt}",
-         f"checkpoint.interval={INTERVAL}", "checkpoint.resume=true", f"logging.jsonl={log}"],
+        [*launch, "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *train_args, *layout,
+         f"checkpoint.dir={ckpt}", f"checkpoint.interval={INTERVAL}", "checkpoint.resume=true",
+         f"logging.jsonl={log}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -71,13 +76,14 @@ def test_killed_worker_restarts_and_resumes(small_corpus: str, tmp_path: Path) -
     assert job.returncode == 0, output[-3000:]
     records = _records(log)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    single = subprocess.run(
-        [sys.executable, *train_args, f"logging.jsonl={tmp_path / 'one.jsonl'}"],
+    whole = subprocess.run(
+        [*launch, "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *train_args, *layout,
+         f"logging.jsonl={tmp_path / 'whole.jsonl'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert single.returncode == 0, single.stderr[-3000:]
-    reference = [r["loss"] for r in _records(tmp_path / "one.jsonl")]
-    assert [r["loss"] for r in records] == pytest.approx(reference, rel=1e-5)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = [(r["loss"], r["grad_norm"]) for r in _records(tmp_path / "whole.jsonl")]
+    assert [(r["loss"], r["grad_norm"]) for r in records] == reference
     # The job really restarted and continued from a checkpoint rather than from scratch.
     assert "resumed from" in output
 

@@ -90,6 +90,13 @@ def test_round_trip_through_megatron_and_hugging_face(small_corpus: str, tmp_pat
     head = last["model"]["word_embeddings_for_head"]["weight"]
     assert torch.equal(head, embed[embed.shape[0] // 2 :])
     assert "fp32_from_fp16_params" in last["optimizer"]
+    # What Yuan's load_checkpoint needs next to the optimizer state, from the run's settings
+    # (tiny_overrides: lr 3e-3, 5 warmup steps, 8 samples per step, 3 steps taken).
+    scheduler = last["opt_param_scheduler"]
+    assert (scheduler["max_lr"], scheduler["lr_warmup_steps"], scheduler["num_steps"]) == (
+        3e-3, 40, 24,
+    )  # fmt: skip
+    assert last["rng_state"][0]["rng_tracker_states"]["model-parallel-rng"].numel() == 16
 
     # Back to ours: every tensor, weights and optimizer state, is identical.
     back = tmp_path / "back"

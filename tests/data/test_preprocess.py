@@ -147,7 +147,7 @@ def test_cli_glob_without_match(tmp_path, capsys):
     code = main(["--input", pattern, "--output-prefix", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and pattern in err and "matches no files" in err
+    assert err.startswith("yuanlfa-preprocess: ") and pattern in err and "matches no files" in err
     assert "Traceback" not in err
 
 

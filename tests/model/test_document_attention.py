@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import yuanlfa.model.attention as attention
 from tests.model.test_model import model_cfg, randomize
 from yuanlfa.config import ConfigError, config_from_dict
 from yuanlfa.model import YuanModel
@@ -108,6 +109,81 @@ def test_config_errors() -> None:
     config_from_dict({"model": {"document_attention": True, "lfa": False}})
 
 
+def random_starts(s: int, b: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(s, b, generator=g) < 0.05
+    starts[3, 0] = True
+    return starts.to(device)
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_sdpa_cpu() -> None:
+    # torch 2.13 runs FlexAttention's forward eagerly on CPU (no CPU backward): enough to check
+    # the document-causal block mask against SDPA's boolean mask.
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(0)
+    s, b, heads, d = 256, 2, 2, 16
+    q, k, v = (torch.randn(b, heads, s, d, generator=g) for _ in range(3))
+    starts = random_starts(s, b, seed=1)
+    flex = attention.flex_document_attention(q, k, v, starts)
+    mask = attention.document_layout(starts, "dense")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layouts_are_computed_once_per_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    real = attention._make_layout
+    monkeypatch.setattr(
+        attention, "_make_layout", lambda t, kind: made.append(kind) or real(t, kind)
+    )
+    net = build(layers=3, document_attention=True, lfa_reset_at_doc_start=True)
+    tokens, positions, _ = packed(net.cfg.vocab_size)
+    net(tokens, positions).sum().backward()
+    assert made == ["dense"]  # one mask for the three layers, forward and backward
+    net(tokens, positions)  # the next micro-batch: a new doc_start tensor
+    assert made == ["dense", "dense"]
+
+
+def test_layout_cache_follows_the_tensor() -> None:
+    starts = random_starts(16, 2, seed=2)
+    first = attention.document_layout(starts, "varlen")
+    assert attention.document_layout(starts, "varlen") is first
+    starts[8, 1] = True  # edited in place: the version changes
+    cu, longest = attention.document_layout(starts, "varlen")
+    assert cu.dtype == torch.int32 and 8 + 16 in cu.tolist()
+    other = random_starts(16, 2, seed=2)
+    assert attention.document_layout(other, "varlen") is not first
+    assert torch.equal(attention.document_layout(other, "varlen")[0], first[0])
+    assert longest == int((cu[1:] - cu[:-1]).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_equals_sdpa_gpu() -> None:
+    # The compiled FlexAttention kernel, forward and backward, against SDPA's boolean mask.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(
+            2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g
+        ).requires_grad_()
+        for _ in range(3)
+    )
+    starts = random_starts(256, 2, seed=3, device="cuda")
+    flex = attention.flex_document_attention(q, k, v, starts)
+    mask = attention.document_layout(starts, "dense")
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask)
+    torch.testing.assert_close(flex.float(), ref, rtol=2e-2, atol=2e-2)
+    g_out = torch.randn(ref.shape, device="cuda", generator=g)
+    grads = torch.autograd.grad(flex.float(), (q, k, v), g_out)
+    ref_grads = torch.autograd.grad(ref, leaves, g_out)
+    for a, e in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), e, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flash_varlen_equals_sdpa_gpu() -> None:
     pytest.importorskip("flash_attn")

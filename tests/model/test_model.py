@@ -1,4 +1,4 @@
-"""The single-device model against a forward pass written out by hand from DESIGN.md 3."""
+"""The single-device model against a forward pass written out by hand from docs/yuan2_facts.md."""
 
 from __future__ import annotations
 

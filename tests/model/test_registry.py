@@ -154,7 +154,7 @@ def test_zero_dim_parameters_are_refused() -> None:
 
 
 def filter_params(name: str, h: int, kernel: int) -> int:
-    """Parameters per layer of each variant, from its definition (DESIGN.md 3 for LFA)."""
+    """Parameters per layer of each variant, from its definition (docs/yuan2_facts.md for LFA)."""
     lfa_convs = (h // 2 * h * 2 + h // 2) + (h * (h // 2) * 2 + h)
     return {
         "lfa": lfa_convs + h,  # + RMSNorm weight

@@ -126,6 +126,23 @@ def test_bad_input(change: dict, message: str) -> None:
         blockwise_lm_loss(args["hidden"], args["weight"], args["labels"], **kw)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_label_check_on_gpu_does_not_sync() -> None:
+    # On an accelerator the range check is a device-side assertion: no host sync per
+    # micro-batch. (A bad label then fails the next synchronizing call; not triggered here, as
+    # a device assertion leaves the CUDA context unusable for the tests after it.)
+    hidden, weight, labels, _ = _inputs(torch.float32)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = blockwise_lm_loss(hidden, weight, labels, block_size=4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.shape == (S, B)
+
+
 def _shards(v: int, world_size: int, uneven: bool) -> list[tuple[int, int]]:
     if not uneven:
         return [(r * v // world_size, (r + 1) * v // world_size) for r in range(world_size)]

@@ -1,5 +1,5 @@
 """The functional and module API: yuanlfa.localized_filtering and yuanlfa.LocalizedFiltering
-against the reference implementation and DESIGN.md 3 by hand, and causal_conv (the filter
+against the reference implementation and docs/yuan2_facts.md by hand, and causal_conv (the filter
 variants' building block) against torch's convolution."""
 
 from __future__ import annotations

@@ -17,12 +17,19 @@ import torch
 pytest.importorskip("triton")
 
 import yuanlfa.ops.lfa.autograd as lfa_autograd  # noqa: E402
+import yuanlfa.ops.lfa.triton_kernels as triton_kernels  # noqa: E402
 from yuanlfa.ops.lfa import (  # noqa: E402
     LFAState,
     halo_state,
     lfa_reference,
     localized_filtering,
     resolve_impl,
+)
+
+# These tests interpret the kernels on the host; with TRITON_INTERPRET=0 (a GPU run of the suite,
+# `pytest -m gpu`) tests/ops/test_lfa_triton_gpu.py covers the compiled kernels instead.
+pytestmark = pytest.mark.skipif(
+    not triton_kernels.INTERPRET, reason="needs TRITON_INTERPRET=1 (the CPU interpreter)"
 )
 
 EPS = 1e-6
@@ -476,6 +483,51 @@ def test_autocast_cpu_bf16_follows_autocast_dtype() -> None:
     assert_rel_close(out, ref, REL[torch.bfloat16], "out")
     for name, a, e in zip(t, grads, ref_grads, strict=True):
         assert_rel_close(a, e, 3e-2, f"grad {name}")
+
+
+def test_mixed_dtypes_are_cast_before_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bf16 activations with fp32 parameters (no autocast): a GPU tl.dot refuses mixed operand
+    # dtypes, so the wrapper computes in the activations' dtype, like autocast would.
+    seen = []
+    real = triton_kernels.shifted_gemm
+
+    def recording(inp, w_cur, w_shift, *args, **kwargs):
+        seen.append({inp.dtype, w_cur.dtype, w_shift.dtype})
+        return real(inp, w_cur, w_shift, *args, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, "shifted_gemm", recording)
+    s, b, h = 33, 2, 64
+    t = make_inputs(s, b, h, F32, seed=161)
+    x = t["x"].detach().to(torch.bfloat16).requires_grad_(True)
+    state = make_state(b, h, F32, seed=162)
+    out, _ = localized_filtering(x, *(t[k] for k in PARAMS), EPS, state=state, impl="triton")
+    assert out.dtype == torch.bfloat16
+    g_out = cotangents(s, b, h)[0].float()
+    grads = torch.autograd.grad((out.float() * g_out).sum(), [x, *(t[k] for k in PARAMS)])
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+    assert grads[0].dtype == torch.bfloat16 and all(g.dtype == F32 for g in grads[1:])
+    ref, _ = reference(dict(t, x=x.detach().float()), state=state)
+    assert_rel_close(out, ref, REL[torch.bfloat16], "out")
+
+
+def test_norm_backward_in_few_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The RMSNorm backward sums its weight gradient per block of rows into a bounded buffer;
+    # with at most 2 programs every program walks many rows, and the result is unchanged.
+    s, b, h = 257, 3, 96
+    t = make_inputs(s, b, h, F64, seed=171)
+    exp = forward_backward(reference, t, None, None)
+    monkeypatch.setattr(triton_kernels, "MAX_NORM_BWD_PROGRAMS", 2)
+    calls = []
+    real = triton_kernels.rmsnorm_backward
+
+    def recording(r, *args):
+        dr, dg = real(r, *args)
+        calls.append(r.shape[0])
+        return dr, dg
+
+    monkeypatch.setattr(triton_kernels, "rmsnorm_backward", recording)
+    assert_all_close(forward_backward(triton, t, None, None), exp, F64)
+    assert calls == [s * b]
 
 
 def test_backward_is_deterministic() -> None:

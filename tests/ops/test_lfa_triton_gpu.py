@@ -20,6 +20,7 @@ from tests.ops.test_lfa_triton import make_inputs as make_host_inputs  # noqa: E
 from yuanlfa.ops.lfa import LFAState, lfa_reference, localized_filtering  # noqa: E402
 
 pytestmark = [
+    pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(
         triton_kernels.INTERPRET,

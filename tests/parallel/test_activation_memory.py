@@ -22,6 +22,7 @@ from yuanlfa.planner.activations import stage_activation_bytes
 from yuanlfa.train.activation_probe import SavedActivationProbe
 
 MICRO, SEQ, MICROBATCHES = 2, 32, 8
+SPLIT_BACKWARD = "torch keeps split-backward activations off the weights' paths to step end"
 
 
 def _config(parallel: dict, recompute: str, model: dict | None = None):
@@ -67,7 +68,9 @@ def _measure(
     # The batch lives in the trainer anyway; microbatches are views of it.
     with SavedActivationProbe([*model.parameters(), *batch.values()]) as probe:
         runner.train_step(batch, batch["loss_mask"].sum())
-    predicted = stage_activation_bytes(cfg, layout, layout.stages_of_rank(mesh.pp_rank)[0])
+    # The rank's peak: each of its stages' microbatches held at that moment.
+    stages = layout.stages_of_rank(mesh.pp_rank)
+    predicted = sum(stage_activation_bytes(cfg, layout, s) for s in stages)
     return probe.peak, predicted
 
 
@@ -79,6 +82,27 @@ def _measure(
         ({"pp": 2, "pipeline_blocks": [3, 1], "schedule": "gpipe"}, "none", 2),
         ({"pp": 2, "pipeline_blocks": [2, 2], "schedule": "1f1b"}, "selective", 2),
         ({"pp": 4, "pipeline_blocks": [1, 1, 2, 0], "schedule": "1f1b"}, "full", 4),
+        # V-shaped, two stages per rank, uneven: rank 0 holds stages 0 and 3, rank 1 1 and 2.
+        # Known gap: torch's split backward (I with retain_graph, then W over the weights' paths
+        # only) leaves each microbatch's input-gradient-only saved tensors alive until the step
+        # ends; the planner releases a microbatch's activations at its W (measured: 1.6-1.9x).
+        pytest.param(
+            {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [1, 2, 1, 0], "schedule": "zbv"},
+            "none",
+            2,
+            marks=pytest.mark.xfail(strict=True, reason=SPLIT_BACKWARD),
+        ),
+        pytest.param(
+            {
+                "pp": 2,
+                "virtual_stages": 2,
+                "pipeline_blocks": [0, 1, 2, 1],
+                "schedule": "dualpipev",
+            },
+            "none",
+            2,
+            marks=pytest.mark.xfail(strict=True, reason=SPLIT_BACKWARD),
+        ),
     ],
 )
 def test_stage_activations_match_the_planner(parallel: dict, recompute: str, world: int) -> None:

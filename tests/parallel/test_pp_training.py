@@ -76,16 +76,21 @@ def _pipeline_grads(rank: int, world: int, parallel: dict):
         {"pp": 2, "pipeline_blocks": [1, 3], "schedule": "1f1b"},
         {"pp": 2, "pipeline_blocks": [3, 1], "schedule": "gpipe"},
         {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [0, 2, 1, 1], "schedule": "zero_bubble"},
+        # V-shaped: rank 0 holds stages 0 and 3 (the embedding and the tied head), rank 1 the
+        # turn (stages 1 and 2, passing activations locally).
+        {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [1, 2, 1, 0], "schedule": "zbv"},
+        {"pp": 2, "virtual_stages": 2, "pipeline_blocks": [0, 1, 2, 1], "schedule": "dualpipev"},
     ],
+    ids=lambda parallel: parallel["schedule"],
 )
 def test_pipeline_gradients_equal_one_process(parallel: dict) -> None:
     cfg = _config({})
     ref_loss, ref_grads = _reference_grads(cfg, _batch(2, 16, MODEL["vocab_size"]))
     results = run_distributed(_pipeline_grads, 2, parallel, timeout=300)
     seen: set[str] = set()
-    for rank, (loss, grads) in enumerate(results):
-        if rank == 1:  # the last stage holds the loss
-            assert loss == pytest.approx(ref_loss, rel=1e-6)
+    losses = [loss for loss, _ in results if loss is not None]
+    assert losses == [pytest.approx(ref_loss, rel=1e-6)]  # on the one rank holding the last stage
+    for _, grads in results:
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
             seen.add(name)
@@ -125,6 +130,19 @@ LAYOUTS = {
             "schedule": "interleaved_1f1b",
         },
         "pp2 v2 zero bubble": {"pp": 2, "virtual_stages": 2, "schedule": "zero_bubble"},
+        # V-shaped: the embedding and the tied head both on rank 0.
+        "pp2 v2 [1,2,1,0] zbv": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [1, 2, 1, 0],
+            "schedule": "zbv",
+        },
+        "pp2 v2 [0,1,2,1] dualpipev": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [0, 1, 2, 1],
+            "schedule": "dualpipev",
+        },
     },
     4: {
         "pp4 [1,1,2,0] head-only last stage, recompute per stage": {
@@ -137,6 +155,21 @@ LAYOUTS = {
             "pp": 2,
             "pipeline_blocks": [3, 1],
             "sequence_parallel": True,
+        },
+        "tp2 x pp2 v2 [1,1,2,0] zbv + sp": {
+            "tp": 2,
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [1, 1, 2, 0],
+            "schedule": "zbv",
+            "sequence_parallel": True,
+        },
+        "pp2 v2 [2,1,1,0] dualpipev x dp2, reduced after backward": {
+            "pp": 2,
+            "virtual_stages": 2,
+            "pipeline_blocks": [2, 1, 1, 0],
+            "schedule": "dualpipev",
+            "overlap_grad_reduce": False,
         },
     },
     8: {

@@ -15,6 +15,8 @@ import torch
 from tests.distributed.launcher import run_distributed
 from yuanlfa.config import ModelConfig, config_from_dict, resolve
 from yuanlfa.layout import PipelineLayout
+from yuanlfa.layout.ranks import stages_of_rank
+from yuanlfa.layout.schedules import rank_ops
 from yuanlfa.model import create_model
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel.recompute import apply_recompute
@@ -23,7 +25,6 @@ from yuanlfa.planner.activations import (
     in_flight_microbatches,
     layer_activation_bytes,
     microbatch_activations,
-    rank_ops,
     stage_activation_bytes,
 )
 
@@ -206,21 +207,41 @@ def test_interleaved_in_flight_is_megatrons(pp: int, v: int, m: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2)]
+    "schedule,v",
+    [
+        ("gpipe", 1),
+        ("1f1b", 1),
+        ("interleaved_1f1b", 2),
+        ("zero_bubble", 2),
+        ("zbv", 2),
+        ("dualpipev", 2),
+    ],
 )
 def test_rank_ops_run_every_pass_once_in_order(schedule: str, v: int) -> None:
     pp, m = 4, 8
+    placement = "v" if schedule in ("zbv", "dualpipev") else "looped"
     for r in range(pp):
         ops = rank_ops(schedule, pp, r, m, v)
-        stages = {r + k * pp for k in range(v)}
-        kinds = ("F", "B", "W") if schedule == "zero_bubble" else ("F", "B")
-        for kind in kinds:
-            done = sorted((op.stage, op.microbatch) for op in ops if op.kind == kind)
-            assert done == sorted((s, i) for s in stages for i in range(m))
+        stages = set(stages_of_rank(r, pp, v, placement))
+        # Every (stage, microbatch) runs one forward and one backward: full (B), or input
+        # gradients (I) and, after them, weight gradients (W).
+        forwards = sorted((op.stage, op.microbatch) for op in ops if op.kind == "F")
+        backwards = sorted((op.stage, op.microbatch) for op in ops if op.kind in ("B", "I"))
+        weights = sorted((op.stage, op.microbatch) for op in ops if op.kind == "W")
+        inputs = sorted((op.stage, op.microbatch) for op in ops if op.kind == "I")
+        everything = sorted((s, i) for s in stages for i in range(m))
+        assert forwards == backwards == everything
+        assert weights == inputs
+        if schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
+            assert not weights
+        if schedule in ("zero_bubble", "zbv"):
+            assert weights == everything
         position = {(op.kind, op.stage, op.microbatch): i for i, op in enumerate(ops)}
         for s in stages:
             for i in range(m):
-                assert position[("F", s, i)] < position[("B", s, i)]
+                back = position.get(("B", s, i), position.get(("I", s, i)))
+                assert position[("F", s, i)] < back
+                assert position.get(("W", s, i), back) >= back
 
 
 def test_stage_activation_bytes_counts_in_flight_and_pipeline_buffers() -> None:

@@ -190,8 +190,8 @@ def test_plan_bubble_fraction_and_step() -> None:
 
 
 def test_paper_example_shape() -> None:
-    """DESIGN.md 3: 24 layers, hidden 6144, 8 stages: uniform stage 1 is the heaviest at 78 GB;
-    2,2,3,3,4,4,4,2 brings stage 1 to 56 GB (about 28% less) and lowers the maximum."""
+    """docs/yuan2_facts.md 6: 24 layers, hidden 6144, 8 stages: uniform stage 1 is the heaviest
+    at 78 GB; 2,2,3,3,4,4,4,2 brings stage 1 to 56 GB (about 28% less) and lowers the maximum."""
     cfg = load_config(ROOT / "configs/paper-24l-pp8.yaml")
     cfg = resolve(cfg, 8)
     model = cost_model(cfg, get_device("H100-SXM"))

@@ -60,8 +60,10 @@ def test_text_output_and_overrides(capsys) -> None:
     text = capsys.readouterr().out
     assert "released = uniform split" in text  # the config's split is for pp 32
     assert "balanced blocks:" in text and "bubble fraction" in text
+    # Full recompute of every layer (the preset's own is block recompute of 2 per stage).
     out = run_json(capsys, "--config", B102, "--pp", "8", "--virtual-stages", "2", "--objective",
-                   "time", "--set", "train.recompute=full", "--device", "h200")  # fmt: skip
+                   "time", "--set", "train.recompute=full", "train.recompute_method=uniform",
+                   "train.recompute_num_layers=1", "--device", "h200")  # fmt: skip
     assert out["virtual_stages"] == 2 and out["schedule"] == "interleaved_1f1b"
     assert len(out["balanced"]["blocks"]) == 16 and len(out["balanced"]["stages"]) == 8
     assert out["balanced"]["time_max_s"] <= out["uniform"]["time_max_s"]
@@ -74,7 +76,7 @@ def test_text_output_and_overrides(capsys) -> None:
         (["--config", B102, "--device", "tpu"], "H100-SXM"),
         (["--config", B102, "--pp", "0"], "--pp"),
         (["--config", B102, "--pp", "100"], "stages"),
-        (["--config", B102, "--objective", "time"], "recompute"),
+        (["--config", B102, "--objective", "time", "--set", "train.recompute=none"], "recompute"),
         (["--config", "missing.yaml"], "not found"),
     ],
 )

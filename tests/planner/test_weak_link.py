@@ -1,4 +1,4 @@
-"""The weak-link claim in the cost model (DESIGN.md 3), and calibrating the model."""
+"""The weak-link claim in the cost model (docs/yuan2_facts.md), and calibrating the model."""
 
 from __future__ import annotations
 

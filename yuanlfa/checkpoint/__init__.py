@@ -3,6 +3,7 @@ written atomically, loadable into any tp / pp / dp layout; its manifest (``meta.
 scheme; conversions to and from the Megatron / Yuan 2.0 and Hugging Face formats in ``convert/``.
 """
 
+from yuanlfa.checkpoint.async_save import AsyncSaver, SaveDone, SaveStarted, use_async
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.files import (
     LATEST,
@@ -15,6 +16,7 @@ from yuanlfa.checkpoint.manifest import FORMAT, TrainingState, is_complete, read
 from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
 
 __all__ = [
+    "AsyncSaver",
     "FORMAT",
     "LATEST",
     "CheckpointError",
@@ -25,7 +27,10 @@ __all__ = [
     "load_checkpoint",
     "read_meta",
     "read_tensor",
+    "SaveDone",
+    "SaveStarted",
     "resolve_checkpoint",
     "save_checkpoint",
     "stored_tensors",
+    "use_async",
 ]

@@ -13,8 +13,8 @@ checkpoint and pointer intact.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from yuanlfa.checkpoint.errors import CheckpointError
@@ -31,8 +31,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_temp(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file for writing, ``(fd, path)``, with the mode the umask gives (as every other
+    tool's output on a shared cluster). tempfile.mkstemp would make it 0600, unreadable to the
+    group, and the rename keeps that mode."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name starting {prefix!r}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = create_temp(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -52,7 +65,7 @@ def step_name(step: int) -> str:
 def step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints (meta.json is written last) in step order."""
     found = [p for p in root.glob("step_*") if is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+    return sorted(found, key=step_of)
 
 
 def holds_checkpoints(directory: str | Path) -> bool:
@@ -60,10 +73,26 @@ def holds_checkpoints(directory: str | Path) -> bool:
     return (root / LATEST).exists() or bool(step_dirs(root))
 
 
-def prune(root: Path, keep_last: int, keep: str) -> None:
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int | None) -> set[int]:
+    """Steps a retention policy keeps: the newest ``keep_last`` plus every multiple of
+    ``keep_every`` (kept for later evaluation; None keeps none of those)."""
+    kept = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    if keep_every is not None:
+        kept |= {s for s in steps if s % keep_every == 0}
+    return kept
+
+
+def prune(root: Path, keep_last: int, keep: str, keep_every: int | None = None) -> None:
+    """Remove complete checkpoints the policy no longer keeps. Called only after ``keep`` (the
+    newest) is published, so a failed save never costs an older checkpoint."""
     steps = step_dirs(root)
-    for old in steps[:-keep_last]:
-        if old.name != keep:
+    kept = retained([step_of(p) for p in steps], keep_last, keep_every)
+    for old in steps:
+        if old.name != keep and step_of(old) not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -11,8 +11,10 @@ DCP computes the overlaps with the saved ones. The manifest and the tensor keys 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@functools.lru_cache(maxsize=4)  # every save of a run asks again; building even on meta costs
 def _full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in build_model(cfg).named_parameters()}
 
@@ -134,6 +137,94 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass
+class SaveJob:
+    """One checkpoint being written: this rank's blocks, RNG state and, on rank 0, the manifest.
+    :func:`begin_save` makes it, :func:`write_job` writes it (in the background for an
+    asynchronous save, from staged copies), :func:`publish` finishes it on rank 0."""
+
+    root: Path
+    name: str
+    tmp: Path
+    blocks: list[Block]
+    rng: dict[str, torch.Tensor]
+    rng_file: Path
+    meta: dict[str, Any] | None  # rank 0 only
+    keep_last: int
+    keep_every: int | None
+
+    @property
+    def final(self) -> Path:
+        return self.root / self.name
+
+
+def begin_save(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer,
+    state: TrainingState,
+    mesh: Mesh,
+    model_cfg: ModelConfig,
+    layout: dict[str, Any],
+    keep_last: int = 2,
+    keep_every: int | None = None,
+) -> SaveJob:
+    """Collective. Create the hidden directory of ``step_<N>`` and collect this rank's blocks
+    (views into the live tensors: stage them before training changes them)."""
+    root = Path(directory)
+    name = step_name(state.step)
+    tmp = root / f".{name}.tmp"
+    problem = None
+    if mesh.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save of this step
+            (tmp / manifest.RNG_DIR).mkdir(parents=True)
+        except OSError as exc:
+            problem = (
+                f"cannot create {tmp} ({exc.strerror}); make checkpoint.dir writable (the "
+                "checkpoints already there are kept)"
+            )
+    _agree(problem)
+    placer = _Placer(model_cfg, mesh)
+    optim_state = checkpoint_state(optimizer)
+    adam_steps = optim_state.steps()
+    optim_state.prepare(adam_steps)  # before the first update it has none
+    blocks = _param_blocks(model, placer, mesh, saving=True)
+    blocks += _optimizer_blocks(optim_state, model, placer, mesh, saving=True, keys=set())
+    meta = None
+    if mesh.rank == 0:
+        record = manifest.adamw_record(adam_steps, optim_state.sharded)
+        meta = manifest.build_meta(state, layout, record)
+    return SaveJob(
+        root, name, tmp, blocks, _rng_state(), _rng_file(tmp, mesh), meta, keep_last, keep_every
+    )
+
+
+def write_job(job: SaveJob, group: dist.ProcessGroup | None = None) -> None:
+    """Collective over ``group`` (the default group when None and distributed): write this
+    rank's blocks and RNG file into the job's hidden directory, synced. DCP gathers every rank's
+    write result, so when it returns on one rank all ranks' tensor files are written, and a
+    failure on any rank raises on all. The partial directory is removed on failure."""
+    try:
+        with quiet_single_process():
+            dcp.save(
+                {},
+                storage_writer=dcp.FileSystemWriter(job.tmp),
+                planner=BlockSavePlanner(job.blocks),
+                process_group=group,
+                no_dist=not distributed(),
+            )
+        torch.save(job.rng, job.rng_file)
+        with open(job.rng_file, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        # The previous checkpoints are untouched; drop the partial one (a save of the same
+        # step also clears it first, should this process die before getting here).
+        shutil.rmtree(job.tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module,
@@ -143,53 +234,33 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     layout: dict[str, Any],
     keep_last: int = 2,
+    keep_every: int | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes ``step_<N>`` atomically (a hidden directory renamed
-    into place once complete), points ``latest`` at it and keeps the newest ``keep_last``."""
-    root = Path(directory)
-    name = step_name(state.step)
-    final, tmp = root / name, root / f".{name}.tmp"
-    if mesh.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed save of this step
-        (tmp / manifest.RNG_DIR).mkdir(parents=True)
+    into place once complete), points ``latest`` at it and prunes what the retention policy
+    (``keep_last`` newest, every ``keep_every``-th step) no longer keeps. Blocks until done;
+    :class:`~yuanlfa.checkpoint.async_save.AsyncSaver` writes in the background."""
+    job = begin_save(
+        directory, model, optimizer, state, mesh, model_cfg, layout, keep_last, keep_every
+    )
+    write_job(job)
     _barrier()
-    placer = _Placer(model_cfg, mesh)
-    optim_state = checkpoint_state(optimizer)
-    adam_steps = optim_state.steps()
-    optim_state.prepare(adam_steps)  # before the first update it has none
-    blocks = _param_blocks(model, placer, mesh, saving=True)
-    blocks += _optimizer_blocks(optim_state, model, placer, mesh, saving=True, keys=set())
-    try:
-        with quiet_single_process():
-            dcp.save(
-                {},
-                storage_writer=dcp.FileSystemWriter(tmp),
-                planner=BlockSavePlanner(blocks),
-                no_dist=not distributed(),
-            )
-        rng_file = _rng_file(tmp, mesh)
-        torch.save(_rng_state(), rng_file)
-        with open(rng_file, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        # The previous checkpoints are untouched; drop the partial one (a save of the same
-        # step also clears it first, should this process die before getting here).
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if job.meta is not None:
+        publish(job.root, job.name, job.tmp, job.meta, job.keep_last, job.keep_every)
     _barrier()
-    if mesh.rank == 0:
-        meta = manifest.build_meta(
-            state, layout, manifest.adamw_record(adam_steps, optim_state.sharded)
-        )
-        publish(root, name, tmp, meta, keep_last)
-    _barrier()
-    return final
+    return job.final
 
 
-def publish(root: Path, name: str, tmp: Path, meta: dict[str, Any], keep_last: int) -> Path:
+def publish(
+    root: Path,
+    name: str,
+    tmp: Path,
+    meta: dict[str, Any],
+    keep_last: int,
+    keep_every: int | None = None,
+) -> Path:
     """Finish a checkpoint written into ``tmp``: meta.json last, rename to ``root/name``
-    (keeping a complete copy on disk at every moment), point ``latest`` at it, prune."""
+    (keeping a complete copy on disk at every moment), point ``latest`` at it, then prune."""
     final = root / name
     manifest.write_meta(tmp, meta)
     fsync_dir(tmp)
@@ -203,7 +274,7 @@ def publish(root: Path, name: str, tmp: Path, meta: dict[str, Any], keep_last: i
         os.replace(tmp, final)
     fsync_dir(root)
     write_text_atomic(root / LATEST, name + "\n")
-    prune(root, keep_last, keep=name)
+    prune(root, keep_last, keep=name, keep_every=keep_every)
     return final
 
 

@@ -152,3 +152,56 @@ def training_state(meta: dict[str, Any]) -> TrainingState:
     """The position a manifest records; everything else it holds travels in ``extra``."""
     extra = {k: v for k, v in meta.items() if k not in _POSITION}
     return TrainingState(meta["step"], meta["consumed_samples"], saved_model_config(meta), extra)
+
+
+# The run settings (``extra["run"]``, recorded by the trainer) a resume may change: the length
+# and how the decay span is spelled, within the limits resume_problem checks.
+_EXTENDABLE = ("train.steps", "data.order", "optim.decay_steps")
+
+
+def _decay_span(run: dict[str, Any]) -> int | None:
+    """The steps the lr decays over (None: a constant schedule, which has no span)."""
+    if run.get("optim.lr_schedule") == "constant":
+        return None
+    decay = run.get("optim.decay_steps")
+    return decay if decay is not None else run.get("train.steps")
+
+
+def resume_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a run with settings ``current`` cannot continue the run that saved ``saved`` (both
+    the trainer's run settings: train.steps, seed, batch, data, lr schedule, ``data.order`` (the
+    sample order's signature per dataset, see yuanlfa.data.megatron_index.order_signature));
+    None when it can.
+
+    A different ``train.steps`` extends (or shortens) the same run when the lr schedule does not
+    move (constant, or ``optim.decay_steps`` spanning the same steps) and the sample order keeps
+    its prefix (the same epochs, split the same way); everything else must be unchanged."""
+    changed = [
+        f"{k} {saved[k]!r} -> {current[k]!r}"
+        for k in current
+        if k in saved and k not in _EXTENDABLE and saved[k] != current[k]
+    ]
+    if changed:
+        return (
+            f"it belongs to a run with other settings ({'; '.join(changed)}); the sample order "
+            "and lr schedule depend on them. Restore the settings, or start a new run in another "
+            "checkpoint.dir"
+        )
+    old, new = saved.get("train.steps"), current.get("train.steps")
+    if _decay_span(saved) != _decay_span(current):
+        what = f"train.steps {old} -> {new}" if old != new else "optim.decay_steps"
+        return (
+            f"{what} would move the lr schedule (decay over {_decay_span(saved)} -> "
+            f"{_decay_span(current)} steps); set optim.decay_steps={_decay_span(saved)} (the "
+            "saved run's span) to continue the run"
+        )
+    if old is None or new is None or old == new:
+        return None
+    if "data.order" not in saved or saved["data.order"] != current.get("data.order"):
+        return (
+            f"train.steps {old} -> {new} changes the sample order (the data then spans other "
+            f"epochs: {saved.get('data.order')} -> {current.get('data.order')}, as [epochs, "
+            "samples before a separately shuffled last epoch] per dataset); keep train.steps, "
+            "or start a new run in another checkpoint.dir"
+        )
+    return None

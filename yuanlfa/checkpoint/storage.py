@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazySavePlanner, LazyTensor
 from yuanlfa.checkpoint.torch_files import load_pickle_restricted
+from yuanlfa.config import ConfigError
 
 
 def distributed() -> bool:
@@ -38,13 +40,39 @@ def quiet_single_process() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def dcp_errors(path: Path, action: str) -> Iterator[None]:
+    """torch.distributed.checkpoint wraps every failure in a ``CheckpointException`` (a
+    BaseException, so ordinary handlers miss it) holding each rank's error: re-raise our own
+    errors as they are, anything else as a CheckpointError naming ``path``."""
+    try:
+        yield
+    except CheckpointException as exc:
+        inner = _first_failure(exc)
+        if isinstance(inner, (CheckpointError, ConfigError)):
+            raise inner from None
+        problem = " ".join(f"{type(inner).__name__}: {inner}".split())
+        raise CheckpointError(
+            f"{path}: cannot {action} ({problem}); the checkpoint's files are truncated or "
+            "corrupt, or the disk is full"
+        ) from None
+
+
+def _first_failure(exc: CheckpointException) -> BaseException:
+    for failure in exc.failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
+
+
 def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
     """Write whole tensors produced one at a time (conversion tools), single process.
 
     One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until the
     file is complete, so a single file would hold the whole checkpoint in memory."""
     writer = dcp.FileSystemWriter(directory, thread_count=1, single_file_per_rank=False)
-    with quiet_single_process():
+    with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
         dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
 
 
@@ -69,11 +97,34 @@ class SafeReader(dcp.FileSystemReader):
                 raise CheckpointError(
                     f"{path}: holds a {type(metadata).__name__}, not checkpoint metadata"
                 )
+            _check_sizes(Path(self.path), metadata)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             self._metadata = metadata
         return self._metadata
+
+
+def _check_sizes(directory: Path, metadata: Metadata) -> None:
+    """Every data file is at least as long as the metadata says: a truncated copy (an
+    interrupted download or rsync) is named here, not found as garbage or an EOFError later."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, end in sorted(needed.items()):
+        file = directory / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise CheckpointError(
+                f"{file}: missing; the checkpoint's metadata lists it, so the copy is incomplete"
+            ) from None
+        if size < end:
+            raise CheckpointError(
+                f"{file}: {size} bytes, but the checkpoint's metadata needs {end}; the file is "
+                "truncated (an interrupted copy?), copy the checkpoint again"
+            )
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +149,7 @@ def stored_tensors(path: str | Path) -> dict[str, Any]:
 
 def load_blocks(path: Path, blocks: list[Block]) -> None:
     """Fill ``blocks`` from the checkpoint at ``path`` (collective when a group exists)."""
-    with quiet_single_process():
+    with quiet_single_process(), dcp_errors(path, "read the checkpoint"):
         dcp.load(
             {},
             storage_reader=storage_reader(path),

@@ -92,7 +92,11 @@ def load_untrusted(path: str | Path) -> Any:
                 "something else (it may be malicious, or not a Megatron checkpoint)"
             ) from None
         except (OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc})") from None
+            problem = str(exc).split(". ")[0] or type(exc).__name__  # torch adds paragraphs
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint file ({problem}); the file is "
+                "truncated or corrupt, copy it again"
+            ) from None
 
 
 def _dcp_metadata_allowed(module: str, name: str) -> bool:
@@ -221,8 +225,12 @@ class _StreamingFile:
             )
         tensor = tensor.detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        # From the data pointer: a contiguous view into a larger storage needs no copy.
-        self.writer.write_record(f"data/{key}", tensor.data_ptr(), nbytes)
+        # A storage object, not a data pointer (deprecated, to become an error): the slice of
+        # the tensor's storage that it covers, which shares the memory, so a contiguous view
+        # into a larger storage is written without a copy.
+        start = tensor.storage_offset() * tensor.element_size()
+        data = tensor.untyped_storage()[start : start + nbytes]
+        self.writer.write_record(f"data/{key}", data, nbytes)
         return nbytes
 
     def close(self) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from yuanlfa.cli.common import add_config_args
+from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, load_config, resolve
+from yuanlfa.config.preflight import preflight
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.planner import (
@@ -22,6 +22,7 @@ from yuanlfa.planner import (
     stage_memory,
     unknown_costs,
 )
+from yuanlfa.planner.fit import fit_summary
 from yuanlfa.planner.stages import config_blocks
 
 GIB = 2**30
@@ -84,6 +85,7 @@ def summarize(cfg: Config, world_size: int | None = None) -> dict:
         ],
         "max_rank_bytes": max(s.total_bytes for s in stages),
         "max_rank_bytes_with_activations": max(r.memory_bytes for r in ranks),
+        "fit": fit_summary(cfg),  # against train.device_memory_gb (None: unset)
     }
 
 
@@ -119,6 +121,9 @@ def _print_text(info: dict) -> None:
             f"{r['optimizer_bytes'] / GIB:10.2f}  {r['total_bytes'] / GIB:6.2f}  "
             f"{r['total_with_activations_bytes'] / GIB:10.2f}"
         )
+    print(
+        f"fit             {info['fit']['verdict'] if info['fit'] else 'set train.device_memory_gb'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,13 +136,21 @@ def main(argv: list[str] | None = None) -> int:
         help="number of ranks (default: tp * pp * dp from the config, dp=1 when unset)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        info = summarize(cfg, args.world_size)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run("yuanlfa-info", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(
+            f"--world-size: must be >= 1 (the number of ranks), got {args.world_size}"
+        )
+    cfg = load_config(args.config, args.overrides)
+    # What a run of this config would write and read, before anything is built; the device
+    # is not this one (yuanlfa-info runs on login nodes), so CUDA is not asked for.
+    preflight(cfg, cuda=None)
+    info = summarize(cfg, args.world_size)
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
-from yuanlfa.cli.common import add_config_args
+from yuanlfa.cli.common import add_config_args, add_debug_arg, run
+from yuanlfa.cli.plan_mixed import mixed_main, read_cluster, with_cluster
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
 from yuanlfa.layout import resolve_blocks, uniform_blocks
@@ -270,7 +270,7 @@ def write_plot(path: str, summary: dict, model: CostModel, plans: dict[str, Plan
 
     shown = _timeline_model(model)
     timeline = simulate(shown, plans["balanced"].blocks)
-    colors = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
+    colors = {"F": "tab:blue", "B": "tab:orange", "I": "tab:red", "W": "tab:green"}
     edge = 0.3 if pp <= 16 else 0.0  # separators would hide the thin ops of deep pipelines
     for kind, color in colors.items():
         for r in range(pp):
@@ -280,7 +280,8 @@ def write_plot(path: str, summary: dict, model: CostModel, plans: dict[str, Plan
                 if op.rank == r and op.kind == kind
             ]
             if spans:
-                label = {"F": "forward", "B": "backward", "W": "weight grad"}[kind]
+                label = {"F": "forward", "B": "backward", "I": "input grad", "W": "weight grad"}
+                label = label[kind]
                 gantt.broken_barh(
                     spans, (r - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=edge,
                     label=label if r == 0 else None,
@@ -334,6 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sustained FLOP/s per device, measured (replaces the device peak x --mfu)",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        default=None,
+        help="a heterogeneous cluster (YAML: cluster.groups of device, nodes, devices_per_node; "
+        "inter_gbps): plan or --advise on each rank's own device (default: the config's cluster)",
+    )
     advise = parser.add_argument_group(
         "layout advisor (--advise): rank every tp x pp x dp layout of a cluster by step time"
     )
@@ -357,38 +365,41 @@ def main(argv: list[str] | None = None) -> int:
     advise.add_argument(
         "--devices", type=int, default=96, help="devices for --paper-comparison (a multiple of 32)"
     )
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
+    return run("yuanlfa-plan", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.cluster is not None or _has_cluster(args):
+        return _mixed(args)
     if args.advise or args.paper_comparison:
         return _advise_main(args)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        _check_components(cfg.model)
-        load_plugin_costs(cfg.model)
-        cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
-        name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
-        device = get_device(name)
-        limit = None
-        if args.memory_limit_gib is not None:
-            if args.memory_limit_gib <= 0:
-                raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
-            limit = int(args.memory_limit_gib * GIB)
-        options = {
-            "mfu": args.mfu,
-            "flops_per_s": args.flops,
-            "p2p_gbps": args.p2p_gbps,
-            "tp_gbps": args.tp_gbps,
-            "dp_gbps": args.dp_gbps,
-            "memory_limit_bytes": limit,
-        }
-        model, plans, source = make_plan(
-            cfg, device, args.objective, not args.no_empty_stages, **options
-        )
-        summary = _summary(args, cfg, model, source)
-        if args.plot:
-            write_plot(args.plot, summary, model, plans)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    cfg = _resolve(_with_pipeline(cfg, args.pp, args.virtual_stages))
+    name = args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM")
+    device = get_device(name)
+    limit = None
+    if args.memory_limit_gib is not None:
+        if args.memory_limit_gib <= 0:
+            raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+        limit = int(args.memory_limit_gib * GIB)
+    options = {
+        "mfu": args.mfu,
+        "flops_per_s": args.flops,
+        "p2p_gbps": args.p2p_gbps,
+        "tp_gbps": args.tp_gbps,
+        "dp_gbps": args.dp_gbps,
+        "memory_limit_bytes": limit,
+    }
+    model, plans, source = make_plan(
+        cfg, device, args.objective, not args.no_empty_stages, **options
+    )
+    summary = _summary(args, cfg, model, source)
+    if args.plot:
+        write_plot(args.plot, summary, model, plans)
     if args.json:
         out = dict(summary)
         out.update({name: plan_to_dict(plans[name]) for name in SPLITS})
@@ -398,6 +409,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _has_cluster(args: argparse.Namespace) -> bool:
+    """Whether the config describes a cluster (errors are reported by the main path)."""
+    try:
+        return bool(load_config(args.config, args.overrides).cluster.groups)
+    except (ConfigError, OSError):
+        return False
+
+
+def _mixed(args: argparse.Namespace) -> int:
+    """A heterogeneous cluster: yuanlfa.cli.plan_mixed."""
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    if args.paper_comparison or args.nodes is not None or args.device is not None:
+        raise ConfigError(
+            "--cluster: the cluster file (or the config's cluster section) gives the devices "
+            "and nodes; drop --device / --nodes / --paper-comparison"
+        )
+    cfg = with_cluster(cfg, read_cluster(args.cluster) if args.cluster else None)
+    validate(cfg)  # the cluster against parallel.dp, before any planning
+    cfg = _with_pipeline(cfg, args.pp, args.virtual_stages)
+    return mixed_main(args, cfg, _tokenizer_vocab(cfg))
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
@@ -441,31 +476,27 @@ def _tokenizer_vocab(cfg: Config) -> int | None:
 
 def _advise_main(args: argparse.Namespace) -> int:
     """--advise and --paper-comparison."""
-    try:
-        cfg = load_config(args.config, args.overrides)
-        _check_components(cfg.model)
-        load_plugin_costs(cfg.model)
-        device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
-        if args.paper_comparison:
-            return _paper_main(args, cfg, device)
-        limit = None
-        if args.memory_limit_gib is not None:
-            if args.memory_limit_gib <= 0:
-                raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
-            limit = int(args.memory_limit_gib * GIB)
-        advice = advise(
-            cfg,
-            _cluster(args),
-            device,
-            top=args.top,
-            mfu=args.mfu,
-            flops_per_s=args.flops,
-            memory_limit_bytes=limit,
-            tokenizer_vocab=_tokenizer_vocab(cfg),
-        )
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    _check_components(cfg.model)
+    load_plugin_costs(cfg.model)
+    device = get_device(args.device or ("cpu" if cfg.train.device == "cpu" else "H100-SXM"))
+    if args.paper_comparison:
+        return _paper_main(args, cfg, device)
+    limit = None
+    if args.memory_limit_gib is not None:
+        if args.memory_limit_gib <= 0:
+            raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+        limit = int(args.memory_limit_gib * GIB)
+    advice = advise(
+        cfg,
+        _cluster(args),
+        device,
+        top=args.top,
+        mfu=args.mfu,
+        flops_per_s=args.flops,
+        memory_limit_bytes=limit,
+        tokenizer_vocab=_tokenizer_vocab(cfg),
+    )
     if args.json:
         print(json.dumps(advice_to_dict(advice), indent=2))
     else:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import sys
 
+from yuanlfa.cli.common import add_debug_arg, run
 from yuanlfa.data import (
     DataError,
     MMapIndexedDataset,
@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         help="do nothing when a valid output pair already exists (for re-runnable scripts)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
+    return run("yuanlfa-preprocess", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     if args.skip_existing and args.force:
         parser.error("--skip-existing and --force exclude each other")
@@ -84,23 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_existing and _valid_output(args.output_prefix):
         print(f"{args.output_prefix}.bin/.idx exist and are valid; skipping (--skip-existing)")
         return 0
-    try:
-        tokenizer = build_tokenizer(args.tokenizer)
-        files = default_corpus_files() if args.default_corpus else _expand(args.input)
-        stats = preprocess_files(
-            files,
-            args.output_prefix,
-            tokenizer,
-            workers=args.workers,
-            json_key=args.json_key,
-            append_eod=not args.no_eod,
-            progress=not args.quiet,
-            force=args.force,
-            input_format=args.input_format,
-        )
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tokenizer = build_tokenizer(args.tokenizer)
+    files = default_corpus_files() if args.default_corpus else _expand(args.input)
+    stats = preprocess_files(
+        files,
+        args.output_prefix,
+        tokenizer,
+        workers=args.workers,
+        json_key=args.json_key,
+        append_eod=not args.no_eod,
+        progress=not args.quiet,
+        force=args.force,
+        input_format=args.input_format,
+    )
     prefix = args.output_prefix
     print(
         f"{stats['documents']} documents, {stats['tokens']} tokens from {stats['files']} files "

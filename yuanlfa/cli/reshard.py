@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint import CheckpointError
 from yuanlfa.checkpoint.convert.reshard import FORMATS, Reshard, reshard
+from yuanlfa.cli.common import add_debug_arg, run
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -58,8 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="HF shard size limit")
     parser.add_argument("--verify", action="store_true", help="re-read and compare the output")
     parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--tokenizer",
+        help="data.tokenizer spec for --to hf, replacing the run's (e.g. a moved .model file)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
+    return run("yuanlfa-reshard", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for flag in ("target_tp", "target_pp"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -79,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         verify=args.verify,
         force=args.force,
         progress=not args.quiet,
+        tokenizer=args.tokenizer,
     )
-    try:
-        out = reshard(job)
-    except CheckpointError as exc:
-        print(f"yuanlfa-reshard: {exc}", file=sys.stderr)
-        return 2
+    out = reshard(job)
     print(f"wrote {out}", flush=True)
     return 0
 

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from yuanlfa.checkpoint import CheckpointError
-from yuanlfa.cli.common import add_config_args
-from yuanlfa.config import ConfigError, load_config
-from yuanlfa.data import DataError
+from yuanlfa.cli.common import add_config_args, add_debug_arg, run
+from yuanlfa.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="yuanlfa-train", description=__doc__)
     add_config_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
-    from yuanlfa.train import train
-    from yuanlfa.train.trainer import NonFiniteGradients
+    return run("yuanlfa-train", lambda: _run(parser, args), args)
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, progress=not args.quiet)
-    except (ConfigError, CheckpointError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteGradients as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc} (check the paths in checkpoint.dir and logging.*)", file=sys.stderr)
-        return 2
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from yuanlfa.train import train
+
+    # train() checks output paths, input files and kernels before any data is read.
+    train(load_config(args.config, args.overrides), progress=not args.quiet)
     return 0
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Iterator
 
+from yuanlfa.cli.common import add_debug_arg, run
 from yuanlfa.cli.preprocess import _expand
 from yuanlfa.data import DataError, default_corpus_files
+from yuanlfa.data.preprocess import check_not_compressed
 from yuanlfa.data.spm import SentencePieceTokenizer, train_sentencepiece
 
 
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do nothing when PREFIX.model exists and loads (for re-runnable scripts)",
     )
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
+    return run("yuanlfa-train-tokenizer", lambda: _run(parser, args), args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.skip_existing and args.force:
         parser.error("--skip-existing and --force exclude each other")
     model = f"{args.output_prefix}.model"
@@ -78,20 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} exists and loads; skipping (--skip-existing)")
             return 0
         args.force = True
-    try:
-        files = default_corpus_files() if args.default_corpus else _expand(args.input)
-        out = train_sentencepiece(
-            _texts([str(f) for f in files], args.json_key),
-            args.output_prefix,
-            vocab_size=args.vocab_size,
-            model_type=args.model_type,
-            max_sentences=args.max_sentences,
-            seed=args.seed,
-            force=args.force,
-        )
-    except (DataError, OSError) as exc:
-        print(f"yuanlfa-train-tokenizer: {exc}", file=sys.stderr)
-        return 2
+    files = default_corpus_files() if args.default_corpus else _expand(args.input)
+    for path in files:
+        check_not_compressed(str(path))  # before SentencePiece reads anything
+    out = train_sentencepiece(
+        _texts([str(f) for f in files], args.json_key),
+        args.output_prefix,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        max_sentences=args.max_sentences,
+        seed=args.seed,
+        force=args.force,
+    )
     print(f"wrote {out} ({args.vocab_size} pieces); use it as sentencepiece:{out}")
     return 0
 

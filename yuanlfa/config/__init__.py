@@ -14,11 +14,13 @@ from yuanlfa.config.load import (
 )
 from yuanlfa.config.schema import (
     CheckpointConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     DataConfig,
     LoggingConfig,
     ModelConfig,
+    NodeGroupConfig,
     OptimConfig,
     ParallelConfig,
     TrainConfig,
@@ -33,11 +35,13 @@ from yuanlfa.config.validate import resolve, tp_indivisible, validate
 
 __all__ = [
     "CheckpointConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "LoggingConfig",
     "ModelConfig",
+    "NodeGroupConfig",
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",

@@ -14,6 +14,7 @@ import yaml
 
 from yuanlfa.config.schema import Config, ConfigError
 from yuanlfa.config.validate import validate
+from yuanlfa.config.yaml_strict import StrictLoader, load_yaml
 
 
 def _type_name(tp: Any) -> str:
@@ -29,9 +30,24 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``key``."""
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str, in_list: bool = False) -> Any:
+    """Check a YAML value against the annotated type, or raise a ConfigError naming ``key``.
+
+    Types are not converted across kinds: a string where a number is declared (or the reverse)
+    is refused, since it is almost always a typo (``data.split: 8:1:1`` reaching us as a
+    number, ``lr: "1e-3"`` quoted). Only lossless widening is done: an integer for a float, an
+    integral float (``4e7``) for an integer. ``in_list`` allows numbers in lists of strings
+    (``data.blend: [0.3, /data/a, 0.7, /data/b]``) and integers written as text inside a
+    comma-separated list string (``--set parallel.pipeline_blocks=2,3,1``)."""
     origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):  # list entries that are sections (cluster.groups)
+        return _from_dict(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -40,50 +56,68 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, in_list)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        if value not in choices or type(value) is not type(choices[0]):
             raise ConfigError(
                 f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
             )
         return value
     if origin is tuple:
         (elem,) = typing.get_args(tp)[:1]
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split()]
+        from_text = isinstance(value, str)
+        if from_text:
+            value = value.replace(",", " ").split()
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+            raise ConfigError(f"{key}: expected a list, got {_kind(value)} {value!r}")
+        return tuple(
+            _coerce(_number(v) if from_text else v, elem, f"{key}[{i}]", True)
+            for i, v in enumerate(value)
+        )
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_kind(value)} {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(
+            f"{key}: expected an integer, got {_kind(value)} {value!r}{_unquote(value)}"
+        )
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        raise ConfigError(
+            f"{key}: expected a number, got {_kind(value)} {value!r}{_unquote(value)}"
+        )
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        if isinstance(value, str):
+            return value
+        if in_list and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(
+            f"{key}: expected a string, got {_kind(value)} {value!r}; if you meant the text, "
+            'quote it (e.g. "...")'
+        )
     raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _unquote(value: Any) -> str:
+    return "; drop the quotes around a number" if isinstance(value, str) else ""
+
+
+def _number(text: str) -> Any:
+    """An element of a comma-separated list string, typed as YAML would type it."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except yaml.YAMLError:
+        return text
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
@@ -122,7 +156,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key component")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return parts, value
@@ -163,13 +197,25 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; see configs/ for presets")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(data or {}, overrides)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split()) or "parse error"
 
 
 def config_to_dict(cfg: Any) -> dict:

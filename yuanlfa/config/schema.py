@@ -32,7 +32,7 @@ class ModelConfig:
     # false: no filter (plain attention), the same as filter: none (kept for older configs).
     lfa: bool = True
     # The local filter in front of the Q/K projections, by registered name: lfa (the paper's
-    # two convolutions + RMSNorm, DESIGN.md 3), lfa_no_norm, conv (one causal convolution of
+    # two convolutions + RMSNorm, docs/yuan2_facts.md), lfa_no_norm, conv (one causal convolution of
     # filter_kernel taps, + residual and RMSNorm), none (plain attention), or a plug-in's name.
     filter: str = "lfa"
     # Taps of the conv filter (the paper's ablation: 1, 2, 3, 7); plug-ins may read it too.
@@ -50,6 +50,11 @@ class ModelConfig:
     document_attention: bool = False
     lfa_impl: Literal["auto", "reference", "triton"] = "auto"
     attention_backend: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    # Dropout on the attention probabilities in training (Yuan 2.0's --flash-attn-drop 0.1;
+    # Megatron's --attention-dropout is the same thing on its unfused path). The mask of each
+    # (step, sample, layer, head) is drawn from a seed of (train.seed, step, global sample index,
+    # layer, global head), so every tp/pp/dp layout draws the same masks. 0: off.
+    attention_dropout: float = 0.0
     # Tokens per block of the block-wise cross entropy used under tensor parallelism (full fp32
     # logits are never materialized there).
     loss_block_size: int = 2048
@@ -87,8 +92,11 @@ class ParallelConfig:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     # gpipe and 1f1b run one stage per rank; interleaved_1f1b and zero_bubble (torch's
-    # interleaved zero-bubble) run virtual_stages stages per rank.
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    # interleaved zero-bubble) run virtual_stages stages per rank; zbv (torch's ZBV zero-bubble)
+    # and dualpipev (DualPipeV) run 2, V-shaped. Specs: yuanlfa.layout.schedules.
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev"] = (
+        "1f1b"
+    )
     rank_order: Literal["tp-dp-pp", "tp-pp-dp", "dp-tp-pp"] = "tp-dp-pp"
     # Start each gradient bucket's dp reduction during the last backward pass, as soon as its
     # gradients are complete (Megatron's --overlap-grad-reduce); false: all after backward.
@@ -171,6 +179,15 @@ class TrainConfig:
     # Per pipeline rank (pp entries), overriding recompute: early stages hold more microbatches
     # in flight under 1F1B, so they gain most from recomputing, e.g. [full, selective, none].
     recompute_stages: tuple[Literal["none", "selective", "full"], ...] | None = None
+    # Which layers full recompute covers (Megatron's --recompute-method): uniform, every layer
+    # (recompute_num_layers must be 1: each layer its own checkpoint); block, only the first
+    # recompute_num_layers layers of each pipeline stage (the others keep all activations).
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    # Megatron's --recompute-num-layers (see recompute_method).
+    recompute_num_layers: int = 1
+    # The memory of one device in GiB for the fit check (yuanlfa-info, yuanlfa-train); None: read
+    # from the GPU at train time, and no check in yuanlfa-info.
+    device_memory_gb: float | None = None
     # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
     # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
     exit_interval: int = 0
@@ -185,6 +202,13 @@ class CheckpointConfig:
     interval: int = 0
     resume: bool = False
     keep_last: int = 2
+    # Also keep every checkpoint whose step is a multiple of this (for later evaluation); None
+    # keeps only the newest keep_last. Pruning happens only after a newer save is complete.
+    keep_every: int | None = None
+    # Write checkpoints in a background thread while training continues (the saving step only
+    # copies its tensors to host memory). None (auto): on GPU; on CPU the writer would compete
+    # with training for the cores. ("async" itself is a Python keyword.)
+    async_save: bool | None = None
     save_at_end: bool = True
     # Initialize the model's weights (not the optimizer or the step) from this checkpoint, e.g.
     # one imported with yuanlfa-reshard --to yuanlfa; ignored when resuming from checkpoint.dir.
@@ -199,6 +223,46 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class NodeGroupConfig:
+    """Nodes of one kind. Global ranks fill the groups in the order listed (group 0's nodes
+    first), and within a group node by node, so the rank order decides which pipeline ranks
+    run on which kind of device."""
+
+    # A preset (h100-80g, h200, a100-80g, a100-40g, l40s-48g, ...; yuanlfa.planner.devices),
+    # or any name with memory_gib and tflops both given.
+    device: str = "h100-80g"
+    nodes: int = 1
+    devices_per_node: int = 8
+    # Explicit figures, overriding the preset's: memory per device (GiB) and dense bf16 TFLOP/s.
+    memory_gib: float | None = None
+    tflops: float | None = None
+    # Intra-node P2P GB/s per device (None: the preset's, NVLink or PCIe).
+    intra_gbps: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The devices a run lays out on; no groups: every rank on one (planner-chosen) device."""
+
+    # Node groups of one device kind each, in rank order (empty: one planner-chosen device).
+    groups: tuple[NodeGroupConfig, ...] = ()
+    # What one device gets across nodes, GB/s (100 Gbit/s = 12.5 GB/s).
+    inter_gbps: float = 12.5
+    # Latency per message between nodes, microseconds.
+    inter_latency_us: float = 10.0
+    # Latency per message inside a node, microseconds.
+    intra_latency_us: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.groups, tuple):
+            object.__setattr__(self, "groups", tuple(self.groups))
+
+    @property
+    def world_size(self) -> int:
+        return sum(g.nodes * g.devices_per_node for g in self.groups)
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -207,3 +271,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -71,6 +71,15 @@ def validate(cfg: Config) -> None:
         f"model.hidden_size: {m.hidden_size} must be even (LFA halves the channels)",
     )
     _validate_model_components(m)
+    _require(
+        0.0 <= m.attention_dropout < 1.0,
+        f"model.attention_dropout: must be in [0, 1), got {m.attention_dropout}",
+    )
+    _require(
+        m.attention_dropout == 0.0 or m.attention == "causal",
+        f"model.attention_dropout: applies to the built-in causal attention, but model.attention "
+        f"is {m.attention!r}; set it to 0 (a plug-in applies its own dropout)",
+    )
 
     _positive("parallel", p, "tp", "pp", "dp", "cp", "virtual_stages", "grad_bucket_size")
     _require(p.cp == 1, "parallel.cp: context parallelism is reserved; set it to 1")
@@ -82,9 +91,24 @@ def validate(cfg: Config) -> None:
     )
     configured_blocks(p, m)
     _require(
-        p.virtual_stages == 1 or p.schedule in ("interleaved_1f1b", "zero_bubble"),
+        p.virtual_stages == 1 or p.schedule not in ("gpipe", "1f1b"),
         f"parallel.schedule: {p.schedule} runs one stage per rank but parallel.virtual_stages = "
         f"{p.virtual_stages}; use interleaved_1f1b or zero_bubble, or set virtual_stages=1",
+    )
+    # The full rules of each schedule (microbatch counts, pp >= 2 for V shapes) are its spec's
+    # check (yuanlfa.layout.schedules), which the runner and planner call; config cannot import
+    # layout, so the stage count of the V shapes is stated here too.
+    _require(
+        p.virtual_stages == 2 or p.schedule not in ("zbv", "dualpipev"),
+        f"parallel.schedule: {p.schedule} runs 2 stages per rank (V-shaped); set "
+        f"parallel.virtual_stages: 2, got {p.virtual_stages}",
+    )
+    # DualPipeV mixes full and split backwards: a parameter's gradients do not arrive once per
+    # microbatch through autograd's hook, which the reduction overlapping backward counts on.
+    _require(
+        p.schedule != "dualpipev" or (p.dp or 1) == 1 or not p.overlap_grad_reduce,
+        "parallel.overlap_grad_reduce: dualpipev with parallel.dp > 1 needs "
+        "overlap_grad_reduce: false (its split backwards bypass the gradient hooks)",
     )
     _require(
         not p.sequence_parallel or p.tp > 1,
@@ -142,9 +166,27 @@ def validate(cfg: Config) -> None:
             f"{p.pp}; give one mode (none, selective, full) per pipeline rank",
         )
 
+    _require(
+        t.recompute_num_layers >= 1,
+        f"train.recompute_num_layers: must be >= 1, got {t.recompute_num_layers}",
+    )
+    _require(
+        t.recompute_method == "block" or t.recompute_num_layers == 1,
+        f"train.recompute_num_layers: {t.recompute_num_layers} with recompute_method uniform "
+        "(checkpoints of several layers) is not implemented; use 1, or recompute_method: block",
+    )
+    _require(
+        t.device_memory_gb is None or t.device_memory_gb > 0,
+        f"train.device_memory_gb: must be > 0, got {t.device_memory_gb}",
+    )
+
     c = cfg.checkpoint
     _require(c.interval >= 0, f"checkpoint.interval: must be >= 0, got {c.interval}")
     _require(c.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {c.keep_last}")
+    _require(
+        c.keep_every is None or c.keep_every >= 1,
+        f"checkpoint.keep_every: must be >= 1 (or unset: keep only keep_last), got {c.keep_every}",
+    )
     _require(
         not (c.resume and c.dir is None),
         "checkpoint.resume: needs checkpoint.dir to know where to resume from",
@@ -157,6 +199,7 @@ def validate(cfg: Config) -> None:
         cfg.logging.log_interval >= 1,
         f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
     )
+    _validate_cluster(cfg)
     _validate_split(cfg.data.split)
     _validate_tokenizer(cfg.data.tokenizer)
     for name in ("fim_rate", "fim_spm_rate"):
@@ -211,12 +254,54 @@ def _validate_documents(cfg: Config) -> None:
     )
 
 
+def _validate_cluster(cfg: Config) -> None:
+    """The cluster's shape. Device names are the planner's to know
+    (yuanlfa.planner.cluster.mixed_cluster checks them with the world size)."""
+    c = cfg.cluster
+    for name in ("inter_gbps",):
+        _require(getattr(c, name) > 0, f"cluster.{name}: must be > 0, got {getattr(c, name)}")
+    for name in ("inter_latency_us", "intra_latency_us"):
+        value = getattr(c, name)
+        _require(value >= 0, f"cluster.{name}: must be >= 0, got {value}")
+    for i, g in enumerate(c.groups):
+        key = f"cluster.groups[{i}]"
+        _positive(key, g, "nodes", "devices_per_node", "memory_gib", "tflops", "intra_gbps")
+        _require(bool(g.device.strip()), f"{key}.device: empty; name a preset, e.g. h100-80g")
+    if c.groups and cfg.parallel.dp is not None:
+        p = cfg.parallel
+        world = p.tp * p.pp * p.cp * p.dp
+        _require(
+            world == c.world_size,
+            f"cluster: describes {_cluster_words(cfg)} = {c.world_size} devices but tp * pp * "
+            f"cp * dp = {world}; {_world_fix(cfg, c.world_size)}",
+        )
+
+
+def _cluster_words(cfg: Config) -> str:
+    return " + ".join(f"{g.nodes} x {g.devices_per_node} {g.device}" for g in cfg.cluster.groups)
+
+
+def _world_fix(cfg: Config, devices: int) -> str:
+    """The smallest change that makes the layout fill ``devices`` devices."""
+    p = cfg.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    if devices % model_parallel == 0:
+        return f"set parallel.dp={devices // model_parallel} (or leave it out)"
+    return (
+        f"tp * pp * cp = {model_parallel} does not divide {devices}: change parallel.pp or "
+        "parallel.tp to a divisor of it, or the groups' nodes / devices_per_node"
+    )
+
+
 def _validate_split(split: str) -> None:
     parts = split.replace("/", ",").split(",")
     try:
         weights = [float(x) for x in parts]
     except ValueError:
-        raise ConfigError(f"data.split: {split!r} must be comma-separated numbers") from None
+        raise ConfigError(
+            f"data.split: {split!r} must be comma-separated weights (train,valid,test) such "
+            "as 98,1,1"
+        ) from None
     _require(
         len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
         f"data.split: {split!r} must be up to three non-negative weights (train,valid,test)",
@@ -233,6 +318,11 @@ def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) ->
             f"{world_size}; launch a multiple of {model_parallel} processes"
         )
     dp = world_size // model_parallel
+    if cfg.cluster.groups and world_size != cfg.cluster.world_size:
+        raise ConfigError(
+            f"cluster: describes {_cluster_words(cfg)} = {cfg.cluster.world_size} devices but the "
+            f"run has {world_size} processes; launch {cfg.cluster.world_size} or change the groups"
+        )
     if p.dp is not None and p.dp != dp:
         raise ConfigError(
             f"parallel.dp: {p.dp} but world size {world_size} / (tp * pp * cp = "

@@ -18,7 +18,12 @@ import torch
 from yuanlfa.data.fim import FIMConfig, FIMTokenizer, apply_fim
 from yuanlfa.data.index_cache import IndexCache
 from yuanlfa.data.indexed_dataset import DataError, MMapIndexedDataset
-from yuanlfa.data.megatron_index import build_indices, parse_split, split_bounds
+from yuanlfa.data.megatron_index import (
+    build_indices,
+    order_signature,
+    parse_split,
+    split_bounds,
+)
 
 
 def _one_sequence_per_document(indexed: MMapIndexedDataset) -> bool:
@@ -122,6 +127,8 @@ class PackedDataset(torch.utils.data.Dataset):
                 f"{tokens_per_epoch} tokens, fewer than one sample needs (seq_length + 1 = "
                 f"{seq_length + 1}); use a shorter train.seq_length or more data"
             )
+        # Recorded with checkpoints: a run extended to more samples keeps its order only if equal.
+        self.order_signature = order_signature(tokens_per_epoch, seq_length, num_samples)
         key = {
             "version": 2,  # 2: Megatron's construction (all epochs shuffled together)
             "seq_length": seq_length,

@@ -10,8 +10,8 @@ in Megatron-LM and files written by Megatron-LM load here.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
-import tempfile
 from array import array
 from collections.abc import Iterable
 from types import TracebackType
@@ -71,6 +71,18 @@ def _check_fits(tokens: np.ndarray, dtype: np.dtype) -> None:
         )
 
 
+def _create_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file ``(fd, path)`` with the mode the umask gives: tempfile.mkstemp makes 0600,
+    which the rename into place would keep, leaving the data unreadable to the group."""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary name starting {prefix!r}")
+
+
 class IndexedDatasetBuilder:
     """Streams sequences into ``prefix.bin``/``prefix.idx``, published atomically by finalize().
 
@@ -85,7 +97,7 @@ class IndexedDatasetBuilder:
         self._code = dtype_code(self.dtype)
         directory = os.path.dirname(os.path.abspath(self.prefix))
         base = os.path.basename(self.prefix)
-        fd, self._bin_tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".bin.tmp", dir=directory)
+        fd, self._bin_tmp = _create_temp(directory, f".{base}.", ".bin.tmp")
         self._bin = os.fdopen(fd, "wb")
         self._idx_tmp: str | None = None
         self._sizes = array("q")
@@ -152,7 +164,7 @@ class IndexedDatasetBuilder:
     def _write_index(self) -> None:
         directory = os.path.dirname(self._bin_tmp)
         base = os.path.basename(self.prefix)
-        fd, self._idx_tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".idx.tmp", dir=directory)
+        fd, self._idx_tmp = _create_temp(directory, f".{base}.", ".idx.tmp")
         sizes = np.frombuffer(self._sizes, dtype=np.int64)
         pointers = np.zeros(len(sizes), dtype=np.int64)
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])

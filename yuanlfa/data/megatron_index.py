@@ -58,6 +58,16 @@ def samples_before_last_epoch(
     return before if from_last < int(LAST_EPOCH_THRESHOLD * per_epoch) else None
 
 
+def order_signature(tokens_per_epoch: int, seq_length: int, num_samples: int) -> list[int]:
+    """What the sample order depends on besides the seed, documents and sequence length: the
+    epochs used and where the last one is shuffled apart (0: not apart). Two sample counts with
+    the same signature build identical indices (the same draws from the same seed), so the
+    first samples agree; with different ones the order changes. A run extends only when it
+    keeps this (tests/checkpoint/test_extend_run.py checks both directions)."""
+    before = samples_before_last_epoch(tokens_per_epoch, seq_length, num_samples)
+    return [epochs_needed(tokens_per_epoch, seq_length, num_samples), before or 0]
+
+
 def _shuffled_epochs(
     documents: np.ndarray, epochs: int, rng: np.random.RandomState, shuffle: bool
 ) -> np.ndarray:

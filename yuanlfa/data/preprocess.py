@@ -42,6 +42,32 @@ class _Settings:
 _worker_settings: _Settings | None = None
 
 
+# Magic numbers of the compressed formats corpora come in: read as text, they would be
+# tokenized (or a tokenizer trained) on the compressed bytes.
+_COMPRESSED = {
+    b"\x1f\x8b": ("gzip", "gunzip -k"),
+    b"BZh": ("bzip2", "bunzip2 -k"),
+    b"\xfd7zXZ\x00": ("xz", "unxz -k"),
+    b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+    b"PK\x03\x04": ("zip", "unzip"),
+}
+
+
+def check_not_compressed(path: str) -> None:
+    """Refuse a compressed input file, naming it and the command that unpacks it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise DataError(f"input {path}: cannot read it ({exc.strerror})") from None
+    for magic, (kind, command) in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataError(
+                f"input {path} is {kind}-compressed; decompress it first ({command} {path}) and "
+                "give the uncompressed file"
+            )
+
+
 def _is_jsonl(path: str) -> bool:
     return path.lower().endswith(".jsonl")
 
@@ -231,6 +257,7 @@ def preprocess_files(
     for path in files:
         if not os.path.isfile(path):
             raise DataError(f"input {path} is not a readable file")
+        check_not_compressed(path)
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
     if input_format not in INPUT_FORMATS:

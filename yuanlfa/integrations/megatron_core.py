@@ -2,8 +2,9 @@
 conversion to and from yuanlfa's names. Optional: ``pip install "yuanlfa[megatron]"``.
 
 megatron-core's ``SelfAttention`` fuses Q, K and V in one ``linear_qkv``; Yuan 2.0 computes V from
-the normed input and a fused per-head [q; k] projection from the LFA-filtered input (DESIGN.md
-3). :class:`LFASelfAttention` is a megatron-core ``Attention`` with those submodules::
+the normed input and a fused per-head [q; k] projection from the LFA-filtered input
+(docs/yuan2_facts.md 2). :class:`LFASelfAttention` is a megatron-core ``Attention`` with those
+submodules::
 
     from megatron.core.models.gpt import GPTModel
     from yuanlfa.integrations.megatron_core import get_lfa_gpt_block_spec, transformer_config

@@ -10,8 +10,12 @@ pp as in Megatron, so tensor parallelism stays inside a node).
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 from yuanlfa.config import ConfigError, ParallelConfig
+
+# Where a schedule puts its stages (see yuanlfa.layout.schedules).
+Placement = Literal["looped", "v"]
 
 DIMS = ("tp", "dp", "pp")
 
@@ -70,12 +74,26 @@ def embedding_group_ranks(order: tuple[str, ...], sizes: dict[str, int]) -> list
     return groups
 
 
-def rank_of_stage(stage: int, pp: int) -> int:
-    """The pipeline rank running (virtual) stage ``stage``: stages go round-robin over the pp
-    ranks, the assignment of Megatron's and torch's interleaved schedules."""
-    return stage % pp
+def rank_of_stage(
+    stage: int, pp: int, virtual_stages: int = 1, placement: Placement = "looped"
+) -> int:
+    """The pipeline rank running (virtual) stage ``stage``. Looped: round-robin over the pp
+    ranks (Megatron's and torch's interleaved schedules). V-shaped (ZBV, DualPipeV): down the
+    ranks, then back up, so rank r holds stages r and 2 * pp - 1 - r."""
+    lap, offset = divmod(stage, pp)
+    if placement == "v" and lap % 2 == 1:
+        return pp - 1 - offset
+    return offset
 
 
-def stages_of_rank(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
-    """The stages pipeline rank ``pp_rank`` runs, in execution order."""
+def stages_of_rank(
+    pp_rank: int, pp: int, virtual_stages: int, placement: Placement = "looped"
+) -> list[int]:
+    """The stages pipeline rank ``pp_rank`` runs, in stage order."""
+    if placement == "v":
+        # torch's generate_stage_to_rank_mapping(style="v").
+        return [
+            pp_rank + k * pp if k % 2 == 0 else (k + 1) * pp - 1 - pp_rank
+            for k in range(virtual_stages)
+        ]
     return [pp_rank + k * pp for k in range(virtual_stages)]

@@ -8,9 +8,10 @@ A split is given in one of three ways (``parallel``):
 - ``pipeline_blocks: auto``: the balancer's split (see :mod:`yuanlfa.planner.balance`);
 - none of them: as even as whole layers allow (:func:`uniform_blocks`).
 
-With ``virtual_stages`` v > 1 there are pp * v stages and stage s runs on pipeline rank s % pp
-(:func:`yuanlfa.layout.ranks.rank_of_stage`). Pure Python: the planner uses it without building
-anything.
+With ``virtual_stages`` v > 1 there are pp * v stages, placed as the schedule's spec says
+(:mod:`yuanlfa.layout.schedules`): looped, stage s on pipeline rank s % pp (Megatron's and torch's
+interleaved schedules), or V-shaped (ZBV, DualPipeV; :func:`yuanlfa.layout.ranks.rank_of_stage`).
+Pure Python: the planner uses it without building anything.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError, ModelConfig, ParallelConfig, configured_blocks
-from yuanlfa.layout.ranks import rank_of_stage, stages_of_rank
+from yuanlfa.layout.ranks import Placement, rank_of_stage, stages_of_rank
+from yuanlfa.layout.schedules import schedule_spec
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class PipelineLayout:
     blocks: tuple[int, ...]  # layers per stage, in stage order
     pp: int
     virtual_stages: int = 1
+    placement: Placement = "looped"  # of the schedule, see yuanlfa.layout.schedules
 
     def __post_init__(self) -> None:
         if len(self.blocks) != self.pp * self.virtual_stages:
@@ -47,11 +50,11 @@ class PipelineLayout:
         return list(range(start, start + self.blocks[stage]))
 
     def stages_of_rank(self, pp_rank: int) -> list[int]:
-        """The stages pipeline rank ``pp_rank`` runs, in execution order."""
-        return stages_of_rank(pp_rank, self.pp, self.virtual_stages)
+        """The stages pipeline rank ``pp_rank`` runs, in stage order."""
+        return stages_of_rank(pp_rank, self.pp, self.virtual_stages, self.placement)
 
     def rank_of_stage(self, stage: int) -> int:
-        return rank_of_stage(stage, self.pp)
+        return rank_of_stage(stage, self.pp, self.virtual_stages, self.placement)
 
     def stage_of_layer(self, layer: int) -> int:
         """The stage holding global layer ``layer``."""
@@ -110,5 +113,8 @@ def build_layout(
     parallel: ParallelConfig, model: ModelConfig, auto_blocks: tuple[int, ...] | None = None
 ) -> PipelineLayout:
     return PipelineLayout(
-        resolve_blocks(parallel, model, auto_blocks), parallel.pp, parallel.virtual_stages
+        resolve_blocks(parallel, model, auto_blocks),
+        parallel.pp,
+        parallel.virtual_stages,
+        schedule_spec(parallel.schedule).placement,
     )

@@ -38,7 +38,7 @@ def init_conv_stack(
 
 
 class LocalizedFiltering(nn.Module):
-    """The LFA filter of DESIGN.md 3 (registered as ``lfa``, the default ``model.filter``).
+    """The LFA filter of docs/yuan2_facts.md (registered as ``lfa``, the default ``model.filter``).
 
     Input x [s, b, h] (sequence first), output [s, b, h]:
     ``y_t = A0 x_{t-1} + A1 x_t + a``, ``z_t = B0 y_{t-1} + B1 y_t + b``,

@@ -15,6 +15,7 @@ from torch import nn
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.attention import LFAAttention
 from yuanlfa.model.cache import InferenceCache
+from yuanlfa.model.dropout import DropoutKey, microbatch_key
 from yuanlfa.model.norm import RMSNorm
 from yuanlfa.ops.cross_entropy import blockwise_lm_loss
 from yuanlfa.ops.rope import rope_cos_sin
@@ -58,6 +59,7 @@ class DecoderLayer(nn.Module):
         self.layer_id = layer_id
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = LFAAttention(cfg)
+        self.attn.layer_id = layer_id
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
 
@@ -68,9 +70,10 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         doc_start: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
+        dropout: DropoutKey | None = None,
     ) -> torch.Tensor:
         layer_cache = cache.layer(self.layer_id) if cache is not None else None
-        x = x + self.attn(self.input_norm(x), cos, sin, doc_start, layer_cache)
+        x = x + self.attn(self.input_norm(x), cos, sin, doc_start, layer_cache, dropout)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -158,8 +161,14 @@ class YuanModel(nn.Module):
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_base, hidden.dtype)
         document_aware = self.cfg.lfa_reset_at_doc_start or self.cfg.document_attention
         doc_start = (pos == 0) if document_aware else None
+        layer_ids = list(layer_ids)
+        dropout = None
+        if self.training and self.cfg.attention_dropout > 0 and layer_ids:
+            # One key per microbatch and stage (named by its first layer), read here once and
+            # passed down as an argument, so recomputed layers see their own microbatch's key.
+            dropout = microbatch_key(self.cfg.attention_dropout, layer_ids[0], b)
         for key in layer_ids:
-            hidden = self.layers[key](hidden, cos, sin, doc_start, cache)
+            hidden = self.layers[key](hidden, cos, sin, doc_start, cache, dropout)
         if cache is not None:
             cache.length += s
         return hidden

@@ -3,7 +3,7 @@
 Filters (``model.filter``), the variants of the paper's attention ablation (Yuan 2.0, Table 1):
 
 - ``lfa``: two causal convolutions of kernel 2 (h -> h/2 -> h), residual, RMSNorm (the default,
-  DESIGN.md 3);
+  docs/yuan2_facts.md);
 - ``lfa_no_norm``: the same convolutions and residual without the RMSNorm;
 - ``conv``: one causal convolution h -> h of ``model.filter_kernel`` taps, residual, RMSNorm;
 - ``none``: no filter (Q and K read the normed input, as in plain attention).
@@ -19,6 +19,7 @@ from torch import nn
 
 from yuanlfa.config import ModelConfig
 from yuanlfa.model.attention import causal_attention
+from yuanlfa.model.dropout import LayerDropout
 from yuanlfa.model.lfa import LocalizedFiltering, conv_parameters, init_conv_stack
 from yuanlfa.model.registry import register_builtin
 from yuanlfa.ops.causal_conv import causal_conv
@@ -106,6 +107,7 @@ class CausalAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         doc_start: torch.Tensor | None = None,
+        dropout: LayerDropout | None = None,
     ) -> torch.Tensor:
         """q: [s, b, heads, d]; k, v: [past + s, b, heads, d] -> [s, b, heads, d]."""
-        return causal_attention(q, k, v, self.backend, doc_start)
+        return causal_attention(q, k, v, self.backend, doc_start, dropout)

@@ -164,8 +164,8 @@ def _check(
                 f"vocab_start={vocab_start} without a group: an unsharded weight starts at id 0"
             )
         # Only here is the global vocabulary known; a sharded run would silently give such a
-        # token a target logit of 0. One min/max is cheap next to the head's GEMMs.
-        if labels.numel():
+        # token a target logit of 0.
+        if labels.numel() and labels.device.type == "cpu":
             lo, hi = torch.aminmax(labels)
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= weight.shape[0]:
@@ -174,6 +174,13 @@ def _check(
                     f"found ids in [{lo}, {hi}] (mask padding by weighting the returned "
                     "per-token losses, not with ignore ids)"
                 )
+        elif labels.numel():
+            # On an accelerator, reading the min/max back would stall the host every
+            # micro-batch: the device checks instead and fails the next synchronizing call.
+            in_range = ((labels >= 0) & (labels < weight.shape[0])).all()
+            torch._assert_async(
+                in_range, f"labels must lie in [0, {weight.shape[0]}), the vocabulary of weight"
+            )
 
 
 def blockwise_lm_loss(
@@ -213,8 +220,10 @@ def blockwise_lm_loss(
     sequence all-gather (whose backward is a reduce-scatter). Forward needs two small
     all-reduces over ``group`` per call; backward needs none.
 
-    Labels outside the vocabulary raise ValueError when unsharded; under a sharded vocabulary
-    they cannot be checked cheaply and give a target logit of 0.
+    Labels outside the vocabulary raise ValueError when unsharded (on an accelerator a
+    device-side assertion, which fails the next synchronizing call instead of stalling the host
+    every micro-batch); under a sharded vocabulary they cannot be checked cheaply and give a
+    target logit of 0.
     """
     _check(hidden, weight, labels, group, vocab_start, block_size)
     device_type = hidden.device.type

@@ -19,6 +19,7 @@ from yuanlfa.layout.ranks import (
     rank_coords,
     rank_order,
 )
+from yuanlfa.layout.schedules import schedule_spec
 
 
 @dataclass
@@ -105,10 +106,11 @@ def build_mesh(
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
-    if sizes["pp"] > 1:
+    if sizes["pp"] > 1 and not schedule_spec(parallel.schedule).ends_on_one_rank:
         # The tied embedding lives on the first stage (input) and the last (head): their
-        # gradients are summed over this two-rank group each step. With two stages that is the
-        # pipeline group itself.
+        # gradients are summed over this two-rank group each step; with two stages that is the
+        # pipeline group itself. (V-shaped schedules put both stages on pipeline rank 0, whose
+        # one embedding collects both gradients.)
         for ranks in embedding_group_ranks(order, sizes):
             same = sizes["pp"] == 2
             group = None if same else dist.new_group(ranks)

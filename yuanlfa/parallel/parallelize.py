@@ -53,4 +53,9 @@ def parallelize(
 
     materialize(model, m, cfg.train.seed, device, dtype, shard=shard)
     mark_tied_embedding(model, mesh)
-    return apply_recompute(model, recompute_mode(cfg, mesh))
+    stages = (
+        [layout.layer_ids(s) for s in layout.stages_of_rank(mesh.pp_rank)] if layer_ids else None
+    )
+    t = cfg.train
+    mode = recompute_mode(cfg, mesh)
+    return apply_recompute(model, mode, t.recompute_method, t.recompute_num_layers, stages)

@@ -13,8 +13,11 @@ from yuanlfa.planner.activations import (
     stage_activation_bytes,
 )
 from yuanlfa.planner.advisor import Advice, Layout, Ranked, advise, apply_layout, snippet
+from yuanlfa.planner.advisor_mixed import advise_mixed
 from yuanlfa.planner.balance import BalanceResult, auto_blocks, balance, best_blocks
 from yuanlfa.planner.calibrate import fit_flops_per_s, fit_latency_s, flops_from_layer_time
+from yuanlfa.planner.cluster import MixedCluster, mixed_cluster, pipeline_devices
+from yuanlfa.planner.cluster_plan import ClusterPlan, cluster_plan, predicted_busy_s
 from yuanlfa.planner.components import ComponentCost, component_cost, declare_cost, unknown_costs
 from yuanlfa.planner.cost import CostModel, PlanCost, RankCost, cost_model, simulate
 from yuanlfa.planner.devices import (
@@ -32,11 +35,21 @@ from yuanlfa.planner.links import (
     ring_reduce_scatter_s,
 )
 from yuanlfa.planner.params import ParamCounts, param_counts
+from yuanlfa.planner.recompute import RecomputePlan, balance_recompute
 from yuanlfa.planner.stages import StageMemory, config_blocks, stage_memory
 from yuanlfa.planner.topology import Cluster, LinkPlan, link_plan
 from yuanlfa.planner.weak_link import bandwidth_sweep, paper_comparison
 
 __all__ = [
+    "predicted_busy_s",
+    "pipeline_devices",
+    "mixed_cluster",
+    "cluster_plan",
+    "balance_recompute",
+    "advise_mixed",
+    "RecomputePlan",
+    "ClusterPlan",
+    "MixedCluster",
     "DEFAULT_MFU",
     "PRESETS",
     "ActivationSpec",

@@ -23,7 +23,9 @@ norm:
 - ``selective``: the core attention is recomputed; since our core attention is SDPA/flash, the
   only thing that disappears is its log-sum-exp (4*H per token): q, k, v stay saved (the
   checkpoint's inputs) and its output stays saved (o_proj's input).
-- ``full``: the layer's input only, a*h per token (per Tq under sequence parallelism).
+- ``full``: the layer's input only, a*h per token (per Tq under sequence parallelism). With
+  train.recompute_method block only the first recompute_num_layers layers of each stage are
+  checkpointed; the stage's other layers save what ``none`` says.
 
 On CUDA torch's fused rms_norm saves (input, rstd) instead of (input, input * rstd, rstd): n*h
 less per norm. The Triton LFA saves y and one rstd, not its norm's input (recomputed): 2n*h less.
@@ -52,14 +54,13 @@ input per microbatch); the planner assumes parameters in the training dtype (Meg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from yuanlfa.config import Config, ConfigError, ModelConfig
+from yuanlfa.config import Config, ModelConfig
 from yuanlfa.layout import PipelineLayout
+from yuanlfa.layout.schedules import Op, rank_ops
 from yuanlfa.planner.components import component_cost, norm_saved_bytes
 from yuanlfa.planner.spec import ActivationSpec, Recompute
 
-Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
 INDEX_BYTES = 8  # token ids and labels are int64
 
 
@@ -111,6 +112,7 @@ def activation_spec(
         fused_norm=gpu,
         lfa_impl=impl,
         recompute=recompute_mode(cfg, pp_rank),
+        recompute_layers=t.recompute_num_layers if t.recompute_method == "block" else None,
     )
 
 
@@ -141,6 +143,18 @@ def layer_activation_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
     total += norm_saved_bytes(spec, h, Tq) + a * h * T
     total += 4 * a * (f // tp) * T  # fc1 output [.., 2f], silu(a) [.., f], silu(a) * g [.., f]
     return total
+
+
+def stage_layers_bytes(model: ModelConfig, spec: ActivationSpec, layers: int) -> int:
+    """Bytes ``layers`` decoder layers of one stage save for one microbatch: under block
+    recompute the first ``spec.recompute_layers`` keep their input only, the rest everything."""
+    if spec.recompute != "full" or spec.recompute_layers is None:
+        return layers * layer_activation_bytes(model, spec)
+    recomputed = min(spec.recompute_layers, layers)
+    plain = _replace_recompute(spec, "none")
+    return recomputed * layer_activation_bytes(model, spec) + (
+        layers - recomputed
+    ) * layer_activation_bytes(model, plain)
 
 
 def shared_bytes(model: ModelConfig, spec: ActivationSpec) -> int:
@@ -210,7 +224,7 @@ def microbatch_activations(
             kept = spec.dtype_bytes == spec.norm_bytes or (layers > 0 and spec.recompute == "full")
             pipeline += 0 if kept else boundary
     return StageActivations(
-        layers=layers * layer_activation_bytes(model, spec),
+        layers=stage_layers_bytes(model, spec, layers),
         shared=shared_bytes(model, spec) if layers > 0 else 0,
         embedding=embedding_activation_bytes(spec) if first else 0,
         head=head_activation_bytes(model, spec) if last else 0,
@@ -250,106 +264,30 @@ def _replace_recompute(spec: ActivationSpec, mode: Recompute) -> ActivationSpec:
     return replace(spec, recompute=mode)
 
 
-@dataclass(frozen=True)
-class Op:
-    """One scheduled computation: F forward, B backward (input gradients only under zero
-    bubble), W weight gradients (zero bubble)."""
-
-    kind: Literal["F", "B", "W"]
-    stage: int
-    microbatch: int
-
-
-def rank_ops(
-    schedule: Schedule, pp: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1
-) -> list[Op]:
-    """The order in which pipeline rank ``pp_rank`` runs its computations, as torch's schedules
-    (torch.distributed.pipelining) order them: GPipe all forwards then all backwards; 1F1B
-    min(m, pp - rank) forwards then backward/forward pairs; interleaved 1F1B and interleaved zero
-    bubble with torch's rounds of microbatches and (v - 1) * round + 2 (resp. 1) * (pp - 1 -
-    rank) warmup forwards."""
-    m, v, r = num_microbatches, virtual_stages, pp_rank
-    if m < 1 or pp < 1 or not 0 <= r < pp or v < 1:
-        raise ConfigError(
-            f"schedule: need microbatches >= 1 and 0 <= rank < pp, got m={m}, pp={pp}, rank={r}"
-        )
-    if schedule in ("gpipe", "1f1b"):
-        if v != 1:
-            raise ConfigError(f"parallel.schedule: {schedule} runs one stage per rank, not {v}")
-        if schedule == "gpipe":
-            return [Op("F", r, i) for i in range(m)] + [Op("B", r, i) for i in range(m)]
-        warmup = min(m, pp - r)
-        ops = [Op("F", r, i) for i in range(warmup)]
-        for i in range(m):
-            ops.append(Op("B", r, i))
-            if warmup + i < m:
-                ops.append(Op("F", r, warmup + i))
-        return ops
-    if schedule not in ("interleaved_1f1b", "zero_bubble"):
-        raise ConfigError(f"parallel.schedule: unknown schedule {schedule!r}")
-    rounds = max(1, m // pp)
-    if m % rounds:
-        raise ConfigError(
-            f"train.global_batch_size: {m} microbatches per pipeline is not a multiple of "
-            f"{rounds} rounds of {pp} (needed by {schedule}); use a multiple of parallel.pp"
-        )
-    per_round = m // rounds
-    zero_bubble = schedule == "zero_bubble"
-    warmup = min((v - 1) * per_round + (1 if zero_bubble else 2) * (pp - 1 - r), m * v)
-    total = m * v
-    fwd_next = [0] * v
-    bwd_next = [0] * v
-
-    def forward(k: int) -> Op:
-        chunk = (k // per_round) % v
-        fwd_next[chunk] += 1
-        return Op("F", chunk * pp + r, fwd_next[chunk] - 1)
-
-    def backward(k: int) -> Op:
-        chunk = v - 1 - ((k - warmup) // per_round) % v
-        bwd_next[chunk] += 1
-        return Op("B", chunk * pp + r, bwd_next[chunk] - 1)
-
-    ops = [forward(k) for k in range(warmup)]
-    pending_w: list[Op] = []
-    for k in range(warmup, warmup + total):
-        if k < total:
-            ops.append(forward(k))
-        b = backward(k)
-        ops.append(b)
-        if zero_bubble:
-            pending_w.append(b)
-            # Weight gradients trail the input gradients by ``rank`` steps (torch's ZB1P).
-            if k - warmup >= r:
-                w = pending_w.pop(0)
-                ops.append(Op("W", w.stage, w.microbatch))
-    ops.extend(Op("W", w.stage, w.microbatch) for w in pending_w)
-    return ops
-
-
 def outstanding_profile(ops: list[Op]) -> list[dict[int, int]]:
     """After each forward, how many microbatches of each stage hold activations (released by
-    their backward, or by their weight-gradient op under zero bubble)."""
-    release = "W" if any(op.kind == "W" for op in ops) else "B"
+    their full backward, or by their weight-gradient op when the backward is split: the
+    input-gradient op leaves what the weight gradients read)."""
     held: dict[int, int] = {}
     profile = []
     for op in ops:
         if op.kind == "F":
             held[op.stage] = held.get(op.stage, 0) + 1
             profile.append(dict(held))
-        elif op.kind == release:
+        elif op.kind in ("B", "W"):
             held[op.stage] -= 1
     return profile
 
 
 def in_flight_microbatches(
-    schedule: Schedule, pp: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1
+    schedule: str, pp: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1
 ) -> int:
     """Most (microbatch, stage) forwards whose activations rank ``pp_rank`` holds at once.
 
     GPipe: m. 1F1B: min(pp - rank, m) (rank 0-based). Interleaved 1F1B: min((v - 1) * round +
     2 * (pp - 1 - rank) + 1, m * v) with round = m / max(1, m // pp) (Megatron's count when pp
-    divides m). Zero bubble: activations live until the weight-gradient op.
+    divides m). Zero-bubble variants: activations live until the weight-gradient op. Counted
+    from the schedule's operation order (:func:`yuanlfa.layout.schedules.rank_ops`).
     """
     ops = rank_ops(schedule, pp, pp_rank, num_microbatches, virtual_stages)
     return max(sum(p.values()) for p in outstanding_profile(ops))

@@ -27,7 +27,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from yuanlfa.config import Config, ConfigError, resolve, validate
+from yuanlfa.config import Config, ConfigError, config_to_dict, resolve, validate
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, DevicePreset
@@ -52,6 +53,9 @@ class Layout:
     distributed: bool = False
     sequence_parallel: bool = False
     rank_order: str = "tp-dp-pp"
+    # On a mixed cluster: the order of its node groups in rank order (which kind runs the
+    # first pipeline stages); recompute is then "per-rank" (chosen by the balancer).
+    groups: tuple[int, ...] = ()
 
     def describe(self) -> str:
         parts = [f"tp{self.tp} pp{self.pp} dp{self.dp}"]
@@ -62,6 +66,8 @@ class Layout:
         parts.append(f"recompute {self.recompute}")
         parts += ["ZeRO-1"] if self.distributed else []
         parts += ["SP"] if self.sequence_parallel else []
+        if self.groups:
+            parts.append("groups " + ",".join(map(str, self.groups)))
         return ", ".join(parts) + f", order {self.rank_order}"
 
 
@@ -129,19 +135,20 @@ def apply_layout(
         cfg,
         parallel=parallel,
         optim=dataclasses.replace(cfg.optim, distributed=layout.distributed),
-        train=dataclasses.replace(cfg.train, recompute=layout.recompute, recompute_stages=None),
+        # The advisor's "full" recomputes every layer (method uniform, one layer per checkpoint).
+        train=dataclasses.replace(
+            cfg.train,
+            recompute=layout.recompute,
+            recompute_stages=None,
+            recompute_method="uniform",
+            recompute_num_layers=1,
+        ),
     )
     validate(out)
     t = out.train
     m = t.global_batch_size // (t.micro_batch_size * layout.dp)
-    if v > 1:
-        # torch's interleaved schedules run rounds of pp microbatches.
-        rounds = max(1, m // layout.pp)
-        if m % rounds:
-            raise ConfigError(
-                f"parallel.schedule: {layout.schedule} needs the {m} microbatches to be a "
-                f"multiple of the {rounds} rounds of pp={layout.pp}"
-            )
+    if layout.pp > 1:
+        schedule_spec(layout.schedule).check(layout.pp, v, m)
     return resolve(out, layout.tp * layout.pp * layout.dp, tokenizer_vocab)
 
 
@@ -363,11 +370,21 @@ def snippet(ranked: Ranked) -> dict:
         "sequence_parallel": lay.sequence_parallel,
         "rank_order": lay.rank_order,
     }
-    return {
+    out = {
         "parallel": parallel,
         "optim": {"distributed": lay.distributed},
-        "train": {"recompute": lay.recompute, "recompute_stages": None},
+        "train": {
+            "recompute": lay.recompute,
+            "recompute_stages": None,
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
     }
+    if lay.groups:  # a mixed cluster: its groups in the chosen order, recompute per rank
+        t = ranked.cfg.train
+        out["train"] = {"recompute": t.recompute, "recompute_stages": list(t.recompute_stages)}
+        out["cluster"] = config_to_dict(ranked.cfg.cluster)
+    return out
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -46,6 +46,15 @@ CRITERIA: dict[str, tuple[str, ...]] = {
 GIB = 2**30
 
 
+class NoFitError(ConfigError):
+    """No split fits the devices; ``short_bytes``: about how much layer state is missing
+    (infinite when a rank cannot hold even its fixed parts), for ranking near misses."""
+
+    def __init__(self, message: str, short_bytes: float) -> None:
+        super().__init__(message)
+        self.short_bytes = short_bytes
+
+
 @dataclass(frozen=True)
 class RankCandidates:
     """Every allowed spread of layers over one rank's stages, with its costs."""
@@ -55,6 +64,7 @@ class RankCandidates:
     memory: np.ndarray  # [C] peak bytes
     time: np.ndarray  # [C] seconds per microbatch (a function of ``layers`` only)
     stage_time: np.ndarray  # [C] seconds per microbatch of the slowest of its stages
+    recompute: np.ndarray | None = None  # [C] recompute mode index (:mod:`.recompute`)
 
 
 @dataclass(frozen=True)
@@ -152,22 +162,10 @@ def best_blocks(
             f"model.num_layers={L} is fewer than the {pp * v} pipeline stages; allow empty stages"
         )
     ranks = [rank_candidates(model, r, allow_empty_stages) for r in range(pp)]
-    limit = model.memory_limit_bytes
-    ok = [np.ones(len(c.layers), dtype=bool) for c in ranks]
-    if objective == "time" and limit is not None:
-        ok = [c.memory <= limit for c in ranks]
-    optima = []
-    choice: list[int] | None = None
-    for criterion in CRITERIA[objective]:
-        costs = [
-            _best_per_layers(getattr(c, criterion), c.layers, mask, L) for c, mask in zip(ranks, ok)
-        ]
-        optimum, choice = _minmax(costs, L)
-        if choice is None:
-            every = [_best_per_layers(c.memory, c.layers, c.memory >= 0, L) for c in ranks]
-            raise ConfigError(_infeasible_message(model, _minmax(every, L)[0]))
-        optima.append(optimum)
-        ok = [mask & (getattr(c, criterion) <= optimum) for c, mask in zip(ranks, ok)]
+    ok = _fitting(model, ranks, objective)
+    optima, choice, ok = _search(ranks, ok, CRITERIA[objective], L)
+    if choice is None:
+        raise _infeasible_message(model, [[c] for c in ranks])
     even = uniform_blocks(L, model.num_stages)
     if (allow_empty_stages or min(even) > 0) and _within(model, even, objective, optima):
         return even
@@ -190,22 +188,103 @@ def plan_scores(model: CostModel, blocks: tuple[int, ...]) -> dict[str, float]:
     }
 
 
+def _fitting(model: CostModel, ranks: list[RankCandidates], objective: str) -> list[np.ndarray]:
+    """Per rank: the candidates allowed before the search (under "time", those that fit the
+    rank's own device)."""
+    out = []
+    for r, c in enumerate(ranks):
+        limit = model.limit_of(r)
+        fits = objective != "time" or limit is None
+        out.append(np.ones(len(c.layers), dtype=bool) if fits else c.memory <= limit)
+    return out
+
+
+def _search(
+    ranks: list[RankCandidates], ok: list[np.ndarray], criteria: tuple[str, ...], total: int
+) -> tuple[list[float], list[int] | None, list[np.ndarray]]:
+    """The lexicographic min-max over ``criteria``: each phase splits ``total`` layers over the
+    ranks by the min-max DP and keeps only the candidates within its optimum. Returns the
+    optima, the layers per rank, and the candidates left; choice None when nothing is allowed."""
+    optima: list[float] = []
+    choice: list[int] | None = None
+    for criterion in criteria:
+        costs = [
+            _best_per_layers(getattr(c, criterion), c.layers, mask, total)
+            for c, mask in zip(ranks, ok)
+        ]
+        optimum, choice = _minmax(costs, total)
+        if choice is None:
+            return optima, None, ok
+        optima.append(optimum)
+        ok = [mask & (getattr(c, criterion) <= optimum) for c, mask in zip(ranks, ok)]
+    return optima, choice, ok
+
+
 def _within(model: CostModel, blocks: tuple[int, ...], objective: str, optima: list) -> bool:
     scores = plan_scores(model, blocks)
-    limit = model.memory_limit_bytes
-    if objective == "time" and limit is not None and scores["memory"] > limit:
-        return False
+    if objective == "time":  # each rank within its own device's limit
+        for r in range(model.pp):
+            limit = model.limit_of(r)
+            mine = tuple(blocks[s] for s in model.stages_of(r))
+            if limit is not None and model.rank_memory(r, mine) > limit:
+                return False
     return all(scores[c] <= opt for c, opt in zip(CRITERIA[objective], optima))
 
 
-def _infeasible_message(model: CostModel, least: float) -> str:
-    limit = model.memory_limit_bytes or 0
-    return (
-        f"no split of {model.num_layers} layers over {model.pp} pipeline ranks fits "
-        f"{limit / GIB:.1f} GiB per device ({model.device.name}): the most memory-even split "
-        f"needs {least / GIB:.1f} GiB; set train.recompute=full (or selective), "
-        "optim.distributed=true with dp > 1, a smaller train.micro_batch_size or a larger "
-        "parallel.pp/tp, or use a device with more memory"
+def _room(model: CostModel, ranks: list[list[RankCandidates]]) -> list[int]:
+    """Per rank: the most layers it can hold within its own limit under any of its candidate
+    sets (recompute modes); -1 when not even its fixed parts fit."""
+    room = []
+    for r, variants in enumerate(ranks):
+        limit = model.limit_of(r)
+        most = -1
+        for c in variants:
+            fit = c.layers[c.memory <= limit] if limit is not None else c.layers
+            most = max(most, int(fit.max()) if len(fit) else -1)
+        room.append(most)
+    return room
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.0f} GiB" if nbytes >= 10 * GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> NoFitError:
+    """What does not fit, by rank and device, and the smallest change that would make it fit."""
+    room = _room(model, ranks)
+    L = model.num_layers
+    fixes = (
+        "set train.recompute=full, optim.distributed=true with dp > 1, a smaller "
+        "train.micro_batch_size or a larger parallel.pp/tp, or use devices with more memory"
+    )
+    full = model.cfg.train.recompute == "full" or len(ranks[0]) > 1
+    if full:
+        fixes = fixes.replace("set train.recompute=full, ", "set ")
+    bad = [r for r, n in enumerate(room) if n < 0]
+    if bad:
+        r = bad[0]
+        c = min(ranks[r], key=lambda c: c.memory.min())
+        need = float(c.memory.min())
+        limit = model.limit_of(r) or 0
+        return NoFitError(
+            f"pipeline rank {r} ({model.device_of(r).name}, {limit / GIB:.1f} GiB) cannot hold "
+            f"even its fixed parts (embedding / head) with no layers: needs {need / GIB:.1f} GiB, "
+            f"{(need - limit) / GIB:.1f} GiB more; {fixes}",
+            math.inf,
+        )
+    short = L - sum(room)
+    kinds: dict[str, list[int]] = {}
+    for r, n in enumerate(room):
+        kinds.setdefault(model.device_of(r).name, []).append(n)
+    held = ", ".join(f"{len(ns)} x {name}: {min(ns)}-{max(ns)}" for name, ns in kinds.items())
+    # A layer's state on the roomiest rank: what each missing layer needs somewhere.
+    r = max(range(model.pp), key=lambda r: model.limit_of(r) or 0)
+    per_layer = sum(model.state.of(model.stage_params(r, 1) - model.stage_params(r, 0)))
+    return NoFitError(
+        f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's own device: "
+        f"together they hold at most {sum(room)} layers (per rank {held}), {short} short, about "
+        f"{_size(short * per_layer)} of layer state more; {fixes}",
+        short * per_layer,
     )
 
 
@@ -226,7 +305,8 @@ def balance(
     blocks = best_blocks(model, objective, allow_empty_stages)
     cost = model.evaluate(blocks)
     if require_fit and not cost.fits:
-        raise ConfigError(_infeasible_message(model, cost.memory_max_bytes))
+        ranks = [[rank_candidates(model, r, allow_empty_stages)] for r in range(model.pp)]
+        raise _infeasible_message(model, ranks)
     return BalanceResult(blocks, objective, cost)
 
 

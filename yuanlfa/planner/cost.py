@@ -28,20 +28,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from yuanlfa.config import Config, ConfigError
-from yuanlfa.layout import PipelineLayout, rank_of_stage
+from yuanlfa.layout import PipelineLayout
+from yuanlfa.layout.schedules import Op, ScheduleSpec, rank_ops, schedule_spec
 from yuanlfa.planner import comm
 from yuanlfa.planner.activations import (
     ActivationSpec,
-    Op,
     activation_spec,
     layer_activation_bytes,
     loss_workspace_bytes,
     microbatch_activations,
     num_microbatches,
     outstanding_profile,
-    rank_ops,
     recompute_workspace_bytes,
 )
+from yuanlfa.planner.cluster import MixedCluster, pipeline_devices
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset
 from yuanlfa.planner.flops import flops_per_token
 from yuanlfa.planner.links import Link
@@ -131,6 +131,8 @@ class PlanCost:
     pipeline_s: float  # the simulated schedule over all microbatches
     memory_limit_bytes: int | None
     timeline: tuple[TimelineOp, ...] = field(default=(), repr=False)
+    # Per pipeline rank on a heterogeneous cluster (its own device's memory); empty: one limit.
+    rank_limits: tuple[int | None, ...] = ()
 
     @property
     def memory_max_bytes(self) -> int:
@@ -168,10 +170,15 @@ class PlanCost:
         busy = self.num_microbatches * self.time_max_s
         return max(self.pipeline_s - busy, 0.0) / busy
 
+    def limit_of(self, rank: int) -> int | None:
+        return self.rank_limits[rank] if self.rank_limits else self.memory_limit_bytes
+
     @property
     def fits(self) -> bool:
-        limit = self.memory_limit_bytes
-        return limit is None or self.memory_max_bytes <= limit
+        return all(
+            self.limit_of(r.rank) is None or r.memory_bytes <= self.limit_of(r.rank)
+            for r in self.ranks
+        )
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,21 @@ class CostModel:
     flops_per_s: float  # sustained: device peak * mfu, or calibrated
     links: LinkPlan
     num_microbatches: int
-    memory_limit_bytes: int | None
+    memory_limit_bytes: int | None  # with rank_limits: the largest of them
+    # Heterogeneous clusters (:mod:`.cluster`): per pipeline rank its device, sustained FLOP/s
+    # and memory limit. Empty: every rank on ``device`` at ``flops_per_s``.
+    rank_devices: tuple[DevicePreset, ...] = ()
+    rank_flops: tuple[float, ...] = ()
+    rank_limits: tuple[int | None, ...] = ()
+
+    def device_of(self, rank: int) -> DevicePreset:
+        return self.rank_devices[rank] if self.rank_devices else self.device
+
+    def flops_of(self, rank: int) -> float:
+        return self.rank_flops[rank] if self.rank_flops else self.flops_per_s
+
+    def limit_of(self, rank: int) -> int | None:
+        return self.rank_limits[rank] if self.rank_limits else self.memory_limit_bytes
 
     @cached_property
     def held(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
@@ -198,6 +219,14 @@ class CostModel:
         (computed on first use: time estimates alone do not need the schedule's order)."""
         p = self.cfg.parallel
         return schedule_held(p.schedule, p.pp, self.num_microbatches, p.virtual_stages)
+
+    @cached_property
+    def schedule(self) -> ScheduleSpec:
+        return schedule_spec(self.cfg.parallel.schedule)
+
+    def rank_of(self, stage: int) -> int:
+        """The pipeline rank holding ``stage`` (the schedule's placement)."""
+        return self.schedule.rank_of_stage(self.pp, self.virtual_stages, stage)
 
     @cached_property
     def _memo(self) -> dict:
@@ -266,15 +295,18 @@ class CostModel:
 
     def microbatch_bytes(self, stage: int, layers: int) -> int:
         """Activations one microbatch leaves on ``stage`` when it holds ``layers`` layers."""
-        if layers > 1:  # linear in the layers beyond the first (microbatch_activations)
-            rank = rank_of_stage(stage, self.pp)
+        spec = self.specs[self.rank_of(stage)]
+        # Linear in the layers beyond the first (microbatch_activations), except under block
+        # recompute, where the first recompute_layers layers save less than the rest.
+        block = spec.recompute == "full" and spec.recompute_layers is not None
+        if layers > 1 and not block:
+            rank = self.rank_of(stage)
             per_layer = self._cached(
                 ("layer_bytes", rank),
                 lambda: layer_activation_bytes(self.cfg.model, self.specs[rank]),
             )
             return self.microbatch_bytes(stage, 1) + (layers - 1) * per_layer
         first, last = stage == 0, stage == self.num_stages - 1
-        spec = self.specs[rank_of_stage(stage, self.pp)]
         return self._cached(
             ("microbatch_bytes", stage, layers),
             lambda: (
@@ -293,9 +325,7 @@ class CostModel:
     def workspace_bytes(self, stages: tuple[int, ...], blocks: tuple[int, ...]) -> int:
         """The largest transient buffer: one layer's recompute (if the rank holds a layer), the
         loss's blocks and weight-gradient accumulator (if it holds the last stage)."""
-        recompute = (
-            self.recompute_workspace_bytes(rank_of_stage(stages[0], self.pp)) if sum(blocks) else 0
-        )
+        recompute = self.recompute_workspace_bytes(self.rank_of(stages[0])) if sum(blocks) else 0
         loss = self.loss_workspace_bytes() if self.num_stages - 1 in stages else 0
         return max(recompute, loss)
 
@@ -322,8 +352,8 @@ class CostModel:
 
     # Time
 
-    def _seconds(self, flops: float) -> float:
-        return flops / self.flops_per_s
+    def _seconds(self, flops: float, rank: int) -> float:
+        return flops / self.flops_of(rank)
 
     def layer_time(self, rank: int = 0) -> StageTime:
         """One layer on pipeline rank ``rank`` (its recompute mode)."""
@@ -338,9 +368,9 @@ class CostModel:
         sharded = (terms["projections"] + terms["mlp"]) / L / tp
         attention = terms["attention"] / L / tp
         lfa = terms["lfa"] / L / lfa_div
-        forward = self._seconds((sharded + attention + lfa) * T)
-        recompute = {"none": 0.0, "selective": self._seconds(attention * T), "full": forward}
-        weight_grad = self._seconds((sharded + lfa) * T)  # dW GEMMs mirror the forward GEMMs
+        forward = self._seconds((sharded + attention + lfa) * T, rank)
+        recompute = {"none": 0.0, "selective": self._seconds(attention * T, rank), "full": forward}
+        weight_grad = self._seconds((sharded + lfa) * T, rank)  # dW GEMMs mirror the forward GEMMs
         backward = 2 * forward + recompute[spec.recompute]
         fwd_comm, bwd_comm = comm.layer_tp_s(m, spec, p.sequence_parallel, self.links.tp)
         if spec.recompute == "full":
@@ -349,7 +379,7 @@ class CostModel:
 
     def stage_time(self, stage: int, layers: int) -> StageTime:
         """``stage`` holding ``layers`` layers: that many layers plus its fixed parts."""
-        layer = self.layer_time(rank_of_stage(stage, self.pp))
+        layer = self.layer_time(self.rank_of(stage))
         fixed = self._cached(("stage_fixed", stage), lambda: self._stage_fixed(stage))
         fwd_comm = layers * layer.comm_split[0] + fixed.comm_split[0]
         return StageTime(
@@ -368,7 +398,8 @@ class CostModel:
         if first:
             fwd_comm += comm.embedding_tp_s(m, spec, p.sequence_parallel, self.links.tp)
         if last:
-            head = self._seconds(2.0 * m.hidden_size * m.vocab_size / p.tp) * spec.tokens
+            flops = 2.0 * m.hidden_size * m.vocab_size / p.tp
+            head = self._seconds(flops, self.rank_of(stage)) * spec.tokens
             forward += head
             backward += 3 * head  # the block-wise loss recomputes each block's logits
             weight_grad += head
@@ -376,10 +407,16 @@ class CostModel:
             fwd_comm, bwd_comm = fwd_comm + f, bwd_comm + b
         boundary = spec.dtype_bytes * m.hidden_size * spec.shard_tokens
         if not last:  # the activation to the next stage
-            fwd_comm += self.links.boundary(stage, self.pp).transfer_s(boundary)
+            fwd_comm += self._boundary_s(stage, boundary)
         if not first:  # the input's gradient back to the previous stage
-            bwd_comm += self.links.boundary(stage - 1, self.pp).transfer_s(boundary)
+            bwd_comm += self._boundary_s(stage - 1, boundary)
         return StageTime(forward, backward, weight_grad, fwd_comm + bwd_comm, fwd_comm)
+
+    def _boundary_s(self, stage: int, nbytes: int) -> float:
+        """Sending ``nbytes`` from ``stage`` to ``stage + 1``: nothing where one rank holds both
+        (the turn of a V-shaped placement); else over the link between their ranks."""
+        a, b = self.rank_of(stage), self.rank_of(stage + 1)
+        return 0.0 if a == b else self.links.between(a, b).transfer_s(nbytes)
 
     def rank_stage_time(self, rank: int, layers_per_stage: tuple[int, ...]) -> StageTime:
         """The rank's stages together. Computed from the layer count and the stages' fixed
@@ -413,8 +450,10 @@ class CostModel:
         cfg, p = self.cfg, self.cfg.parallel
         stages = self.stages_of(rank)
         total = 0.0
-        holds_ends = 0 in stages or self.num_stages - 1 in stages
-        if self.num_stages > 1 and cfg.model.tie_embeddings and holds_ends:
+        # Only where the two ends are on different ranks (a V-shaped placement puts both on rank
+        # 0, whose one embedding collects both gradients).
+        holds_one_end = (0 in stages) != (self.num_stages - 1 in stages)
+        if self.num_stages > 1 and cfg.model.tie_embeddings and holds_one_end:
             total += comm.tied_embedding_s(
                 param_counts(cfg.model).embedding // p.tp, self.dp, self.state,
                 cfg.optim.distributed, self.links.embed,
@@ -427,7 +466,8 @@ class CostModel:
     # Whole plans
 
     def stages_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(rank + k * self.pp for k in range(self.virtual_stages))
+        """The stages pipeline rank ``rank`` runs (the schedule's placement), in stage order."""
+        return self.schedule.stages_of_rank(self.pp, self.virtual_stages, rank)
 
     def check_blocks(self, blocks: tuple[int, ...]) -> None:
         if len(blocks) != self.num_stages or sum(blocks) != self.num_layers or min(blocks) < 0:
@@ -477,6 +517,7 @@ class CostModel:
             pipeline_s=max(op.end_s for op in timeline),
             memory_limit_bytes=self.memory_limit_bytes,
             timeline=timeline,
+            rank_limits=self.rank_limits,
         )
 
 
@@ -494,6 +535,8 @@ def cost_model(
     links: LinkPlan | None = None,
     memory_limit_bytes: int | None = None,
     gpu: bool | None = None,
+    devices: tuple[DevicePreset, ...] | None = None,
+    speeds: tuple[float, ...] | None = None,
 ) -> CostModel:
     """The cost model of a resolved ``cfg`` (vocab and dp known; dp None counts as 1).
 
@@ -508,6 +551,13 @@ def cost_model(
     ``latency_s``. ``memory_limit_bytes`` defaults to the device's memory when a device is
     given. ``gpu`` (precision ``auto``, fused kernels) defaults to the device kind, else to
     train.device.
+
+    Heterogeneous: ``devices`` gives each pipeline rank its device (a
+    :class:`~.cluster.MixedCluster` gives them from its groups and the rank order): a rank
+    computes at its device's peak * mfu (with a calibrated ``flops_per_s``, that of the fastest
+    device, the others scaled by their peaks) and holds at most its device's memory (or
+    ``memory_limit_bytes`` when smaller). ``speeds`` (per pipeline rank, 1 = full speed)
+    slow ranks down further: an emulated slow rank on a CPU.
     """
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size: resolve the config (yuanlfa.config.resolve) first")
@@ -529,6 +579,8 @@ def cost_model(
         if value is not None and (cluster is not None or links is not None):
             raise ConfigError(f"{name}: give per-dimension links or a cluster, not both")
     p = cfg.parallel
+    if devices is None and isinstance(cluster, MixedCluster):
+        devices = pipeline_devices(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
     if links is None and cluster is not None:
         links = link_plan(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
     elif links is None:
@@ -544,16 +596,50 @@ def cost_model(
         raise ConfigError(
             "train.global_batch_size: smaller than micro_batch_size * dp; no microbatch to run"
         )
+    if p.pp > 1:
+        schedule_spec(p.schedule).check(p.pp, p.virtual_stages, m)
+    base = flops_per_s if flops_per_s is not None else device.peak_flops * mfu
+    rank_flops: tuple[float, ...] = ()
+    rank_limits: tuple[int | None, ...] = ()
+    if devices is not None:
+        devices = tuple(devices)
+        if len(devices) != p.pp:
+            raise ConfigError(f"devices: {len(devices)} given for parallel.pp={p.pp} ranks")
+        fastest = max(d.peak_flops for d in devices)
+        rank_flops = tuple(
+            (flops_per_s * d.peak_flops / fastest) if flops_per_s is not None else
+            d.peak_flops * mfu
+            for d in devices
+        )  # fmt: skip
+        rank_limits = tuple(
+            d.memory_bytes
+            if memory_limit_bytes is None
+            else min(d.memory_bytes, memory_limit_bytes)
+            for d in devices
+        )
+        limit = max(rank_limits)
+        base = max(rank_flops)
+        device = max(devices, key=lambda d: d.peak_flops)
+    if speeds is not None:
+        speeds = tuple(speeds)
+        if len(speeds) != p.pp or not all(0 < x <= 1 for x in speeds):
+            raise ConfigError(
+                f"speeds: need parallel.pp={p.pp} factors in (0, 1], got {list(speeds)}"
+            )
+        rank_flops = tuple(f * x for f, x in zip(rank_flops or (base,) * p.pp, speeds))
     return CostModel(
         cfg=cfg,
         device=device,
         specs=specs,
         state=state_bytes(cfg, p.dp or 1, gpu),
         mfu=mfu,
-        flops_per_s=flops_per_s if flops_per_s is not None else device.peak_flops * mfu,
+        flops_per_s=base,
         links=links,
         num_microbatches=m,
         memory_limit_bytes=limit,
+        rank_devices=devices or (),
+        rank_flops=rank_flops,
+        rank_limits=rank_limits,
     )
 
 
@@ -570,8 +656,9 @@ def schedule_held(
 
 
 def held_counts(ops: list[Op], pp: int, virtual_stages: int) -> tuple[tuple[int, ...], ...]:
-    """Microbatches held per local stage (k-th entry: the rank's k-th stage, s // pp = k) after
-    each forward, keeping only vectors no other one dominates (the only candidate peaks)."""
+    """Microbatches held per local stage (k-th entry: the rank's k-th stage, s // pp = k under
+    both looped and V-shaped placement) after each forward, keeping only vectors no other one
+    dominates (the only candidate peaks)."""
     vectors = set()
     for held in outstanding_profile(ops):
         vec = [0] * virtual_stages
@@ -588,10 +675,10 @@ def held_counts(ops: list[Op], pp: int, virtual_stages: int) -> tuple[tuple[int,
 def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...]:
     """Run every rank's ops in schedule order; an op starts when its rank is free and its input
     exists: a forward needs the previous stage's forward of that microbatch, a backward the next
-    stage's backward (the last stage its own forward), a weight-gradient op its backward."""
+    stage's input gradient (full backward B or input-only I; the last stage its own forward), a
+    weight-gradient op W its I."""
     times = [model.stage_time(s, b) for s, b in enumerate(blocks)]
     last = len(blocks) - 1
-    zero_bubble = model.cfg.parallel.schedule == "zero_bubble"
 
     # A forward runs its collectives and sends the activation; a backward runs its collectives
     # and sends the input gradient.
@@ -600,12 +687,17 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
         fwd_comm, bwd_comm = t.comm_split
         duration["F", stage] = t.forward_s + fwd_comm
         duration["W", stage] = t.weight_grad_s
-        duration["B", stage] = t.backward_s - (t.weight_grad_s if zero_bubble else 0.0) + bwd_comm
+        duration["B", stage] = t.backward_s + bwd_comm
+        duration["I", stage] = t.backward_s - t.weight_grad_s + bwd_comm
+
+    def done_key(op: Op) -> tuple[str, int, int]:
+        # B and I both deliver the input gradient the previous stage waits for.
+        return ("B" if op.kind == "I" else op.kind, op.stage, op.microbatch)
 
     def dependency(op: Op) -> tuple[str, int, int] | None:
         if op.kind == "F":
             return ("F", op.stage - 1, op.microbatch) if op.stage > 0 else None
-        if op.kind == "B":
+        if op.kind in ("B", "I"):
             if op.stage == last:
                 return ("F", op.stage, op.microbatch)
             return ("B", op.stage + 1, op.microbatch)
@@ -629,7 +721,7 @@ def simulate(model: CostModel, blocks: tuple[int, ...]) -> tuple[TimelineOp, ...
                         break
                     now = max(now, ready)
                 end = now + duration[op.kind, op.stage]
-                done[op.kind, op.stage, op.microbatch] = end
+                done[done_key(op)] = end
                 out.append(TimelineOp(r, op.kind, op.stage, op.microbatch, now, end))
                 now = end
                 i += 1

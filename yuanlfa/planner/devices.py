@@ -43,12 +43,32 @@ PRESETS: dict[str, DevicePreset] = {
 }
 
 
+# Names by memory size, as a cluster description names its device kinds.
+ALIASES: dict[str, str] = {
+    "h100-80g": "h100-sxm",
+    "h200-141g": "h200",
+    "a100-80g": "a100-80gb",
+    "a100-40g": "a100-40gb",
+    "v100-32g": "v100-32gb",
+    "l40s-48g": "l40s",
+}
+
+
+def find_device(name: str) -> DevicePreset | None:
+    """The preset named ``name`` or one of its :data:`ALIASES` (case-insensitive), or None."""
+    key = name.strip().lower()
+    return PRESETS.get(ALIASES.get(key, key))
+
+
+def device_names() -> str:
+    return ", ".join(list(ALIASES) + [p.name for p in PRESETS.values()])
+
+
 def get_device(name: str) -> DevicePreset:
     """The preset named ``name`` (case-insensitive); ConfigError listing the names otherwise."""
-    preset = PRESETS.get(name.strip().lower())
+    preset = find_device(name)
     if preset is None:
-        names = ", ".join(p.name for p in PRESETS.values())
-        raise ConfigError(f"device {name!r} is not a known preset; choose one of {names}")
+        raise ConfigError(f"device {name!r} is not a known preset; choose one of {device_names()}")
     return preset
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import Config
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.params import param_counts
 
 
@@ -54,6 +55,8 @@ def stage_extra_params(cfg: Config, first: bool, last: bool, num_stages: int) ->
     params = counts.embedding // tp if first else 0
     if last:
         params += counts.final_norm + counts.head // tp
-        if num_stages > 1 and cfg.model.tie_embeddings:
+        # A V-shaped placement puts the last stage on the first stage's rank: no copy there.
+        ends_apart = not schedule_spec(cfg.parallel.schedule).ends_on_one_rank
+        if num_stages > 1 and cfg.model.tie_embeddings and ends_apart:
             params += counts.embedding // tp
     return params

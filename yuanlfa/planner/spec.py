@@ -24,6 +24,9 @@ class ActivationSpec:
     fused_norm: bool = False
     lfa_impl: Literal["reference", "triton"] = "reference"
     recompute: Recompute = "none"
+    # Under full recompute, how many layers of each stage are checkpointed: None every layer
+    # (train.recompute_method uniform), else the first N (block, train.recompute_num_layers).
+    recompute_layers: int | None = None
 
     @property
     def norm_bytes(self) -> int:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from yuanlfa.config import Config
 from yuanlfa.layout import rank_of_stage, resolve_blocks
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.planner.balance import auto_blocks
+from yuanlfa.planner.cluster_plan import cluster_plan
 from yuanlfa.planner.memory import layer_params, stage_extra_params, state_bytes
 
 
@@ -27,8 +29,12 @@ class StageMemory:
 
 def config_blocks(cfg: Config) -> tuple[int, ...]:
     """The configured split (block list, layout string, or ``auto``: the balancer's time-optimal
-    split without a memory limit)."""
-    auto = auto_blocks(cfg) if cfg.parallel.pipeline_blocks == "auto" else None
+    split without a memory limit, or with a ``cluster:`` section the split on each rank's own
+    device, :func:`~.cluster_plan.cluster_plan`)."""
+    auto = None
+    if cfg.parallel.pipeline_blocks == "auto":
+        planned = cluster_plan(cfg)
+        auto = planned.blocks if planned is not None else auto_blocks(cfg)
     return resolve_blocks(cfg.parallel, cfg.model, auto)
 
 
@@ -38,7 +44,7 @@ def stage_memory(
     """Static memory of one rank of each pipeline rank's stages (activations excluded).
 
     ``blocks`` defaults to the configured split. Under interleaving, virtual stage s runs on
-    pipeline rank s % pp, and the rank holds the sum of its stages.
+    the pipeline rank the schedule places it on, and the rank holds the sum of its stages.
     """
     pp = cfg.parallel.pp
     blocks = tuple(blocks) if blocks is not None else config_blocks(cfg)
@@ -46,8 +52,9 @@ def stage_memory(
     per_layer = layer_params(cfg)
     layers_on = [0] * pp
     params_on = [0] * pp
+    placement = schedule_spec(cfg.parallel.schedule).placement
     for stage, layers in enumerate(blocks):
-        rank = rank_of_stage(stage, pp)
+        rank = rank_of_stage(stage, pp, cfg.parallel.virtual_stages, placement)
         layers_on[rank] += layers
         first, last = stage == 0, stage == len(blocks) - 1
         params_on[rank] += layers * per_layer + stage_extra_params(cfg, first, last, len(blocks))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
-from yuanlfa.layout import DIMS, group_ranks, rank_of_stage
+from yuanlfa.layout import DIMS, group_ranks
 from yuanlfa.planner.links import Link
 
 
@@ -42,6 +42,13 @@ class Cluster:
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    def intra_of(self, node: int) -> Link:
+        """The link between two devices of ``node``."""
+        return self.intra
+
+    def describe(self) -> str:
+        return f"{self.nodes} nodes x {self.gpus_per_node} devices"
+
 
 @dataclass(frozen=True)
 class LinkPlan:
@@ -53,9 +60,10 @@ class LinkPlan:
     embed: Link  # pipeline rank 0 <-> pp - 1 (the tied embedding's gradient)
     crossing: frozenset[str] = frozenset()  # of tp, dp, pp: the ones using inter-node links
 
-    def boundary(self, stage: int, pp: int) -> Link:
-        """The link from stage ``stage`` to ``stage + 1`` (ranks stage % pp and its successor)."""
-        return self.p2p[rank_of_stage(stage, pp)]
+    def between(self, a: int, b: int) -> Link:
+        """The link joining neighbouring pipeline ranks ``a`` and ``b`` (either direction: a
+        V-shaped placement sends from rank r to r - 1 on its way back)."""
+        return self.p2p[a if b == (a + 1) % len(self.p2p) else b]
 
 
 def uniform_links(p2p: Link, tp: Link, dp: Link, pp: int) -> LinkPlan:
@@ -87,30 +95,45 @@ def pair_crosses_nodes(
     )
 
 
-def link_plan(cluster: Cluster, tp: int, pp: int, dp: int, rank_order: str) -> LinkPlan:
+def _intra(cluster, groups: list[list[int]]) -> Link:
+    """The slowest intra-node link among the nodes the groups use (a mixed cluster's node
+    kinds may differ; every group of a dimension moves the same bytes at once)."""
+    nodes = {cluster.node_of(r) for ranks in groups for r in ranks}
+    return min((cluster.intra_of(n) for n in sorted(nodes)), key=lambda link: link.gbps)
+
+
+def link_plan(cluster, tp: int, pp: int, dp: int, rank_order: str) -> LinkPlan:
     """The links of a tp x pp x dp layout on ``cluster`` with ``rank_order``."""
     if tp * pp * dp != cluster.world_size:
         raise ConfigError(
             f"tp * pp * dp = {tp} * {pp} * {dp} = {tp * pp * dp} but the cluster has "
-            f"{cluster.nodes} nodes x {cluster.gpus_per_node} devices = {cluster.world_size}"
+            f"{cluster.describe()} = {cluster.world_size}"
         )
     order = parse_order(rank_order)
     sizes = {"tp": tp, "dp": dp, "pp": pp}
+    intra = {d: _intra(cluster, group_ranks(order, sizes, d)) for d in ("tp", "dp")}
+    slices = group_ranks(order, sizes, "pp")
 
-    def pick(crosses: bool) -> Link:
-        return cluster.inter if crosses else cluster.intra
+    def pick(crosses: bool, dim: str) -> Link:
+        return cluster.inter if crosses else intra[dim]
+
+    def pair(a: int, b: int) -> Link:
+        """Pipeline ranks a and b: inter-node if any slice crosses, else their nodes' link."""
+        if pp > 1 and pair_crosses_nodes(cluster, order, sizes, a, b):
+            return cluster.inter
+        return _intra(cluster, [[ranks[a], ranks[b]] for ranks in slices])
 
     crossing = {d for d in ("tp", "dp") if group_crosses_nodes(cluster, order, sizes, d)}
     p2p = []
     for r in range(pp):
         crosses = pp > 1 and pair_crosses_nodes(cluster, order, sizes, r, (r + 1) % pp)
-        p2p.append(pick(crosses))
+        p2p.append(pair(r, (r + 1) % pp))
         if crosses and r < pp - 1:
             crossing.add("pp")
-    embed = pick(pp > 1 and pair_crosses_nodes(cluster, order, sizes, 0, pp - 1))
+    embed = pair(0, pp - 1)
     return LinkPlan(
-        tp=pick("tp" in crossing),
-        dp=pick("dp" in crossing),
+        tp=pick("tp" in crossing, "tp"),
+        dp=pick("dp" in crossing, "dp"),
         p2p=tuple(p2p),
         embed=embed,
         crossing=frozenset(crossing),

@@ -1,14 +1,14 @@
 """Step time against link bandwidth: the paper's weak-link comparison, with our cost model.
 
-The Yuan 2.0 paper (DESIGN.md 3) predicts 102B's step time on 96 and 256 chips at a chip-to-chip
-("P2P") bandwidth of 400, 200 and 100 GB/s for two methods: "method 1", tensor parallelism, whose
-time grows 1.85x (96 chips) as the bandwidth falls 4x, and "method 2", pipeline + data +
-optimizer parallelism, which moves 0.4%. The paper does not spell out method 1's layout; we
-read it as the same data parallelism with tp 8 x pp 4 in place of pp 32 (tp inside an 8-device
-node, where the P2P links are). One bandwidth is swept for every link (intra- and inter-node
-alike), so both methods see the same network and only what they send over it differs: tp sends
-every layer's activations several times per microbatch, pp one activation per stage boundary,
-dp the gradients once per step.
+The Yuan 2.0 paper (docs/yuan2_facts.md 6) predicts 102B's step time on 96 and 256 chips at a chip-
+to-chip ("P2P") bandwidth of 400, 200 and 100 GB/s for two methods: "method 1", tensor parallelism,
+whose time grows 1.85x (96 chips) as the bandwidth falls 4x, and "method 2", pipeline + data +
+optimizer parallelism, which moves 0.4%. The paper does not spell out method 1's layout; we read it
+as the same data parallelism with tp 8 x pp 4 in place of pp 32 (tp inside an 8-device node, where
+the P2P links are). One bandwidth is swept for every link (intra- and inter-node alike), so both
+methods see the same network and only what they send over it differs: tp sends every layer's
+activations several times per microbatch, pp one activation per stage boundary, dp the gradients
+once per step.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from yuanlfa.planner.links import Link
 from yuanlfa.planner.topology import Cluster
 
 PAPER_BANDWIDTHS_GBPS = (400.0, 200.0, 100.0)
-# DESIGN.md 3: predicted seconds per step at 400 / 200 / 100 GB/s.
+# docs/yuan2_facts.md: predicted seconds per step at 400 / 200 / 100 GB/s.
 METHOD_1, METHOD_2 = "method 1 (tp)", "method 2 (pp+dp+zero)"
 PAPER_STEP_S = {
     96: {METHOD_1: (316.32, 405.45, 584.28), METHOD_2: (238.10, 238.40, 239.06)},

@@ -13,6 +13,7 @@ import torch
 
 from yuanlfa.checkpoint import CheckpointError, holds_checkpoints, resolve_checkpoint
 from yuanlfa.config import Config, ConfigError, resolve
+from yuanlfa.config.preflight import preflight
 from yuanlfa.data import build_tokenizer
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.ops.lfa import resolve_impl
@@ -76,6 +77,8 @@ def memory_gb(device: torch.device) -> float:
 def prepare_config(cfg: Config) -> Config:
     """Resolve derived fields for this launch and check what can be checked up front."""
     world, _ = world_from_env()
+    # Output paths, input files and kernels, before any data is read or model built.
+    preflight(cfg, cuda=torch.cuda.is_available())
     check_model_config(cfg.model)  # plug-ins imported, filter and attention names known
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
@@ -107,20 +110,6 @@ def run_settings(cfg: Config, data_source: str) -> dict[str, Any]:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.decay_steps": cfg.optim.decay_steps,
     }
-
-
-def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    changed = [
-        f"{k} {saved[k]!r} -> {current[k]!r}"
-        for k in current
-        if k in saved and saved[k] != current[k]
-    ]
-    if changed:
-        raise CheckpointError(
-            f"{path} belongs to a run with other settings ({'; '.join(changed)}); the sample "
-            "order and lr schedule depend on them, so resuming would not continue that run. "
-            "Restore the settings, or start a new run in another checkpoint.dir"
-        )
 
 
 def init_source(path: str) -> Path:

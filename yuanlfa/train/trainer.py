@@ -22,14 +22,17 @@ from yuanlfa.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    manifest,
 )
+from yuanlfa.checkpoint.async_save import AsyncSaver, SaveDone, use_async
 from yuanlfa.config import Config, config_to_dict
 from yuanlfa.data.build import TrainData, build_datasets, get_batch
+from yuanlfa.model.dropout import DropoutStep, dropout_step
 from yuanlfa.parallel import Mesh, parallelize
 from yuanlfa.parallel.grads import sum_over
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
+from yuanlfa.train.fit_check import check_memory_fit
 from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
@@ -43,7 +46,6 @@ from yuanlfa.train.pipeline import (
 from yuanlfa.train.schedule import learning_rate
 from yuanlfa.train.setup import (
     check_lfa_impl,
-    check_same_run,
     init_source,
     layout_record,
     memory_gb,
@@ -93,6 +95,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     t = cfg.train
     device = pick_device(cfg)
     check_lfa_impl(cfg, device)
+    check_memory_fit(cfg, device)  # the planner's peak per rank against the device, up front
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)
     progress = progress and world_from_env()[1] == 0
@@ -137,10 +140,19 @@ class Trainer:
         self.optimizer, self.grad_sync = build_optimizer_and_sync(
             self.model, cfg, mesh, param_dtype
         )
-        self.extra = {"config": config_to_dict(cfg), "run": run_settings(cfg, data.prefix)}
+        run = run_settings(cfg, data.prefix)
+        # The sample order's signature per dataset: a run may be extended only while it holds.
+        datasets = getattr(data.train, "datasets", [data.train])
+        run["data.order"] = [list(d.order_signature) for d in datasets]
+        self.extra = {"config": config_to_dict(cfg), "run": run}
         self.step, self.consumed = self._resume()
         self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
+        ckpt = cfg.checkpoint
+        self.saver = None
+        if ckpt.dir is not None:
+            enabled = use_async(ckpt.async_save, device)
+            self.saver = AsyncSaver(ckpt.dir, ckpt.keep_last, ckpt.keep_every, enabled)
 
     def say(self, *args, **kwargs) -> None:
         if self.is_logger:
@@ -164,7 +176,9 @@ class Trainer:
                 state = load_checkpoint(
                     path, self.model, self.optimizer, self.model_dict, self.mesh, self.cfg.model
                 )
-                check_same_run(state.extra.get("run", {}), self.extra["run"], path)
+                problem = manifest.resume_problem(state.extra.get("run", {}), self.extra["run"])
+                if problem is not None:
+                    raise CheckpointError(f"{path}: {problem}")
                 step, consumed = state.step, state.consumed_samples
                 self.say(f"resumed from {path} at step {step}", flush=True)
         if self.mesh.world_size > 1:
@@ -215,15 +229,18 @@ class Trainer:
         try:
             while self.step < t.steps:
                 record = self.train_step(loader)
+                self.note_saved(self.saver.poll() if self.saver else None, record)
                 exiting = bool(t.exit_interval) and self.step % t.exit_interval == 0
                 exiting = exiting and self.step < t.steps
                 last = self.step == t.steps or exiting
                 if self.eval_due(last):
                     record["eval_loss"] = self.evaluate()
+                self.maybe_save(last, exiting, record)
+                if last and self.saver is not None:  # the end and a clean exit publish the save
+                    self.note_saved(self.saver.wait(), record)
                 console = last or self.step == 1 or self.step % self.cfg.logging.log_interval == 0
                 logger.log(record, console=console or "eval_loss" in record)
                 self.result.records.append(record)
-                self.maybe_save(last, exiting)
                 if exiting:
                     self.say(f"exiting at step {self.step} (train.exit_interval={t.exit_interval})")
                     break
@@ -245,7 +262,8 @@ class Trainer:
         num_tokens = sum_over(sum(b["loss_mask"].sum() for b in batches), mesh.dp_group)
         # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
         self.grad_sync.start(self.micro_batches)
-        loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
+        with dropout_step(self.dropout_state()):
+            loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
         grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad)
         skipped = not self.update(grad_norm)
         self.step += 1
@@ -263,6 +281,16 @@ class Trainer:
         if skipped:
             record["skipped"] = True
         return record
+
+    def dropout_state(self) -> DropoutStep:
+        """Which samples this step's microbatches hold (the loader's order: dp rank r takes the
+        r-th contiguous share of the global batch), for the layout-free dropout masks."""
+        t = self.cfg.train
+        local = t.global_batch_size // self.mesh.dp
+        start = self.consumed + self.mesh.dp_rank * local
+        return DropoutStep(
+            t.seed, self.step, tuple(range(start, start + local)), t.micro_batch_size
+        )
 
     def forward_backward(
         self, batches: list[dict[str, torch.Tensor]], num_tokens: torch.Tensor
@@ -314,19 +342,30 @@ class Trainer:
             lambda: _autocast(self.device, self.dtype),
         )
 
-    def maybe_save(self, last: bool, exiting: bool) -> None:
+    def maybe_save(self, last: bool, exiting: bool, record: dict[str, Any]) -> None:
+        """Save when due: the step only stages its tensors when saves are asynchronous
+        (``save_blocking_s`` is the time the loop was held); ``save_total_s`` is logged when the
+        save is published (a later step's poll, the next save, or the end)."""
         ckpt = self.cfg.checkpoint
         interval_due = ckpt.interval and self.step % ckpt.interval == 0
-        if ckpt.dir is None or not (interval_due or exiting or (last and ckpt.save_at_end)):
+        if self.saver is None or not (interval_due or exiting or (last and ckpt.save_at_end)):
             return
-        self.result.final_checkpoint = save_checkpoint(
-            ckpt.dir,
+        started, previous = self.saver.save(
             self.model,
             self.optimizer,
             TrainingState(self.step, self.consumed, self.model_dict, self.extra),
             self.mesh,
             self.cfg.model,
             layout_record(self.cfg, self.layout),
-            keep_last=ckpt.keep_last,
         )
-        self.say(f"saved checkpoint {self.result.final_checkpoint}", flush=True)
+        self.note_saved(previous, record)
+        record["save_blocking_s"] = round(started.blocking_s, 4)
+        if not self.saver.in_flight:  # written inline: already published
+            self.note_saved(SaveDone(started.path, started.blocking_s), record)
+
+    def note_saved(self, done: SaveDone | None, record: dict[str, Any]) -> None:
+        if done is None:
+            return
+        self.result.final_checkpoint = done.path
+        record["save_total_s"] = round(done.total_s, 4)
+        self.say(f"saved checkpoint {done.path}", flush=True)

@@ -14,22 +14,58 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.files import fsync_dir, resolve_checkpoint, step_name
 from yuanlfa.checkpoint.layout_free import publish
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, save_lazy, stored_tensors
+from yuanlfa.checkpoint.storage import save_lazy, stored_tensors
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
+# What Yuan 2.0's code hard-codes (its HF modeling code and its Megatron code alike): the RoPE
+# base (LlamaRotaryEmbedding's default, never passed) and the LFA output norm's epsilon
+# (LocalizedFiltering builds RMSNorm(h) / RMSNorm(h, eps=1e-6)). Its Megatron code hard-codes
+# 1e-6 for every RMSNorm; its HF code reads rms_norm_eps for the others, but ours has one
+# model.norm_eps for all norms, LFA's included.
+YUAN_ROPE_BASE = 10000.0
+YUAN_NORM_EPS = 1e-6
+HF = "Hugging Face"
+
+
+def release_problems(cfg: ModelConfig, target: str) -> list[str]:
+    """Every setting of ``cfg`` that Yuan 2.0's code for ``target`` (``HF`` or ``Megatron``)
+    would not reproduce, each naming the value Yuan uses."""
+    problems = []
+    # Yuan's HF attention always builds the LFA (lf_gate); its Megatron code has --use-lf-gate.
+    filters = ("lfa",) if target == HF else ("lfa", "none")
+    if cfg.filter_name not in filters:
+        problems.append(
+            f"model.filter is {cfg.filter_name!r} (Yuan's {target} code has "
+            f"{' or '.join(filters)} only)"
+        )
+    if cfg.attention != "causal":
+        problems.append(f"model.attention is {cfg.attention!r} (Yuan's code: causal)")
+    if cfg.rope_base != YUAN_ROPE_BASE:
+        problems.append(f"model.rope_base is {cfg.rope_base:g} (Yuan's code: 10000)")
+    if cfg.norm_eps != YUAN_NORM_EPS:
+        problems.append(f"model.norm_eps is {cfg.norm_eps:g} (Yuan's code: 1e-06 in the LFA norm)")
+    if cfg.lfa_reset_at_doc_start:
+        problems.append("model.lfa_reset_at_doc_start is true (Yuan's LFA never restarts)")
+    # Yuan's HF code masks across <eod> only while training or with reset_position_ids, never
+    # restarts positions there, and its flash path ignores the mask: no setting reproduces it.
+    if cfg.document_attention and target == HF:
+        problems.append("model.document_attention is true (Yuan's HF code: causal over the sample)")
+    return problems
+
 
 def require_release_architecture(cfg: ModelConfig, target: str) -> None:
-    """The Yuan 2.0 formats hold the released attention (LFA, or none) and nothing else."""
-    if cfg.filter_name not in ("lfa", "none") or cfg.attention != "causal":
+    """Stop before anything is written when Yuan 2.0's code would compute another model."""
+    problems = release_problems(cfg, target)
+    if problems:
         raise CheckpointError(
-            f"the {target} format of Yuan 2.0 has no place for model.filter "
-            f"{cfg.filter_name!r} / model.attention {cfg.attention!r} (only lfa or none with "
-            "causal attention); keep this checkpoint in yuanlfa's format"
+            f"the {target} format of Yuan 2.0 cannot hold this model: {'; '.join(problems)}; "
+            "keep this checkpoint in yuanlfa's format"
         )
 
 
@@ -99,9 +135,13 @@ def write_ours(
     inner = tmp / f".{name}.tmp"
     if progress:
         print(f"import: writing {len(tensors)} tensors", flush=True)
-    save_lazy(inner, tensors)
-    publish(tmp, name, inner, manifest.build_meta(state, layout, optimizer), keep_last=1)
-    replace_output(tmp, out_root)
+    try:
+        save_lazy(inner, tensors)
+        publish(tmp, name, inner, manifest.build_meta(state, layout, optimizer), keep_last=1)
+        replace_output(tmp, out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves no debris
+        raise
     return out_root
 
 

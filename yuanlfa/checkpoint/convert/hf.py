@@ -1,23 +1,36 @@
 """Conversion between our checkpoints and the Hugging Face Yuan 2.0 layout (weights only).
 
-Names and splits are the public format's (DESIGN.md 3): q_proj / k_proj are the first and
+Names and splits are the public format's (docs/yuan2_facts.md): q_proj / k_proj are the first and
 second halves (rows) of our fused per-head [q; k] projection, up_proj (the SiLU branch) and
-gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding. Tensors are
-streamed one at a time: the export holds at most one output shard, the import one tensor.
+gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding (or the
+untied head). Tensors are streamed one at a time: the export holds at most one output
+shard, the import one tensor.
+
+``config.json`` carries every attribute Yuan 2.0's ``YuanForCausalLM`` (its
+``megatron/model/yuan_hf_model.py``) reads, with values that describe the run; settings its code
+would not reproduce are refused before anything is written (:mod:`.common`). The run's
+SentencePiece tokenizer goes beside the weights (:mod:`.hf_tokenizer`). The import reads the
+released models' own directories: their ``config.json`` (tied embeddings, fields this library
+never writes), safetensors or ``pytorch_model*.bin`` weights, with or without ``lm_head.weight``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from yuanlfa.checkpoint import manifest
 from yuanlfa.checkpoint.convert.common import (
+    HF,
+    YUAN_NORM_EPS,
+    YUAN_ROPE_BASE,
     model_config_dict,
     model_config_from_dict,
     prepare_output,
@@ -28,13 +41,21 @@ from yuanlfa.checkpoint.convert.common import (
     weight_keys,
     write_ours,
 )
+from yuanlfa.checkpoint.convert.hf_tokenizer import (
+    RunTokenizer,
+    run_tokenizer,
+    write_tokenizer_files,
+)
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
+from yuanlfa.checkpoint.storage import stored_tensors
+from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
 INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 HF_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -57,6 +78,8 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]]:
         return [("model.embed_tokens.weight", cfg.vocab_size)]
     if name == "final_norm.weight":
         return [("model.norm.weight", h)]
+    if name == "output.weight":  # an untied head
+        return [("lm_head.weight", cfg.vocab_size)]
     if not name.startswith("layers."):
         raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
     _, index, rest = name.split(".", 2)
@@ -80,7 +103,41 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int]]:
     raise CheckpointError(f"no Hugging Face name for parameter {name!r}")
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+@dataclass(frozen=True)
+class RunFacts:
+    """What ``config.json`` says about the run besides the architecture."""
+
+    tokenizer: RunTokenizer
+    seq_length: int
+    sft: bool
+    reset_position_ids: bool
+
+
+def run_facts(meta: dict, tokenizer: str | None) -> RunFacts:
+    """From the run config saved with the checkpoint; an imported checkpoint (no run config)
+    keeps what its Hugging Face config said. ``tokenizer`` overrides the run's spec."""
+    data = manifest.run_settings(meta, "data")
+    train = manifest.run_settings(meta, "train")
+    source = meta.get("huggingface_config") or {}
+    spec = tokenizer or data.get("tokenizer")
+    tok = run_tokenizer(spec)
+    if spec is None and "eod_token" in source:
+        sep, pad = source.get("sep_token", tok.sep), source.get("pad_token_id", tok.pad)
+        tok = RunTokenizer(None, source["eod_token"], sep, pad, None, None, ())
+    seq = train.get("seq_length") or source.get("max_position_embeddings") or 4096
+    return RunFacts(
+        tok,
+        int(seq),
+        bool(data.get("sft", source.get("use_loss_mask", False))),
+        bool(data.get("reset_position_ids", source.get("reset_position_ids", False))),
+    )
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, run: RunFacts) -> dict:
+    """Everything Yuan 2.0's YuanForCausalLM reads from its config (LlamaConfig's fields plus
+    eod_token, sep_token, use_loss_mask, reset_attention_mask, reset_position_ids, causal_mask,
+    use_flash_attention, use_shareqk), in its released files' spelling."""
+    tok = run.tokenizer
     return {
         "architectures": ["YuanForCausalLM"],
         "model_type": "yuan",
@@ -90,29 +147,73 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "hidden_act": "silu",
+        # Yuan's code reads it for the layer and final norms; the LFA norm's is fixed at 1e-6,
+        # which the export requires of model.norm_eps anyway.
         "rms_norm_eps": cfg.norm_eps,
+        # Not read by Yuan's code (it hard-codes 10000, which the export requires); for readers
+        # that do read it.
         "rope_theta": cfg.rope_base,
+        "max_position_embeddings": run.seq_length,
         "initializer_range": cfg.init_std,
-        "tie_word_embeddings": False,  # the HF model stores lm_head as its own copy
-        "use_lfa": cfg.lfa,
+        # With true, transformers ties lm_head to the embedding on load (the released files'
+        # setting); lm_head.weight is stored either way.
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        # Attention as trained: causal over the whole sample (document attention is refused),
+        # in the eager path, which honours masks and runs on any device (true: flash-attn).
+        "causal_mask": True,
+        "use_flash_attention": False,
+        "use_shareqk": False,
+        "reset_attention_mask": cfg.document_attention,
+        "reset_position_ids": run.reset_position_ids,
+        "use_loss_mask": run.sft,
+        "eod_token": tok.eod,
+        "sep_token": tok.sep,
+        "eod_token_id": tok.eod,
+        "sep_token_id": tok.sep,
+        "eos_token_id": tok.eod,
+        "bos_token_id": tok.bos if tok.bos is not None else tok.eod,
+        "pad_token_id": tok.pad,
         # Our full model config, so that a round trip restores it exactly.
         "yuanlfa_model_config": model_config_dict(cfg),
     }
 
 
-def model_config_from_hf(config: dict) -> ModelConfig:
+def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
+    """Our model from a config.json: ours (exact), or a released Yuan 2.0 one, whose code fixes
+    what the file does not say (RoPE base 10000, LFA in every layer, LFA norm eps 1e-6)."""
     if "yuanlfa_model_config" in config:
         return model_config_from_dict(config["yuanlfa_model_config"])
+    need = [
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+        "vocab_size",
+    ]  # fmt: skip
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise CheckpointError(f"{where}: config.json lacks {missing}; not a Yuan 2.0 model")
+    if config.get("use_shareqk"):
+        raise CheckpointError(
+            f"{where}: use_shareqk is true (Yuan's shared-QK variant, no LFA); this library "
+            "imports the released LFA architecture only"
+        )
+    eps = float(config.get("rms_norm_eps", YUAN_NORM_EPS))
+    if eps != YUAN_NORM_EPS:
+        raise CheckpointError(
+            f"{where}: rms_norm_eps is {eps:g}, but Yuan's LFA norm uses 1e-06 and this "
+            "library's model has one model.norm_eps for all norms; only 1e-06 imports exactly"
+        )
+    ffn = config["intermediate_size"]
     return ModelConfig(
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
         num_heads=config["num_attention_heads"],
-        ffn_hidden_size=config["intermediate_size"],
+        # None when it is Yuan's 4 * hidden, as a run config gives it (init_from compares).
+        ffn_hidden_size=None if ffn == 4 * config["hidden_size"] else ffn,
         vocab_size=config["vocab_size"],
-        rope_base=config.get("rope_theta", 10000.0),
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        lfa=config.get("use_lfa", True),
+        rope_base=YUAN_ROPE_BASE,  # Yuan's code ignores rope_theta
+        norm_eps=YUAN_NORM_EPS,
+        init_std=float(config.get("initializer_range", 0.02)),
     )
 
 
@@ -161,14 +262,19 @@ def export_hf(
     max_shard_bytes: int = 2 * 2**30,
     force: bool = False,
     progress: bool = True,
+    tokenizer: str | None = None,
 ) -> Path:
     """Our checkpoint (a step directory, or a checkpoint.dir with ``latest``) -> HF safetensors
-    shards + index + config.json in ``output``. Shards are planned from the checkpoint's
-    metadata and written as streams: one parameter is in memory at a time."""
+    shards + index + config.json (+ the tokenizer files of a SentencePiece run) in ``output``.
+    Shards are planned from the checkpoint's metadata and written as streams: one parameter is
+    in memory at a time. ``tokenizer``: a ``data.tokenizer`` spec replacing the run's (e.g.
+    when its model file has moved). Refused before anything is written when Yuan 2.0's code
+    would compute another model (:func:`~.common.release_problems`)."""
     from tqdm import tqdm
 
-    src, _, cfg = read_source(src)
-    require_release_architecture(cfg, "Hugging Face")
+    src, meta, cfg = read_source(src)
+    require_release_architecture(cfg, HF)
+    run = run_facts(meta, tokenizer)
     stored = stored_tensors(src)
     params = list(weight_keys(src, cfg))
     out_dtype = dtype or stored[params[0][1]].properties.dtype
@@ -183,7 +289,7 @@ def export_hf(
             rows = rows_total if rows < 0 else rows
             plan.append((i, hf, start, rows))
             start += rows
-        if name == "embed.weight":
+        if name == "embed.weight" and cfg.tie_embeddings:
             plan.append((i, "lm_head.weight", 0, rows_total))  # a copy, stored on its own
     shards: list[list[tuple[int, str, int, int]]] = [[]]
     size = 0
@@ -223,79 +329,190 @@ def export_hf(
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, out_dtype), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, out_dtype, run), indent=2))
+    write_tokenizer_files(run.tokenizer, tmp, run.seq_length)
     replace_output(tmp, Path(output))
     return Path(output)
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object file of the checkpoint; a damaged one is named."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({exc}); the file is truncated or corrupt"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a {what} object")
+    return data
+
+
 class _HFReader:
-    """Tensors of an HF checkpoint directory by name, opening shard files lazily."""
+    """Tensors of an HF checkpoint directory by name: safetensors shards (opened lazily), or the
+    ``pytorch_model*.bin`` files some released models ship (through the allow-list unpickler,
+    memory-mapped)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.bin = False
+        self._bins: dict[str, dict] = {}
+        if (path / INDEX).is_file() or (path / "model.safetensors").is_file():
+            _safetensors()  # a clear error now if the package is missing, not at the first read
         if (path / INDEX).is_file():
-            self.where = json.loads((path / INDEX).read_text())["weight_map"]
+            self.where = _read_json(path / INDEX, "shard index").get("weight_map")
+            if not isinstance(self.where, dict):
+                raise CheckpointError(f"{path / INDEX}: no 'weight_map'; not a shard index")
         elif (path / "model.safetensors").is_file():
-            self.where = None
+            self.where = {n: "model.safetensors" for n in self._keys(path / "model.safetensors")}
+        elif (path / BIN_INDEX).is_file():
+            self.where = _read_json(path / BIN_INDEX, "shard index").get("weight_map")
+            if not isinstance(self.where, dict):
+                raise CheckpointError(f"{path / BIN_INDEX}: no 'weight_map'; not a shard index")
+            self.bin = True
+        elif (path / "pytorch_model.bin").is_file():
+            self.bin = True
+            self.where = {n: "pytorch_model.bin" for n in self._bin(path / "pytorch_model.bin")}
         else:
-            raise CheckpointError(f"{path}: neither {INDEX} nor model.safetensors")
-        _safetensors()  # a clear error now if the package is missing, not at the first read
+            raise CheckpointError(
+                f"{path}: none of {INDEX}, model.safetensors, {BIN_INDEX}, pytorch_model.bin"
+            )
+
+    def _keys(self, file: Path) -> list[str]:
+        with self._open_file(file) as f:
+            return list(f.keys())
+
+    def _bin(self, file: Path) -> dict:
+        if file.name not in self._bins:
+            state = load_untrusted(file)  # memory-mapped: tensors are read when used
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: not a state dict")
+            self._bins[file.name] = state
+        return self._bins[file.name]
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def has(self, name: str) -> bool:
+        return name in self.where
 
     def _file(self, name: str) -> Path:
-        return self.path / (self.where[name] if self.where is not None else "model.safetensors")
+        if name not in self.where:
+            raise CheckpointError(f"{self.path}: tensor {name!r} missing")
+        return self.path / self.where[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _open(self, name: str):
+        """The safetensors shard holding ``name``, opened; a missing or damaged one is named."""
+        return self._open_file(self._file(name))
+
+    @staticmethod
+    def _open_file(file: Path):
+        from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(str(self._file(name)), framework="pt") as f:
-                return f.get_tensor(name)
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} missing") from None
+            return safe_open(str(file), framework="pt")
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+            raise CheckpointError(f"{file}: cannot read the shard ({problem})") from None
+        except SafetensorError as exc:
+            problem = " ".join(str(exc).split())
+            raise CheckpointError(
+                f"{file}: not a readable safetensors shard ({problem}); the file is truncated "
+                "or corrupt, download it again"
+            ) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.bin:
+            return self._bin(self._file(name))[name]
+        with self._open(name) as f:
+            return f.get_tensor(name)
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        from safetensors import safe_open
+        if self.bin:
+            t = self.get(name)
+            shape, dtype, label = tuple(t.shape), t.dtype, str(t.dtype)
+        else:
+            with self._open(name) as f:
+                sl = f.get_slice(name)
+                shape, label = tuple(sl.get_shape()), sl.get_dtype()
+                dtype = HF_DTYPES.get(label)
+        if dtype not in HF_DTYPES.values():
+            raise CheckpointError(
+                f"{self.path}: {name} is {label}; expected one of {', '.join(HF_DTYPES)} weights"
+            )
+        return shape, dtype
 
-        with safe_open(str(self._file(name)), framework="pt") as f:
-            sl = f.get_slice(name)
-            dtype = HF_DTYPES.get(sl.get_dtype())
-            if dtype is None:
+
+def _check_extra(reader: _HFReader, used: set[str], cfg: ModelConfig, src: Path) -> None:
+    """Every tensor of the source is accounted for. Yuan's HF model also saves each layer's
+    RoPE frequencies (a persistent buffer): they must be base 10000's, the only base it has."""
+    head_dim = cfg.head_dim
+    inv_freq = 1.0 / (YUAN_ROPE_BASE ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    unmapped = []
+    for name in reader.names():
+        if name in used:
+            continue
+        if name.endswith("self_attn.rotary_emb.inv_freq"):
+            if not torch.allclose(reader.get(name).float(), inv_freq, rtol=1e-6, atol=0):
                 raise CheckpointError(
-                    f"{self.path}: {name} is {sl.get_dtype()}; expected one of "
-                    f"{', '.join(HF_DTYPES)} weights"
+                    f"{src}: {name} is not RoPE base 10000's; Yuan 2.0's code has no other base"
                 )
-            return tuple(sl.get_shape()), dtype
+            continue
+        unmapped.append(name)
+    if unmapped:
+        raise CheckpointError(
+            f"{src}: {len(unmapped)} tensors have no place in this model: "
+            f"{', '.join(unmapped[:5])}{' ...' if len(unmapped) > 5 else ''}; not a Yuan 2.0 "
+            "model of this shape"
+        )
 
 
 def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = True) -> Path:
     """HF Yuan 2.0 directory -> our checkpoint directory (``output/step_0000000`` + latest),
-    weights only: start training from it with ``checkpoint.init_from``."""
+    weights only: start training from it with ``checkpoint.init_from``. Reads our exports and
+    the released models' directories (their config.json, tied or not, with or without
+    ``lm_head.weight``); every source tensor must find its place, checked before writing."""
     src = Path(src)
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{src}: no config.json; not a Hugging Face model directory")
-    cfg = model_config_from_hf(json.loads(config_file.read_text()))
+    config = _read_json(config_file, "model config")
+    cfg = model_config_from_hf(config, config_file)
     reader = _HFReader(src)
+    embed = "model.embed_tokens.weight"
+    # transformers ties lm_head to the embedding when tie_word_embeddings is true (the released
+    # files' setting, and its default); otherwise the stored head is the head.
+    untie = config.get("tie_word_embeddings", True) is False
+    if "yuanlfa_model_config" not in config and reader.has("lm_head.weight") and untie:
+        tied = torch.equal(reader.get("lm_head.weight"), reader.get(embed))
+        cfg = dataclasses.replace(cfg, tie_embeddings=tied)
+    if not cfg.tie_embeddings and not reader.has("lm_head.weight"):
+        raise CheckpointError(f"{src}: the head is untied but lm_head.weight is missing")
+    head_differs = cfg.tie_embeddings and reader.has("lm_head.weight")
+    if head_differs and not torch.equal(reader.get("lm_head.weight"), reader.get(embed)):
+        raise CheckpointError(
+            f"{src}: lm_head.weight differs from {embed}, but the config ties them "
+            "(tie_word_embeddings true); set it false in config.json to import the head as an "
+            "untied one"
+        )
     tensors = []
+    used = {"lm_head.weight"} if cfg.tie_embeddings else set()
     for name, param in build_model(cfg).named_parameters():
         parts = hf_parts(name, cfg)
         _, dtype = reader.meta(parts[0][0])
+        used.update(hf for hf, _ in parts)
 
         def load(parts=parts) -> torch.Tensor:
             return torch.cat([reader.get(hf) for hf, _ in parts])
 
         tensors.append(LazyTensor(manifest.model_key(name), tuple(param.shape), dtype, load))
-    for hf in ("lm_head.weight",):
-        try:
-            head = reader.get(hf)
-        except CheckpointError:
-            continue
-        if not torch.equal(head, reader.get("model.embed_tokens.weight")):
-            raise CheckpointError(
-                f"{src}: lm_head.weight differs from model.embed_tokens.weight; this model "
-                "ties them, so an untied checkpoint cannot be imported"
-            )
-    state = manifest.TrainingState(0, 0, model_config_dict(cfg), {})
+    _check_extra(reader, used, cfg, src)
+    # Kept so that an export of this checkpoint (never trained here) describes it as the
+    # source did: special ids, position limit, data settings.
+    keep = ("eod_token", "sep_token", "pad_token_id", "max_position_embeddings",
+            "use_loss_mask", "reset_position_ids")  # fmt: skip
+    extra = {"huggingface_config": {k: config[k] for k in keep if k in config}}
+    state = manifest.TrainingState(0, 0, model_config_dict(cfg), extra)
     layout = {"source": "huggingface", "path": str(src.resolve())}
     return write_ours(output, tensors, state, layout, None, force=force, progress=progress)
 

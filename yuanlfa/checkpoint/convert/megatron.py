@@ -1,6 +1,7 @@
 """Conversion between our checkpoints and the Megatron / Yuan 2.0 format, both ways.
 
-The Megatron layout (DESIGN.md 3): ``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
+The Megatron layout (docs/yuan2_facts.md 4):
+``iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt``
 plus ``latest_checkpointed_iteration.txt``; each file a pickled dict with ``args`` (an
 argparse.Namespace), ``checkpoint_version``, ``iteration``, ``model`` (nested dicts, layer indices
 local to the stage), optionally ``optimizer`` and ``rng_state``. Tensor-parallel slicing is
@@ -39,9 +40,10 @@ from yuanlfa.checkpoint.convert.common import (
     verify_weights,
     write_ours,
 )
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import read_tensor, stored_tensors
+from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
 from yuanlfa.layout import PipelineLayout, uniform_blocks
@@ -70,6 +72,7 @@ LAYER_NAMES = {
 }
 EMBEDDING = ("language_model", "embedding", "word_embeddings", "weight")
 HEAD_COPY = ("word_embeddings_for_head", "weight")
+OUTPUT_LAYER = ("language_model", "output_layer", "weight")
 ENCODER = ("language_model", "encoder")
 
 
@@ -91,19 +94,22 @@ def default_blocks(pp: int, num_layers: int, flag: str) -> list[int]:
     return list(uniform_blocks(num_layers, pp))
 
 
-def places(name: str, blocks: list[int]) -> list[tuple[int, tuple[str, ...]]]:
+def places(name: str, blocks: list[int], tied: bool = True) -> list[tuple[int, tuple[str, ...]]]:
     """Where our parameter ``name`` lives: ``(stage, path in the file's model dict)``; the tied
-    embedding is on the first stage and, with pp > 1, copied on the last for the head."""
+    embedding is on the first stage and, with pp > 1, copied on the last for the head; an
+    untied head is the last stage's ``language_model.output_layer``."""
     pp = len(blocks)
     if name == "embed.weight":
-        return [(0, EMBEDDING)] + ([(pp - 1, HEAD_COPY)] if pp > 1 else [])
+        return [(0, EMBEDDING)] + ([(pp - 1, HEAD_COPY)] if pp > 1 and tied else [])
+    if name == "output.weight":  # --untie-embeddings-and-output-weights
+        return [(pp - 1, OUTPUT_LAYER)]
     if name == "final_norm.weight":
         return [(pp - 1, (*ENCODER, "final_layernorm.weight"))]
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if match is None or match.group(2) not in LAYER_NAMES:
         raise CheckpointError(
-            f"parameter {name!r} has no Megatron name (an untied output layer, or a plug-in "
-            "module); this converter handles the Yuan 2.0 architecture"
+            f"parameter {name!r} has no Megatron name (a plug-in module); this converter "
+            "handles the Yuan 2.0 architecture"
         )
     layer, rest = int(match.group(1)), match.group(2)
     layout = PipelineLayout(tuple(blocks), pp)
@@ -147,6 +153,7 @@ def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtyp
     """The ``args`` fields a Megatron / Yuan 2.0 run of this model would carry."""
     state = manifest.training_state(meta)
     seq = manifest.run_settings(meta, "train").get("seq_length")
+    seed = run_seed(meta)
     return {
         "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
@@ -156,6 +163,15 @@ def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtyp
         "padded_vocab_size": cfg.vocab_size,
         "seq_length": seq,
         "max_position_embeddings": seq,
+        # What Yuan's check_checkpoint_args compares (its scripts use RoPE, no learned
+        # positions; the default when missing would be true and fail the comparison).
+        "add_position_embedding": False,
+        "use_rotary_position_embeddings": True,
+        "make_vocab_size_divisible_by": 128,
+        "tokenizer_type": "YuanTokenizer",
+        "data_parallel_random_init": False,
+        "seed": seed,
+        "reset_attention_mask": cfg.document_attention,
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": len(blocks),
         "pipeline_model_parallel_blocks": list(blocks),
@@ -200,6 +216,7 @@ def model_config_from_args(args: Any, where: Path) -> ModelConfig:
         rope_base=float(fields.get("rotary_base") or 10000.0),
         norm_eps=float(eps),
         lfa=bool(fields.get("use_lf_gate", True)),
+        tie_embeddings=not fields.get("untie_embeddings_and_output_weights", False),
     )
 
 
@@ -211,6 +228,65 @@ def blocks_from_args(args: Any) -> list[int] | None:
     if isinstance(blocks, str):
         return [int(b) for b in blocks.replace(" ", "").split(",") if b]
     return [int(b) for b in blocks]
+
+
+def run_seed(meta: dict) -> int:
+    return int(manifest.run_settings(meta, "train").get("seed") or 1234)
+
+
+def _philox_state(seed: int) -> Pending:
+    """A CUDA generator's state after ``manual_seed(seed)`` (torch.cuda.get_rng_state): the
+    seed and the offset 0, two little-endian 64-bit integers. Built without a GPU."""
+    raw = (seed % 2**64).to_bytes(8, "little") + bytes(8)
+    return Pending((16,), torch.uint8, lambda: torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def rng_state(seed: int, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
+    """``rng_state`` as Yuan 2.0's ``get_rng_state`` saves it (a list over data-parallel ranks,
+    one entry without --data-parallel-random-init), so its ``load_checkpoint`` takes the file
+    without --no-load-rng. The states are those its ``_set_random_seed`` gives this rank for
+    the run's seed (seed + 100 * pp_rank; the model-parallel CUDA tracker at + 2718 + tp_rank):
+    our RNG streams are not Megatron's, so a continuation starts from seeded generators."""
+    import random
+
+    import numpy as np
+
+    stage_seed = seed + 100 * pp_rank
+    cpu = torch.Generator().manual_seed(stage_seed).get_state()
+    return [
+        {
+            "random_rng_state": random.Random(stage_seed).getstate(),
+            "np_rng_state": np.random.RandomState(stage_seed).get_state(),
+            "torch_rng_state": Pending(tuple(cpu.shape), cpu.dtype, lambda: cpu),
+            "cuda_rng_state": _philox_state(stage_seed),
+            "rng_tracker_states": {
+                "model-parallel-rng": _philox_state(stage_seed + 2718 + tp_rank)
+            },
+        }
+    ]
+
+
+def scheduler_state(meta: dict) -> dict[str, Any]:
+    """``opt_param_scheduler`` as Megatron's OptimizerParamScheduler saves it for an
+    iteration-based run (steps counted in samples: iterations x global batch), from the run's
+    settings; Yuan's loader needs it next to an optimizer state."""
+    optim, train = manifest.run_settings(meta, "optim"), manifest.run_settings(meta, "train")
+    gbs = int(train.get("global_batch_size") or 1)
+    steps = int(train.get("steps") or 0)
+    decay = int(optim.get("decay_steps") or steps)
+    wd = float(optim.get("weight_decay", 0.1))
+    return {
+        "max_lr": float(optim.get("lr", 0.0)),
+        "min_lr": float(optim.get("min_lr", 0.0)),
+        "lr_warmup_steps": int(optim.get("warmup_steps") or 0) * gbs,
+        "lr_decay_steps": decay * gbs,
+        "lr_decay_style": optim.get("lr_schedule", "cosine"),
+        "num_steps": manifest.training_state(meta).consumed_samples,
+        "start_wd": wd,
+        "end_wd": wd,
+        "wd_incr_style": "constant",
+        "wd_incr_steps": steps * gbs,
+    }
 
 
 # --- ours -> Megatron ------------------------------------------------------------------------
@@ -287,7 +363,7 @@ def export_megatron(
         entries = [
             (path, name, shape)
             for name, shape in names
-            for where, path in places(name, blocks)
+            for where, path in places(name, blocks, cfg.tie_embeddings)
             if where == stage
         ]
         entries.sort(key=lambda e: e[0] == HEAD_COPY)
@@ -311,6 +387,8 @@ def export_megatron(
                 state["optimizer"] = _optimizer_state(
                     source, optim_params, tp_rank, tp, meta, hyper
                 )
+                state["opt_param_scheduler"] = scheduler_state(meta)
+            state["rng_state"] = rng_state(run_seed(meta), tp_rank, stage)
             file = tmp / f"iter_{iteration:07d}" / rank_dir(tp_rank, stage, pp) / FILE
             file.parent.mkdir(parents=True)
             files.append((state, file))
@@ -406,6 +484,21 @@ def rank_files(iter_dir: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
+def _check_grid(iter_dir: Path, args: Any, files: dict[tuple[int, int], Path]) -> None:
+    """The rank directories the checkpoint's own args call for are all there: a missing last
+    stage or tp rank would otherwise read as a smaller grid and fail later with a message
+    about the split."""
+    fields = vars(args) if isinstance(args, argparse.Namespace) else {}
+    tp = max(fields.get("tensor_model_parallel_size") or 1, max(t for t, _ in files) + 1)
+    pp = max(fields.get("pipeline_model_parallel_size") or 1, max(p for _, p in files) + 1)
+    missing = [rank_dir(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in files]
+    if missing:
+        raise CheckpointError(
+            f"{iter_dir}: missing {', '.join(d + '/' + FILE for d in missing[:4])} (the "
+            f"checkpoint's args say tp {tp} x pp {pp}); copy the whole iteration directory"
+        )
+
+
 def _layer_count(model: dict) -> int:
     encoder = model.get("language_model", {}).get("encoder", {})
     layers = {int(m.group(1)) for k in encoder if (m := re.match(r"layers\.(\d+)\.", k))}
@@ -439,6 +532,7 @@ class MegatronReader:
                 raise CheckpointError(f"{self.files[key]}: no 'model' dict; not a Megatron file")
         first = self.states[(0, 0)]
         self.args = first.get("args")
+        _check_grid(self.iter_dir, self.args, self.files)
         self.cfg = model_cfg or model_config_from_args(self.args, self.files[(0, 0)])
         _check_tp(self.cfg, self.tp)
         pp, layers = self.pp, self.cfg.num_layers
@@ -459,6 +553,56 @@ class MegatronReader:
                 )
         self.params = [(n, tuple(p.shape)) for n, p in build_model(self.cfg).named_parameters()]
         self.has_optimizer = all(s.get("optimizer") is not None for s in self.states.values())
+        self._check_accounted()
+
+    def _check_accounted(self) -> None:
+        """Every tensor in every file has a place in this model and every place is filled, so
+        nothing of the source is silently dropped (an untied head read as tied, say)."""
+        tied = self.cfg.tie_embeddings
+        expected: dict[tuple[int, int], set[tuple[str, ...]]] = {k: set() for k in self.files}
+        for name, _ in self.params:
+            for stage, path in places(name, self.blocks, tied):
+                for t in range(self.tp):
+                    expected[(t, stage)].add(path)
+        for key, state in sorted(self.states.items()):
+            found = {p for p in _param_order(state) if not p[-1].endswith("_extra_state")}
+            extra, missing = sorted(found - expected[key]), sorted(expected[key] - found)
+            if extra:
+                hint = "not a Yuan 2.0 model of this shape"
+                if OUTPUT_LAYER in extra:
+                    hint = (
+                        "an untied output layer, but args do not say "
+                        "untie_embeddings_and_output_weights; give the model with --config "
+                        "(model.tie_embeddings: false)"
+                    )
+                raise CheckpointError(
+                    f"{self.files[key]}: {len(extra)} tensors have no place in the model: "
+                    f"{', '.join('.'.join(p) for p in extra[:5])} ({hint})"
+                )
+            if missing:
+                raise CheckpointError(
+                    f"{self.files[key]}: missing {', '.join('.'.join(p) for p in missing[:5])}"
+                    f"{' ...' if len(missing) > 5 else ''} (the model's config says they are "
+                    "on this stage)"
+                )
+
+    def check_head_copy(self) -> None:
+        """The last stage's copy of the tied embedding (``word_embeddings_for_head``) equals
+        the first stage's embedding, shard by shard, as Megatron keeps them."""
+        if not self.cfg.tie_embeddings or self.pp == 1:
+            return
+        last = self.pp - 1
+        for t in range(self.tp):
+            embedding = _get(self.states[(t, 0)]["model"], EMBEDDING, self.files[(t, 0)])
+            copy = _get(self.states[(t, last)]["model"], HEAD_COPY, self.files[(t, last)])
+            if copy.shape != embedding.shape or not torch.equal(copy, embedding):
+                raise CheckpointError(
+                    f"{self.files[(t, last)]}: word_embeddings_for_head.weight differs from "
+                    f"the embedding in {self.files[(t, 0)]}; a tied checkpoint keeps them "
+                    "equal, so this one is inconsistent (or its head is untied: then its "
+                    "tensor is output_layer.weight and args say "
+                    "untie_embeddings_and_output_weights)"
+                )
 
     def check_optimizer(self) -> None:
         for key, state in self.states.items():
@@ -475,13 +619,13 @@ class MegatronReader:
         return self.iteration if step is None else int(float(step))
 
     def stored(self, name: str) -> torch.Tensor:
-        stage, path = places(name, self.blocks)[0]
+        stage, path = places(name, self.blocks, self.cfg.tie_embeddings)[0]
         return _get(self.states[(0, stage)]["model"], path, self.files[(0, stage)])
 
     def loader(self, name: str, what: str = "weight") -> tuple[torch.dtype, Callable]:
         """``what``: weight, exp_avg, exp_avg_sq or master. Returns (dtype, load())."""
         shape = dict(self.params)[name]
-        stage, path = places(name, self.blocks)[0]
+        stage, path = places(name, self.blocks, self.cfg.tie_embeddings)[0]
         dtype = self.stored(name).dtype if what == "weight" else torch.float32
 
         def part(t: int) -> torch.Tensor:
@@ -520,6 +664,7 @@ def import_megatron(
 ) -> Path:
     """A Megatron / Yuan 2.0 checkpoint -> our format (``output/step_<iteration>`` + latest)."""
     reader = MegatronReader(src, blocks=blocks, model_cfg=model_cfg, progress=progress)
+    reader.check_head_copy()
     with_optim = reader.has_optimizer and not weights_only
     if with_optim:
         reader.check_optimizer()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint.convert.hf import INDEX, export_hf, import_hf, verify_hf
+from yuanlfa.checkpoint.convert.hf import BIN_INDEX, INDEX, export_hf, import_hf, verify_hf
 from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
     export_megatron,
@@ -47,6 +47,9 @@ class Reshard:
     verify: bool = False
     force: bool = False
     progress: bool = True
+    # A data.tokenizer spec for the HF export's special ids and tokenizer files, in place of
+    # the run's (e.g. when its model file has moved).
+    tokenizer: str | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -57,14 +60,29 @@ def detect_format(path: Path) -> str:
         return "yuanlfa"
     if (path / TRACKER).is_file() or path.name.startswith("iter_"):
         return "megatron"
-    if (path / "config.json").is_file() and (
-        (path / INDEX).is_file() or (path / "model.safetensors").is_file()
-    ):
+    weights = (INDEX, "model.safetensors", BIN_INDEX, "pytorch_model.bin")
+    if (path / "config.json").is_file() and any((path / w).is_file() for w in weights):
         return "hf"
     raise CheckpointError(
         f"{path}: not a checkpoint this tool reads (expected our meta.json / latest, Megatron's "
-        f"{TRACKER} or an iter_* directory, or a Hugging Face config.json with safetensors)"
+        f"{TRACKER} or an iter_* directory, or a Hugging Face config.json with safetensors or "
+        "pytorch_model.bin weights)"
     )
+
+
+def check_output(src: Path, out: Path) -> None:
+    """The output is a directory (or nothing yet) apart from the input: --force replaces an
+    existing output, and an output that is, contains or lies inside the input would replace or
+    mix with the source checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--output {out} is a file; give a directory to create")
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        where = "is" if a == b else ("lies inside" if a in b.parents else "contains")
+        raise CheckpointError(
+            f"--output {out} {where} the input {src}; choose an output outside it (even "
+            "--force never writes over the source)"
+        )
 
 
 def parse_blocks(text: str | None, flag: str) -> list[int] | None:
@@ -100,7 +118,19 @@ def _to_ours(src: Path, fmt: str, out: Path, job: Reshard) -> None:
 
 
 def reshard(job: Reshard) -> Path:
-    """Run ``job``; returns the output directory."""
+    """Run ``job``; returns the output directory. A failure leaves no temporary directory
+    behind, and the existing output (with --force) untouched."""
+    try:
+        return _reshard(job)
+    except BaseException:
+        # The converters build the output in .NAME.tmp next to it (convert.common.prepare_output,
+        # which clears it before each use, so it holds nothing of anyone else).
+        out = Path(job.output)
+        shutil.rmtree(out.parent / f".{out.name}.tmp", ignore_errors=True)
+        raise
+
+
+def _reshard(job: Reshard) -> Path:
     src, out = Path(job.input), Path(job.output)
     fmt = detect_format(src)
     if job.to not in FORMATS:
@@ -111,6 +141,7 @@ def reshard(job: Reshard) -> Path:
         raise CheckpointError(
             f"{src} is already in our format; it loads into any tp / pp / dp as it is"
         )
+    check_output(src, out)
     if out.exists() and any(out.iterdir()) and not job.force:
         raise CheckpointError(f"{out} exists and is not empty; choose another output or --force")
     if job.to == "yuanlfa":
@@ -135,6 +166,7 @@ def reshard(job: Reshard) -> Path:
                 max_shard_bytes=job.max_shard_bytes,
                 force=job.force,
                 progress=job.progress,
+                tokenizer=job.tokenizer,
             )
             verify = verify_hf
         else:

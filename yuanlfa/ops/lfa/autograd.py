@@ -4,6 +4,10 @@ Saved for backward: the input x (autograd keeps it alive for the projections any
 output y (h/2 per token, cheaper to keep than to recompute with a GEMM) and one rstd per token.
 The pre-norm sum r = conv2(y) + x is not saved: it is recomputed with one shifted GEMM, which
 saves h values per token.
+
+The GEMMs read their weights K-major: forward and backward each lay out both taps of both
+convolutions once (``triton_kernels.k_major``, 1.5 h^2 values per layer, small next to the
+GEMMs' tokens x h^2 work), so no GEMM reads a strided view of the Conv2d-form parameter.
 """
 
 from __future__ import annotations
@@ -13,11 +17,6 @@ import torch
 from yuanlfa.ops.lfa import triton_kernels as tk
 
 
-def _taps(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(current, previous) taps of a Conv2d-form weight [out, in, 2, 1] as [out, in] views."""
-    return weight[:, :, 1, 0], weight[:, :, 0, 0]
-
-
 class LFAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, g, eps, prev_x, prev_y, keep):
@@ -25,14 +24,12 @@ class LFAFunction(torch.autograd.Function):
         m = s * b
         x2 = x.reshape(m, h)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w1c, w1p = _taps(w1)
-        w2c, w2p = _taps(w2)
-        y = tk.shifted_gemm(
-            x2, w1c.t(), w1p.t(), b, shift_forward=False, bias=b1, prev=prev_x, keep=keep
-        )
+        w1c, w1p = tk.k_major(w1, transpose=False)
+        w2c, w2p = tk.k_major(w2, transpose=False)
+        y = tk.shifted_gemm(x2, w1c, w1p, b, shift_forward=False, bias=b1, prev=prev_x, keep=keep)
         r = tk.shifted_gemm(
-            y, w2c.t(), w2p.t(), b, shift_forward=False, bias=b2, prev=prev_y, keep=keep,
-            res=x2, out_dtype=acc,
+            y, w2c, w2p, b, shift_forward=False, bias=b2, prev=prev_y, keep=keep, res=x2,
+            out_dtype=acc,
         )  # fmt: skip
         out, rstd = tk.rmsnorm_forward(r, g, eps, x.dtype)
         ctx.save_for_backward(x2, y, rstd, w1, b1, w2, b2, g, prev_x, prev_y, keep)
@@ -45,18 +42,20 @@ class LFAFunction(torch.autograd.Function):
         s, b, h = ctx.shape
         m = s * b
         acc = rstd.dtype
-        w1c, w1p = _taps(w1)
-        w2c, w2p = _taps(w2)
+        w2c, w2p = tk.k_major(w2, transpose=False)
         r = tk.shifted_gemm(
-            y, w2c.t(), w2p.t(), b, shift_forward=False, bias=b2, prev=prev_y, keep=keep,
-            res=x2, out_dtype=acc,
+            y, w2c, w2p, b, shift_forward=False, bias=b2, prev=prev_y, keep=keep, res=x2,
+            out_dtype=acc,
         )  # fmt: skip
+        del w2c, w2p
+        w1t, w1tp = tk.k_major(w1, transpose=True)  # [in, out]: g @ W reads W along "out"
+        w2t, w2tp = tk.k_major(w2, transpose=True)
         dr, dg = tk.rmsnorm_backward(r, g, rstd, dout.reshape(m, h).contiguous())
         dr_c = dr.to(x2.dtype)  # GEMM operands in the activation dtype, accumulation in acc
         dy_res = dy_out.reshape(m, h // 2).contiguous() if dy_out is not None else None
-        dy = tk.shifted_gemm(dr_c, w2c, w2p, b, shift_forward=True, keep=keep, res=dy_res)
+        dy = tk.shifted_gemm(dr_c, w2t, w2tp, b, shift_forward=True, keep=keep, res=dy_res)
         dx = tk.shifted_gemm(
-            dy, w1c, w1p, b, shift_forward=True, keep=keep, res=dr, out_dtype=x2.dtype
+            dy, w1t, w1tp, b, shift_forward=True, keep=keep, res=dr, out_dtype=x2.dtype
         )
         need = ctx.needs_input_grad
         dw1 = dw2 = db1 = db2 = dprev_x = dprev_y = None
@@ -70,9 +69,9 @@ class LFAFunction(torch.autograd.Function):
             db1 = dy.to(acc).sum(0).to(b1.dtype)
         first_keep = keep[:b, None].to(acc) if keep is not None else 1.0
         if prev_y is not None and need[8]:
-            dprev_y = ((dr[:b] @ w2p.to(acc)) * first_keep).to(prev_y.dtype)
+            dprev_y = ((dr[:b] @ w2[:, :, 0, 0].to(acc)) * first_keep).to(prev_y.dtype)
         if prev_x is not None and need[7]:
-            dprev_x = ((dy[:b].to(acc) @ w1p.to(acc)) * first_keep).to(prev_x.dtype)
+            dprev_x = ((dy[:b].to(acc) @ w1[:, :, 0, 0].to(acc)) * first_keep).to(prev_x.dtype)
         return (dx.view(s, b, h), dw1, db1, dw2, db2, dg.to(g.dtype), None, dprev_x, dprev_y, None)
 
 
@@ -99,6 +98,15 @@ def lfa_triton(
                 cast(x), cast(conv1_weight), cast(conv1_bias), cast(conv2_weight),
                 cast(conv2_bias), cast(norm_weight), eps, cast(prev_x), cast(prev_y), doc_start,
             )  # fmt: skip
+    tensors = (conv1_weight, conv1_bias, conv2_weight, conv2_bias, norm_weight, prev_x, prev_y)
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        # Mixed dtypes (e.g. bf16 activations, fp32 parameters) never reach the kernels: a GPU
+        # tl.dot needs equal operand dtypes (the interpreter would silently upcast). Compute in
+        # the activations' dtype, like autocast; gradients flow back through the casts.
+        cast = lambda t: t.to(x.dtype) if t is not None else None  # noqa: E731
+        return lfa_triton(
+            x, *(cast(t) for t in tensors[:5]), eps, *(cast(t) for t in tensors[5:]), doc_start
+        )
     keep = None
     if doc_start is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32

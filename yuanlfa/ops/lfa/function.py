@@ -52,7 +52,7 @@ def localized_filtering(
     doc_start: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, LFAState]:
-    """LFA filter of DESIGN.md 3.
+    """LFA filter of docs/yuan2_facts.md.
 
     x: [s, b, h]; conv1_weight: [h/2, h, 2, 1]; conv1_bias: [h/2]; conv2_weight: [h, h/2, 2, 1];
     conv2_bias: [h]; norm_weight: [h]; state: (x [b, h], y [b, h/2]) of the token before x[0];

@@ -1,4 +1,4 @@
-"""Plain-torch reference of the LFA filter (DESIGN.md 3).
+"""Plain-torch reference of the LFA filter (docs/yuan2_facts.md).
 
     y_t   = A0 x_{t-1} + A1 x_t + a          (h -> h/2, x_{-1} = 0)
     z_t   = B0 y_{t-1} + B1 y_t + b          (h/2 -> h, y_{-1} = 0)

@@ -12,22 +12,12 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-)
+from torch.distributed import pipelining
+from torch.distributed.pipelining import PipelineStage
 
 from yuanlfa.layout import PipelineLayout
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.parallel.pp.stage import StageModule
-
-SINGLE_STAGE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-MULTI_STAGE = {
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "zero_bubble": ScheduleInterleavedZeroBubble,
-}
 
 
 class PipelineRunner:
@@ -76,15 +66,29 @@ class PipelineRunner:
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         for stage in self.stages:
             self._time_compute(stage, device)
+        # The spec names torch's class and refuses, as a ConfigError, what torch would refuse.
+        spec = schedule_spec(schedule)
+        spec.check(layout.pp, layout.virtual_stages, num_microbatches)
+        if layout.placement != spec.placement:
+            raise ValueError(
+                f"layout placed {layout.placement}, but {schedule} places {spec.placement}"
+            )
+        cls = getattr(pipelining, spec.torch_class)
         common = {"loss_fn": self._loss, "scale_grads": False}
-        if schedule in SINGLE_STAGE:
+        if spec.single_stage:
             if len(self.stages) != 1:
                 raise ValueError(f"schedule {schedule} runs one stage per rank")
-            self.schedule = SINGLE_STAGE[schedule](self.stages[0], num_microbatches, **common)
-        elif schedule in MULTI_STAGE:
-            self.schedule = MULTI_STAGE[schedule](self.stages, num_microbatches, **common)
+            self.schedule = cls(self.stages[0], num_microbatches, **common)
         else:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}")
+            self.schedule = cls(self.stages, num_microbatches, **common)
+        # torch's runtime walks its whole lowered order under eval() too, backward actions
+        # included, and the V-shaped ones fail there at the V's turn (the local gradient
+        # hand-off between the two stages of the last rank): evaluate with the forward part of
+        # the order instead (its sends and receives keep their order, so no new waits).
+        self._eval_order = None
+        if spec.placement == "v":
+            lowered = self.schedule.pipeline_order_with_comms
+            self._eval_order = {rank: _forward_only(order) for rank, order in lowered.items()}
 
     def _time_compute(self, stage: PipelineStage, device: torch.device) -> None:
         """Record the time this rank spends computing (forward, backward, weight gradients);
@@ -155,5 +159,26 @@ class PipelineRunner:
         self.num_tokens = torch.ones((), device=batch["loss_mask"].device)
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
-        self.schedule.eval(*args, target=batch["loss_mask"], losses=losses, **kwargs)
+        train_order = self.schedule.pipeline_order_with_comms if self._eval_order else None
+        if self._eval_order:
+            self.schedule.pipeline_order_with_comms = self._eval_order
+        try:
+            self.schedule.eval(*args, target=batch["loss_mask"], losses=losses, **kwargs)
+        finally:
+            if train_order is not None:
+                self.schedule.pipeline_order_with_comms = train_order
         return torch.stack(losses).sum() if self.is_last else None
+
+
+_FORWARD_ACTIONS = frozenset({"FORWARD", "SEND_F", "RECV_F"})
+
+
+def _forward_only(order: list) -> list:
+    """The forward computations of one rank's lowered torch schedule, with their sends and
+    receives (an overlapped forward+backward action contributes its forward)."""
+    return [
+        part
+        for action in order
+        for part in (action.sub_actions or (action,))
+        if part.computation_type.name in _FORWARD_ACTIONS
+    ]

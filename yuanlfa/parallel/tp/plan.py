@@ -139,6 +139,7 @@ def apply_tensor_parallel(
             _set(layer, path, style.layer(weight, group, sequence_parallel))
         attn = layer.attn
         attn.num_heads = cfg.num_heads // tp
+        attn.head_offset = rank * attn.num_heads  # global index of this rank's first head
         if isinstance(attn.lf_gate, LocalizedFiltering):
             if sequence_parallel:
                 attn.lf_gate = SequenceParallelLFA(attn.lf_gate, group)
