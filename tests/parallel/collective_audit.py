@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,9 +36,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 from torch.utils._pytree import tree_flatten
 
-import yuanlfa.checkpoint.layout_free
-import yuanlfa.parallel.collectives
 import yuanlfa.train.trainer
+from yuanlfa.parallel.collectives import collective_device as _REAL_COLLECTIVE_DEVICE
 
 SENTINEL = torch.device("cpu", 0)
 _DEVICE_GET = torch._C.TensorBase.device.__get__
@@ -167,8 +167,11 @@ def _patch(monkeypatch: pytest.MonkeyPatch, audit: Audit) -> None:
     for module, attr in _ALIASES:
         mod = importlib.import_module(module)
         monkeypatch.setattr(mod, attr, _wrap(audit, attr, getattr(mod, attr)))
-    for mod in (yuanlfa.parallel.collectives, yuanlfa.checkpoint.layout_free):
-        monkeypatch.setattr(mod, "collective_device", lambda group=None: SENTINEL)
+    # Every module that imported collective_device (the checkpoint loader, the async saver...).
+    users = [m for n, m in sys.modules.items() if n.startswith("yuanlfa") and m is not None]
+    for mod in users:
+        if getattr(mod, "collective_device", None) is _REAL_COLLECTIVE_DEVICE:
+            monkeypatch.setattr(mod, "collective_device", lambda group=None: SENTINEL)
     monkeypatch.setattr(yuanlfa.train.trainer, "pick_device", lambda cfg: SENTINEL)
     monkeypatch.setattr(torch.Tensor, "device", property(_device))
 
