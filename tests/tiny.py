@@ -1,4 +1,7 @@
-"""A tiny training config over a given corpus, shared by training tests."""
+"""A tiny training config over a given corpus, shared by training tests.
+
+It says ``train.device: cpu``: with ``auto`` a machine with a visible GPU would switch the tests
+to CUDA and bf16, where their fp32 tolerances and CPU-only comparisons do not hold."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ def tiny_overrides(data_path: str, **extra: object) -> dict:
             "seq_length": 64,
             "seed": 7,
             "eval_iters": 1,
+            "device": "cpu",
         },
         "logging": {"log_interval": 10},
     }

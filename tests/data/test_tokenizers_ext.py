@@ -119,7 +119,7 @@ def test_preprocess_and_train_with_a_sentencepiece_spec(spm_model: Path, tmp_pat
         "model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "vocab_size": None},
         "data": {"path": prefix, "tokenizer": spec, "split": "90,10,0"},
         "train": {"steps": 8, "micro_batch_size": 2, "global_batch_size": 4, "seq_length": 32,
-                  "eval_iters": 0},
+                  "eval_iters": 0, "device": "cpu"},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
     })  # fmt: skip
     records = train(cfg, progress=False).records

@@ -17,10 +17,10 @@ from yuanlfa.config import ModelConfig  # noqa: E402
 
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=128)
 SEQ, BATCH = 8, 2
-# megatron-core 0.16's sequence-parallel scatter/gather allocate their outputs on CUDA, so on CPU
-# only plain tensor parallelism runs; the gate's sequence-parallel path is yuanlfa's halo (tested
-# in tests/parallel/test_tensor_parallel.py).
-SEQUENCE_PARALLEL = (False, True) if torch.cuda.is_available() else (False,)
+# megatron-core 0.16's sequence-parallel scatter/gather allocate their outputs on CUDA, so the
+# gloo (CPU) run is plain tensor parallelism only, also on a machine with a GPU; the gate's
+# sequence-parallel path is yuanlfa's halo (tested in tests/parallel/test_tensor_parallel.py).
+SEQUENCE_PARALLEL = (False,)
 
 
 def _megatron():
@@ -42,6 +42,31 @@ def test_spec_names_lfa_submodules() -> None:
     assert len(block.layer_specs) == CFG.num_layers and block.layer_norm is mc.RMSNorm
     with pytest.raises(ValueError, match="only the default LFA model"):
         mc.transformer_config(ModelConfig(filter="conv"))
+
+
+def test_gate_uses_megatrons_init_method_dtype_and_device(monkeypatch) -> None:
+    mc = _megatron()
+    drawn = []
+
+    def init_method(weight: torch.Tensor) -> None:
+        drawn.append(tuple(weight.shape))
+        torch.nn.init.constant_(weight, 0.25)
+
+    config = mc.transformer_config(
+        CFG, use_cpu_initialization=True, init_method=init_method, params_dtype=torch.bfloat16
+    )
+    gate = mc.LFAGate(CFG.hidden_size, config=config)
+    h = CFG.hidden_size
+    assert drawn == [(h // 2, h, 2, 1), (h, h // 2, 2, 1)]
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in gate.parameters())
+    assert bool((gate.conv1.weight == 0.25).all()) and not gate.conv1.bias.any()
+    assert bool((gate.norm.weight == 1).all())
+    # Without CPU initialization megatron-core builds on the current GPU: so does the gate.
+    built_on = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(mc.LFAGate, "to", lambda self, **kw: built_on.append(kw) or self)
+    mc.LFAGate(h, config=mc.transformer_config(CFG, use_cpu_initialization=False))
+    assert built_on == [{"device": 0, "dtype": torch.float32}]
 
 
 def _rope(seq: int, dim: int, base: float) -> torch.Tensor:
@@ -155,6 +180,7 @@ def test_conversion_names_unknown_and_missing_tensors() -> None:
         mc.megatron_core_to_yuanlfa({"decoder.final_layernorm.weight": torch.zeros(64)}, CFG)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPTModel.forward)")
 def test_gpt_model_forward_on_cuda_equals_ours() -> None:
     import os

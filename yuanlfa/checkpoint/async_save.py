@@ -224,6 +224,7 @@ class AsyncSaver:
         group = self.group if self.enabled else None
         if not distributed():
             return ok
-        flag = torch.tensor([1 if ok else 0], device="cpu" if group else collective_device())
+        # The CPU for the saver's own gloo group, the default group's device otherwise.
+        flag = torch.tensor([1 if ok else 0], device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         return bool(flag.item())

@@ -191,6 +191,9 @@ class TrainConfig:
     # Exit (after saving a checkpoint when checkpoint.dir is set) once the step count is a
     # multiple of this (0: never); like Megatron's --exit-interval, for jobs in time slots.
     exit_interval: int = 0
+    # Peak dense throughput of one device in TFLOP/s, for the logged MFU. None: the datasheet
+    # figure of a known GPU (planner/devices.py); no MFU on a CPU or an unknown GPU.
+    peak_tflops: float | None = None
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,11 @@ def validate(cfg: Config) -> None:
         _require(math.isfinite(value), f"optim.{name}: must be finite, got {value}")
 
     _positive("train", t, "steps", "micro_batch_size", "global_batch_size", "seq_length")
+    _require(
+        t.peak_tflops is None or (math.isfinite(t.peak_tflops) and t.peak_tflops > 0),
+        f"train.peak_tflops: must be a positive number of TFLOP/s per device (e.g. 989 for an "
+        f"H100 in bf16), got {t.peak_tflops}",
+    )
     _require(t.eval_interval >= 0, f"train.eval_interval: must be >= 0, got {t.eval_interval}")
     _require(t.eval_iters >= 0, f"train.eval_iters: must be >= 0, got {t.eval_iters}")
     _require(t.exit_interval >= 0, f"train.exit_interval: must be >= 0, got {t.exit_interval}")

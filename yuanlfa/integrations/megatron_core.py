@@ -83,10 +83,30 @@ class RMSNorm(nn.Module):
 
 
 class LFAGate(LocalizedFiltering):
-    """LocalizedFiltering built the way megatron-core builds submodules; returns the tensor."""
+    """LocalizedFiltering built the way megatron-core builds submodules; returns the tensor.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, impl: str = "auto") -> None:
+    With ``config`` it is placed and initialized like megatron-core's own layers: on the current
+    CUDA device unless ``use_cpu_initialization``, in ``params_dtype``, conv weights drawn by
+    ``init_method`` (when ``perform_initialization``), biases zero, the norm weight one."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        impl: str = "auto",
+        config: TransformerConfig | None = None,
+    ) -> None:
         super().__init__(hidden_size, eps, impl)
+        if config is None:
+            return
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.to(device=device, dtype=config.params_dtype)
+        if config.perform_initialization:
+            with torch.no_grad():
+                for conv in (self.conv1, self.conv2):
+                    config.init_method(conv.weight)
+                    conv.bias.zero_()
+                self.norm.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         """x: [s, b, h] -> filtered [s, b, h]."""
@@ -169,9 +189,7 @@ class LFASelfAttention(Attention):
             submodules.linear_v, hidden, self.kv_projection_size, tp_comm_buffer_name="v",
             **common,
         )  # fmt: skip
-        gate = build_module(submodules.lf_gate, hidden, eps=config.layernorm_epsilon)
-        if config.params_dtype != torch.float32:
-            gate.to(config.params_dtype)
+        gate = build_module(submodules.lf_gate, hidden, eps=config.layernorm_epsilon, config=config)
         for p in gate.parameters():
             p.sequence_parallel = config.sequence_parallel
         if config.sequence_parallel and self.world_size > 1:

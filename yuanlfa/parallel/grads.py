@@ -47,7 +47,12 @@ def global_grad_norm(params: list[nn.Parameter], tp_group=None, pp_group=None) -
     acc = torch.promote_types(ref.dtype, torch.float32)
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:
-        return sum((g.to(acc).pow(2).sum() for g in gs), torch.zeros((), dtype=acc, device=device))
+        # One multi-tensor kernel for all the norms (not a cast, square and sum per parameter),
+        # accumulated in fp32 or better whatever the gradients' dtype.
+        if not gs:
+            return torch.zeros((), dtype=acc, device=device)
+        norms = torch._foreach_norm(gs, 2, dtype=acc)
+        return torch.linalg.vector_norm(torch.stack(norms)).pow(2)
 
     total = sum_over(sq(sharded), tp_group) + sq(replicated)
     return float(sum_over(total, pp_group).sqrt())
@@ -59,6 +64,5 @@ def clip_grads(params: list[nn.Parameter], max_norm: float, total_norm: float) -
         return
     coef = max_norm / (total_norm + 1e-6)
     if coef < 1.0:
-        for p in params:
-            if grad_of(p) is not None:
-                grad_of(p).mul_(coef)
+        grads = [grad_of(p) for p in params if grad_of(p) is not None]
+        torch._foreach_mul_(grads, coef)

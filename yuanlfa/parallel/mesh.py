@@ -98,16 +98,22 @@ def build_mesh(
     if world_size == 1:
         return mesh
     for dim in DIMS:
+        if sizes[dim] == 1:
+            # Alone in this dim: no group (every user takes None as "nothing to exchange"),
+            # which saves world_size communicators and their set-up per size-1 dim.
+            continue
         for ranks in group_ranks(order, sizes, dim):
             group = dist.new_group(ranks)
             if rank in ranks:
                 mesh.groups[dim] = group
     if sizes["pp"] > 1 and not schedule_spec(parallel.schedule).ends_on_one_rank:
         # The tied embedding lives on the first stage (input) and the last (head): their
-        # gradients are summed over this two-rank group each step. (V-shaped schedules put
-        # both stages on pipeline rank 0, whose one embedding collects both gradients.)
+        # gradients are summed over this two-rank group each step; with two stages that is the
+        # pipeline group itself. (V-shaped schedules put both stages on pipeline rank 0, whose
+        # one embedding collects both gradients.)
         for ranks in embedding_group_ranks(order, sizes):
-            group = dist.new_group(ranks)
+            same = sizes["pp"] == 2
+            group = None if same else dist.new_group(ranks)
             if rank in ranks:
-                mesh.groups["embed"] = group
+                mesh.groups["embed"] = mesh.groups["pp"] if same else group
     return mesh

@@ -7,7 +7,7 @@ from torch import nn
 
 from yuanlfa.config import Config, OptimConfig
 from yuanlfa.parallel import Mesh
-from yuanlfa.parallel.dp.zero import ShardedAdamW, no_weight_decay
+from yuanlfa.parallel.dp.zero import ShardedAdamW, fused_adamw, no_weight_decay
 from yuanlfa.parallel.grad_sync import GradSync, ReplicatedGradSync, ShardedGradSync
 
 
@@ -21,18 +21,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": plain, "weight_decay": 0.0},
     ]
-    device = next(model.parameters()).device
-    fused = cfg.fused
-    if fused is None:
-        # Fused AdamW exists for CUDA (and CPU in recent torch); on CPU the foreach path is as
-        # fast for small models and gives identical results, so only fuse on accelerators.
-        fused = device.type == "cuda"
+    # Fused AdamW exists for CUDA (and CPU in recent torch); on CPU the foreach path is as fast
+    # for small models and gives identical results, so by default only fuse on accelerators.
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=fused or None,
+        fused=fused_adamw(cfg, next(model.parameters()).device),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,35 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` has bf16 tensor cores (Ampere or newer); torch's default check also
+    accepts GPUs that only emulate bf16, many times slower than fp32 there."""
+    if device.type != "cuda":
+        return True  # CPU autocast runs bf16 (slowly on old CPUs, but correctly)
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_precision(cfg: Config, device: torch.device) -> torch.dtype:
-    precision = cfg.train.precision
+    """bf16 autocast on a GPU with bf16 tensor cores (``auto``), else fp32; an explicit bf16
+    request (precision or param_dtype) on a GPU without them is refused."""
+    t = cfg.train
+    native = bf16_native(device)
+    for key, value in (("precision", t.precision), ("param_dtype", t.param_dtype)):
+        if value == "bf16" and not native:
+            raise ConfigError(
+                f"train.{key}: bf16 needs a GPU with bf16 tensor cores (compute capability 8.0+), "
+                f"and {torch.cuda.get_device_name(device)} has none; set train.{key}=fp32 "
+                "(fp16 training is not supported)"
+            )
+    precision = t.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" and native else "fp32"
+        if device.type == "cuda" and not native:
+            warnings.warn(
+                f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores: training in "
+                "fp32 (train.precision=auto)",
+                stacklevel=2,
+            )
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from yuanlfa.train.setup import (
     prepare_config,
     run_settings,
 )
+from yuanlfa.train.throughput import StepTimer
 
 
 @dataclass
@@ -146,6 +146,7 @@ class Trainer:
         run["data.order"] = [list(d.order_signature) for d in datasets]
         self.extra = {"config": config_to_dict(cfg), "run": run}
         self.step, self.consumed = self._resume()
+        self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
         ckpt = cfg.checkpoint
         self.saver = None
@@ -251,7 +252,7 @@ class Trainer:
     def train_step(self, loader: StepLoader) -> dict[str, Any]:
         """One optimizer step on this data-parallel rank's share of the next global batch."""
         t, mesh = self.cfg.train, self.mesh
-        started = time.perf_counter()
+        self.timer.start()
         lr = learning_rate(self.cfg.optim, self.step, t.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -267,14 +268,12 @@ class Trainer:
         skipped = not self.update(grad_norm)
         self.step += 1
         self.consumed += t.global_batch_size
-        elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "step": self.step,
             "loss": float(loss_sum),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": t.global_batch_size * t.seq_length / elapsed,
-            "step_time_s": elapsed,
+            **self.timer.stop(),
             "mem_gb": memory_gb(self.device),
         }
         if self.runner is not None:

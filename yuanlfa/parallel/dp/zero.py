@@ -25,6 +25,13 @@ from yuanlfa.parallel.optim_state import StatePiece, adam_steps, init_adamw_stat
 from yuanlfa.parallel.roles import is_pipeline_copy, is_sharded, is_tied_across_stages
 
 
+def fused_adamw(cfg: OptimConfig, device: torch.device | None) -> bool | None:
+    """``fused`` for torch.optim.AdamW: optim.fused when set, else fused on CUDA (one kernel for
+    every tensor's update); None lets torch pick its foreach path."""
+    fused = cfg.fused if cfg.fused is not None else device is not None and device.type == "cuda"
+    return fused or None
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases and norm weights are not decayed (Megatron's rule: every 1-D parameter)."""
     return param.dim() == 1 or name.endswith(".bias")
@@ -110,6 +117,7 @@ class ShardedAdamW:
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
+            fused=fused_adamw(cfg, self.buckets[0].shard.device if self.buckets else None),
         )
 
     @property
