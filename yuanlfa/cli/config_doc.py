@@ -14,12 +14,12 @@ import ast
 import dataclasses
 import inspect
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from yuanlfa.config import schema
+from yuanlfa.config.load import type_name
 from yuanlfa.config.megatron_flags import flags_for_key
 from yuanlfa.config.schema import Config
 
@@ -73,16 +73,8 @@ PLAIN: dict[str, str] = {
 
 
 def _type(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " \\| ".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " \\| ".join(_type(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"list of {_type(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+    # The loader's own wording of a type, with the table's column separator escaped.
+    return type_name(tp).replace("|", "\\|")
 
 
 def _default(f: dataclasses.Field) -> str:

@@ -17,14 +17,15 @@ from yuanlfa.config.validate import validate
 from yuanlfa.config.yaml_strict import StrictLoader, load_yaml
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A field type as users read it in messages and the config reference."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -59,7 +60,7 @@ def _coerce(value: Any, tp: Any, key: str, in_list: bool = False) -> Any:
                 return _coerce(value, arg, key, in_list)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+        raise ConfigError(f"{key}: expected {type_name(tp)}, got {_kind(value)} {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices or type(value) is not type(choices[0]):
