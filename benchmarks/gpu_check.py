@@ -80,6 +80,9 @@ def train_command(impl: str, dry: bool, layers: int, steps: int, out: Path) -> l
         "train.eval_interval=0",
         "train.eval_iters=1",
         "checkpoint.save_at_end=false",
+        "checkpoint.dir=null",  # the preset resumes from its own directory; a check saves nothing
+        "checkpoint.resume=false",
+        "checkpoint.interval=0",
         "data.num_workers=0",
         f"logging.jsonl={out}",
         f"model.num_layers={layers}",

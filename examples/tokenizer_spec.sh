@@ -1,6 +1,6 @@
 # Sourced by the GPU examples: the tokenizer spec from $TOKENIZER, or a clear stop.
-# The presets are Yuan 2.0's shapes, trained with Yuan's SentencePiece tokenizer (tokenizer.model
-# of the released checkpoints); the byte tokenizer would silently train a 384-id vocabulary.
+# The ids of DATA_PREFIX must come from the tokenizer the run uses, so the examples ask for it
+# rather than assume the presets' copy of Yuan's tokenizer.model.
 if [ -z "${TOKENIZER:-}" ]; then
   echo "TOKENIZER is not set: point it at Yuan 2.0's tokenizer.model (the one DATA_PREFIX was" \
     "preprocessed with, e.g. TOKENIZER=/models/Yuan2-2B-hf/tokenizer.model), or give a spec" \

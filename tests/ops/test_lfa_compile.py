@@ -46,7 +46,8 @@ ARCHS = (90, 80)
 def all_compiled(tmp_path_factory) -> dict[int, dict]:
     """Both targets compiled at once, one subprocess each (the compiles are single-threaded)."""
     out = tmp_path_factory.mktemp("aot")
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    # Every config a tuning run may pick is compiled, not only the default first one.
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT), YUANLFA_TRITON_AUTOTUNE="1")
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     procs = {
         arch: subprocess.Popen(

@@ -32,7 +32,7 @@ from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.layout_free import SaveJob, begin_save, publish, write_job
 from yuanlfa.checkpoint.manifest import TrainingState
-from yuanlfa.checkpoint.storage import distributed
+from yuanlfa.checkpoint.storage import distributed, first_failure
 from yuanlfa.config import ModelConfig
 from yuanlfa.parallel.collectives import collective_device
 from yuanlfa.parallel.mesh import Mesh
@@ -64,8 +64,8 @@ def _describe(error: BaseException) -> str:
     """One line: DCP wraps each rank's error, with its traceback, in a CheckpointException."""
     failures = getattr(error, "failures", None)
     if isinstance(failures, dict) and failures:
-        rank, wrapped = min(failures.items())
-        error = getattr(wrapped, "exc", wrapped)
+        rank = min(failures)
+        error = first_failure(error)
         return f"rank {rank}: {type(error).__name__}: {error}"
     return f"{type(error).__name__}: {error}"
 
@@ -203,7 +203,15 @@ class AsyncSaver:
             ) from error
 
     def _run(self, job: SaveJob) -> None:
-        """The writer (a background thread, or inline): write, agree, publish, agree."""
+        """The writer (a background thread, or inline): write, agree, publish, agree. Any
+        failure, an agreement's own included, is kept for poll/wait to raise: a thread that died
+        silently would report an unpublished save as done."""
+        try:
+            self._write_and_publish(job)
+        except BaseException as exc:
+            self._error = exc
+
+    def _write_and_publish(self, job: SaveJob) -> None:
         error: BaseException | None = None
         try:
             write_job(job, self.group)

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from yuanlfa.checkpoint.blocks import Block
+from yuanlfa.checkpoint.errors import CheckpointError
 
 
 def _index(block: Block) -> tuple[str, tuple[int, ...]]:
@@ -149,4 +150,14 @@ class LazySavePlanner(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        return self.tensors[write_item.index.fqn].load().contiguous()
+        lazy = self.tensors[write_item.index.fqn]
+        tensor = lazy.load()
+        # The metadata was planned from the declared shape: a converter that produced anything
+        # else would store bytes that read back as another tensor.
+        if tuple(tensor.shape) != tuple(lazy.shape) or tensor.dtype != lazy.dtype:
+            raise CheckpointError(
+                f"{write_item.index.fqn}: the source gives {tuple(tensor.shape)} {tensor.dtype} "
+                f"where the model has {tuple(lazy.shape)} {lazy.dtype}; the source does not match "
+                "its config"
+            )
+        return tensor.contiguous()

@@ -48,7 +48,7 @@ def dcp_errors(path: Path, action: str) -> Iterator[None]:
     try:
         yield
     except CheckpointException as exc:
-        inner = _first_failure(exc)
+        inner = first_failure(exc)
         if isinstance(inner, (CheckpointError, ConfigError)):
             raise inner from None
         problem = " ".join(f"{type(inner).__name__}: {inner}".split())
@@ -58,7 +58,9 @@ def dcp_errors(path: Path, action: str) -> Iterator[None]:
         ) from None
 
 
-def _first_failure(exc: CheckpointException) -> BaseException:
+def first_failure(exc: CheckpointException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (each entry is the error, or
+    an (error, traceback) pair)."""
     for failure in exc.failures.values():
         inner = failure[0] if isinstance(failure, tuple) else failure
         if isinstance(inner, BaseException):

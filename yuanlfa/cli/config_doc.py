@@ -58,7 +58,7 @@ PLAIN: dict[str, str] = {
     "train.micro_batch_size": "Samples per microbatch per data-parallel rank.",
     "train.global_batch_size": "Samples per optimizer step over all ranks.",
     "train.seq_length": "Tokens per sample.",
-    "train.seed": "Seed of initialization, data order and dropout-free randomness.",
+    "train.seed": "Seed of initialization, data order and the attention-dropout masks.",
     "train.device": "cpu, cuda, or auto (cuda when present).",
     "train.eval_iters": "Global batches per evaluation.",
     "checkpoint.dir": "Directory of step_N checkpoints and the latest pointer.",

@@ -199,7 +199,11 @@ def convert(words: list[str]) -> Conversion:
 
 def _mapped(entry, values: list[str], flags: dict[str, list[str]]) -> dict[str, object] | str:
     if entry.convert is not None:
-        return entry.convert(values, flags)
+        try:
+            return entry.convert(values, flags)
+        except (ValueError, IndexError):
+            # A number that is not one (an unexpanded $VAR, a missing value): listed, not fatal.
+            return f"cannot read its value {' '.join(values)!r}"
     if entry.const is not None:
         if values:
             return f"takes no value, got {' '.join(values)!r}"

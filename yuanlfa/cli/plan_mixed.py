@@ -15,9 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-import yaml
-
 from yuanlfa.config import ClusterConfig, Config, ConfigError, config_from_dict, resolve
+from yuanlfa.config.load import read_yaml_file
 from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner.advisor import snippet
 from yuanlfa.planner.advisor_mixed import advise_mixed, stage_table
@@ -34,10 +33,7 @@ def read_cluster(path: str) -> ClusterConfig:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--cluster: {path!r} not found; give a YAML file with cluster.groups")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--cluster: {path} is not valid YAML ({exc})".splitlines()[0]) from None
+    data = read_yaml_file(file)
     if not isinstance(data, dict):
         raise ConfigError(f"--cluster: {path} must hold a mapping with groups")
     return config_from_dict({"cluster": data.get("cluster", data)}).cluster

@@ -197,6 +197,15 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; see configs/ for presets")
+    data = read_yaml_file(path)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(data or {}, overrides)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file parsed strictly (duplicate keys, YAML 1.2 scalars); one-line errors naming
+    the file."""
     try:
         data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
@@ -205,9 +214,7 @@ def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Confi
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(data or {}, overrides)
+    return data
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -176,7 +176,14 @@ FLAGS: tuple[Flag, ...] = (
     _same("--use-rotary-position-embeddings", "positions are always RoPE"),
     _same("--no-position-embedding", "RoPE only, no learned position table"),
     _same("--no-embedding-dropout", "there is no dropout"),
-    _same("--attention-dropout", "there is no dropout", "0", "0.0"),
+    # Megatron's unfused attention; with --use-flash-attn, Yuan's fork drops through
+    # --flash-attn-drop instead, which is what model.attention_dropout mirrors.
+    _same(
+        "--attention-dropout",
+        "only 0 is taken as is; the dropout yuanlfa mirrors is --flash-attn-drop",
+        "0",
+        "0.0",
+    ),
     _same("--hidden-dropout", "there is no dropout", "0", "0.0"),
     _same("--max-position-embeddings", "RoPE has no position table; train.seq_length is used"),
     _same("--make-vocab-size-divisible-by", "the vocabulary is padded to lcm(128, tp)", "128"),
@@ -320,7 +327,10 @@ ABSENT: tuple[tuple[tuple[str, ...], str], ...] = (
         ("--position-embedding-type", "--use-rotary-position-embeddings"),
         "without it Megatron learns absolute positions; yuanlfa always uses RoPE",
     ),
-    (("--attention-dropout",), "Megatron's default attention dropout is 0.1; yuanlfa has none"),
+    (
+        ("--attention-dropout", "--flash-attn-drop"),
+        "Megatron's default attention dropout is 0.1; yuanlfa's model.attention_dropout is 0",
+    ),
     (("--hidden-dropout",), "Megatron's default hidden dropout is 0.1; yuanlfa has none"),
 )
 # Absent flags whose Megatron default differs from yuanlfa's default but maps: written out.

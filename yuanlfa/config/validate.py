@@ -46,7 +46,11 @@ def tp_indivisible(tp: int, model: ModelConfig) -> str | None:
     for name, value, fix in (
         ("model.num_heads", model.num_heads, ""),
         ("the ffn size", model.ffn_size, ""),
-        ("model.vocab_size", model.vocab_size, "; pad it to a multiple of 128 * tp"),
+        (
+            "model.vocab_size",
+            model.vocab_size,
+            "; pad it to a multiple of lcm(128, tp), or leave it null to derive it",
+        ),
     ):
         if value is not None and value % tp:
             return f"{tp} does not divide {name} = {value}{fix}"

@@ -6,7 +6,8 @@ A split is given in one of three ways (``parallel``):
 - ``pipeline_layout: "Et*2|t*3|t*3,L"``: Megatron style, embedding (E), layers (t) and loss (L)
   per stage, ``|`` between stages, ``x*N`` repeats a token or a parenthesized group;
 - ``pipeline_blocks: auto``: the balancer's split (see :mod:`yuanlfa.planner.balance`);
-- none of them: as even as whole layers allow (:func:`uniform_blocks`).
+- none of them: an even split (layers divisible by the stages; :func:`uniform_blocks` also
+  spreads a remainder when called directly, e.g. by the planner).
 
 With ``virtual_stages`` v > 1 there are pp * v stages, placed as the schedule's spec says
 (:mod:`yuanlfa.layout.schedules`): looped, stage s on pipeline rank s % pp (Megatron's and torch's

@@ -75,7 +75,9 @@ def rank_peaks(cfg: Config, blocks: tuple[int, ...] | None = None) -> tuple[int,
     """Predicted peak bytes of each pipeline rank of a resolved ``cfg`` (its configured split
     unless ``blocks``)."""
     blocks = config_blocks(cfg) if blocks is None else blocks
-    return tuple(r.memory_bytes for r in cost_model(cfg).evaluate(blocks).ranks)
+    # The device the run will have, not the machine asking (yuanlfa-info on a login node).
+    gpu = cfg.train.device != "cpu"
+    return tuple(r.memory_bytes for r in cost_model(cfg, gpu=gpu).evaluate(blocks).ranks)
 
 
 def fit_report(cfg: Config, device_gib: float) -> FitReport:

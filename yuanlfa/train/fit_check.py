@@ -20,6 +20,8 @@ def check_memory_fit(cfg: Config, device: torch.device) -> FitReport | None:
     if not (is_builtin("filter", m.filter_name) and is_builtin("attention", m.attention)):
         # A plug-in's costs come from importing and building it (yuanlfa-info does); not here.
         return None
+    if cfg.cluster.groups:
+        return None  # the cluster plan checked every rank against its own device
     if (
         m.attention_dropout > 0
         and device.type == "cuda"

@@ -3,6 +3,7 @@ fail before any data is loaded; what a checkpoint records to tell one run from a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import warnings
@@ -15,8 +16,10 @@ from yuanlfa.checkpoint import CheckpointError, holds_checkpoints, resolve_check
 from yuanlfa.config import Config, ConfigError, resolve
 from yuanlfa.config.preflight import preflight
 from yuanlfa.data import build_tokenizer
+from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.ops.lfa import resolve_impl
+from yuanlfa.planner.cluster_plan import cluster_plan
 from yuanlfa.train.distributed import world_from_env
 from yuanlfa.train.metrics import check_tensorboard
 from yuanlfa.train.pipeline import pipeline_layout
@@ -27,8 +30,14 @@ def pick_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device: cuda requested but no CUDA device is visible")
-        # Modulo the visible devices: a launcher may give each process one visible GPU.
-        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        local, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if count == 1:
+            local = 0  # the launcher gives each process one visible GPU
+        elif local >= count:
+            raise ConfigError(
+                f"train.device: LOCAL_RANK {local} but only {count} GPUs are visible on this "
+                "node; start at most one process per GPU (torchrun --nproc_per_node)"
+            )
         device = torch.device("cuda", local)
         # Triton launches and NCCL use the current device: make it this rank's GPU.
         torch.cuda.set_device(device)
@@ -82,8 +91,12 @@ def prepare_config(cfg: Config) -> Config:
     check_model_config(cfg.model)  # plug-ins imported, filter and attention names known
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, world_size=world, tokenizer_vocab=tokenizer.vocab_size)
-    if cfg.parallel.pp > 1:
+    cfg = with_cluster_plan(cfg)
+    p, t = cfg.parallel, cfg.train
+    if p.pp > 1:
         pipeline_layout(cfg)  # a bad block list or layout string fails here, before any data
+        micro = t.global_batch_size // (p.dp or 1) // t.micro_batch_size
+        schedule_spec(p.schedule).check(p.pp, p.virtual_stages, micro)
     if cfg.checkpoint.init_from is not None:
         init_source(cfg.checkpoint.init_from)
     check_tensorboard(cfg.logging)
@@ -94,6 +107,29 @@ def prepare_config(cfg: Config) -> Config:
             "to continue from them, or choose another directory (nothing was overwritten)"
         )
     return cfg
+
+
+def with_cluster_plan(cfg: Config) -> Config:
+    """A config with a ``cluster:`` section runs the planner's plan for it: the split (the
+    balancer's on each rank's own device for ``auto``, or the given one checked against each
+    device) and its per-rank recompute. Every rank computes the same plan."""
+    plan = cluster_plan(cfg)
+    if plan is None:
+        return cfg
+    parallel = dataclasses.replace(cfg.parallel, pipeline_blocks=tuple(plan.blocks))
+    train = dataclasses.replace(cfg.train, recompute_stages=tuple(plan.recompute))
+    return dataclasses.replace(cfg, parallel=parallel, train=train)
+
+
+def pin_split(cfg: Config, device: torch.device) -> Config:
+    """``pipeline_blocks: auto`` resolved once, for this device, so that the fit check and the
+    trainer see the same split."""
+    if cfg.parallel.pp == 1 or cfg.parallel.pipeline_blocks != "auto":
+        return cfg
+    blocks = tuple(pipeline_layout(cfg, device).blocks)
+    return dataclasses.replace(
+        cfg, parallel=dataclasses.replace(cfg.parallel, pipeline_blocks=blocks)
+    )
 
 
 def run_settings(cfg: Config, data_source: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from yuanlfa.train.setup import (
     memory_gb,
     pick_device,
     pick_precision,
+    pin_split,
     prepare_config,
     run_settings,
 )
@@ -95,6 +96,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     t = cfg.train
     device = pick_device(cfg)
     check_lfa_impl(cfg, device)
+    cfg = pin_split(cfg, device)  # auto: the balancer's split for this device, for every check
     check_memory_fit(cfg, device)  # the planner's peak per rank against the device, up front
     dtype = pick_precision(cfg, device)
     torch.manual_seed(t.seed)

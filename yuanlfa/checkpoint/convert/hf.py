@@ -277,7 +277,8 @@ def export_hf(
     run = run_facts(meta, tokenizer)
     stored = stored_tensors(src)
     params = list(weight_keys(src, cfg))
-    out_dtype = dtype or stored[params[0][1]].properties.dtype
+    # "keep": the dtype the run trained in (its parameters), not that of its fp32 masters.
+    out_dtype = dtype or stored[manifest.model_key(params[0][0])].properties.dtype
     if out_dtype not in ST_NAMES:
         raise CheckpointError(f"--dtype: {out_dtype} cannot be written as safetensors")
     # (param index, hf name, row start, rows): every HF tensor is a row range of one parameter.

@@ -694,12 +694,15 @@ def import_megatron(
     return write_ours(output, tensors, state, layout, optimizer, force=force, progress=progress)
 
 
-def verify_megatron(ours: Path, megatron: Path, progress: bool = True) -> int:
+def verify_megatron(
+    ours: Path, megatron: Path, progress: bool = True, blocks: list[int] | None = None
+) -> int:
     """Compare every parameter of our checkpoint with the Megatron checkpoint exactly (after
-    casting ours to the stored dtype); raise on the first difference. Returns the count."""
+    casting ours to the stored dtype); raise on the first difference. Returns the count.
+    ``blocks``: the Megatron checkpoint's split when its args do not record it (``--blocks``)."""
 
     def open_megatron(cfg: ModelConfig):
-        reader = MegatronReader(megatron, model_cfg=cfg, progress=False)
+        reader = MegatronReader(megatron, model_cfg=cfg, blocks=blocks, progress=False)
         return lambda name: reader.loader(name)[1]()
 
     return verify_weights(ours, megatron, open_megatron, progress)

@@ -147,8 +147,12 @@ def _reshard(job: Reshard) -> Path:
     if job.to == "yuanlfa":
         _to_ours(src, fmt, out, job)
         if job.verify:
-            verify = verify_hf if fmt == "hf" else verify_megatron
-            print(f"verified {verify(out, src, progress=job.progress)} tensors", flush=True)
+            if fmt == "hf":
+                count = verify_hf(out, src, progress=job.progress)
+            else:
+                blocks = parse_blocks(job.blocks, "--blocks")
+                count = verify_megatron(out, src, progress=job.progress, blocks=blocks)
+            print(f"verified {count} tensors", flush=True)
         return out
     staging = None
     ours = src
