@@ -27,13 +27,13 @@ import torch
 from tests.checkpoint.yuan_reader import YUAN_READS, yuan_logits
 from yuanlfa.checkpoint import latest_checkpoint, manifest
 from yuanlfa.checkpoint.convert import export_hf, export_megatron, import_hf, import_megatron
-from yuanlfa.checkpoint.convert.common import model_config_dict, write_ours
+from yuanlfa.checkpoint.convert.common import write_ours
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import read_tensor
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.cli.reshard import main as reshard
-from yuanlfa.config import ModelConfig
+from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.data.special_tokens import YUAN_SPECIAL_TOKENS
 from yuanlfa.data.spm import SentencePieceTokenizer
 from yuanlfa.model import create_model
@@ -65,7 +65,7 @@ def _checkpoint(root: Path, cfg: ModelConfig, model: torch.nn.Module, run: dict)
         LazyTensor(manifest.model_key(n), tuple(p.shape), p.dtype, lambda p=p: p.detach().clone())
         for n, p in model.named_parameters()
     ]
-    state = manifest.TrainingState(5, 40, model_config_dict(cfg), {"config": run})
+    state = manifest.TrainingState(5, 40, config_to_dict(cfg), {"config": run})
     write_ours(root, tensors, state, {"source": "test"}, None, force=False, progress=False)
     return root
 

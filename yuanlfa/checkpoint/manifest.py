@@ -16,6 +16,7 @@ This module is the only code that writes or reads ``meta.json`` or spells these 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -119,7 +120,20 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def model_config(meta: dict[str, Any]) -> ModelConfig:
     """The model a manifest describes."""
-    return ModelConfig(**meta["model_config"])
+    return model_config_from_fields(meta["model_config"])
+
+
+def model_config_from_fields(fields: dict[str, Any]) -> ModelConfig:
+    """A stored model config (our manifest, or the copy a converted file carries); fields this
+    version does not know are an error naming them, not a TypeError."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(
+            f"the stored model config has fields this version of yuanlfa does not know "
+            f"({', '.join(unknown)}); it was written by a newer version"
+        )
+    return ModelConfig(**fields)
 
 
 def saved_model_config(meta: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections import Counter
 
-from yuanlfa.config import Config, ConfigError, config_to_dict
+from yuanlfa.config import Config, ConfigError
 from yuanlfa.planner.advisor import (
     Advice,
     Ranked,
@@ -167,7 +167,3 @@ def stage_table(r: Ranked) -> list[dict]:
 def plan_devices(r: Ranked) -> tuple:
     p = r.cfg.parallel
     return pipeline_devices(mixed_cluster(r.cfg.cluster), p.tp, p.pp, p.dp or 1, p.rank_order)
-
-
-def cluster_snippet(cfg: Config) -> dict:
-    return config_to_dict(cfg.cluster)

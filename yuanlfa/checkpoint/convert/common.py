@@ -4,7 +4,6 @@ formats can hold, and the tensor-by-tensor verification of a conversion."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -67,15 +66,6 @@ def require_release_architecture(cfg: ModelConfig, target: str) -> None:
             f"the {target} format of Yuan 2.0 cannot hold this model: {'; '.join(problems)}; "
             "keep this checkpoint in yuanlfa's format"
         )
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """Our full model config as stored in a foreign file, so that a round trip restores it."""
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(fields: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**fields)
 
 
 def read_source(path: Path) -> tuple[Path, dict[str, Any], ModelConfig]:

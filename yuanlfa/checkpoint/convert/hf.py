@@ -31,8 +31,6 @@ from yuanlfa.checkpoint.convert.common import (
     HF,
     YUAN_NORM_EPS,
     YUAN_ROPE_BASE,
-    model_config_dict,
-    model_config_from_dict,
     prepare_output,
     read_source,
     replace_output,
@@ -51,7 +49,7 @@ from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
-from yuanlfa.config import ModelConfig
+from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
 
 INDEX = "model.safetensors.index.json"
@@ -176,7 +174,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, run: RunFacts) -> dict:
         "bos_token_id": tok.bos if tok.bos is not None else tok.eod,
         "pad_token_id": tok.pad,
         # Our full model config, so that a round trip restores it exactly.
-        "yuanlfa_model_config": model_config_dict(cfg),
+        "yuanlfa_model_config": config_to_dict(cfg),
     }
 
 
@@ -184,7 +182,7 @@ def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
     """Our model from a config.json: ours (exact), or a released Yuan 2.0 one, whose code fixes
     what the file does not say (RoPE base 10000, LFA in every layer, LFA norm eps 1e-6)."""
     if "yuanlfa_model_config" in config:
-        return model_config_from_dict(config["yuanlfa_model_config"])
+        return manifest.model_config_from_fields(config["yuanlfa_model_config"])
     need = [
         "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
         "vocab_size",
@@ -513,7 +511,7 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
     keep = ("eod_token", "sep_token", "pad_token_id", "max_position_embeddings",
             "use_loss_mask", "reset_position_ids")  # fmt: skip
     extra = {"huggingface_config": {k: config[k] for k in keep if k in config}}
-    state = manifest.TrainingState(0, 0, model_config_dict(cfg), extra)
+    state = manifest.TrainingState(0, 0, config_to_dict(cfg), extra)
     layout = {"source": "huggingface", "path": str(src.resolve())}
     return write_ours(output, tensors, state, layout, None, force=force, progress=progress)
 

@@ -31,8 +31,6 @@ import torch
 
 from yuanlfa.checkpoint import manifest
 from yuanlfa.checkpoint.convert.common import (
-    model_config_dict,
-    model_config_from_dict,
     prepare_output,
     read_source,
     replace_output,
@@ -45,7 +43,13 @@ from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
-from yuanlfa.config import ModelConfig, blocks_problem, tp_indivisible, uneven_problem
+from yuanlfa.config import (
+    ModelConfig,
+    blocks_problem,
+    config_to_dict,
+    tp_indivisible,
+    uneven_problem,
+)
 from yuanlfa.layout import PipelineLayout, uniform_blocks
 from yuanlfa.model import build_model
 from yuanlfa.parallel.dp.zero import no_weight_decay
@@ -191,14 +195,14 @@ def megatron_args(cfg: ModelConfig, tp: int, blocks: list[int], meta: dict, dtyp
         "iteration": state.step,
         "consumed_train_samples": state.consumed_samples,
         # Our full model config, so that a round trip restores it exactly.
-        "yuanlfa_model_config": model_config_dict(cfg),
+        "yuanlfa_model_config": config_to_dict(cfg),
     }
 
 
 def model_config_from_args(args: Any, where: Path) -> ModelConfig:
     fields = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     if "yuanlfa_model_config" in fields:
-        return model_config_from_dict(fields["yuanlfa_model_config"])
+        return manifest.model_config_from_fields(fields["yuanlfa_model_config"])
     need = ["num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size"]
     missing = [k for k in need if fields.get(k) is None]
     if missing:
@@ -681,7 +685,7 @@ def import_megatron(
             key = manifest.optim_key(name, what)
             tensors.append(LazyTensor(key, shape, *reader.loader(name, what)))
     state = manifest.TrainingState(
-        reader.iteration, reader.consumed_samples, model_config_dict(reader.cfg), {}
+        reader.iteration, reader.consumed_samples, config_to_dict(reader.cfg), {}
     )
     layout = {
         "source": "megatron",

@@ -27,7 +27,7 @@ from yuanlfa.parallel.tp.layers import (
     VocabParallelEmbedding,
     VocabParallelLMHead,
 )
-from yuanlfa.parallel.tp.plugin import apply_attention_plan, apply_filter_plan
+from yuanlfa.parallel.tp.plugin import apply_attention_plan, apply_filter_plan, set_submodule
 
 Pieces = tuple[int, list[tuple[int, int, int]]]
 
@@ -115,11 +115,6 @@ def shard_full_tensor(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
-    owner_path, _, leaf = path.rpartition(".")
-    setattr(module.get_submodule(owner_path) if owner_path else module, leaf, value)
-
-
 def apply_tensor_parallel(
     model: YuanModel, group, sequence_parallel: bool, loss_block_size: int = 2048
 ) -> YuanModel:
@@ -136,7 +131,7 @@ def apply_tensor_parallel(
         prefix = f"layers.{layer_id}."
         for path, style in LAYER_PLAN.items():
             weight = shard(f"{prefix}{path}.weight", layer.get_submodule(path).weight)
-            _set(layer, path, style.layer(weight, group, sequence_parallel))
+            set_submodule(layer, path, style.layer(weight, group, sequence_parallel))
         attn = layer.attn
         attn.num_heads = cfg.num_heads // tp
         attn.head_offset = rank * attn.num_heads  # global index of this rank's first head

@@ -64,7 +64,7 @@ def _shard_module(
             weight = shard(f"{prefix}.{path}.weight", sub.weight)
             bias = shard(f"{prefix}.{path}.bias", sub.bias) if sub.bias is not None else None
             cls = ColumnParallelLinear if style == "column" else RowParallelLinear
-            _set(module, path, cls(weight, group, sequence_parallel, bias=bias))
+            set_submodule(module, path, cls(weight, group, sequence_parallel, bias=bias))
         else:
             dim = style_dim(style)
             try:
@@ -80,7 +80,7 @@ def _shard_module(
                     f"{param.dim()} dims {tuple(param.shape)}"
                 )
             _check_divisible(what, path, param.shape[dim], tp)
-            _set(module, path, sharded_param(shard(f"{prefix}.{path}", param)))
+            set_submodule(module, path, sharded_param(shard(f"{prefix}.{path}", param)))
         sharded = True
     return sharded
 
@@ -92,7 +92,8 @@ def _check_divisible(what: str, path: str, size: int, tp: int) -> None:
         )
 
 
-def _set(module: nn.Module, path: str, value: nn.Module | nn.Parameter) -> None:
+def set_submodule(module: nn.Module, path: str, value: nn.Module | nn.Parameter) -> None:
+    """Replace the submodule or parameter at dotted ``path``."""
     owner_path, _, leaf = path.rpartition(".")
     setattr(module.get_submodule(owner_path) if owner_path else module, leaf, value)
 
