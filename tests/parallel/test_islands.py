@@ -28,7 +28,7 @@ from yuanlfa.parallel.islands import GroupExchange, OuterSync
 from yuanlfa.parallel.islands.link import ring_bytes
 from yuanlfa.train import train
 
-STEPS = 12
+STEPS = 10
 
 
 def _losses(corpus: str, **extra: object) -> list[tuple[float, float]]:
@@ -59,6 +59,7 @@ def _anchor_runs(rank: int, world: int, corpus: str) -> dict[str, list]:
     }
 
 
+@pytest.mark.slow
 def test_one_island_diloco_and_joined_islands_equal_plain_dp(small_corpus: str) -> None:
     for result in run_distributed(_anchor_runs, 2, small_corpus, timeout=300):
         ref = result.pop("plain dp2")
@@ -156,9 +157,18 @@ def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, 
     return events
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_outer_step_equals_direct_diloco(streaming: bool) -> None:
-    events = run_distributed(_outer_vs_direct, 4, streaming, timeout=120)
+def _both(rank: int, world: int) -> dict[bool, list[tuple[int, bool, int]]]:
+    return {s: _outer_vs_direct(rank, world, s) for s in (False, True)}
+
+
+@pytest.mark.slow
+def test_outer_step_equals_direct_diloco() -> None:
+    runs = run_distributed(_both, 4, timeout=120)
+    for streaming in (False, True):
+        _check_events([run[streaming] for run in runs], streaming)
+
+
+def _check_events(events: list, streaming: bool) -> None:
     assert all(e == events[0] for e in events)  # every rank agrees on when and how much
     model = _Toy()
     numel = {0: 0, 1: 0}
@@ -199,6 +209,7 @@ def _fault_free_resume(rank: int, world: int, corpus: str, root: str) -> dict[st
     return {"whole": whole, "split": first + second}
 
 
+@pytest.mark.slow
 def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path: Path) -> None:
     results = run_distributed(_fault_free_resume, 4, small_corpus, str(tmp_path), timeout=600)
     for result in results:
