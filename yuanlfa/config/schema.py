@@ -281,11 +281,15 @@ class OuterConfig:
     sync_every: int = 100
     # The outer optimizer: SGD on the averaged pseudo-gradient (DiLoCo's 0.7, 0.9, Nesterov).
     lr: float = 0.7
+    # The outer SGD's momentum (torch.optim.SGD semantics; 0: none).
     momentum: float = 0.9
+    # Nesterov momentum for the outer SGD (used when momentum > 0).
     nesterov: bool = True
-    # streaming_diloco: contiguous layer fragments (at most model.num_layers), and how many
-    # inner steps after its exchange starts a fragment's outer step is applied (< sync_every).
+    # streaming_diloco: contiguous layer fragments (at most model.num_layers, dividing
+    # sync_every); fragment p syncs every sync_every steps, starting at p * sync_every / fragments.
     fragments: int | None = None
+    # streaming_diloco: inner steps between the start of a fragment's exchange and its outer
+    # step (< sync_every); the exchange overlaps those steps' compute.
     fragment_delay: int = 0
     # streaming_diloco: weight of the fragment's local parameters when the outer result is
     # merged in after a delayed exchange (0: the outer result replaces them; torchft's
