@@ -22,6 +22,7 @@ from yuanlfa.config.schema import (
     ModelConfig,
     NodeGroupConfig,
     OptimConfig,
+    OuterConfig,
     ParallelConfig,
     TrainConfig,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "NodeGroupConfig",
     "OptimConfig",
+    "OuterConfig",
     "ParallelConfig",
     "TrainConfig",
     "apply_overrides",
