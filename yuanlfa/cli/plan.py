@@ -567,10 +567,10 @@ def _advise_main(args: argparse.Namespace) -> int:
             out["islands"] = islands_to_dict(island_advice, cluster)
         print(json.dumps(out, indent=2))
     else:
-        print(format_advice(advice, device.name))
+        islands_text = None
         if island_advice is not None:
-            print()
-            print(format_islands(island_advice, cluster))
+            islands_text = format_islands(island_advice, cluster)
+        print(format_advice(advice, device.name, islands_text))
     return 0
 
 

@@ -27,7 +27,9 @@ def snippet_yaml(r: Ranked) -> str:
     return yaml.safe_dump(snippet(r), sort_keys=False, default_flow_style=None, width=100)
 
 
-def format_advice(advice: Advice, device: str) -> str:
+def format_advice(advice: Advice, device: str, before_snippet: str | None = None) -> str:
+    """The ranking, then ``before_snippet`` (the islands section), then the best layout's
+    snippet last (scripts read it as the YAML that ends the output)."""
     c = advice.cluster
     lines = [
         f"{c.nodes} nodes x {c.gpus_per_node} {device} | intra-node {c.intra.gbps:g} GB/s + "
@@ -57,6 +59,8 @@ def format_advice(advice: Advice, device: str) -> str:
             f"{_crossing(r):<10} {plan.memory_max_bytes / GIB:>7.1f} "
             f"{plan.bubble_fraction:>6.3f} {plan.step_comm_s:>9.3g}  {_blocks(plan.blocks)}"
         )
+    if before_snippet:
+        lines += ["", before_snippet]
     lines += ["", "best layout, to merge into the config:", snippet_yaml(advice.best).rstrip()]
     return "\n".join(lines)
 
@@ -157,7 +161,7 @@ def format_islands(ia: IslandsAdvice, cluster: Cluster) -> str:
         text = yaml.safe_dump(
             islands_snippet(best), sort_keys=False, default_flow_style=None, width=100
         )
-        lines += ["", "islands layout, to merge into the config:", text.rstrip()]
+        lines += ["", "islands layout (if its loss is acceptable):", text.rstrip()]
     return "\n".join(lines)
 
 
