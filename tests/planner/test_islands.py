@@ -109,7 +109,7 @@ def test_island_bytes_with_pipeline_and_tensor_parallel_islands() -> None:
     whole = counts.total + counts.embedding  # the last stage's copy
     replicated = counts.per_layer_replicated * counts.num_layers + counts.final_norm
     expected = 4 * (whole + replicated) * 2 * (3 - 1) / 3 / 10  # tp ranks each hold replicas
-    got = islands_link_bytes(ranked.plan, 2, 1, False, 3, Outer(sync_every=10))
+    got = islands_link_bytes(ranked.plan, 2, 1, 3, Outer(sync_every=10))
     assert got == pytest.approx(expected)
 
 

@@ -6,10 +6,11 @@ training on 1 / N of the global batch. Every ``H = outer.sync_every`` steps each
 all-reduces its own shard of the parameters (the pseudo-gradient) with the ranks holding the
 same shard in the other islands, over the inter-node link:
 
-- the shard: the rank's tp/pp piece (:class:`~.cost.RankCost` ``params``); with the distributed
-  optimizer inside the island, its 1 / dp of it (the master weights it owns), after which the
-  island's dp group all-gathers the updated piece over the island's own dp link;
-- its bytes: ``dtype_bytes`` per element (fp32: 4; a quantized exchange less), sent as a ring
+- the shard: 1 / dp of the rank's tp/pp piece (:class:`~.cost.RankCost` ``params``): the
+  island's dp ranks hold equal parameters, so each exchanges a disjoint chunk and the island's
+  dp group then all-gathers the updated piece over the island's own dp link (as
+  ``yuanlfa.parallel.islands`` does), and the link carries each piece once per island;
+- its bytes: ``dtype_bytes`` per element (fp32: 4; ``outer.quantize``: bf16, 2), sent as a ring
   all-reduce over the N islands, each rank on its own share of the inter-node link
   (:func:`~.links.ring_all_reduce_bytes` / :func:`~.links.ring_all_reduce_s`);
 - plain DiLoCo blocks the step it runs in: a step costs the island's step + sync / H on average;
@@ -85,6 +86,11 @@ class Outer:
             )
         if self.algorithm == "diloco" and (self.fragments, self.fragment_delay) != (1, 0):
             raise ConfigError("outer.fragments / fragment_delay: only with streaming_diloco")
+        if self.algorithm == "streaming_diloco" and self.fragment_delay >= self.sync_every:
+            raise ConfigError(
+                f"outer.fragment_delay: {self.fragment_delay} must be below sync_every "
+                f"({self.sync_every})"
+            )
         if not self.dtype_bytes > 0:
             raise ConfigError(f"outer bytes per element must be > 0, got {self.dtype_bytes}")
 
@@ -107,18 +113,16 @@ def outer_step_s(inner_s: float, sync_s: Callable[[float], float], outer: Outer)
     return inner_s + F * exposed / H
 
 
-def shard_params(plan: PlanCost, dp: int, distributed: bool) -> tuple[int, ...]:
-    """Per pipeline rank: the parameters one rank exchanges with the other islands."""
-    share = dp if distributed else 1
-    return tuple(-(-r.params // share) for r in plan.ranks)
+def shard_params(plan: PlanCost, dp: int) -> tuple[int, ...]:
+    """Per pipeline rank: the parameters one rank exchanges with the other islands (its 1 / dp
+    chunk of its tp/pp piece)."""
+    return tuple(-(-r.params // dp) for r in plan.ranks)
 
 
-def islands_link_bytes(
-    plan: PlanCost, tp: int, dp: int, distributed: bool, islands: int, outer: Outer
-) -> float:
+def islands_link_bytes(plan: PlanCost, tp: int, dp: int, islands: int, outer: Outer) -> float:
     """Bytes one island sends to the others per step (averaged over the H steps of a sync):
     each of its tp x dp ranks per pipeline rank all-reduces its shard over the islands."""
-    shards = shard_params(plan, dp, distributed)
+    shards = shard_params(plan, dp)
     per_sync = tp * dp * sum(ring_all_reduce_bytes(s * outer.dtype_bytes, islands) for s in shards)
     return per_sync / outer.sync_every
 
@@ -304,13 +308,13 @@ def islands_candidate(
             f"outer.fragments: {outer.fragments} fragments for {model.num_layers} layers; use at "
             "most one fragment per layer"
         )
-    shards = shard_params(plan, lay.dp, lay.distributed)
+    shards = shard_params(plan, lay.dp)
 
     def sync_s(share: float) -> float:
         slowest = 0.0
         for rank, shard in zip(plan.ranks, shards):
             t = ring_all_reduce_s(shard * outer.dtype_bytes * share, islands, cluster.inter)
-            if lay.distributed and lay.dp > 1:  # the island's dp group regathers the piece
+            if lay.dp > 1:  # the island's dp group regathers the piece
                 t += ring_all_gather_s(
                     rank.params * model.state.weights * share, lay.dp, model.links.dp
                 )
@@ -326,9 +330,7 @@ def islands_candidate(
         inner_step_s=plan.step_time_s,
         sync_s=sync_s(1.0),
         step_time_s=outer_step_s(plan.step_time_s, sync_s, outer),
-        link_bytes_per_step=islands_link_bytes(
-            plan, lay.tp, lay.dp, lay.distributed, islands, outer
-        ),
+        link_bytes_per_step=islands_link_bytes(plan, lay.tp, lay.dp, islands, outer),
         memory_max_bytes=memory,
     )
 
@@ -491,5 +493,7 @@ def islands_snippet(c: IslandsCandidate) -> dict:
     outer: dict = {"algorithm": c.outer.algorithm, "sync_every": c.outer.sync_every}
     if c.outer.algorithm == "streaming_diloco":
         outer.update(fragments=c.outer.fragments, fragment_delay=c.outer.fragment_delay)
+    if c.outer.dtype_bytes == 2:
+        outer["quantize"] = True  # bf16 pseudo-gradients
     out["outer"] = outer
     return out
