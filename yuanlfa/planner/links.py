@@ -49,11 +49,24 @@ class Link:
         return Link(self.gbps * efficiency, latency)
 
 
+def ring_reduce_scatter_bytes(nbytes: float, n: int) -> float:
+    """Bytes each rank sends in a ring reduce-scatter (or all-gather) of an ``nbytes`` buffer
+    over ``n`` ranks: n - 1 steps of nbytes / n."""
+    return (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def ring_all_reduce_bytes(nbytes: float, n: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of an ``nbytes`` buffer over ``n`` ranks:
+    2 (n - 1) / n * nbytes (a reduce-scatter, then an all-gather). The one rule for the
+    advisor's link traffic and the benchmarks' expected bytes."""
+    return 2 * ring_reduce_scatter_bytes(nbytes, n)
+
+
 def ring_reduce_scatter_s(nbytes: float, n: int, link: Link) -> float:
     """Reduce-scatter of an ``nbytes`` buffer (the unscattered size) over ``n`` ranks."""
     if n <= 1:
         return 0.0
-    return (n - 1) * link.latency_s + (n - 1) / n * link.seconds(nbytes)
+    return (n - 1) * link.latency_s + link.seconds(ring_reduce_scatter_bytes(nbytes, n))
 
 
 def ring_all_gather_s(nbytes: float, n: int, link: Link) -> float:
