@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from yuanlfa.cli.common import add_config_args, add_debug_arg, run
 from yuanlfa.config import load_config
@@ -12,6 +13,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="yuanlfa-train", description=__doc__)
     add_config_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--island",
+        type=int,
+        metavar="I",
+        help="this launch is island I of parallel.islands, joined to the others through "
+        "torchft (one torchrun per island; also YUANLFA_ISLAND; docs/islands.md)",
+    )
     add_debug_arg(parser)
     args = parser.parse_args(argv)
     return run("yuanlfa-train", lambda: _run(parser, args), args)
@@ -20,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from yuanlfa.train import train
 
+    if args.island is not None:
+        # The library reads the island from the environment, as torchrun's ranks.
+        os.environ["YUANLFA_ISLAND"] = str(args.island)
     # train() checks output paths, input files and kernels before any data is read.
     train(load_config(args.config, args.overrides), progress=not args.quiet)
     return 0

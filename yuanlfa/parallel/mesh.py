@@ -12,6 +12,7 @@ then islands * dp, island-major). The ``island`` group joins the ranks holding t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -41,10 +42,15 @@ class Mesh:
     islands: int = 1
     island: int = 0
     joined: bool = True
+    # This launch holds only island ``island`` (per-island launches through torchft): the
+    # process group and every group above are the island's; other islands are reached through
+    # the torchft Manager.
+    launched: bool = False
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.dp * self.pp * (1 if self.joined else self.islands)
+        """The processes of this launch."""
+        return self.tp * self.dp * self.pp * (1 if self.joined or self.launched else self.islands)
 
     @property
     def data_dp(self) -> int:
@@ -106,6 +112,7 @@ def build_mesh(
     rank: int,
     model: ModelConfig | None = None,
     joined: bool = True,
+    island: int | None = None,
 ) -> Mesh:
     """Validate the layout and create one process group per dim slice.
 
@@ -113,8 +120,14 @@ def build_mesh(
     With a world of one process no groups are created. ``world_size`` counts every island of
     this launch (``parallel.islands``); ``joined`` islands are plain dp replicas of each other
     (``outer.algorithm: none``), else each reduces inside itself and the ``island`` group
-    joins them.
+    joins them. ``island``: this launch holds only that island (``world_size`` and ``rank``
+    are the island's own; per-island launches).
     """
+    if island is not None:
+        mesh = build_mesh(dataclasses.replace(parallel, islands=1), world_size, rank, model)
+        mesh.islands, mesh.island = parallel.islands, island
+        mesh.joined, mesh.launched = False, True
+        return mesh
     islands = parallel.islands
     if world_size % islands != 0:
         raise ConfigError(

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from yuanlfa.config import Config
 from yuanlfa.parallel import Mesh, build_mesh
+from yuanlfa.parallel.islands.ft import launched_island
 
 
 def world_from_env() -> tuple[int, int]:
@@ -54,5 +55,5 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
         dist.init_process_group(backend, timeout=timeout, **kwargs)
         created = True
     joined = cfg.outer.algorithm == "none"
-    mesh = build_mesh(cfg.parallel, world, rank, cfg.model, joined=joined)
+    mesh = build_mesh(cfg.parallel, world, rank, cfg.model, joined=joined, island=launched_island())
     return mesh, created

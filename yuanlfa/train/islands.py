@@ -7,10 +7,15 @@ synchronized parameters, and the outer momentum, plus any exchange still in flig
 islands train apart (not ``outer.algorithm: none``), its own parameters and inner optimizer
 state, which differ between islands between two synchronizations. A resume with the same
 layout then continues exactly where the run stopped.
+
+Per-island launches (``--island I``, torchft): :func:`per_island_config` gives each island its
+own checkpoint directory and log, :func:`connect_islands` its Manager, and :class:`LiveState`
+is what a live island hands a restarted one (torchft's recovery, over HTTP, not from disk).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +26,9 @@ from torch import nn
 
 from yuanlfa.checkpoint import CheckpointError
 from yuanlfa.checkpoint.files import step_name
+from yuanlfa.config import Config, ConfigError
 from yuanlfa.parallel import Mesh
+from yuanlfa.parallel.islands.ft import ManagerExchange, check_lighthouse
 
 ISLANDS_DIR = "islands"
 
@@ -74,3 +81,97 @@ def load_island_state(
         if reload is not None:
             reload()
     outer.load_state_dict(state["outer"])
+
+
+def per_island_config(cfg: Config, island: int) -> Config:
+    """The config of island ``island`` of a per-island launch: checked, with its own
+    ``checkpoint.dir/island<I>`` and ``logging.jsonl`` (``<name>.island<I>.jsonl``), so that
+    every island can be given the same config."""
+    p, o = cfg.parallel, cfg.outer
+    if p.islands < 2:
+        raise ConfigError(
+            f"--island {island}: per-island launches need parallel.islands = the number of "
+            f"islands of the run (>= 2), got {p.islands}; set it, or launch without --island"
+        )
+    if island >= p.islands:
+        raise ConfigError(
+            f"--island {island}: islands are numbered 0 .. parallel.islands - 1 = {p.islands - 1}"
+        )
+    if o.algorithm == "none":
+        raise ConfigError(
+            "outer.algorithm: none joins the islands in every step's gradient reduction, which "
+            "needs them in one launch; use diloco or streaming_diloco with --island, or launch "
+            "every island in one torchrun without --island"
+        )
+    if o.fragment_delay:
+        raise ConfigError(
+            f"outer.fragment_delay: {o.fragment_delay} with per-island launches; each exchange "
+            "is one torchft quorum and commit, applied in its own step: set it to 0"
+        )
+    ckpt, log = cfg.checkpoint, cfg.logging
+    if ckpt.dir is not None:
+        ckpt = dataclasses.replace(ckpt, dir=str(Path(ckpt.dir) / f"island{island}"))
+    if log.jsonl is not None:
+        path = Path(log.jsonl)
+        log = dataclasses.replace(log, jsonl=str(path.with_suffix(f".island{island}{path.suffix}")))
+    if o.lighthouse != "auto" and int(os.environ.get("RANK", "0")) == 0:
+        check_lighthouse(o)  # before any data is read or model built
+    return dataclasses.replace(cfg, checkpoint=ckpt, logging=log)
+
+
+def check_single_launch(cfg: Config) -> None:
+    """Every island in this launch: a lighthouse would have no effect."""
+    if cfg.outer.lighthouse != "auto":
+        raise ConfigError(
+            f"outer.lighthouse: {cfg.outer.lighthouse} is for per-island launches (yuanlfa-train "
+            "--island I, one torchrun per island); this launch holds every island: drop it or "
+            "launch per island"
+        )
+
+
+def connect_islands(cfg: Config, mesh: Mesh, device: torch.device) -> ManagerExchange | None:
+    """The torchft Manager of this rank in a per-island launch (None otherwise). With
+    ``outer.lighthouse: auto`` the lighthouse's address is published next to the islands'
+    checkpoint directories."""
+    if not mesh.launched:
+        return None
+    rendezvous = Path(cfg.checkpoint.dir).parent if cfg.checkpoint.dir else None
+    return ManagerExchange(
+        cfg.outer, mesh.islands, mesh.island, mesh.rank, mesh.world_size, device, rendezvous
+    )
+
+
+class LiveState:
+    """What a restarted island takes from a live one in torchft's recovery: the live rank's
+    parameters (its piece), inner optimizer state, outer state (anchor, momentum) and step.
+
+    ``holder`` is the trainer: ``step``, ``consumed``, ``model``, ``optimizer``, ``outer``. The
+    tensors are handed over without copies: torchft serves them while the live island waits in
+    the exchange that the healed island joins only after fetching them, so they do not change
+    meanwhile."""
+
+    def __init__(self, holder: Any) -> None:
+        self.holder = holder
+
+    def state_dict(self) -> dict[str, Any]:
+        h = self.holder
+        return {
+            "step": h.step,
+            "consumed": h.consumed,
+            "model": {n: p.detach() for n, p in h.model.named_parameters()},
+            "inner": _inner(h.optimizer).state_dict(),
+            "outer": h.outer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        h = self.holder
+        with torch.no_grad():
+            for name, p in h.model.named_parameters():
+                p.copy_(state["model"][name])
+        _inner(h.optimizer).load_state_dict(state["inner"])
+        reload = getattr(h.optimizer, "reload_masters", None)
+        if reload is not None:
+            reload()
+        h.outer.load_state_dict(state["outer"])
+        h.step, h.consumed = int(state["step"]), int(state["consumed"])
+        h.outer.healed(h.step)

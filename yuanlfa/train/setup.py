@@ -19,8 +19,10 @@ from yuanlfa.data import build_tokenizer
 from yuanlfa.layout.schedules import schedule_spec
 from yuanlfa.model.registry import check_model_config
 from yuanlfa.ops.lfa import resolve_impl
+from yuanlfa.parallel.islands.ft import launched_island
 from yuanlfa.planner.cluster_plan import cluster_plan
 from yuanlfa.train.distributed import world_from_env
+from yuanlfa.train.islands import check_single_launch, per_island_config
 from yuanlfa.train.metrics import check_tensorboard
 from yuanlfa.train.pipeline import pipeline_layout
 
@@ -86,6 +88,12 @@ def memory_gb(device: torch.device) -> float:
 def prepare_config(cfg: Config) -> Config:
     """Resolve derived fields for this launch and check what can be checked up front."""
     world, _ = world_from_env()
+    island = launched_island()
+    if island is not None:  # this launch is one island: the run's world is islands of it
+        cfg = per_island_config(cfg, island)
+        world *= cfg.parallel.islands
+    else:
+        check_single_launch(cfg)
     # Output paths, input files and kernels, before any data is read or model built.
     preflight(cfg, cuda=torch.cuda.is_available())
     check_model_config(cfg.model)  # plug-ins imported, filter and attention names known

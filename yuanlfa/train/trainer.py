@@ -34,7 +34,12 @@ from yuanlfa.parallel.islands import OuterSync, build_outer
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
 from yuanlfa.train.fit_check import check_memory_fit
-from yuanlfa.train.islands import load_island_state, save_island_state
+from yuanlfa.train.islands import (
+    LiveState,
+    connect_islands,
+    load_island_state,
+    save_island_state,
+)
 from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
@@ -130,8 +135,9 @@ class Trainer:
         self.cfg, self.mesh, self.device, self.dtype, self.data = cfg, mesh, device, dtype, data
         self.micro_batches = t.global_batch_size // mesh.data_dp // t.micro_batch_size
         # The process holding the loss logs: last pipeline stage, first tp and dp rank (of the
-        # first island).
-        self.is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.data_rank == 0
+        # first island; of each island launched on its own).
+        first = mesh.dp_rank == 0 if mesh.launched else mesh.data_rank == 0
+        self.is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and first
         self.layout = pipeline_layout(cfg, device) if mesh.pp > 1 else None
         param_dtype = torch.bfloat16 if t.param_dtype == "bf16" else torch.float32
         self.model = parallelize(cfg, mesh, device, self.layout, param_dtype)
@@ -151,8 +157,14 @@ class Trainer:
         run["data.order"] = [list(d.order_signature) for d in datasets]
         self.extra = {"config": config_to_dict(cfg), "run": run}
         self.step, self.consumed = self._resume()
-        self.outer = build_outer(self.model, self.optimizer, mesh, cfg)
+        self.ft = connect_islands(cfg, mesh, device)  # per-island launches: torchft's Manager
+        self.outer = build_outer(self.model, self.optimizer, mesh, cfg, self.ft)
         self._resume_outer()
+        if self.ft is not None and isinstance(self.outer, OuterSync):
+            live = LiveState(self)
+            self.ft.register("island", live.load_state_dict, live.state_dict)
+            self.say(f"island {mesh.island}: joining the islands at step {self.step}", flush=True)
+            self.step = self.outer.join(self.step)  # a live island ahead heals this one
         self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
         ckpt = cfg.checkpoint
@@ -268,6 +280,8 @@ class Trainer:
         finally:
             loader.close()
             logger.close()
+            if self.ft is not None:
+                self.ft.shutdown()
         return self.result
 
     def train_step(self, loader: StepLoader) -> dict[str, Any]:

@@ -1,22 +1,45 @@
-"""torchft for islands launched one torchrun per island: the optional dependency and its
-lighthouse (the quorum service every island's Manager talks to).
+"""torchft for islands launched one torchrun per island: the optional dependency, its lighthouse
+(the quorum service every island's Manager talks to) and the Manager-backed cross-island
+exchange.
 
-Only the pieces with a checked behaviour live here so far: the import with a one-line fix, a
-lighthouse started in this process for ``outer.lighthouse: auto``, and a reachability check of a
-given ``HOST:PORT`` that fails within ``outer.timeout_s`` instead of hanging. The Manager-driven
-exchange (quorum per outer step, live recovery of a restarted island) is described, with what
-fits and what does not, in docs/islands.md.
+Per-island launches: every island is its own launch (``yuanlfa-train --island I`` or
+``YUANLFA_ISLAND=I``); its world is one island. Each rank creates a torchft ``Manager`` with
+``replica_id`` = the island and ``rank``/``world_size`` = its rank and size inside the island, so
+rank ``r`` of every island meets rank ``r`` of the others in the Manager's reconfigurable process
+group: the cross-island group of :class:`~yuanlfa.parallel.islands.outer.OuterSync`. Each outer
+exchange is one quorum (who is alive; a restarted island is healed from a live one through the
+registered state callbacks), the all-reduce over the quorum's participants, and ``should_commit``
+deciding whether the outer step applies. docs/islands.md says what of torchft fits and what not.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from yuanlfa.config import ConfigError, OuterConfig
 
 INSTALL = 'pip install -e ".[ft]"'
+ISLAND_ENV = "YUANLFA_ISLAND"
+# torchft's own variable for the lighthouse; with outer.lighthouse: auto it takes precedence.
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
+# With outer.lighthouse: auto, island 0 publishes its lighthouse's address in this file.
+LIGHTHOUSE_FILE = "lighthouse"
+# A dead island's Manager stops heartbeating; after this the survivors' quorum goes without it
+# (torchft's default is 5 s).
+HEARTBEAT_TIMEOUT_MS = 3000
+# How long a quorum waits for an island that heartbeats but has not asked to join yet.
+JOIN_TIMEOUT_MS = 10000
 
 
 def require_torchft() -> ModuleType:
@@ -31,6 +54,20 @@ def require_torchft() -> ModuleType:
     return coordination
 
 
+def launched_island() -> int | None:
+    """This launch's island when islands are launched one per torchrun (``YUANLFA_ISLAND``, set
+    by ``yuanlfa-train --island``), else None (every island in this launch)."""
+    value = os.environ.get(ISLAND_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ConfigError(
+            f"{ISLAND_ENV}={value!r}: the island id must be an integer 0 .. parallel.islands - 1 "
+            "(yuanlfa-train --island I)"
+        )
+    return int(value)
+
+
 def lighthouse_url(spec: str) -> str:
     return spec if spec.startswith(("http://", "https://")) else f"http://{spec}"
 
@@ -40,7 +77,20 @@ def start_lighthouse(min_islands: int = 1) -> Any:
     ``address()`` is what the islands' Managers are given; ``shutdown()`` stops it. A quorum
     needs ``min_islands`` islands, 1 so that the survivors keep training when one is lost."""
     coordination = require_torchft()
-    return coordination.LighthouseServer(bind="[::]:0", min_replicas=min_islands)
+    return coordination.LighthouseServer(
+        bind="[::]:0",
+        min_replicas=min_islands,
+        join_timeout_ms=JOIN_TIMEOUT_MS,
+        heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
+    )
+
+
+def _reachable(coordination: ModuleType, url: str, seconds: float) -> bool:
+    try:
+        coordination.LighthouseClient(url, timedelta(seconds=seconds))
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_lighthouse(outer: OuterConfig) -> str:
@@ -48,12 +98,154 @@ def check_lighthouse(outer: OuterConfig) -> str:
     error within ``outer.timeout_s`` when it cannot be reached."""
     coordination = require_torchft()
     url = lighthouse_url(outer.lighthouse)
-    try:
-        coordination.LighthouseClient(url, timedelta(seconds=outer.timeout_s))
-    except RuntimeError:
+    if not _reachable(coordination, url, outer.timeout_s):
         raise ConfigError(
             f"outer.lighthouse: cannot reach the lighthouse at {url} within outer.timeout_s = "
             f"{outer.timeout_s:g} s; start it (torchft_lighthouse --bind [::]:PORT "
             "--min_replicas 1) or fix the address"
-        ) from None
+        )
     return url
+
+
+def find_lighthouse(outer: OuterConfig, island: int, rendezvous: Path | None) -> tuple[str, Any]:
+    """(URL, the server when this process started it) of the run's lighthouse, for rank 0 of an
+    island. ``HOST:PORT`` or ``$TORCHFT_LIGHTHOUSE``: checked. ``auto``: island 0 starts one and
+    writes its address to ``rendezvous/lighthouse``; the other islands (and a restarted island 0
+    with a live one) read it from there, within ``outer.timeout_s``."""
+    env = os.environ.get(LIGHTHOUSE_ENV, "").strip()
+    if outer.lighthouse != "auto" or env:
+        spec = outer.lighthouse if outer.lighthouse != "auto" else env
+        return check_lighthouse(replace(outer, lighthouse=spec)), None
+    coordination = require_torchft()
+    if rendezvous is None:
+        raise ConfigError(
+            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (island 0 "
+            "publishes the lighthouse's address there); set it, or give HOST:PORT of a running "
+            "torchft_lighthouse"
+        )
+    path = rendezvous / LIGHTHOUSE_FILE
+    if island == 0:
+        server = start_lighthouse()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(server.address() + "\n")
+        os.replace(tmp, path)
+        return server.address(), server
+    deadline = time.monotonic() + outer.timeout_s
+    while True:
+        # A file left by an earlier run names a dead lighthouse: keep reading until island 0
+        # has replaced it, or the time is up.
+        url = path.read_text().strip() if path.exists() else ""
+        if url and _reachable(coordination, url, 1.0):
+            return url, None
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"outer.lighthouse: auto: no reachable lighthouse published in {path} within "
+                f"outer.timeout_s = {outer.timeout_s:g} s; launch island 0 (it starts the "
+                "lighthouse) or give HOST:PORT"
+            )
+        time.sleep(0.2)
+
+
+class ManagerExchange:
+    """The cross-island all-reduce of a per-island launch, through a torchft ``Manager``.
+
+    Implements :class:`~yuanlfa.parallel.islands.outer.Exchange`: :meth:`begin` runs the quorum
+    (a restarted island is healed in it from a live one, through the callbacks given to
+    :meth:`register`), :meth:`start_sum` all-reduces over the quorum's participants and
+    :meth:`commit` is torchft's ``should_commit``. The Manager's step is set to the training
+    step before each quorum, so an island behind the others (restarted) is the one healed.
+    """
+
+    def __init__(
+        self,
+        outer: OuterConfig,
+        islands: int,
+        island: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+        rendezvous: Path | None,
+    ) -> None:
+        require_torchft()
+        from torchft.manager import Manager
+        from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
+
+        self.islands, self.timeout_s = islands, outer.timeout_s
+        timeout = timedelta(seconds=outer.timeout_s)
+        self.lighthouse: Any = None
+        url = ""
+        if rank == 0:
+            url, self.lighthouse = find_lighthouse(outer, island, rendezvous)
+        # A store of this attempt for the Manager (a restarted torchrun's own store still holds
+        # the dead attempt's Manager address); its address is also where the islands' process
+        # group for a quorum meets, so it must be reachable from other hosts.
+        host = os.environ.get("YUANLFA_ISLAND_HOST") or socket.gethostname()
+        self.store = None
+        port = torch.zeros(1, dtype=torch.int64)
+        if rank == 0:
+            self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            port[0] = self.store.port
+        if world > 1:
+            from yuanlfa.parallel.collectives import collective_device
+
+            port = port.to(collective_device())
+            dist.broadcast(port, src=0)
+        pg = ProcessGroupNCCL(timeout) if device.type == "cuda" else ProcessGroupGloo(timeout)
+        self.manager = Manager(
+            pg=pg,
+            load_state_dict=None,
+            state_dict=None,
+            min_replica_size=1,
+            use_async_quorum=False,  # heal before the round's all-reduce, not during it
+            timeout=timeout,
+            quorum_timeout=timeout,
+            connect_timeout=timeout,
+            rank=rank,
+            world_size=world,
+            store_addr=host,
+            store_port=int(port.item()),
+            lighthouse_addr=url,
+            replica_id=f"island{island}",
+            init_sync=False,  # every island initializes the same weights from train.seed
+        )
+        self.rounds = 0
+
+    def register(self, key: str, load: Callable[[Any], None], save: Callable[[], Any]) -> None:
+        self.manager.register_state_dict_fn(key, load, save)
+
+    def size(self) -> int:
+        """Islands in the current quorum (before the first: the configured number)."""
+        return self.manager.num_participants() if self.rounds else self.islands
+
+    def begin(self, step: int) -> None:
+        self.manager.load_state_dict(
+            {"step": step, "batches_committed": self.manager.batches_committed()}
+        )
+        try:
+            self.manager.start_quorum(timeout=timedelta(seconds=self.timeout_s))
+        except (TimeoutError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"outer.timeout_s: no quorum of islands at step {step} within {self.timeout_s:g} "
+                f"s ({first}); is the lighthouse up? outer.timeout_s must exceed the time of "
+                "outer.sync_every steps"
+            ) from None
+        self.rounds += 1
+        if self.manager.errored() is not None:
+            raise ConfigError(
+                f"outer: island recovery at step {step} failed "
+                f"({self.manager.errored().original_exception}); check that the live islands "
+                "are reachable from this host (YUANLFA_ISLAND_HOST) and outer.timeout_s"
+            )
+
+    def start_sum(self, tensor: torch.Tensor) -> Any:
+        return self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM)
+
+    def commit(self) -> bool:
+        return self.manager.should_commit()
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
+        if self.lighthouse is not None:
+            self.lighthouse.shutdown()

@@ -47,11 +47,17 @@ class Work(Protocol):
 
 
 class Exchange(Protocol):
-    """Averages a tensor in place over the ranks holding this piece in every live island."""
+    """Sums a tensor in place over the ranks holding this piece in every live island. An
+    exchange round is ``begin`` (who takes part: torchft's quorum), ``start_sum`` per fragment
+    due, then ``commit`` (whether every island may apply the outer step)."""
 
     def size(self) -> int: ...
 
+    def begin(self, step: int) -> None: ...
+
     def start_sum(self, tensor: torch.Tensor) -> Work: ...
+
+    def commit(self) -> bool: ...
 
 
 class GroupExchange:
@@ -62,6 +68,12 @@ class GroupExchange:
 
     def size(self) -> int:
         return dist.get_world_size(self.group) if self.group is not None else 1
+
+    def begin(self, step: int) -> None:
+        return None
+
+    def commit(self) -> bool:
+        return True
 
     def start_sum(self, tensor: torch.Tensor) -> Work:
         if self.group is None:
@@ -97,7 +109,7 @@ class _Fragment:
     hi: int
     numel: int
     offset: int  # the step of its first synchronization (p * H / P)
-    link_bytes: int  # what the island sends per exchange of this fragment
+    wire_bytes: float  # the fragment's bytes on the wire, summed over the island's ranks
 
 
 @dataclass
@@ -133,7 +145,6 @@ class OuterSync:
         self.dp = dp
         self.fragments: list[_Fragment] = []
         wire = 2 if cfg.quantize else 4
-        n = exchange.size()
         own = []
         for p_index, params in enumerate(groups):
             flat = self._flat(params)
@@ -143,9 +154,12 @@ class OuterSync:
             chunk = nn.Parameter(anchor[lo:hi].clone())
             offset = p_index * cfg.sync_every // count
             self.fragments.append(_Fragment(params, anchor, chunk, lo, hi, flat.numel(), offset, 0))
-            own.append(ring_bytes(per_rank * wire, n))
+            own.append(per_rank * wire)
         for f, total in zip(self.fragments, island_dp_sum(own, mesh)):
-            f.link_bytes = round(total)
+            f.wire_bytes = total
+        # The step a live island healed this one to (torchft's recovery; set by the state
+        # callbacks through :meth:`healed`).
+        self.healed_to: int | None = None
         momentum = cfg.momentum
         self.optimizer = torch.optim.SGD(
             [f.chunk for f in self.fragments],
@@ -179,23 +193,71 @@ class OuterSync:
             self.pending.remove(pending)
             self._apply(pending)
             synced = True
+        due = self.due(step)
         sent = 0
-        for i in self.due(step):
+        if due:
+            self.exchange.begin(step)
+            if self.healed_to is not None:
+                # A live island is healed only when it is behind a peer: islands stepping
+                # together never are.
+                raise RuntimeError(
+                    f"island healed from step {step} to {self.healed_to} in the middle of its "
+                    "run: the islands' step counts diverged"
+                )
+            now, sent = self._round(step, due)
+            synced = synced or now
+        return {"outer_sync": synced, "link_bytes": sent, "islands_alive": self.exchange.size()}
+
+    @torch.no_grad()
+    def join(self, step: int) -> int:
+        """The first quorum of a per-island launch (at ``step``: 0, or the resumed step). A
+        live island ahead of this one heals it (the state callbacks load its parameters, anchor,
+        outer and inner optimizer state and step); this island then takes part in the live
+        island's exchange round, as the live one does. Returns the step to continue from."""
+        self.exchange.begin(step)
+        if self.healed_to is None:
+            self.exchange.commit()  # the round's closing call (torchft's step bookkeeping)
+            return step
+        step, self.healed_to = self.healed_to, None
+        due = self.due(step)
+        if due:
+            self._round(step, due)
+        else:
+            self.exchange.commit()
+        return step
+
+    def healed(self, step: int) -> None:
+        self.healed_to = step
+
+    def _round(self, step: int, due: list[int]) -> tuple[bool, int]:
+        """Start the exchange of the fragments ``due`` after ``step``; apply them now (no delay,
+        when every island may commit) or ``fragment_delay`` steps later."""
+        n = self.exchange.size()
+        sent = 0
+        started = []
+        for i in due:
             f = self.fragments[i]
             current = torch.nn.functional.pad(self._flat(f.params), (0, f.anchor.numel() - f.numel))
             delta = f.anchor[f.lo : f.hi] - current[f.lo : f.hi]
             if self.cfg.quantize:
                 delta = delta.to(torch.bfloat16)
-            pending = _Pending(
-                step + self.cfg.fragment_delay, i, delta, self.exchange.start_sum(delta)
+            started.append(
+                _Pending(step + self.cfg.fragment_delay, i, delta, self.exchange.start_sum(delta))
             )
-            sent += f.link_bytes
-            if self.cfg.fragment_delay == 0:
-                self._apply(pending)
-                synced = True
-            else:
-                self.pending.append(pending)
-        return {"outer_sync": synced, "link_bytes": sent, "islands_alive": self.exchange.size()}
+            sent += round(ring_bytes(f.wire_bytes, n))
+        if self.cfg.fragment_delay:
+            self.pending.extend(started)  # one launch only (config check): nothing to commit
+            return False, sent
+        for pending in started:
+            pending.work.wait()
+            pending.work = _Done()
+        if not self.exchange.commit():
+            # An island failed during the exchange: no outer step; the local progress stays
+            # and enters the next exchange's pseudo-gradient.
+            return False, sent
+        for pending in started:
+            self._apply(pending)
+        return True, sent
 
     def _apply(self, pending: _Pending) -> None:
         f = self.fragments[pending.fragment]
