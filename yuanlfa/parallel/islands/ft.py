@@ -44,6 +44,9 @@ JOIN_TIMEOUT_MS = 10000
 
 def require_torchft() -> ModuleType:
     """The ``torchft.coordination`` module, or a one-line error naming the install command."""
+    # torchft's Rust side logs every quorum and commit at INFO; keep warnings (RUST_LOG=info
+    # shows them again).
+    os.environ.setdefault("RUST_LOG", "warn")
     try:
         import torchft.coordination as coordination
     except ImportError as exc:
