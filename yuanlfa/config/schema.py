@@ -297,10 +297,12 @@ class OuterConfig:
     fragment_mix: float = 0.0
     # Send pseudo-gradients as bf16 (half the link bytes); accumulated in fp32.
     quantize: bool = False
-    # Per-island launches (torchft): "auto" starts a lighthouse on this machine when none runs;
-    # "HOST:PORT" joins the one running there (multi-node).
+    # Per-island launches only (yuanlfa-train --island I, torchft): "auto" = island 0 starts a
+    # lighthouse and publishes its address in checkpoint.dir ($TORCHFT_LIGHTHOUSE overrides);
+    # "HOST:PORT" = a running torchft_lighthouse (multi-node).
     lighthouse: str = "auto"
-    # Seconds to wait for the lighthouse, a quorum or a peer before a one-line error.
+    # Seconds to wait for the lighthouse, a quorum or a peer before a one-line error; more than
+    # sync_every steps take (a restarted island waits for the live islands' next outer step).
     timeout_s: float = 60.0
 
 
