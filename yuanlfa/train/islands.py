@@ -28,7 +28,7 @@ from yuanlfa.checkpoint import CheckpointError
 from yuanlfa.checkpoint.files import step_name
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.parallel import Mesh
-from yuanlfa.parallel.islands.ft import ManagerExchange, check_lighthouse
+from yuanlfa.parallel.islands.ft import ManagerExchange, check_lighthouse, require_torchft
 
 ISLANDS_DIR = "islands"
 
@@ -108,6 +108,7 @@ def per_island_config(cfg: Config, island: int) -> Config:
             f"outer.fragment_delay: {o.fragment_delay} with per-island launches; each exchange "
             "is one torchft quorum and commit, applied in its own step: set it to 0"
         )
+    require_torchft()  # before any data is read or model built
     ckpt, log = cfg.checkpoint, cfg.logging
     if ckpt.dir is not None:
         ckpt = dataclasses.replace(ckpt, dir=str(Path(ckpt.dir) / f"island{island}"))

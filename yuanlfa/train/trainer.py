@@ -240,6 +240,7 @@ class Trainer:
             f"{str(self.dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
             f"{pipeline}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}"
             f"{f' x islands {mesh.islands} ({cfg.outer.algorithm})' if mesh.islands > 1 else ''}"
+            f"{f', this launch island {mesh.island}' if mesh.launched else ''}"
             f"{' | sharded optimizer (ZeRO-1)' if uses_sharded_optimizer(cfg, mesh) else ''}"
         )
 
