@@ -255,3 +255,93 @@ def test_islands_must_divide_world() -> None:
     cfg = config_from_dict({"parallel": {"islands": 2}, "model": {"vocab_size": 128}})
     with pytest.raises(ConfigError, match="parallel.islands: 2 islands do not divide"):
         resolve(cfg, 3)
+
+
+class _FakeRounds:
+    """An exchange of one island with two islands' bookkeeping: ``peer`` is the other island's
+    pseudo-gradient added in each sum; ``commits`` the answers of should_commit in turn; ``heal``
+    a callback run in the first quorum (torchft's recovery)."""
+
+    def __init__(self, peer: float, commits: list[bool], heal=None) -> None:
+        self.peer, self.commits, self.heal = peer, list(commits), heal
+        self.log: list[str] = []
+
+    def size(self) -> int:
+        return 2
+
+    def begin(self, step: int) -> None:
+        self.log.append(f"begin {step}")
+        if self.heal is not None:
+            self.heal()
+            self.heal = None
+
+    def start_sum(self, tensor):
+        tensor.add_(self.peer)
+        self.log.append("sum")
+        return _NoWork()
+
+    def commit(self) -> bool:
+        self.log.append("commit")
+        return self.commits.pop(0)
+
+
+class _NoWork:
+    def wait(self) -> None:
+        return None
+
+
+def _one_param_outer(exchange):
+    import torch
+    from torch import nn
+
+    from yuanlfa.config import ParallelConfig
+    from yuanlfa.parallel import build_mesh
+    from yuanlfa.parallel.islands import OuterSync
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    mesh = build_mesh(ParallelConfig(), 1, 0)
+    cfg = OuterConfig(algorithm="diloco", sync_every=2, lr=1.0, momentum=0.0)
+    return model, OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange)
+
+
+def test_outer_step_only_when_every_island_may_commit() -> None:
+    import torch
+
+    exchange = _FakeRounds(peer=0.5, commits=[False, True])
+    model, outer = _one_param_outer(exchange)
+    with torch.no_grad():
+        model.weight.sub_(0.25)  # local progress: pseudo-gradient 0.25
+    record = outer.after_step(2)
+    # No commit: no outer step, the local progress stays and the anchor is unchanged.
+    assert not record["outer_sync"] and model.weight.item() == 0.75
+    assert outer.fragments[0].anchor.item() == 1.0
+    with torch.no_grad():
+        model.weight.sub_(0.25)  # pseudo-gradient now 0.5 (both steps' progress)
+    record = outer.after_step(4)
+    # Commit: mean of (0.5 here, 0.5 the peer) = 0.5 with lr 1 from the anchor 1.0.
+    assert record["outer_sync"] and model.weight.item() == 0.5
+    assert exchange.log == ["begin 2", "sum", "commit", "begin 4", "sum", "commit"]
+
+
+def test_join_healed_takes_part_in_the_live_round() -> None:
+    """A healed island continues from the live island's step and joins its round."""
+    import torch
+
+    exchange = _FakeRounds(peer=0.25, commits=[True])
+    model, outer = _one_param_outer(exchange)
+
+    def heal() -> None:  # what LiveState.load_state_dict does: the live island's state at step 6
+        with torch.no_grad():
+            model.weight.fill_(0.75)  # its parameters after local steps, anchor still 1.0
+        outer.healed(6)
+
+    exchange.heal = heal
+    assert outer.join(0) == 6
+    # Its pseudo-gradient equals the live one's (0.25): the mean is 0.25, the result 0.75.
+    assert model.weight.item() == 0.75 and outer.fragments[0].anchor.item() == 0.75
+    assert exchange.log == ["begin 0", "sum", "commit"]
+    fresh = _FakeRounds(peer=0.0, commits=[True])
+    _, alone = _one_param_outer(fresh)
+    assert alone.join(0) == 0 and fresh.log == ["begin 0", "commit"]  # nothing to exchange
