@@ -7,7 +7,10 @@ anchors of docs/islands.md.
   gathered parameters of every island, for DiLoCo and for Streaming DiLoCo's staggered, delayed
   fragments;
 - a multi-island DiLoCo run saved mid-way (an exchange in flight) and resumed equals the
-  uninterrupted run, and its islands agree after a synchronization.
+  uninterrupted run, and its islands agree after a synchronization;
+- an exchange round (quorum, sums, commit) applies the outer step only on commit, and a healed
+  island continues from the live island's step inside its round (fake exchanges; the real
+  torchft path: test_islands_fault.py).
 """
 
 from __future__ import annotations

@@ -164,7 +164,11 @@ class Trainer:
             live = LiveState(self)
             self.ft.register("island", live.load_state_dict, live.state_dict)
             self.say(f"island {mesh.island}: joining the islands at step {self.step}", flush=True)
-            self.step = self.outer.join(self.step)  # a live island ahead heals this one
+            try:
+                self.step = self.outer.join(self.step)  # a live island ahead heals this one
+            except BaseException:
+                self.ft.shutdown()  # its server threads would keep the process up
+                raise
         self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
         ckpt = cfg.checkpoint
