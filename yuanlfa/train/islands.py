@@ -28,7 +28,12 @@ from yuanlfa.checkpoint import CheckpointError
 from yuanlfa.checkpoint.files import step_name
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.parallel import Mesh
-from yuanlfa.parallel.islands.ft import ManagerExchange, check_lighthouse, require_torchft
+from yuanlfa.parallel.islands.ft import (
+    ManagerExchange,
+    check_lighthouse,
+    check_rendezvous,
+    require_torchft,
+)
 
 ISLANDS_DIR = "islands"
 
@@ -109,6 +114,7 @@ def per_island_config(cfg: Config, island: int) -> Config:
             "is one torchft quorum and commit, applied in its own step: set it to 0"
         )
     require_torchft()  # before any data is read or model built
+    check_rendezvous(o, Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     ckpt, log = cfg.checkpoint, cfg.logging
     if ckpt.dir is not None:
         ckpt = dataclasses.replace(ckpt, dir=str(Path(ckpt.dir) / f"island{island}"))

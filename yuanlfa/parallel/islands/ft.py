@@ -110,6 +110,17 @@ def check_lighthouse(outer: OuterConfig) -> str:
     return url
 
 
+def check_rendezvous(outer: OuterConfig, rendezvous: Path | None) -> None:
+    """``auto`` without ``$TORCHFT_LIGHTHOUSE`` needs a directory every island sees."""
+    auto = outer.lighthouse == "auto" and not os.environ.get(LIGHTHOUSE_ENV, "").strip()
+    if auto and rendezvous is None:
+        raise ConfigError(
+            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (island 0 "
+            "publishes the lighthouse's address there); set it, or give HOST:PORT of a running "
+            "torchft_lighthouse"
+        )
+
+
 def find_lighthouse(outer: OuterConfig, island: int, rendezvous: Path | None) -> tuple[str, Any]:
     """(URL, the server when this process started it) of the run's lighthouse, for rank 0 of an
     island. ``HOST:PORT`` or ``$TORCHFT_LIGHTHOUSE``: checked. ``auto``: island 0 starts one and
@@ -120,12 +131,8 @@ def find_lighthouse(outer: OuterConfig, island: int, rendezvous: Path | None) ->
         spec = outer.lighthouse if outer.lighthouse != "auto" else env
         return check_lighthouse(replace(outer, lighthouse=spec)), None
     coordination = require_torchft()
-    if rendezvous is None:
-        raise ConfigError(
-            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (island 0 "
-            "publishes the lighthouse's address there); set it, or give HOST:PORT of a running "
-            "torchft_lighthouse"
-        )
+    check_rendezvous(outer, rendezvous)
+    assert rendezvous is not None
     path = rendezvous / LIGHTHOUSE_FILE
     if island == 0:
         server = start_lighthouse()
