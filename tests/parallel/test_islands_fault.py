@@ -26,7 +26,7 @@ from yuanlfa.checkpoint.files import step_name
 
 pytest.importorskip("torchft")
 
-STEPS, H = 120, 4
+STEPS, H = 160, 4
 ROOT = Path(__file__).resolve().parents[2]
 # The relaunched island is started early and held at a gate after its imports (seconds on a
 # loaded machine), so that its start after the gate is short next to island 0's remaining steps.
