@@ -88,6 +88,10 @@ def _records(path: Path) -> list[dict]:
     return out
 
 
+def _outputs(tmp: Path) -> str:
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(tmp.glob("*.out")))
+
+
 def _wait_for(what: str, check, procs: list[subprocess.Popen], tmp: Path, limit: float = 180.0):
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -101,7 +105,7 @@ def _wait_for(what: str, check, procs: list[subprocess.Popen], tmp: Path, limit:
                     f"an island exited with {p.returncode} while waiting for {what}:\n{logs}"
                 )
         time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}:\n{_outputs(tmp)}")
 
 
 @pytest.mark.slow
@@ -146,7 +150,7 @@ def test_island_lost_keeps_training_and_rejoins_with_live_weights(
         assert first[0].poll() is None, "island 0 finished before island 1 was relaunched"
         gate.touch()  # island 1 relaunched
         for p in procs:
-            assert p.wait(timeout=240) == 0, (tmp_path / "again.island1.out").read_text()[-3000:]
+            assert p.wait(timeout=240) == 0, _outputs(tmp_path)
     finally:
         for p in procs:
             if p.poll() is None:
