@@ -263,6 +263,32 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class EmulateConfig:
+    """A heterogeneous pipeline emulated on CPU cores (yuanlfa/parallel/pp/pacing.py): slow
+    pipeline ranks by pacing their ops, small ones by a memory budget. Pipelines without tp or
+    dp only (tp collectives inside an op would wait on paced peers)."""
+
+    # Each pipeline op (a microbatch's forward or backward on a stage) lasts its thread CPU time
+    # x pace / the rank's speed in wall time. At least the ranks per free core (4 ranks on 2
+    # cores: 2 or more, 4 with other load), so that each rank needs its core only a fraction of
+    # the time and sharing a core does not change the emulated times. 0: off.
+    pace: float = 0.0
+    # Per pipeline rank, its speed in (0, 1]. Empty: from the cluster section's TFLOP/s of each
+    # rank's device relative to the fastest, else every rank at 1.
+    speeds: tuple[float, ...] = ()
+    # Per pipeline rank, the memory budget (GiB) the trainer enforces on its own accounting
+    # (weights, gradients, optimizer state and the activations kept for backward), before the
+    # first step by the planner's prediction and after each step by the measurement. Empty:
+    # the cluster section's device memory when training on CPU with one, else no budget.
+    memory_gib: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("speeds", "memory_gib"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -272,3 +298,4 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
