@@ -1,10 +1,18 @@
-"""A heterogeneous pipeline, emulated on CPU cores: 4 pipeline ranks, 2 of them at half speed.
+"""A heterogeneous pipeline, emulated on CPU: 4 pipeline ranks, 2 of them at half speed.
 
-Each rank of a ``yuanlfa-train`` launch (torchrun, gloo, pp 4, dp 1, fp32, 1F1B) is pinned to a
-core of its own, and the ranks ``--slow`` (default the last two) run under the duty-cycle
-throttle of yuanlfa/train/throttle.py at ``--speed`` (default 0.5: stopped half of every 20 ms).
-Three splits of the same model are trained, each in its own launch, alternating over
-``--repeats`` rounds:
+Each split is trained by its own ``yuanlfa-train`` launch (torchrun, gloo, pp 4, dp 1, fp32,
+1F1B). The slow ranks (``--slow``, default the last two) run at ``--speed`` (default 0.5) in one
+of two ways:
+
+  paced     (default) every rank's pipeline ops are paced (``emulate.pace``,
+            yuanlfa/parallel/pp/pacing.py): an op lasts its own thread CPU time x pace / speed,
+            so ranks may share cores (this machine: 2 cores for 4 ranks, with other work) as long
+            as pace exceeds the ranks per free core; ``stage_overrun_s`` in the log says when it
+            did not. The emulated devices run at 1/pace of a core (fast) and half that (slow).
+  throttle  each rank pinned to a core of its own, the slow ones stopped part of every 20 ms
+            (yuanlfa/train/throttle.py); needs 4 free cores.
+
+Three splits of the same model, alternating over ``--repeats`` rounds:
 
   uniform      layers as even as they go (layout.uniform_blocks);
   homogeneous  the balancer's time-optimal split when every rank is taken to be equally fast;
@@ -12,17 +20,14 @@ Three splits of the same model are trained, each in its own launch, alternating 
 
 Each launch's figure is the median ``step_time_s`` of the trainer's log after ``--warmup``
 steps; the trainer's per-rank ``stage_busy_s`` is recorded next to the cost model's per-rank
-prediction (microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s is
-fitted on one measured point (the homogeneous split's step); the uniform and aware points are
-predictions, each one's error checked against 15%. The goal: aware at least 1.3x faster than
-homogeneous.
+prediction (microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s of
+a full-speed rank is fitted on one measured point (the homogeneous split's step); the uniform and
+aware points are predictions, each one's error checked against 15%. The goal: aware at least
+1.3x faster than homogeneous.
 
-A meaningful run needs 4 free cores (the ranks must not share cores, or a stopped rank hands its
-core to another and the emulation is off); with fewer the script says so and exits 1 unless
-``--allow-shared`` (a smoke run of the mechanism; its figures are not a measurement).
-
-    python benchmarks/heterogeneous.py --out benchmarks/results/heterogeneous_cpu
-    python benchmarks/heterogeneous.py --allow-shared --steps 4 --warmup 1 --layers 8 --hidden 64
+    OMP_NUM_THREADS=1 python benchmarks/heterogeneous.py --out benchmarks/results/heterogeneous_cpu
+    python benchmarks/heterogeneous.py --steps 4 --warmup 1 --layers 8 --hidden 64 --repeats 1
+    python benchmarks/heterogeneous.py --mode throttle      # with 4 free cores
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def config_dict(args: argparse.Namespace, blocks: tuple[int, ...] | str, jsonl: 
         },
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "logging": {"jsonl": jsonl, "log_interval": 1},
+        "emulate": {"pace": args.pace, "speeds": list(args.speeds)} if args.mode == "paced" else {},
     }
 
 
@@ -157,7 +163,7 @@ def launch(args, name: str, blocks, speeds, cores: list[int] | None) -> dict:
             for rank, pid in workers.items():
                 if cores is not None:
                     os.sched_setaffinity(pid, {cores[rank]})
-                if speeds[rank] < 1:
+                if args.mode == "throttle" and speeds[rank] < 1:
                     throttles.append(Throttle(pid, speeds[rank], args.period_ms / 1e3).start())
             out, _ = proc.communicate(timeout=args.timeout)
         finally:
@@ -174,12 +180,14 @@ def launch(args, name: str, blocks, speeds, cores: list[int] | None) -> dict:
     if not timed:
         raise SystemExit(f"{name}: no step after the {args.warmup} warm-up steps")
     busy = [statistics.median(r["stage_busy_s"][k] for r in timed) for k in range(PP)]
+    overrun = [max(r.get("stage_overrun_s", [0.0] * PP)[k] for r in timed) for k in range(PP)]
     return {
         "split": name,
         "blocks": list(blocks),
         "step_time_s": statistics.median(r["step_time_s"] for r in timed),
         "step_times_s": [r["step_time_s"] for r in timed],
         "stage_busy_s": busy,
+        "stage_overrun_s_max": overrun,
         "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min": os.getloadavg()[0],
     }
@@ -213,28 +221,33 @@ def write_plot(path: str, result: dict) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--mode", choices=("paced", "throttle"), default="paced")
+    p.add_argument("--pace", type=float, default=4.0, help="paced mode: >= ranks per free core")
+    p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--slow", default="2,3", help="pipeline ranks to throttle")
     p.add_argument("--speed", type=float, default=0.5)
     p.add_argument("--period-ms", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=2, help="rounds over the three splits")
     p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--allow-shared", action="store_true", help="run with < 4 free cores (smoke)")
+    p.add_argument(
+        "--allow-shared", action="store_true", help="throttle mode with < 4 free cores (smoke)"
+    )
     p.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png")
     args = p.parse_args()
     slow = [int(x) for x in args.slow.split(",") if x]
     speeds = tuple(args.speed if r in slow else 1.0 for r in range(PP))
+    args.speeds = speeds
     cores = sorted(os.sched_getaffinity(0))
-    pinned = cores[:PP] if len(cores) >= PP else None
-    if pinned is None and not args.allow_shared:
+    pinned = cores[:PP] if len(cores) >= PP and args.mode == "throttle" else None
+    if args.mode == "throttle" and pinned is None and not args.allow_shared:
         print(f"needs {PP} cores, this process may use {len(cores)}: the ranks would share cores "
               "and a stopped rank would hand its core to another; --allow-shared for a smoke "
               "run", file=sys.stderr)  # fmt: skip
@@ -272,10 +285,17 @@ def main() -> int:
     speedup = measured["homogeneous"] / measured["aware"]
     aware_error = rows[2]["error"]
     result = {
-        "machine": {"cpu": cpu_name(), "cores_used": pinned, "torch": package_version("torch")},
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": len(cores),
+            "cores_pinned": pinned,
+            "torch": package_version("torch"),
+        },
+        "mode": args.mode,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "shared_cores": pinned is None,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "pace": args.pace if args.mode == "paced" else None,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "speeds")},
         "slow_ranks": slow,
         "speed": args.speed,
         "fitted_flops_per_s": flops,

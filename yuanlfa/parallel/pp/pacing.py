@@ -30,6 +30,9 @@ class Pacer:
         if not 0 < speed <= 1:
             raise ValueError(f"pacing: speed must be in (0, 1], got {speed}")
         self.pace, self.speed = pace, speed
+        self.reset()
+
+    def reset(self) -> None:
         self.ops = 0
         self.cpu_s = 0.0  # the ops' own CPU time
         self.wall_s = 0.0  # the ops' wall time, sleeps included

@@ -156,6 +156,8 @@ class PipelineRunner:
         """
         self.num_tokens = num_tokens
         self._cpu_s, self._events = 0.0, []
+        if self.pacer is not None:
+            self.pacer.reset()
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
         self.schedule.step(
