@@ -68,8 +68,8 @@ def config_dict(args: argparse.Namespace, blocks: tuple[int, ...] | str, jsonl: 
             "num_layers": args.layers,
             "hidden_size": args.hidden,
             "num_heads": args.heads,
-            # Beyond the byte tokenizer's 384 (unused rows): a head that costs like a few
-            # layers, so that the last stage's extra work matters to the split.
+            # Beyond the byte tokenizer's 384 (unused rows): the last stage's head and loss
+            # cost some of a layer, so that the split must weigh them.
             "vocab_size": args.vocab,
         },
         "parallel": {"pp": PP, "dp": 1, "schedule": "1f1b", "pipeline_blocks": blocks},
@@ -222,11 +222,11 @@ def write_plot(path: str, result: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", choices=("paced", "throttle"), default="paced")
-    p.add_argument("--pace", type=float, default=4.0, help="paced mode: >= ranks per free core")
-    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--pace", type=float, default=6.0, help="paced mode: >= ranks per free core")
+    p.add_argument("--layers", type=int, default=24)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--global-batch", type=int, default=16)
@@ -241,7 +241,11 @@ def main() -> int:
         "--allow-shared", action="store_true", help="throttle mode with < 4 free cores (smoke)"
     )
     p.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png")
+    p.add_argument("--render", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     args = p.parse_args()
+    if args.render:
+        write_outputs(args.out, json.loads(Path(args.out + ".json").read_text()))
+        return 0
     slow = [int(x) for x in args.slow.split(",") if x]
     speeds = tuple(args.speed if r in slow else 1.0 for r in range(PP))
     args.speeds = speeds
@@ -305,22 +309,51 @@ def main() -> int:
         "speedup_met": speedup >= GOAL,
         "aware_prediction_within_15pct": abs(aware_error) <= TOLERANCE,
     }
-    lines = ["| split | blocks | measured s | predicted s | error |", "|---|---|---|---|---|"]
-    for r in rows:
-        mark = " (fitted)" if r["fitted"] else ""
-        lines.append(f"| {r['split']} | {r['blocks']} | {r['step_time_s']:.3f} | "
-                     f"{r['predicted_step_s']:.3f}{mark} | {r['error']:+.1%} |")  # fmt: skip
-    lines.append(f"\naware vs homogeneous: {speedup:.2f}x (goal {GOAL}x)")
-    text = "\n".join(lines)
+    text = report(result)
     print(text)
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(
-            "# Emulated heterogeneous pipeline (CPU)\n\n`python benchmarks/heterogeneous.py "
-            f"--out {args.out}`\n\n" + text + "\n"
-        )
-        write_plot(args.out + ".png", result)
+        write_outputs(args.out, result)
     return 0
+
+
+def report(result: dict) -> str:
+    """The results as Markdown tables: step times, then busy time per rank."""
+    lines = ["| split | blocks | measured s | predicted s | error |", "|---|---|---|---|---|"]
+    for r in result["splits"]:
+        mark = " (fitted)" if r["fitted"] else ""
+        lines.append(f"| {r['split']} | {r['blocks']} | {r['step_time_s']:.3f} | "
+                     f"{r['predicted_step_s']:.3f}{mark} | {r['error']:+.1%} |")  # fmt: skip
+    speedup, goal = result["aware_vs_homogeneous"], result["goal_speedup"]
+    lines.append(f"\naware vs homogeneous: {speedup:.2f}x (goal {goal}x)\n")
+    lines.append("busy seconds per step, measured / predicted, per pipeline rank:\n")
+    lines.append("| split | " + " | ".join(f"rank {k}" for k in range(PP)) + " |")
+    lines.append("|---" * (PP + 1) + "|")
+    for r in result["splits"]:
+        cells = [f"{m:.2f} / {p:.2f}" for m, p in zip(r["stage_busy_s"], r["predicted_busy_s"])]
+        lines.append(f"| {r['split']} | " + " | ".join(cells) + " |")
+    overrun = max(max(x["stage_overrun_s_max"]) for r in result["splits"] for x in r["launches"])
+    load = [x["loadavg_1min"] for r in result["splits"] for x in r["launches"]]
+    lines.append(
+        f"\nmode {result['mode']}, pace {result['pace']}, ranks {result['slow_ranks']} at speed "
+        f"{result['speed']}; 1-minute load average {min(load):.1f} to {max(load):.1f} on "
+        f"{result['machine']['cores']} cores; largest overrun of the pace in any step and rank: "
+        f"{overrun:.3f} s"
+    )
+    return "\n".join(lines)
+
+
+def write_outputs(out: str, result: dict) -> None:
+    s = result["settings"]
+    model = (f"{s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, seq {s['seq']}, "
+             f"micro-batch {s['micro_batch']}, global batch {s['global_batch']}")  # fmt: skip
+    Path(out + ".md").write_text(
+        "# Emulated heterogeneous pipeline (CPU)\n\n`OMP_NUM_THREADS=1 python "
+        f"benchmarks/heterogeneous.py --out {out}` ({model}; {result['date']})\n\n"
+        + report(result)
+        + "\n"
+    )
+    write_plot(out + ".png", result)
 
 
 if __name__ == "__main__":
