@@ -20,9 +20,10 @@ Three splits of the same model, alternating over ``--repeats`` rounds:
 
 Each launch's figure is the median ``step_time_s`` of the trainer's log after ``--warmup``
 steps (in paced mode without the steps where a rank's ops overran their paced time by more than
-2% of the step, while two steps remain: those measured the machine's load); the trainer's per-rank ``stage_busy_s`` is recorded next to the cost model's per-rank
-prediction (microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s of
-a full-speed rank is fitted on one measured point (the homogeneous split's step); the uniform and
+2% of the step, while two steps remain: those measured the machine's load); the trainer's
+per-rank ``stage_busy_s`` is recorded next to the cost model's per-rank prediction
+(microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s of a
+full-speed rank is fitted on one measured point (the homogeneous split's step); the uniform and
 aware points are predictions, each one's error checked against 15%. The goal: aware at least
 1.3x faster than homogeneous.
 
