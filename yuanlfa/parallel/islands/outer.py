@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.config import OuterConfig
-from yuanlfa.parallel.islands.link import island_dp_sum, ring_bytes
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
+from yuanlfa.parallel.islands.link import island_dp_sum
 from yuanlfa.parallel.mesh import Mesh
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -143,7 +144,7 @@ class OuterSync:
             chunk = nn.Parameter(anchor[lo:hi].clone())
             offset = p_index * cfg.sync_every // count
             self.fragments.append(_Fragment(params, anchor, chunk, lo, hi, flat.numel(), offset, 0))
-            own.append(ring_bytes(per_rank * wire, n))
+            own.append(ring_all_reduce_bytes(per_rank * wire, n))
         for f, total in zip(self.fragments, island_dp_sum(own, mesh)):
             f.link_bytes = round(total)
         momentum = cfg.momentum
