@@ -91,6 +91,9 @@ setup(
         # LFA attention in megatron-core's GPT model (yuanlfa.integrations.megatron_core);
         # megatron-core itself needs only torch, numpy and packaging. Tested with 0.16.1.
         "megatron": ["megatron-core>=0.16"],
+        # Islands launched one torchrun per island (parallel.islands, docs/islands.md): torchft's
+        # Manager for membership and recovery, and its lighthouse. 0.2.0 is the tested version.
+        "ft": ["torchft==0.2.0"],
         # triton runs the LFA kernels' tests on CPU through its interpreter.
         "dev": [
             "matplotlib>=3.5",
@@ -101,6 +104,7 @@ setup(
             "sentencepiece>=0.1.99",
             "tokenizers>=0.15",
             "tensorboard>=2.12",
+            "torchft==0.2.0",
             # The reference for Yuan 2.0's tokenizer in tests: LlamaTokenizer as Yuan used it
             # (slow, SentencePiece-based, legacy mode), which transformers 5 no longer offers.
             "transformers>=4.40,<5",

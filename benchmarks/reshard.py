@@ -43,10 +43,10 @@ def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
     import torch
 
     from yuanlfa.checkpoint import TrainingState
-    from yuanlfa.checkpoint.convert.common import model_config_dict, write_ours
+    from yuanlfa.checkpoint.convert.common import write_ours
     from yuanlfa.checkpoint.manifest import model_key
     from yuanlfa.checkpoint.planners import LazyTensor
-    from yuanlfa.config import load_config, resolve
+    from yuanlfa.config import config_to_dict, load_config, resolve
     from yuanlfa.data import build_tokenizer
     from yuanlfa.model import build_model
 
@@ -62,7 +62,7 @@ def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
         tensors.append(LazyTensor(model_key(name), tuple(p.shape), torch.bfloat16, load))
         total += p.numel() * 2
         largest = max(largest, p.numel() * 2)
-    state = TrainingState(1, 0, model_config_dict(cfg), {})
+    state = TrainingState(1, 0, config_to_dict(cfg), {})
     layout = {"source": "benchmarks/reshard.py (random weights)"}
     write_ours(out, tensors, state, layout, None, force=False, progress=False)
     return total, largest

@@ -328,6 +328,12 @@ class EmulatedCluster:
             out.append(_ip("tc", "qdisc", "show", "dev", self.port_if(i), ns=self.switch_ns).stdout)
         return out
 
+    def tx_bytes(self, i: int) -> int:
+        """Bytes node ``i`` has sent through its link so far (its veth's counter: payload and
+        TCP/IP/Ethernet headers, ACKs included)."""
+        path = f"/sys/class/net/{self.node_if(i)}/statistics/tx_bytes"
+        return int(_ip("cat", path, ns=self.node_ns(i)).stdout.strip())
+
     # Runs
 
     def exec_argv(self, i: int, argv: list[str]) -> list[str]:

@@ -148,7 +148,7 @@ def test_speeds_and_budgets_come_from_the_cluster_section() -> None:
     ("emulate", "parallel", "match"),
     [
         ({"pace": 0.5}, {}, "emulate.pace: 0 .off. or >= 1"),
-        ({"pace": 2}, {"tp": 2}, "emulate.pace: emulates pipelines without tp"),
+        ({"pace": 2}, {"tp": 2}, "emulate.pace: emulates pipelines without tp, cp, dp or islands"),
         ({"speeds": [1.0]}, {}, r"emulate.speeds: one entry per pipeline rank \(parallel.pp=2\)"),
         ({"speeds": [1.0, 1.5]}, {}, "emulate.speeds: each a fraction in"),
         ({"memory_gib": [1, 0]}, {}, "emulate.memory_gib: each must be > 0"),

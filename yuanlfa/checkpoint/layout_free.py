@@ -78,7 +78,9 @@ def _owns_param(p: nn.Parameter, mesh: Mesh, replicas_write: bool = False) -> bo
         return False
     if not is_sharded(p) and mesh.tp_rank != 0:
         return False
-    return replicas_write or mesh.dp_rank == 0
+    # Islands training apart write only the first island's state here (the others' goes to
+    # their own files: yuanlfa.train.islands).
+    return (replicas_write or mesh.dp_rank == 0) and (mesh.joined or mesh.island == 0)
 
 
 def _param_blocks(
@@ -127,7 +129,7 @@ def _optimizer_blocks(
 
 
 def _rng_file(path: Path, mesh: Mesh) -> Path:
-    return manifest.rng_file(path, mesh.tp_rank, mesh.pp_rank, mesh.dp_rank)
+    return manifest.rng_file(path, mesh.tp_rank, mesh.pp_rank, mesh.data_rank)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

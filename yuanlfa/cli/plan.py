@@ -13,7 +13,10 @@ parallel rank of a pipeline rank), time per microbatch; the step time simulates 
 ``--intra-bw`` / ``--inter-bw`` GB/s per device with per-message latencies) by predicted step
 time: tp x pp x dp, schedule, recompute, distributed optimizer, sequence parallelism and rank
 order, each with its balanced split that fits the device (yuanlfa.planner.advisor), and prints
-the config snippet of the best. ``--paper-comparison`` prints the Yuan 2.0 paper's weak-link
+the config snippet of the best. On more than one node it also considers islands joined by
+(Streaming) DiLoCo across the inter-node link (yuanlfa.planner.islands), next to the best
+layouts with pp and with dp across it: their link bytes and step time per step, and the link
+bandwidths at which the islands win. ``--paper-comparison`` prints the Yuan 2.0 paper's weak-link
 comparison (tensor parallelism vs pp + dp + ZeRO against bandwidth) under our cost model.
 """
 
@@ -32,8 +35,15 @@ from yuanlfa.planner.advisor import advise
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset, get_device
+from yuanlfa.planner.islands import advise_islands
 from yuanlfa.planner.links import Link
-from yuanlfa.planner.report import advice_to_dict, format_advice, format_sweeps
+from yuanlfa.planner.report import (
+    advice_to_dict,
+    format_advice,
+    format_islands,
+    format_sweeps,
+    islands_to_dict,
+)
 from yuanlfa.planner.topology import Cluster
 from yuanlfa.planner.weak_link import PAPER_BANDWIDTHS_GBPS, paper_comparison
 
@@ -358,6 +368,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     advise.add_argument("--top", type=int, default=10, help="layouts to list")
     advise.add_argument(
+        "--sync-every",
+        default="10,50",
+        help="islands: outer syncs every H steps, one candidate per H (comma list)",
+    )
+    advise.add_argument(
+        "--islands",
+        default=None,
+        help="islands to consider (comma list of divisors of --nodes; default: every one >= 2; "
+        "0: none)",
+    )
+    advise.add_argument(
+        "--fragments",
+        type=int,
+        default=None,
+        help="islands: Streaming DiLoCo fragments (default min(4, layers); 0: plain DiLoCo only)",
+    )
+    advise.add_argument(
+        "--fragment-delay", type=int, default=1, help="islands: steps a fragment overlaps"
+    )
+    advise.add_argument(
+        "--outer-bytes",
+        type=float,
+        default=4.0,
+        help="islands: bytes per exchanged parameter (4: fp32; less for a quantized exchange)",
+    )
+    advise.add_argument(
+        "--islands-gain",
+        type=float,
+        default=0.1,
+        help="islands are advised where at least this much faster than synchronous layouts "
+        "(their loss in quality is paid at any speed)",
+    )
+    advise.add_argument(
         "--paper-comparison",
         action="store_true",
         help="the paper's tp vs pp+dp+ZeRO step times at 400/200/100 GB/s (and Gbit/s)",
@@ -487,21 +530,61 @@ def _advise_main(args: argparse.Namespace) -> int:
         if args.memory_limit_gib <= 0:
             raise ConfigError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
         limit = int(args.memory_limit_gib * GIB)
+    sync_every = _int_list("--sync-every", args.sync_every, 1)
+    islands = None if args.islands is None else _int_list("--islands", args.islands, 0)
+    islands = [n for n in islands if n] if islands is not None else None
+    fragments = args.fragments
+    if fragments is None:
+        fragments = min(4, cfg.model.num_layers)
+    if fragments < 0 or args.fragment_delay < 0:
+        raise ConfigError("--fragments and --fragment-delay: must be >= 0")
+    vocab = _tokenizer_vocab(cfg)
+    cluster = _cluster(args)
+    # The islands compare with the best layouts with pp and with dp across the link: look
+    # further down the ranking than --top shows.
     advice = advise(
         cfg,
-        _cluster(args),
+        cluster,
         device,
-        top=args.top,
+        top=max(args.top, 10),
         mfu=args.mfu,
         flops_per_s=args.flops,
         memory_limit_bytes=limit,
-        tokenizer_vocab=_tokenizer_vocab(cfg),
+        tokenizer_vocab=vocab,
     )
+    island_advice = None
+    if cluster.nodes > 1 and islands != []:
+        island_advice = advise_islands(
+            cfg, advice, device, sync_every=sync_every, islands=islands, fragments=fragments,
+            fragment_delay=args.fragment_delay, dtype_bytes=args.outer_bytes,
+            gain=args.islands_gain, mfu=args.mfu, flops_per_s=args.flops,
+            memory_limit_bytes=limit, tokenizer_vocab=vocab,
+        )  # fmt: skip
+    advice = dataclasses.replace(advice, ranked=advice.ranked[: args.top])
     if args.json:
-        print(json.dumps(advice_to_dict(advice), indent=2))
+        out = advice_to_dict(advice)
+        if island_advice is not None:
+            out["islands"] = islands_to_dict(island_advice, cluster)
+        print(json.dumps(out, indent=2))
     else:
-        print(format_advice(advice, device.name))
+        islands_text = None
+        if island_advice is not None:
+            islands_text = format_islands(island_advice, cluster)
+        print(format_advice(advice, device.name, islands_text))
     return 0
+
+
+def _int_list(flag: str, text: str, least: int) -> list[int]:
+    """A comma list of integers >= ``least``; ConfigError naming the flag otherwise."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{flag}: {text!r} must be a comma list of integers, e.g. 10,50"
+        ) from None
+    if not values or min(values) < least:
+        raise ConfigError(f"{flag}: {text!r} needs integers >= {least}")
+    return values
 
 
 def _paper_main(args: argparse.Namespace, cfg: Config, device: DevicePreset) -> int:

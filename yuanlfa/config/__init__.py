@@ -23,6 +23,7 @@ from yuanlfa.config.schema import (
     ModelConfig,
     NodeGroupConfig,
     OptimConfig,
+    OuterConfig,
     ParallelConfig,
     TrainConfig,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ModelConfig",
     "NodeGroupConfig",
     "OptimConfig",
+    "OuterConfig",
     "ParallelConfig",
     "TrainConfig",
     "apply_overrides",

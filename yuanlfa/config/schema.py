@@ -103,6 +103,10 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     # Elements per gradient bucket (Megatron's --ddp-bucket-size default).
     grad_bucket_size: int = 40_000_000
+    # Islands: the outermost rank dimension. Each island is a full tp x pp x dp layout over fast
+    # links (a node or a group of nodes); outer.algorithm says how islands are joined (none: the
+    # dp reduction spans them, i.e. dp = islands * dp). parallel.dp counts ranks per island.
+    islands: int = 1
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,44 @@ class EmulateConfig:
 
 
 @dataclass(frozen=True)
+class OuterConfig:
+    """How islands (parallel.islands) are joined: the outer loop of DiLoCo-style training
+    (docs/islands.md)."""
+
+    # none: islands are plain data-parallel replicas (the gradient reduction spans them);
+    # diloco: each island trains alone and every sync_every steps the islands average their
+    # parameter change and apply it with an outer Nesterov SGD; streaming_diloco: the same per
+    # fragment of the layers, fragments staggered over the sync_every steps, each exchange
+    # overlapped with fragment_delay inner steps.
+    algorithm: Literal["none", "diloco", "streaming_diloco"] = "none"
+    # H: inner steps between two outer steps (of the same fragment).
+    sync_every: int = 100
+    # The outer optimizer: SGD on the averaged pseudo-gradient (DiLoCo's 0.7, 0.9, Nesterov).
+    lr: float = 0.7
+    # The outer SGD's momentum (torch.optim.SGD semantics; 0: none).
+    momentum: float = 0.9
+    # Nesterov momentum for the outer SGD (used when momentum > 0).
+    nesterov: bool = True
+    # streaming_diloco: contiguous layer fragments (at most model.num_layers, dividing
+    # sync_every); fragment p syncs every sync_every steps, starting at p * sync_every / fragments.
+    fragments: int | None = None
+    # streaming_diloco: inner steps between the start of a fragment's exchange and its outer
+    # step (< sync_every); the exchange overlaps those steps' compute.
+    fragment_delay: int = 0
+    # streaming_diloco: weight of the fragment's local parameters when the outer result is
+    # merged in after a delayed exchange (0: the outer result replaces them; torchft's
+    # fragment_update_alpha).
+    fragment_mix: float = 0.0
+    # Send pseudo-gradients as bf16 (half the link bytes); accumulated in fp32.
+    quantize: bool = False
+    # Per-island launches (torchft): "auto" starts a lighthouse on this machine when none runs;
+    # "HOST:PORT" joins the one running there (multi-node).
+    lighthouse: str = "auto"
+    # Seconds to wait for the lighthouse, a quorum or a peer before a one-line error.
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -299,3 +341,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     emulate: EmulateConfig = field(default_factory=EmulateConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)

@@ -203,6 +203,7 @@ def validate(cfg: Config) -> None:
         cfg.logging.log_interval >= 1,
         f"logging.log_interval: must be >= 1, got {cfg.logging.log_interval}",
     )
+    _validate_outer(cfg)
     _validate_cluster(cfg)
     _validate_emulate(cfg)
     _validate_split(cfg.data.split)
@@ -211,6 +212,69 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, name)
         _require(0.0 <= value <= 1.0, f"data.{name}: must be in [0, 1], got {value}")
     _validate_documents(cfg)
+
+
+def _validate_outer(cfg: Config) -> None:
+    """parallel.islands and the outer section (docs/islands.md)."""
+    p, o, t = cfg.parallel, cfg.outer, cfg.train
+    _require(p.islands >= 1, f"parallel.islands: must be >= 1, got {p.islands}")
+    _require(o.sync_every >= 1, f"outer.sync_every: must be >= 1, got {o.sync_every}")
+    _require(math.isfinite(o.lr) and o.lr > 0, f"outer.lr: must be a positive number, got {o.lr}")
+    _require(0.0 <= o.momentum < 1.0, f"outer.momentum: must be in [0, 1), got {o.momentum}")
+    _require(o.timeout_s > 0, f"outer.timeout_s: must be > 0, got {o.timeout_s}")
+    _require(
+        0.0 <= o.fragment_mix <= 1.0, f"outer.fragment_mix: must be in [0, 1], got {o.fragment_mix}"
+    )
+    streaming = o.algorithm == "streaming_diloco"
+    _require(
+        not streaming or o.fragments is not None,
+        "outer.fragments: streaming_diloco needs fragments (e.g. 2); or use algorithm: diloco",
+    )
+    _require(
+        o.fragments is None or streaming,
+        f"outer.fragments: only streaming_diloco uses fragments, algorithm is {o.algorithm}; "
+        "remove it",
+    )
+    if o.fragments is not None:
+        _require(o.fragments >= 1, f"outer.fragments: must be >= 1, got {o.fragments}")
+        _require(
+            o.fragments <= cfg.model.num_layers,
+            f"outer.fragments: {o.fragments} fragments but model.num_layers = "
+            f"{cfg.model.num_layers}; use at most one fragment per layer",
+        )
+        _require(
+            o.sync_every % o.fragments == 0,
+            f"outer.sync_every: {o.sync_every} is not divisible by outer.fragments = "
+            f"{o.fragments} (fragment f starts at step f * sync_every / fragments)",
+        )
+    _require(
+        0 <= o.fragment_delay < o.sync_every,
+        f"outer.fragment_delay: must be in [0, sync_every = {o.sync_every}), got "
+        f"{o.fragment_delay}",
+    )
+    _require(
+        o.fragment_delay == 0 or streaming,
+        "outer.fragment_delay: only streaming_diloco delays its exchanges; set it to 0",
+    )
+    host, sep, port = o.lighthouse.rpartition(":")
+    _require(
+        o.lighthouse == "auto" or (sep and host and port.isdigit()),
+        f"outer.lighthouse: {o.lighthouse!r} is neither auto nor HOST:PORT (e.g. node0:29510)",
+    )
+    if o.algorithm != "none":
+        _require(
+            t.param_dtype == "fp32",
+            f"train.param_dtype: {t.param_dtype} with outer.algorithm {o.algorithm} is not "
+            "supported (the outer step works on the fp32 parameters); use fp32",
+        )
+    if p.dp is not None and p.islands > 1:
+        per_step = t.micro_batch_size * p.dp * p.islands
+        _require(
+            t.global_batch_size % per_step == 0,
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * parallel.dp * parallel.islands = {per_step} (the global "
+            "batch is split over the islands)",
+        )
 
 
 def _validate_model_components(m: ModelConfig) -> None:
@@ -274,11 +338,11 @@ def _validate_cluster(cfg: Config) -> None:
         _require(bool(g.device.strip()), f"{key}.device: empty; name a preset, e.g. h100-80g")
     if c.groups and cfg.parallel.dp is not None:
         p = cfg.parallel
-        world = p.tp * p.pp * p.cp * p.dp
+        world = p.tp * p.pp * p.cp * p.dp * p.islands
         _require(
             world == c.world_size,
             f"cluster: describes {_cluster_words(cfg)} = {c.world_size} devices but tp * pp * "
-            f"cp * dp = {world}; {_world_fix(cfg, c.world_size)}",
+            f"cp * dp * islands = {world}; {_world_fix(cfg, c.world_size)}",
         )
 
 
@@ -310,9 +374,9 @@ def _validate_emulate(cfg: Config) -> None:
     if e.pace:
         _require(p.pp > 1, "emulate.pace: paces pipeline ops; needs parallel.pp > 1")
         _require(
-            p.tp == 1 and (p.dp or 1) == 1 and p.cp == 1,
-            "emulate.pace: emulates pipelines without tp, cp or dp (their collectives would "
-            "wait inside paced ops); set parallel.tp, cp and dp to 1",
+            p.tp == 1 and (p.dp or 1) == 1 and p.cp == 1 and p.islands == 1,
+            "emulate.pace: emulates pipelines without tp, cp, dp or islands (their collectives "
+            "would wait inside paced ops); set parallel.tp, cp, dp and islands to 1",
         )
         _require(
             cfg.train.device == "cpu",
@@ -354,6 +418,12 @@ def _validate_split(split: str) -> None:
 def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) -> Config:
     """Fill the derived fields (dp from the world size, the padded vocabulary) and re-validate."""
     p, m = cfg.parallel, cfg.model
+    if world_size % p.islands != 0:
+        raise ConfigError(
+            f"parallel.islands: {p.islands} islands do not divide the world size {world_size}; "
+            f"launch a multiple of {p.islands} processes or change parallel.islands"
+        )
+    total, world_size = world_size, world_size // p.islands  # world_size: one island's ranks
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel != 0:
         raise ConfigError(
@@ -361,10 +431,10 @@ def resolve(cfg: Config, world_size: int, tokenizer_vocab: int | None = None) ->
             f"{world_size}; launch a multiple of {model_parallel} processes"
         )
     dp = world_size // model_parallel
-    if cfg.cluster.groups and world_size != cfg.cluster.world_size:
+    if cfg.cluster.groups and total != cfg.cluster.world_size:
         raise ConfigError(
             f"cluster: describes {_cluster_words(cfg)} = {cfg.cluster.world_size} devices but the "
-            f"run has {world_size} processes; launch {cfg.cluster.world_size} or change the groups"
+            f"run has {total} processes; launch {cfg.cluster.world_size} or change the groups"
         )
     if p.dp is not None and p.dp != dp:
         raise ConfigError(

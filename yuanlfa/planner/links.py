@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
+from yuanlfa.layout.traffic import ring_reduce_scatter_bytes
 
 GB = 1e9
 
@@ -53,7 +54,7 @@ def ring_reduce_scatter_s(nbytes: float, n: int, link: Link) -> float:
     """Reduce-scatter of an ``nbytes`` buffer (the unscattered size) over ``n`` ranks."""
     if n <= 1:
         return 0.0
-    return (n - 1) * link.latency_s + (n - 1) / n * link.seconds(nbytes)
+    return (n - 1) * link.latency_s + link.seconds(ring_reduce_scatter_bytes(nbytes, n))
 
 
 def ring_all_gather_s(nbytes: float, n: int, link: Link) -> float:

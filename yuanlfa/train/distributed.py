@@ -53,5 +53,6 @@ def init_distributed(cfg: Config, device: torch.device) -> tuple[Mesh, bool]:
             kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
         created = True
-    mesh = build_mesh(cfg.parallel, world, rank, cfg.model)
+    joined = cfg.outer.algorithm == "none"
+    mesh = build_mesh(cfg.parallel, world, rank, cfg.model, joined=joined)
     return mesh, created

@@ -30,10 +30,12 @@ from yuanlfa.data.build import TrainData, build_datasets, get_batch
 from yuanlfa.model.dropout import DropoutStep, dropout_step
 from yuanlfa.parallel import Mesh, parallelize
 from yuanlfa.parallel.grads import sum_over
+from yuanlfa.parallel.islands import OuterSync, build_outer
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
 from yuanlfa.train.emulate import MemoryBudget, busy_summary, predicted_busy, rank_pacer
 from yuanlfa.train.fit_check import check_memory_fit
+from yuanlfa.train.islands import load_island_state, save_island_state
 from yuanlfa.train.loader import StepLoader
 from yuanlfa.train.metrics import MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
@@ -127,9 +129,10 @@ class Trainer:
         checkpoint.init_from, or everything from the latest checkpoint when resuming."""
         t = cfg.train
         self.cfg, self.mesh, self.device, self.dtype, self.data = cfg, mesh, device, dtype, data
-        self.micro_batches = t.global_batch_size // mesh.dp // t.micro_batch_size
-        # The process holding the loss logs: last pipeline stage, first tp and dp rank.
-        self.is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.dp_rank == 0
+        self.micro_batches = t.global_batch_size // mesh.data_dp // t.micro_batch_size
+        # The process holding the loss logs: last pipeline stage, first tp and dp rank (of the
+        # first island).
+        self.is_logger = mesh.is_last_stage and mesh.tp_rank == 0 and mesh.data_rank == 0
         self.layout = pipeline_layout(cfg, device) if mesh.pp > 1 else None
         param_dtype = torch.bfloat16 if t.param_dtype == "bf16" else torch.float32
         self.model = parallelize(cfg, mesh, device, self.layout, param_dtype)
@@ -152,6 +155,8 @@ class Trainer:
         run["data.order"] = [list(d.order_signature) for d in datasets]
         self.extra = {"config": config_to_dict(cfg), "run": run}
         self.step, self.consumed = self._resume()
+        self.outer = build_outer(self.model, self.optimizer, mesh, cfg)
+        self._resume_outer()
         self.timer = StepTimer(cfg, device, mesh.world_size)
         self.result = TrainResult()
         ckpt = cfg.checkpoint
@@ -198,6 +203,19 @@ class Trainer:
                 )
         return step, consumed
 
+    def _resume_outer(self) -> None:
+        """The islands' own state (outer optimizer, anchor, per-island weights) of the step
+        resumed from (yuanlfa.train.islands)."""
+        if self.step > 0 and isinstance(self.outer, OuterSync):
+            load_island_state(
+                self.cfg.checkpoint.dir,
+                self.step,
+                self.mesh,
+                self.model,
+                self.optimizer,
+                self.outer,
+            )
+
     def describe(self) -> str:
         cfg, mesh, layout = self.cfg, self.mesh, self.layout
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -213,6 +231,7 @@ class Trainer:
             f"({len(self.data.train)} train samples) | device {self.device}, "
             f"{str(self.dtype).removeprefix('torch.')} | tp {mesh.tp} x dp {mesh.dp}"
             f"{pipeline}{' + sequence parallel' if cfg.parallel.sequence_parallel else ''}"
+            f"{f' x islands {mesh.islands} ({cfg.outer.algorithm})' if mesh.islands > 1 else ''}"
             f"{' | sharded optimizer (ZeRO-1)' if uses_sharded_optimizer(cfg, mesh) else ''}"
         )
 
@@ -227,8 +246,8 @@ class Trainer:
             consumed=self.consumed,
             global_batch=t.global_batch_size,
             micro_batch=t.micro_batch_size,
-            dp_rank=self.mesh.dp_rank,
-            dp=self.mesh.dp,
+            dp_rank=self.mesh.data_rank,
+            dp=self.mesh.data_dp,
             device=self.device,
             num_workers=self.cfg.data.num_workers,
         )
@@ -290,6 +309,8 @@ class Trainer:
             record.update(stage_stats(self.runner, mesh, memory_gb(self.device), self.device))
             if self.predicted_busy is not None:
                 record["predicted_busy_s"] = self.predicted_busy
+        if self.outer is not None:
+            record.update(self.outer.after_step(self.step))
         if skipped:
             record["skipped"] = True
         return record
@@ -298,8 +319,8 @@ class Trainer:
         """Which samples this step's microbatches hold (the loader's order: dp rank r takes the
         r-th contiguous share of the global batch), for the layout-free dropout masks."""
         t = self.cfg.train
-        local = t.global_batch_size // self.mesh.dp
-        start = self.consumed + self.mesh.dp_rank * local
+        local = t.global_batch_size // self.mesh.data_dp
+        start = self.consumed + self.mesh.data_rank * local
         return DropoutStep(
             t.seed, self.step, tuple(range(start, start + local)), t.micro_batch_size
         )
@@ -362,6 +383,10 @@ class Trainer:
         interval_due = ckpt.interval and self.step % ckpt.interval == 0
         if self.saver is None or not (interval_due or exiting or (last and ckpt.save_at_end)):
             return
+        if isinstance(self.outer, OuterSync):
+            save_island_state(
+                ckpt.dir, self.step, self.mesh, self.model, self.optimizer, self.outer
+            )
         started, previous = self.saver.save(
             self.model,
             self.optimizer,

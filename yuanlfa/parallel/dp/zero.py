@@ -194,6 +194,15 @@ class ShardedAdamW:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
+    @torch.no_grad()
+    def reload_masters(self) -> None:
+        """Take the fp32 masters from the parameters again, after something other than this
+        optimizer changed them (the outer step of islands, yuanlfa.parallel.islands)."""
+        for b in self.buckets:
+            per_rank = b.shard.numel()
+            flat = self._flat([p.detach() for p in b.params], per_rank * self.dp)
+            b.shard.copy_(flat[self.rank * per_rank : (self.rank + 1) * per_rank])
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.reducer.zero()
         for b in self.buckets:

@@ -1,0 +1,199 @@
+"""Islands + DiLoCo against synchronous data parallelism at the same tokens: eval loss curves.
+
+The tiny model on the embedded corpus (configs/tiny.yaml, byte tokenizer), one gloo process per
+island under ``torchrun --standalone``: for each N in ``--islands`` (default 2, 4), synchronous
+dp = N (``outer.algorithm: none``, today's behaviour) and N islands with ``outer.algorithm:
+diloco`` for each H in ``--sync-every`` (default 10, 50). Every run sees the same global batch
+(split over the islands), the same steps, hence the same tokens. It records each run's eval loss
+curve and final eval loss and checks the goal of issue 20: at H = 10 the final eval loss within
+3% of synchronous dp's.
+
+    python benchmarks/islands_quality.py --out benchmarks/results/islands_quality_cpu
+
+The defaults run in about 10 minutes on 2 cores (4 processes share them for N = 4); ``--steps``,
+``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it. Needs the islands in the
+config schema (``parallel.islands``, ``outer:``); without them it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _emulated import source_commit
+from _env import cpu_name
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from islands_weak_link import islands_in_schema  # noqa: E402
+
+TARGET = 0.03  # final eval loss within 3% of synchronous dp's at H = 10
+
+
+def overrides(args: argparse.Namespace, jsonl: Path) -> list[str]:
+    return [
+        f"model.num_layers={args.layers}",
+        f"model.hidden_size={args.hidden}",
+        f"train.seq_length={args.seq}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.steps={args.steps}",
+        f"train.eval_interval={args.eval_interval}",
+        f"train.eval_iters={args.eval_iters}",
+        "train.device=cpu",
+        "checkpoint.save_at_end=false",
+        f"logging.jsonl={jsonl}",
+        "logging.log_interval=1",
+    ]
+
+
+def run(args: argparse.Namespace, name: str, n: int, extra: list[str], work: Path) -> dict:
+    jsonl = work / f"{name}.jsonl"
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+        "-m", "yuanlfa.cli.train", "--config", str(ROOT / "configs/tiny.yaml"), "--quiet",
+        "--set", *overrides(args, jsonl), *extra,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not evals:
+        raise SystemExit(f"error: {name} logged no eval_loss; use --eval-interval > 0")
+    out = {
+        "name": name,
+        "processes": n,
+        "overrides": extra,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "eval": evals,
+        "train_loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "final_eval_loss": evals[-1][1],
+        "link_bytes_total": sum(r.get("link_bytes", 0) or 0 for r in records),
+    }
+    print(f"  {name}: final eval loss {out['final_eval_loss']:.4f} ({out['wall_s']:.0f} s)",
+          flush=True)  # fmt: skip
+    return out
+
+
+def write_plot(path: str, runs: list[dict], islands: list[int]) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("no matplotlib: the plot is left out (pip install -e '.[plot]')")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(islands), figsize=(6 * len(islands), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], islands):
+        for r in runs:
+            if r["processes"] != n:
+                continue
+            xs, ys = zip(*r["eval"])
+            ax.plot(xs, ys, "o-", markersize=3, label=f"{r['name']} ({r['final_eval_loss']:.3f})")
+        ax.set_title(f"{n} islands vs synchronous dp = {n} (same tokens)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--islands", default="2,4", help="island counts (one process each)")
+    parser.add_argument("--sync-every", default="10,50", help="H values")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--eval-interval", type=int, default=20)
+    parser.add_argument("--eval-iters", type=int, default=4)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
+    args = parser.parse_args()
+    try:
+        islands = [int(x) for x in args.islands.split(",")]
+        hs = [int(x) for x in args.sync_every.split(",")]
+    except ValueError:
+        parser.error("--islands and --sync-every: comma lists of integers (2,4 and 10,50)")
+    if min(islands) < 2 or min(hs) < 1:
+        parser.error("--islands: each >= 2; --sync-every: each >= 1")
+    for n in islands:
+        if args.global_batch % (args.micro_batch * n):
+            parser.error(
+                f"--global-batch {args.global_batch} must be a multiple of --micro-batch x "
+                f"islands = {args.micro_batch * n}"
+            )
+    if min(args.steps, args.eval_interval, args.eval_iters) < 1:
+        parser.error("--steps, --eval-interval and --eval-iters must be >= 1")
+    missing = islands_in_schema()
+    if missing is not None:
+        print(f"error: the config schema has no {missing} yet (issue 20's training side); "
+              "merge it first", file=sys.stderr)  # fmt: skip
+        return 2
+    from yuanlfa.data import ensure_default_corpus
+
+    ensure_default_corpus("byte")  # tokenized once, before the runs
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="islands_quality_") as tmp:
+        for n in islands:
+            runs.append(run(args, f"dp{n} (sync)", n, [], Path(tmp)))
+            for h in hs:
+                extra = [f"parallel.islands={n}", "outer.algorithm=diloco", f"outer.sync_every={h}"]
+                runs.append(run(args, f"{n} islands DiLoCo H={h}", n, extra, Path(tmp)))
+    goals = []
+    print()
+    print(f"{'run':<28} {'final eval':>10} {'vs sync dp':>10}")
+    for n in islands:
+        base = next(r for r in runs if r["processes"] == n and not r["overrides"])
+        for r in runs:
+            if r["processes"] != n:
+                continue
+            gap = r["final_eval_loss"] / base["final_eval_loss"] - 1
+            r["gap_vs_sync"] = round(gap, 4)
+            print(f"{r['name']:<28} {r['final_eval_loss']:>10.4f} {gap:>+10.2%}")
+            if "outer.sync_every=10" in r["overrides"]:
+                goals.append({"run": r["name"], "gap": round(gap, 4), "met": gap <= TARGET})
+    for g in goals:
+        print(f"{'met' if g['met'] else 'NOT met':>7}: {g['run']} within 3% of sync dp "
+              f"({g['gap']:+.2%})")  # fmt: skip
+    if args.out:
+        import torch
+
+        result = {
+            "benchmark": "islands_quality",
+            "date": datetime.date.today().isoformat(),
+            "device": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "source": source_commit(),
+            "settings": vars(args),
+            "target": TARGET,
+            "goals": goals,
+            "runs": runs,
+        }
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_plot(f"{args.out}.png", runs, islands)
+        print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

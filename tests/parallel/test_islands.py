@@ -1,0 +1,257 @@
+"""Islands joined by DiLoCo / Streaming DiLoCo (yuanlfa.parallel.islands): the correctness
+anchors of docs/islands.md.
+
+- 1 island with DiLoCo (outer lr 1, momentum 0) equals the plain run;
+- 2 islands with ``outer.algorithm: none`` equal dp = 2;
+- the outer step equals DiLoCo's update computed directly (torch.optim.SGD on a copy) from the
+  gathered parameters of every island, for DiLoCo and for Streaming DiLoCo's staggered, delayed
+  fragments;
+- a multi-island DiLoCo run saved mid-way (an exchange in flight) and resumed equals the
+  uninterrupted run, and its islands agree after a synchronization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tests.distributed.launcher import run_distributed
+from tests.tiny import tiny_overrides
+from yuanlfa.checkpoint.files import step_name
+from yuanlfa.config import ConfigError, OuterConfig, ParallelConfig, config_from_dict
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
+from yuanlfa.parallel import build_mesh
+from yuanlfa.parallel.islands import GroupExchange, OuterSync
+from yuanlfa.train import train
+
+STEPS = 10
+
+
+def _losses(corpus: str, **extra: object) -> list[tuple[float, float]]:
+    cfg = tiny_overrides(corpus, train__steps=STEPS, train__micro_batch_size=2, **extra)
+    records = train(config_from_dict(cfg), progress=False).records
+    return [(r["loss"], r["grad_norm"]) for r in records]
+
+
+def _anchor_runs(rank: int, world: int, corpus: str) -> dict[str, list]:
+    return {
+        "plain dp2": _losses(corpus),
+        "1 island diloco": _losses(
+            corpus,
+            outer__algorithm="diloco",
+            outer__sync_every=3,
+            outer__lr=1.0,
+            outer__momentum=0.0,
+        ),
+        "1 island diloco zero1": _losses(
+            corpus,
+            outer__algorithm="diloco",
+            outer__sync_every=3,
+            outer__lr=1.0,
+            outer__momentum=0.0,
+            optim__distributed=True,
+        ),
+        "2 islands none": _losses(corpus, parallel__islands=2),
+    }
+
+
+@pytest.mark.slow
+def test_one_island_diloco_and_joined_islands_equal_plain_dp(small_corpus: str) -> None:
+    for result in run_distributed(_anchor_runs, 2, small_corpus, timeout=300):
+        ref = result.pop("plain dp2")
+        for name, run in result.items():
+            assert len(run) == STEPS
+            for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(run, ref)):
+                assert loss == pytest.approx(ref_loss, rel=1e-5), (name, step)
+                assert norm == pytest.approx(ref_norm, rel=1e-4), (name, step)
+
+
+class _Toy(nn.Module):
+    """Parameters named like the model's: an embedding, two layers, a final norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 2, bias=False)
+        self.layers = nn.ModuleDict({str(i): nn.Linear(2, 5) for i in range(2)})
+        self.final_norm = nn.Linear(5, 1, bias=False)
+
+
+def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, bool, int]]:
+    """2 islands x dp 2: random local progress per island, the outer step against a direct
+    computation from every island's parameters."""
+    islands, h = 2, 4
+    mesh = build_mesh(ParallelConfig(islands=islands), world, rank, joined=False)
+    algorithm = "streaming_diloco" if streaming else "diloco"
+    cfg = OuterConfig(
+        algorithm=algorithm,
+        sync_every=h,
+        lr=0.7,
+        momentum=0.9,
+        fragments=2 if streaming else None,
+        fragment_delay=1 if streaming else 0,
+        fragment_mix=0.25 if streaming else 0.0,
+    )
+    torch.manual_seed(0)
+    model = _Toy()
+    names = [n for n, _ in model.named_parameters()]
+    fragment = {n: (0 if n.startswith(("embed", "layers.0")) else 1) for n in names}
+    if not streaming:
+        fragment = dict.fromkeys(names, 0)
+    outer = OuterSync(model, mesh, cfg, num_layers=2, exchange=GroupExchange(mesh.island_group))
+    # The reference: anchors and outer SGD per fragment, computed from gathered parameters.
+    ref_anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_params = {n: nn.Parameter(t.clone()) for n, t in ref_anchor.items()}
+    ref_opt = torch.optim.SGD(list(ref_params.values()), lr=0.7, momentum=0.9, nesterov=True)
+    gen = torch.Generator().manual_seed(100 + mesh.island)  # equal within an island
+    offsets = [0, h // 2] if streaming else [0]
+    delay = cfg.fragment_delay
+    launched: dict[int, dict[str, torch.Tensor]] = {}  # fragment -> mean pseudo-gradient
+    events = []
+    for step in range(1, 3 * h + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        # Every island's parameters before the outer step (the reference's inputs).
+        gathered = {}
+        for n, p in model.named_parameters():
+            parts = [torch.empty_like(p) for _ in range(world)]
+            dist.all_gather(parts, p.detach().contiguous())
+            # Ranks 0,1 are island 0 (dp 2), ranks 2,3 island 1.
+            gathered[n] = [parts[0], parts[2]]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        expected = dict(before)
+        applying = [f for f in list(launched) if launched[f]["at"] == step]  # type: ignore[comparison-overlap]
+        for f in applying:
+            grads = launched.pop(f)
+            for n in names:
+                ref_params[n].grad = grads[n] if fragment[n] == f else None
+            ref_opt.step()
+            for n in names:
+                if fragment[n] == f:
+                    ref_anchor[n] = ref_params[n].detach().clone()
+                    expected[n] = torch.lerp(ref_anchor[n], before[n], cfg.fragment_mix)
+        for f, off in enumerate(offsets):
+            if step >= off and step > 0 and (step - off) % h == 0:
+                mean = {
+                    n: torch.stack([ref_anchor[n] - g for g in gathered[n]]).mean(0) for n in names
+                }
+                mean["at"] = step + delay  # type: ignore[assignment]
+                launched[f] = mean
+                if delay == 0:
+                    for n in names:
+                        ref_params[n].grad = mean[n] if fragment[n] == f else None
+                    ref_opt.step()
+                    launched.pop(f)
+                    for n in names:
+                        if fragment[n] == f:
+                            ref_anchor[n] = ref_params[n].detach().clone()
+                            expected[n] = ref_anchor[n]
+        record = outer.after_step(step)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-6, msg=n)
+        events.append((step, record["outer_sync"], record["link_bytes"]))
+    return events
+
+
+def _both(rank: int, world: int) -> dict[bool, list[tuple[int, bool, int]]]:
+    return {s: _outer_vs_direct(rank, world, s) for s in (False, True)}
+
+
+@pytest.mark.slow
+def test_outer_step_equals_direct_diloco() -> None:
+    runs = run_distributed(_both, 4, timeout=120)
+    for streaming in (False, True):
+        _check_events([run[streaming] for run in runs], streaming)
+
+
+def _check_events(events: list, streaming: bool) -> None:
+    assert all(e == events[0] for e in events)  # every rank agrees on when and how much
+    model = _Toy()
+    numel = {0: 0, 1: 0}
+    for n, p in model.named_parameters():
+        numel[0 if n.startswith(("embed", "layers.0")) or not streaming else 1] += p.numel()
+    # Each island's 2 dp ranks send half of the (padded) fragment each over 2 islands.
+    per_fragment = {f: 2 * round(ring_all_reduce_bytes(-(-numel[f] // 2) * 4, 2)) for f in numel}
+    if streaming:  # fragment 0 starts at 4, 8, 12, fragment 1 at 2, 6, 10; applied 1 step later
+        starts = {4: 0, 8: 0, 12: 0, 2: 1, 6: 1, 10: 1}
+        applied = {5, 9, 3, 7, 11}
+    else:
+        starts = {4: 0, 8: 0, 12: 0}
+        applied = {4, 8, 12}
+    for step, synced, sent in events[0]:
+        assert synced == (step in applied), step
+        assert sent == (per_fragment[starts[step]] if step in starts else 0), step
+
+
+def _fault_free_resume(rank: int, world: int, corpus: str, root: str) -> dict[str, object]:
+    common = dict(
+        parallel__islands=2,
+        outer__algorithm="streaming_diloco",
+        outer__sync_every=4,
+        outer__fragments=2,
+        outer__fragment_delay=1,
+        optim__distributed=True,
+        train__micro_batch_size=1,
+        train__steps=STEPS,
+    )
+    full = tiny_overrides(corpus, checkpoint__dir=f"{root}/full", **common)
+    whole = train(config_from_dict(full), progress=False).records
+    part = tiny_overrides(corpus, checkpoint__dir=f"{root}/part", train__exit_interval=6, **common)
+    first = train(config_from_dict(part), progress=False).records
+    resumed = tiny_overrides(
+        corpus, checkpoint__dir=f"{root}/part", checkpoint__resume=True, **common
+    )
+    second = train(config_from_dict(resumed), progress=False).records
+    return {"whole": whole, "split": first + second}
+
+
+@pytest.mark.slow
+def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path: Path) -> None:
+    results = run_distributed(_fault_free_resume, 4, small_corpus, str(tmp_path), timeout=600)
+    for result in results:
+        whole, split = result["whole"], result["split"]
+        assert [r["step"] for r in split] == list(range(1, STEPS + 1))
+        for a, b in zip(whole, split):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
+            for key in ("outer_sync", "link_bytes", "islands_alive"):
+                assert a[key] == b[key]
+    # The two islands (ranks 0-1 and 2-3, dp 2 each) trained on different data ...
+    assert results[0]["whole"][0]["loss"] != results[2]["whole"][0]["loss"]
+    # ... and hold the same parameters where every fragment was last applied with the outer
+    # result replacing the local one (fragment_mix 0): compare the saved per-island weights.
+    step_dir = tmp_path / "full" / "islands" / step_name(STEPS)
+    a = torch.load(step_dir / "rank0.pt", weights_only=True)
+    b = torch.load(step_dir / "rank2.pt", weights_only=True)
+    for x, y in zip(a["outer"]["anchors"], b["outer"]["anchors"]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"outer": {"sync_every": 0}}, "outer.sync_every: must be >= 1"),
+        ({"outer": {"algorithm": "streaming_diloco"}}, "outer.fragments: streaming_diloco needs"),
+        (
+            {"outer": {"algorithm": "streaming_diloco", "fragments": 3, "sync_every": 3}},
+            "outer.fragments: 3 fragments but model.num_layers = 2",
+        ),
+        ({"outer": {"lighthouse": "nohost"}}, "outer.lighthouse"),
+        ({"parallel": {"islands": 0}}, "parallel.islands: must be >= 1"),
+    ],
+)
+def test_bad_outer_config(overrides: dict, match: str) -> None:
+    base = {"model": {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 128}}
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({**base, **overrides})
+
+
+def test_islands_must_divide_world() -> None:
+    from yuanlfa.config import resolve
+
+    cfg = config_from_dict({"parallel": {"islands": 2}, "model": {"vocab_size": 128}})
+    with pytest.raises(ConfigError, match="parallel.islands: 2 islands do not divide"):
+        resolve(cfg, 3)

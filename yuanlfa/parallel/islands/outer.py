@@ -1,0 +1,246 @@
+"""The outer loop joining islands: DiLoCo and Streaming DiLoCo on this rank's piece of the model.
+
+Each island trains on its own (its inner optimizer, dp reduction inside the island). Every
+rank keeps the *anchor*: its parameters as of the last synchronization, in fp32.
+
+**DiLoCo** (Douillard et al. 2023). After every ``H = outer.sync_every`` inner steps:
+pseudo-gradient ``Δ = anchor - θ`` (on this rank's tp/pp piece), averaged over the ranks holding
+the same piece in every island; the outer optimizer (``torch.optim.SGD`` with ``outer.lr``,
+``outer.momentum``, ``outer.nesterov``) steps the anchor with gradient ``mean(Δ)``; the parameters
+become the new anchor. The inner optimizer's state is left as it is.
+
+**Streaming DiLoCo** (Douillard et al. 2025). The layers are split into ``P = outer.fragments``
+contiguous fragments (the embedding goes with the first, the final norm and head with the last).
+Fragment ``p`` synchronizes at the steps ``t > 0`` with ``(t - p * H / P) % H == 0``: the
+fragments take turns, each every ``H`` steps. At ``t`` its pseudo-gradient is taken and its
+all-reduce started; the outer step is applied ``τ = outer.fragment_delay`` inner steps later (the
+exchange overlaps those steps' compute): the anchor steps as above with the gradient from ``t``,
+and the fragment's parameters become ``lerp(anchor, θ_now, α)`` with ``α = outer.fragment_mix``
+(0: the outer result replaces the ``τ`` local steps' changes; torchft's fragment_update_alpha).
+The anchor is the outer result, not the mix. With ``P = 1`` and ``τ = 0`` this is DiLoCo.
+
+The exchange is sharded over the island's dp ranks (whose parameters are equal): each sends and
+steps the outer optimizer on a disjoint 1/dp chunk, then the island all-gathers the new anchor
+over dp, so the link carries each piece once per island.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from yuanlfa.config import OuterConfig
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
+from yuanlfa.parallel.islands.link import island_dp_sum
+from yuanlfa.parallel.mesh import Mesh
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class Work(Protocol):
+    def wait(self) -> Any: ...
+
+
+class Exchange(Protocol):
+    """Averages a tensor in place over the ranks holding this piece in every live island."""
+
+    def size(self) -> int: ...
+
+    def start_sum(self, tensor: torch.Tensor) -> Work: ...
+
+
+class GroupExchange:
+    """The cross-island process group of a single launch (``mesh.island_group``)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+
+    def size(self) -> int:
+        return dist.get_world_size(self.group) if self.group is not None else 1
+
+    def start_sum(self, tensor: torch.Tensor) -> Work:
+        if self.group is None:
+            return _Done()
+        return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+
+class _Done:
+    def wait(self) -> None:
+        return None
+
+
+def fragment_of_layers(num_layers: int, fragments: int) -> list[int]:
+    """Fragment index of each layer: ``fragments`` contiguous, near-even runs of layers."""
+    return [layer * fragments // num_layers for layer in range(num_layers)]
+
+
+def fragment_of_param(name: str, layer_fragment: list[int], fragments: int) -> int:
+    match = _LAYER.search(name)
+    if match is not None:
+        return layer_fragment[int(match.group(1))]
+    # Outside the layers: the embedding goes with the first fragment, the rest (final norm,
+    # head) with the last.
+    return 0 if "embed" in name else fragments - 1
+
+
+@dataclass
+class _Fragment:
+    params: list[nn.Parameter]
+    anchor: torch.Tensor  # [numel padded to dp], fp32: the parameters at the last sync
+    chunk: nn.Parameter  # this dp rank's slice of the anchor, what the outer SGD steps
+    lo: int
+    hi: int
+    numel: int
+    offset: int  # the step of its first synchronization (p * H / P)
+    link_bytes: int  # what the island sends per exchange of this fragment
+
+
+@dataclass
+class _Pending:
+    apply_at: int
+    fragment: int
+    delta: torch.Tensor
+    work: Work
+
+
+class OuterSync:
+    """The outer step of one rank. Call :meth:`after_step` after every inner optimizer step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        cfg: OuterConfig,
+        num_layers: int,
+        exchange: Exchange,
+        reload_masters: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg, self.mesh, self.exchange = cfg, mesh, exchange
+        self.reload_masters = reload_masters
+        count = cfg.fragments if cfg.algorithm == "streaming_diloco" and cfg.fragments else 1
+        layer_fragment = fragment_of_layers(num_layers, count)
+        groups: list[list[nn.Parameter]] = [[] for _ in range(count)]
+        for name, p in model.named_parameters():
+            groups[fragment_of_param(name, layer_fragment, count)].append(p)
+        self.dp_group = mesh.dp_group if not mesh.joined else None
+        dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+        dp_rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        self.dp = dp
+        self.fragments: list[_Fragment] = []
+        wire = 2 if cfg.quantize else 4
+        n = exchange.size()
+        own = []
+        for p_index, params in enumerate(groups):
+            flat = self._flat(params)
+            per_rank = -(-flat.numel() // dp)
+            anchor = torch.nn.functional.pad(flat, (0, per_rank * dp - flat.numel()))
+            lo, hi = dp_rank * per_rank, (dp_rank + 1) * per_rank
+            chunk = nn.Parameter(anchor[lo:hi].clone())
+            offset = p_index * cfg.sync_every // count
+            self.fragments.append(_Fragment(params, anchor, chunk, lo, hi, flat.numel(), offset, 0))
+            own.append(ring_all_reduce_bytes(per_rank * wire, n))
+        for f, total in zip(self.fragments, island_dp_sum(own, mesh)):
+            f.link_bytes = round(total)
+        momentum = cfg.momentum
+        self.optimizer = torch.optim.SGD(
+            [f.chunk for f in self.fragments],
+            lr=cfg.lr,
+            momentum=momentum,
+            nesterov=cfg.nesterov and momentum > 0,
+        )
+        self.pending: list[_Pending] = []
+
+    @staticmethod
+    def _flat(params: list[nn.Parameter]) -> torch.Tensor:
+        if not params:
+            return torch.zeros(0)
+        return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+    def due(self, step: int) -> list[int]:
+        """The fragments whose exchange starts after inner step ``step``."""
+        h = self.cfg.sync_every
+        return [
+            i
+            for i, f in enumerate(self.fragments)
+            if step > 0 and step >= f.offset and (step - f.offset) % h == 0
+        ]
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> dict[str, Any]:
+        """After inner step ``step`` (1-based count of steps done): apply the exchanges due now,
+        start the ones that begin now. Returns the record fields."""
+        synced = False
+        for pending in [q for q in self.pending if q.apply_at <= step]:
+            self.pending.remove(pending)
+            self._apply(pending)
+            synced = True
+        sent = 0
+        for i in self.due(step):
+            f = self.fragments[i]
+            current = torch.nn.functional.pad(self._flat(f.params), (0, f.anchor.numel() - f.numel))
+            delta = f.anchor[f.lo : f.hi] - current[f.lo : f.hi]
+            if self.cfg.quantize:
+                delta = delta.to(torch.bfloat16)
+            pending = _Pending(
+                step + self.cfg.fragment_delay, i, delta, self.exchange.start_sum(delta)
+            )
+            sent += f.link_bytes
+            if self.cfg.fragment_delay == 0:
+                self._apply(pending)
+                synced = True
+            else:
+                self.pending.append(pending)
+        return {"outer_sync": synced, "link_bytes": sent, "islands_alive": self.exchange.size()}
+
+    def _apply(self, pending: _Pending) -> None:
+        f = self.fragments[pending.fragment]
+        pending.work.wait()
+        f.chunk.grad = pending.delta.float() / self.exchange.size()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.dp_group is not None:
+            dist.all_gather_into_tensor(f.anchor, f.chunk.detach(), group=self.dp_group)
+        else:
+            f.anchor.copy_(f.chunk.detach())
+        mix = self.cfg.fragment_mix
+        offset = 0
+        for p in f.params:
+            new = f.anchor[offset : offset + p.numel()].view_as(p)
+            if mix:
+                new = torch.lerp(new, p.detach().float(), mix)
+            p.copy_(new)
+            offset += p.numel()
+        if self.reload_masters is not None:
+            self.reload_masters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The anchor (last synchronized parameters), the outer momentum, exchanges in flight
+        (finished first: a checkpoint holds no open communication)."""
+        return {
+            "anchors": [f.anchor.clone() for f in self.fragments],
+            "chunks": [f.chunk.detach().clone() for f in self.fragments],
+            "optimizer": self.optimizer.state_dict(),
+            "pending": [(q.apply_at, q.fragment, self._finished(q)) for q in self.pending],
+        }
+
+    def _finished(self, pending: _Pending) -> torch.Tensor:
+        pending.work.wait()
+        pending.work = _Done()
+        return pending.delta.clone()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for f, anchor, chunk in zip(self.fragments, state["anchors"], state["chunks"]):
+                f.anchor.copy_(anchor)
+                f.chunk.copy_(chunk)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pending = [
+            _Pending(apply_at, fragment, delta, _Done())
+            for apply_at, fragment, delta in state["pending"]
+        ]
