@@ -22,7 +22,12 @@ from yuanlfa.planner.cluster_plan import cluster_plan, emulated_speeds, memory_b
 from yuanlfa.planner.cost import cost_model
 from yuanlfa.planner.recompute import with_recompute
 from yuanlfa.train import train
-from yuanlfa.train.emulate import MemoryBudget, MemoryBudgetExceeded, busy_summary
+from yuanlfa.train.emulate import (
+    MemoryBudget,
+    MemoryBudgetExceeded,
+    busy_summary,
+    predicted_busy,
+)
 from yuanlfa.train.setup import prepare_config
 
 
@@ -142,6 +147,12 @@ def test_speeds_and_budgets_come_from_the_cluster_section() -> None:
     assert memory_budgets(gpu) == (None, None)  # a GPU holds its own limit
     given = resolve(config_from_dict({**data, "emulate": {"speeds": [0.5, 1.0]}}), 2)
     assert emulated_speeds(given) == (0.5, 1.0)
+    # The plan's busy times follow a measured sustained rate of the fastest device.
+    busy = [
+        predicted_busy(resolve(config_from_dict({**data, "emulate": {"tflops": t}}), 2))
+        for t in (0.02, 0.01)
+    ]
+    assert [b / a for a, b in zip(*busy)] == pytest.approx([2, 2], rel=0.01)
 
 
 @pytest.mark.parametrize(

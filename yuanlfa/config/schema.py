@@ -285,6 +285,10 @@ class EmulateConfig:
     # first step by the planner's prediction and after each step by the measurement. Empty:
     # the cluster section's device memory when training on CPU with one, else no budget.
     memory_gib: tuple[float, ...] = ()
+    # The sustained TFLOP/s of a full-speed rank (of the cluster's fastest device), for the plan
+    # and the logged predicted_busy_s; None: each device's peak x 0.45. A paced CPU rank
+    # sustains far less: fit it on one run (benchmarks/heterogeneous.py's fitted_flops_per_s).
+    tflops: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("speeds", "memory_gib"):

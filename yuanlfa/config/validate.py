@@ -371,6 +371,7 @@ def _validate_emulate(cfg: Config) -> None:
         all(x > 0 for x in e.memory_gib),
         f"emulate.memory_gib: each must be > 0 GiB, got {list(e.memory_gib)}",
     )
+    _positive("emulate", e, "tflops")
     if e.pace:
         _require(p.pp > 1, "emulate.pace: paces pipeline ops; needs parallel.pp > 1")
         _require(

@@ -10,7 +10,7 @@ the split and per-rank recompute to run, and each pipeline rank's predicted busy
   device the plan sees (the cluster's, with ``emulate.memory_gib`` as its memory), the speed a
   paced CPU rank runs at, and the memory budget the trainer enforces.
 - :func:`predicted_busy_s`: per pipeline rank, microbatches x its time per microbatch under the
-  cost model (at the devices' peak x mfu, or a measured ``flops_per_s`` of the fastest device),
+  cost model (at the devices' peak x mfu, or ``emulate.tflops`` for the fastest device),
   for the log next to the measured busy time.
 """
 
@@ -82,7 +82,14 @@ def _plan_options(cfg: Config, mfu: float) -> dict | None:
     if devices is None and speeds is None:
         return None
     cluster = mixed_cluster(cfg.cluster) if cfg.cluster.groups else None
-    return {"cluster": cluster, "devices": devices, "speeds": speeds, "mfu": mfu}
+    flops = cfg.emulate.tflops * 1e12 if cfg.emulate.tflops is not None else None
+    return {
+        "cluster": cluster,
+        "devices": devices,
+        "speeds": speeds,
+        "mfu": mfu,
+        "flops_per_s": flops,
+    }
 
 
 def cluster_plan(cfg: Config, mfu: float = DEFAULT_MFU) -> ClusterPlan | None:
