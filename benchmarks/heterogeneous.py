@@ -1,28 +1,35 @@
-"""A heterogeneous pipeline, emulated on CPU cores: 4 pipeline ranks, 2 of them at half speed.
+"""A heterogeneous pipeline, emulated on CPU: 4 pipeline ranks, 2 of them at half speed.
 
-Each rank of a ``yuanlfa-train`` launch (torchrun, gloo, pp 4, dp 1, fp32, 1F1B) is pinned to a
-core of its own, and the ranks ``--slow`` (default the last two) run under the duty-cycle
-throttle of yuanlfa/train/throttle.py at ``--speed`` (default 0.5: stopped half of every 20 ms).
-Three splits of the same model are trained, each in its own launch, alternating over
-``--repeats`` rounds:
+Each split is trained by its own ``yuanlfa-train`` launch (torchrun, gloo, pp 4, dp 1, fp32,
+1F1B). The slow ranks (``--slow``, default the last two) run at ``--speed`` (default 0.5) in one
+of two ways:
+
+  paced     (default) every rank's pipeline ops are paced (``emulate.pace``,
+            yuanlfa/parallel/pp/pacing.py): an op lasts its own thread CPU time x pace / speed,
+            so ranks may share cores (this machine: 2 cores for 4 ranks, with other work) as long
+            as pace exceeds the ranks per free core; ``stage_overrun_s`` in the log says when it
+            did not. The emulated devices run at 1/pace of a core (fast) and half that (slow).
+  throttle  each rank pinned to a core of its own, the slow ones stopped part of every 20 ms
+            (yuanlfa/train/throttle.py); needs 4 free cores.
+
+Three splits of the same model, alternating over ``--repeats`` rounds:
 
   uniform      layers as even as they go (layout.uniform_blocks);
   homogeneous  the balancer's time-optimal split when every rank is taken to be equally fast;
   aware        the balancer's split with each rank's speed (cost_model(..., speeds=...)).
 
 Each launch's figure is the median ``step_time_s`` of the trainer's log after ``--warmup``
-steps; the trainer's per-rank ``stage_busy_s`` is recorded next to the cost model's per-rank
-prediction (microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s is
-fitted on one measured point (the homogeneous split's step); the uniform and aware points are
-predictions, each one's error checked against 15%. The goal: aware at least 1.3x faster than
-homogeneous.
+steps (in paced mode without the steps where a rank's ops overran their paced time by more than
+2% of the step, while two steps remain: those measured the machine's load); the trainer's
+per-rank ``stage_busy_s`` is recorded next to the cost model's per-rank prediction
+(microbatches x the rank's time per microbatch). The cost model's sustained FLOP/s of a
+full-speed rank is fitted on one measured point (the homogeneous split's step); the uniform and
+aware points are predictions, each one's error checked against 15%. The goal: aware at least
+1.3x faster than homogeneous.
 
-A meaningful run needs 4 free cores (the ranks must not share cores, or a stopped rank hands its
-core to another and the emulation is off); with fewer the script says so and exits 1 unless
-``--allow-shared`` (a smoke run of the mechanism; its figures are not a measurement).
-
-    python benchmarks/heterogeneous.py --out benchmarks/results/heterogeneous_cpu
-    python benchmarks/heterogeneous.py --allow-shared --steps 4 --warmup 1 --layers 8 --hidden 64
+    OMP_NUM_THREADS=1 python benchmarks/heterogeneous.py --out benchmarks/results/heterogeneous_cpu
+    python benchmarks/heterogeneous.py --steps 4 --warmup 1 --layers 8 --hidden 64 --repeats 1
+    python benchmarks/heterogeneous.py --mode throttle      # with 4 free cores
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from yuanlfa.train.throttle import Throttle  # noqa: E402
 PP = 4
 SPLITS = ("uniform", "homogeneous", "aware")
 TOLERANCE = 0.15
+OVERRUN_SHARE = 0.02
 GOAL = 1.3
 
 
@@ -63,8 +71,8 @@ def config_dict(args: argparse.Namespace, blocks: tuple[int, ...] | str, jsonl: 
             "num_layers": args.layers,
             "hidden_size": args.hidden,
             "num_heads": args.heads,
-            # Beyond the byte tokenizer's 384 (unused rows): a head that costs like a few
-            # layers, so that the last stage's extra work matters to the split.
+            # Beyond the byte tokenizer's 384 (unused rows): the last stage's head and loss
+            # cost some of a layer, so that the split must weigh them.
             "vocab_size": args.vocab,
         },
         "parallel": {"pp": PP, "dp": 1, "schedule": "1f1b", "pipeline_blocks": blocks},
@@ -81,6 +89,7 @@ def config_dict(args: argparse.Namespace, blocks: tuple[int, ...] | str, jsonl: 
         },
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "logging": {"jsonl": jsonl, "log_interval": 1},
+        "emulate": {"pace": args.pace, "speeds": list(args.speeds)} if args.mode == "paced" else {},
     }
 
 
@@ -157,7 +166,7 @@ def launch(args, name: str, blocks, speeds, cores: list[int] | None) -> dict:
             for rank, pid in workers.items():
                 if cores is not None:
                     os.sched_setaffinity(pid, {cores[rank]})
-                if speeds[rank] < 1:
+                if args.mode == "throttle" and speeds[rank] < 1:
                     throttles.append(Throttle(pid, speeds[rank], args.period_ms / 1e3).start())
             out, _ = proc.communicate(timeout=args.timeout)
         finally:
@@ -173,13 +182,22 @@ def launch(args, name: str, blocks, speeds, cores: list[int] | None) -> dict:
     timed = [r for r in records if "step_time_s" in r][args.warmup :]
     if not timed:
         raise SystemExit(f"{name}: no step after the {args.warmup} warm-up steps")
-    busy = [statistics.median(r["stage_busy_s"][k] for r in timed) for k in range(PP)]
+    overrun = [max(r.get("stage_overrun_s", [0.0] * PP)[k] for r in timed) for k in range(PP)]
+    # A step where some rank's ops overran their paced time by more than OVERRUN_SHARE of the
+    # step (the cores were too busy for the pace) measures the load, not the emulated devices:
+    # left out while at least two steps remain.
+    clean = [r for r in timed if max(r.get("stage_overrun_s", [0.0])) <= OVERRUN_SHARE * r[
+        "step_time_s"]]  # fmt: skip
+    used = clean if len(clean) >= 2 else timed
+    busy = [statistics.median(r["stage_busy_s"][k] for r in used) for k in range(PP)]
     return {
         "split": name,
         "blocks": list(blocks),
-        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "step_time_s": statistics.median(r["step_time_s"] for r in used),
         "step_times_s": [r["step_time_s"] for r in timed],
+        "steps_left_out": len(timed) - len(used),
         "stage_busy_s": busy,
+        "stage_overrun_s_max": overrun,
         "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min": os.getloadavg()[0],
     }
@@ -213,28 +231,37 @@ def write_plot(path: str, result: dict) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mode", choices=("paced", "throttle"), default="paced")
+    p.add_argument("--pace", type=float, default=8.0, help="paced mode: >= ranks per free core")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--slow", default="2,3", help="pipeline ranks to throttle")
     p.add_argument("--speed", type=float, default=0.5)
     p.add_argument("--period-ms", type=float, default=20.0)
     p.add_argument("--repeats", type=int, default=2, help="rounds over the three splits")
     p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--allow-shared", action="store_true", help="run with < 4 free cores (smoke)")
+    p.add_argument(
+        "--allow-shared", action="store_true", help="throttle mode with < 4 free cores (smoke)"
+    )
     p.add_argument("--out", default=None, help="write OUT.json, OUT.md and OUT.png")
+    p.add_argument("--render", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json")
     args = p.parse_args()
+    if args.render:
+        write_outputs(args.out, json.loads(Path(args.out + ".json").read_text()))
+        return 0
     slow = [int(x) for x in args.slow.split(",") if x]
     speeds = tuple(args.speed if r in slow else 1.0 for r in range(PP))
+    args.speeds = speeds
     cores = sorted(os.sched_getaffinity(0))
-    pinned = cores[:PP] if len(cores) >= PP else None
-    if pinned is None and not args.allow_shared:
+    pinned = cores[:PP] if len(cores) >= PP and args.mode == "throttle" else None
+    if args.mode == "throttle" and pinned is None and not args.allow_shared:
         print(f"needs {PP} cores, this process may use {len(cores)}: the ranks would share cores "
               "and a stopped rank would hand its core to another; --allow-shared for a smoke "
               "run", file=sys.stderr)  # fmt: skip
@@ -272,10 +299,17 @@ def main() -> int:
     speedup = measured["homogeneous"] / measured["aware"]
     aware_error = rows[2]["error"]
     result = {
-        "machine": {"cpu": cpu_name(), "cores_used": pinned, "torch": package_version("torch")},
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": len(cores),
+            "cores_pinned": pinned,
+            "torch": package_version("torch"),
+        },
+        "mode": args.mode,
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "shared_cores": pinned is None,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "pace": args.pace if args.mode == "paced" else None,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "speeds")},
         "slow_ranks": slow,
         "speed": args.speed,
         "fitted_flops_per_s": flops,
@@ -285,22 +319,53 @@ def main() -> int:
         "speedup_met": speedup >= GOAL,
         "aware_prediction_within_15pct": abs(aware_error) <= TOLERANCE,
     }
-    lines = ["| split | blocks | measured s | predicted s | error |", "|---|---|---|---|---|"]
-    for r in rows:
-        mark = " (fitted)" if r["fitted"] else ""
-        lines.append(f"| {r['split']} | {r['blocks']} | {r['step_time_s']:.3f} | "
-                     f"{r['predicted_step_s']:.3f}{mark} | {r['error']:+.1%} |")  # fmt: skip
-    lines.append(f"\naware vs homogeneous: {speedup:.2f}x (goal {GOAL}x)")
-    text = "\n".join(lines)
+    text = report(result)
     print(text)
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out + ".md").write_text(
-            "# Emulated heterogeneous pipeline (CPU)\n\n`python benchmarks/heterogeneous.py "
-            f"--out {args.out}`\n\n" + text + "\n"
-        )
-        write_plot(args.out + ".png", result)
+        write_outputs(args.out, result)
     return 0
+
+
+def report(result: dict) -> str:
+    """The results as Markdown tables: step times, then busy time per rank."""
+    lines = ["| split | blocks | measured s | predicted s | error |", "|---|---|---|---|---|"]
+    for r in result["splits"]:
+        mark = " (fitted)" if r["fitted"] else ""
+        lines.append(f"| {r['split']} | {r['blocks']} | {r['step_time_s']:.3f} | "
+                     f"{r['predicted_step_s']:.3f}{mark} | {r['error']:+.1%} |")  # fmt: skip
+    speedup, goal = result["aware_vs_homogeneous"], result["goal_speedup"]
+    lines.append(f"\naware vs homogeneous: {speedup:.2f}x (goal {goal}x)\n")
+    lines.append("busy seconds per step, measured / predicted, per pipeline rank:\n")
+    lines.append("| split | " + " | ".join(f"rank {k}" for k in range(PP)) + " |")
+    lines.append("|---" * (PP + 1) + "|")
+    for r in result["splits"]:
+        cells = [f"{m:.2f} / {p:.2f}" for m, p in zip(r["stage_busy_s"], r["predicted_busy_s"])]
+        lines.append(f"| {r['split']} | " + " | ".join(cells) + " |")
+    overrun = max(max(x["stage_overrun_s_max"]) for r in result["splits"] for x in r["launches"])
+    load = [x["loadavg_1min"] for r in result["splits"] for x in r["launches"]]
+    left_out = sum(x.get("steps_left_out", 0) for r in result["splits"] for x in r["launches"])
+    lines.append(
+        f"\nmode {result['mode']}, pace {result['pace']}, ranks {result['slow_ranks']} at speed "
+        f"{result['speed']}; 1-minute load average {min(load):.1f} to {max(load):.1f} on "
+        f"{result['machine']['cores']} cores; largest overrun of the pace in any step and rank: "
+        f"{overrun:.3f} s; steps left out for overruns over {OVERRUN_SHARE:.0%} of the step: "
+        f"{left_out}"
+    )
+    return "\n".join(lines)
+
+
+def write_outputs(out: str, result: dict) -> None:
+    s = result["settings"]
+    model = (f"{s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, seq {s['seq']}, "
+             f"micro-batch {s['micro_batch']}, global batch {s['global_batch']}")  # fmt: skip
+    Path(out + ".md").write_text(
+        "# Emulated heterogeneous pipeline (CPU)\n\n`OMP_NUM_THREADS=1 python "
+        f"benchmarks/heterogeneous.py --out {out}` ({model}; {result['date']})\n\n"
+        + report(result)
+        + "\n"
+    )
+    write_plot(out + ".png", result)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from tests.distributed.launcher import run_distributed
 from tests.tiny import tiny_overrides
 from yuanlfa.checkpoint.files import step_name
 from yuanlfa.config import ConfigError, OuterConfig, ParallelConfig, config_from_dict
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
 from yuanlfa.parallel import build_mesh
 from yuanlfa.parallel.islands import GroupExchange, OuterSync
-from yuanlfa.parallel.islands.link import ring_bytes
 from yuanlfa.train import train
 
 STEPS = 10
@@ -178,7 +178,7 @@ def _check_events(events: list, streaming: bool) -> None:
     for n, p in model.named_parameters():
         numel[0 if n.startswith(("embed", "layers.0")) or not streaming else 1] += p.numel()
     # Each island's 2 dp ranks send half of the (padded) fragment each over 2 islands.
-    per_fragment = {f: 2 * round(ring_bytes(-(-numel[f] // 2) * 4, 2)) for f in numel}
+    per_fragment = {f: 2 * round(ring_all_reduce_bytes(-(-numel[f] // 2) * 4, 2)) for f in numel}
     if streaming:  # fragment 0 starts at 4, 8, 12, fragment 1 at 2, 6, 10; applied 1 step later
         starts = {4: 0, 8: 0, 12: 0, 2: 1, 6: 1, 10: 1}
         applied = {5, 9, 3, 7, 11}

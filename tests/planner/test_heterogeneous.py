@@ -207,7 +207,8 @@ def test_cluster_plan_for_the_trainer() -> None:
     # A given split that overfills the small device: a one-line error naming the rank.
     data["cluster"]["groups"][1]["memory_gib"] = 0.001
     data["parallel"]["pipeline_blocks"] = [2, 2, 2, 2]
-    with pytest.raises(ConfigError, match=r"pipeline rank 2 .* holds 0.0 GiB; set"):
+    fix = r"it fits with parallel.pipeline_blocks=\[4, 4, 0, 0\]"
+    with pytest.raises(ConfigError, match=rf"pipeline rank 2 .* holds 0.00 GiB; {fix}"):
         cluster_plan(resolve(config_from_dict(data), 4))
 
 

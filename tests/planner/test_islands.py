@@ -10,6 +10,7 @@ import pytest
 
 from yuanlfa.cli.plan import main
 from yuanlfa.config import load_config, resolve
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
 from yuanlfa.planner import advise, get_device
 from yuanlfa.planner.advisor import Layout, apply_layout
 from yuanlfa.planner.cost import cost_model
@@ -23,7 +24,7 @@ from yuanlfa.planner.islands import (
     outer_step_s,
     sync_link_bytes,
 )
-from yuanlfa.planner.links import Link, ring_all_reduce_bytes
+from yuanlfa.planner.links import Link
 from yuanlfa.planner.params import param_counts
 from yuanlfa.planner.topology import Cluster
 

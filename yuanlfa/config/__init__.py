@@ -18,6 +18,7 @@ from yuanlfa.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    EmulateConfig,
     LoggingConfig,
     ModelConfig,
     NodeGroupConfig,
@@ -37,6 +38,7 @@ from yuanlfa.config.validate import resolve, tp_indivisible, validate
 __all__ = [
     "CheckpointConfig",
     "ClusterConfig",
+    "EmulateConfig",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -267,6 +267,36 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class EmulateConfig:
+    """A heterogeneous pipeline emulated on CPU cores (yuanlfa/parallel/pp/pacing.py): slow
+    pipeline ranks by pacing their ops, small ones by a memory budget. Pipelines without tp or
+    dp only (tp collectives inside an op would wait on paced peers)."""
+
+    # Each pipeline op (a microbatch's forward or backward on a stage) lasts its thread CPU time
+    # x pace / the rank's speed in wall time. At least the ranks per free core (4 ranks on 2
+    # cores: 2 or more, 4 with other load), so that each rank needs its core only a fraction of
+    # the time and sharing a core does not change the emulated times. 0: off.
+    pace: float = 0.0
+    # Per pipeline rank, its speed in (0, 1]. Empty: from the cluster section's TFLOP/s of each
+    # rank's device relative to the fastest, else every rank at 1.
+    speeds: tuple[float, ...] = ()
+    # Per pipeline rank, the memory budget (GiB) the trainer enforces on its own accounting
+    # (weights, gradients, optimizer state and the activations kept for backward), before the
+    # first step by the planner's prediction and after each step by the measurement. Empty:
+    # the cluster section's device memory when training on CPU with one, else no budget.
+    memory_gib: tuple[float, ...] = ()
+    # The sustained TFLOP/s of a full-speed rank (of the cluster's fastest device), for the plan
+    # and the logged predicted_busy_s; None: each device's peak x 0.45. A paced CPU rank
+    # sustains far less: fit it on one run (benchmarks/heterogeneous.py's fitted_flops_per_s).
+    tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("speeds", "memory_gib"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
 class OuterConfig:
     """How islands (parallel.islands) are joined: the outer loop of DiLoCo-style training
     (docs/islands.md)."""
@@ -316,4 +346,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)

@@ -205,6 +205,7 @@ def validate(cfg: Config) -> None:
     )
     _validate_outer(cfg)
     _validate_cluster(cfg)
+    _validate_emulate(cfg)
     _validate_split(cfg.data.split)
     _validate_tokenizer(cfg.data.tokenizer)
     for name in ("fim_rate", "fim_spm_rate"):
@@ -342,6 +343,45 @@ def _validate_cluster(cfg: Config) -> None:
             world == c.world_size,
             f"cluster: describes {_cluster_words(cfg)} = {c.world_size} devices but tp * pp * "
             f"cp * dp * islands = {world}; {_world_fix(cfg, c.world_size)}",
+        )
+
+
+def _validate_emulate(cfg: Config) -> None:
+    e, p = cfg.emulate, cfg.parallel
+    _require(
+        e.pace == 0 or e.pace >= 1,
+        f"emulate.pace: 0 (off) or >= 1 (at least the ranks per free core), got {e.pace}",
+    )
+    for name in ("speeds", "memory_gib"):
+        values = getattr(e, name)
+        _require(
+            not values or p.pp > 1,
+            f"emulate.{name}: emulates pipeline ranks (parallel.pp > 1); for one rank's memory "
+            "use train.device_memory_gb",
+        )
+        _require(
+            not values or len(values) == p.pp,
+            f"emulate.{name}: one entry per pipeline rank (parallel.pp={p.pp}), got {len(values)}",
+        )
+    _require(
+        all(0 < x <= 1 for x in e.speeds),
+        f"emulate.speeds: each a fraction in (0, 1] of the fastest rank, got {list(e.speeds)}",
+    )
+    _require(
+        all(x > 0 for x in e.memory_gib),
+        f"emulate.memory_gib: each must be > 0 GiB, got {list(e.memory_gib)}",
+    )
+    _positive("emulate", e, "tflops")
+    if e.pace:
+        _require(p.pp > 1, "emulate.pace: paces pipeline ops; needs parallel.pp > 1")
+        _require(
+            p.tp == 1 and (p.dp or 1) == 1 and p.cp == 1 and p.islands == 1,
+            "emulate.pace: emulates pipelines without tp, cp, dp or islands (their collectives "
+            "would wait inside paced ops); set parallel.tp, cp, dp and islands to 1",
+        )
+        _require(
+            cfg.train.device == "cpu",
+            "emulate.pace: emulates devices on CPU cores; set train.device=cpu",
         )
 
 

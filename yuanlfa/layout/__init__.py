@@ -1,5 +1,6 @@
 """Torch-free vocabulary of a parallel layout: pipeline splits (``splits``) and rank arithmetic
-(``ranks``). Imports only :mod:`yuanlfa.config`; the planner and the runtime both speak it."""
+(``ranks``), schedules (``schedules``) and the bytes a collective sends (``traffic``). Imports
+only :mod:`yuanlfa.config`; the planner and the runtime both speak it."""
 
 from yuanlfa.layout.ranks import (
     DIMS,

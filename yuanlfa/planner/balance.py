@@ -267,9 +267,9 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
         need = float(c.memory.min())
         limit = model.limit_of(r) or 0
         return NoFitError(
-            f"pipeline rank {r} ({model.device_of(r).name}, {limit / GIB:.1f} GiB) cannot hold "
-            f"even its fixed parts (embedding / head) with no layers: needs {need / GIB:.1f} GiB, "
-            f"{(need - limit) / GIB:.1f} GiB more; {fixes}",
+            f"pipeline rank {r} ({model.device_of(r).name}, {_size(limit)}) cannot hold "
+            f"even its fixed parts (embedding / head) with no layers: needs {_size(need)}, "
+            f"{_size(need - limit)} more; {fixes}",
             math.inf,
         )
     short = L - sum(room)

@@ -3,23 +3,28 @@ the split and per-rank recompute to run, and each pipeline rank's predicted busy
 
 - :func:`cluster_plan`: with ``parallel.pipeline_blocks: auto``, the balancer's split and
   recompute per rank on each rank's own device (:mod:`.recompute`); with a given split, that
-  split checked against each rank's device (a one-line ConfigError naming the rank, its device
-  and the shortfall). None without a cluster section.
+  split checked against each rank's device (a one-line ConfigError naming the rank, its need,
+  its limit and the smallest change that fits: more recompute on that rank, else the
+  balancer's split). None without a cluster section or an ``emulate:`` budget or speeds.
+- :func:`plan_devices`, :func:`emulated_speeds`, :func:`memory_budgets`: per pipeline rank the
+  device the plan sees (the cluster's, with ``emulate.memory_gib`` as its memory), the speed a
+  paced CPU rank runs at, and the memory budget the trainer enforces.
 - :func:`predicted_busy_s`: per pipeline rank, microbatches x its time per microbatch under the
-  cost model (at the devices' peak x mfu, or a measured ``flops_per_s`` of the fastest device),
+  cost model (at the devices' peak x mfu, or ``emulate.tflops`` for the fastest device),
   for the log next to the measured busy time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.layout import resolve_blocks
-from yuanlfa.planner.cluster import mixed_cluster
-from yuanlfa.planner.cost import CostModel, cost_model
-from yuanlfa.planner.devices import DEFAULT_MFU, GIB
-from yuanlfa.planner.recompute import balance_recompute, with_recompute
+from yuanlfa.planner.cluster import mixed_cluster, pipeline_devices
+from yuanlfa.planner.cost import CostModel, PlanCost, RankCost, cost_model
+from yuanlfa.planner.devices import DEFAULT_MFU, GIB, PRESETS, DevicePreset
+from yuanlfa.planner.recompute import MODES, balance_recompute, with_recompute
 
 
 @dataclass(frozen=True)
@@ -29,30 +34,119 @@ class ClusterPlan:
     model: CostModel
 
 
+def plan_devices(cfg: Config) -> tuple[DevicePreset, ...] | None:
+    """Per pipeline rank the device the plan sees: the cluster section's (a nominal CPU without
+    one), its memory replaced by ``emulate.memory_gib`` where given; None when neither is set."""
+    p, e = cfg.parallel, cfg.emulate
+    if cfg.cluster.groups:
+        cluster = mixed_cluster(cfg.cluster)
+        devices = pipeline_devices(cluster, p.tp, p.pp, p.dp or 1, p.rank_order)
+    elif e.memory_gib:
+        devices = (PRESETS["cpu"],) * p.pp
+    else:
+        return None
+    if e.memory_gib:
+        devices = tuple(
+            dataclasses.replace(d, name=f"{d.name} budget", memory_bytes=int(gib * GIB))
+            for d, gib in zip(devices, e.memory_gib, strict=True)
+        )
+    return devices
+
+
+def emulated_speeds(cfg: Config) -> tuple[float, ...]:
+    """Per pipeline rank the speed a paced rank runs at: ``emulate.speeds``, else each rank's
+    device TFLOP/s relative to the fastest of the cluster section, else 1."""
+    if cfg.emulate.speeds:
+        return tuple(cfg.emulate.speeds)
+    devices = plan_devices(cfg) if cfg.cluster.groups else None
+    if devices is None:
+        return (1.0,) * cfg.parallel.pp
+    fastest = max(d.peak_flops for d in devices)
+    return tuple(d.peak_flops / fastest for d in devices)
+
+
+def memory_budgets(cfg: Config) -> tuple[int | None, ...]:
+    """Per pipeline rank the bytes the trainer holds it to on its own accounting:
+    ``emulate.memory_gib``, else on CPU (``train.device: cpu``) the cluster section's device
+    memory (an emulated cluster), else none (a GPU enforces its own)."""
+    pp = cfg.parallel.pp
+    if cfg.emulate.memory_gib or (cfg.cluster.groups and cfg.train.device == "cpu"):
+        return tuple(d.memory_bytes for d in plan_devices(cfg) or ())
+    return (None,) * pp
+
+
+def _plan_options(cfg: Config, mfu: float) -> dict | None:
+    devices = plan_devices(cfg)
+    # The cluster's figures give its ranks' speeds; emulate.speeds those of a cluster-less run.
+    speeds = tuple(cfg.emulate.speeds) if cfg.emulate.speeds and not cfg.cluster.groups else None
+    if devices is None and speeds is None:
+        return None
+    cluster = mixed_cluster(cfg.cluster) if cfg.cluster.groups else None
+    flops = cfg.emulate.tflops * 1e12 if cfg.emulate.tflops is not None else None
+    return {
+        "cluster": cluster,
+        "devices": devices,
+        "speeds": speeds,
+        "mfu": mfu,
+        "flops_per_s": flops,
+    }
+
+
 def cluster_plan(cfg: Config, mfu: float = DEFAULT_MFU) -> ClusterPlan | None:
     """See the module doc; ``cfg`` resolved (dp known)."""
-    if not cfg.cluster.groups:
+    options = _plan_options(cfg, mfu)
+    if options is None or cfg.parallel.pp == 1:
         return None
-    cluster = mixed_cluster(cfg.cluster)
     if cfg.parallel.pipeline_blocks == "auto":
-        plan = balance_recompute(cfg, cluster=cluster, mfu=mfu)
+        plan = balance_recompute(cfg, **options)
         return ClusterPlan(plan.blocks, plan.recompute, plan.model)
     t, pp = cfg.train, cfg.parallel.pp
-    modes = t.recompute_stages or (t.recompute,) * pp
-    model = cost_model(with_recompute(cfg, tuple(modes)), cluster=cluster, mfu=mfu)
-    blocks = resolve_blocks(cfg.parallel, cfg.model)
+    modes = tuple(t.recompute_stages or (t.recompute,) * pp)
+    model = cost_model(with_recompute(cfg, modes), **options)
+    blocks = tuple(resolve_blocks(cfg.parallel, cfg.model))
     plan = model.evaluate(blocks)
     for r in plan.ranks:
-        limit = plan.limit_of(r.rank)
-        if limit is not None and r.memory_bytes > limit:
+        limit = plan.limit_of(r.rank) or 0
+        if not _fits(plan, r):
+            source = "emulate.memory_gib" if cfg.emulate.memory_gib else "its device"
             raise ConfigError(
-                f"parallel.pipeline_blocks: pipeline rank {r.rank} ({r.layers} layers, recompute "
-                f"{modes[r.rank]}) needs {r.memory_bytes / GIB:.1f} GiB but its device "
-                f"{model.device_of(r.rank).name} holds {limit / GIB:.1f} GiB; set "
-                "parallel.pipeline_blocks: auto (the balancer fits each device, recomputing "
-                "where needed) or move layers off that rank"
+                f"pipeline rank {r.rank} ({r.layers} layers of parallel.pipeline_blocks, "
+                f"recompute {modes[r.rank]}) needs {r.memory_bytes / GIB:.2f} GiB but "
+                f"{source} ({model.device_of(r.rank).name}) holds {limit / GIB:.2f} GiB; "
+                f"{_smallest_fix(cfg, modes, blocks, r.rank, options)}"
             )
-    return ClusterPlan(tuple(blocks), tuple(modes), model)
+    return ClusterPlan(blocks, modes, model)
+
+
+def _fits(plan: PlanCost, rank: RankCost) -> bool:
+    limit = plan.limit_of(rank.rank)
+    return limit is None or rank.memory_bytes <= limit
+
+
+def _smallest_fix(
+    cfg: Config, modes: tuple[str, ...], blocks: tuple[int, ...], rank: int, options: dict
+) -> str:
+    """The cheapest change that makes every rank fit: more recompute on the ranks that do not
+    fit (same split), else the balancer's split and recompute, else what that balancer says is
+    missing."""
+    tried = list(modes)
+    while True:
+        plan = cost_model(with_recompute(cfg, tuple(tried)), **options).evaluate(blocks)
+        over = [r.rank for r in plan.ranks if not _fits(plan, r)]
+        if not over:
+            return f"it fits with train.recompute_stages={tried}"
+        if any(tried[r] == MODES[-1] for r in over):
+            break
+        for r in over:
+            tried[r] = MODES[MODES.index(tried[r]) + 1]
+    try:
+        plan = balance_recompute(cfg, **options)
+    except ConfigError as exc:
+        return f"no split fits with any recompute: {exc}"
+    return (
+        f"it fits with parallel.pipeline_blocks={list(plan.blocks)} "
+        f"train.recompute_stages={list(plan.recompute)} (or parallel.pipeline_blocks: auto)"
+    )
 
 
 def predicted_busy_s(plan: ClusterPlan) -> list[float]:

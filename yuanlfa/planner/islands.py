@@ -12,7 +12,7 @@ same shard in the other islands, over the inter-node link:
   ``yuanlfa.parallel.islands`` does), and the link carries each piece once per island;
 - its bytes: ``dtype_bytes`` per element (fp32: 4; ``outer.quantize``: bf16, 2), sent as a ring
   all-reduce over the N islands, each rank on its own share of the inter-node link
-  (:func:`~.links.ring_all_reduce_bytes` / :func:`~.links.ring_all_reduce_s`);
+  (:func:`yuanlfa.layout.traffic.ring_all_reduce_bytes` / :func:`~.links.ring_all_reduce_s`);
 - plain DiLoCo blocks the step it runs in: a step costs the island's step + sync / H on average;
 - Streaming DiLoCo sends F fragments (1 / F of the shard each) at staggered steps, each
   overlapped with ``fragment_delay`` steps of compute: a fragment costs only what its transfer
@@ -44,16 +44,11 @@ from dataclasses import dataclass
 
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.layout import group_ranks
+from yuanlfa.layout.traffic import ring_all_reduce_bytes, ring_reduce_scatter_bytes
 from yuanlfa.planner.advisor import Advice, Layout, Ranked, advise, snippet
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, DevicePreset
-from yuanlfa.planner.links import (
-    Link,
-    ring_all_gather_s,
-    ring_all_reduce_bytes,
-    ring_all_reduce_s,
-    ring_reduce_scatter_bytes,
-)
+from yuanlfa.planner.links import Link, ring_all_gather_s, ring_all_reduce_s
 from yuanlfa.planner.params import param_counts
 from yuanlfa.planner.topology import Cluster, parse_order
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from yuanlfa.config import ConfigError
+from yuanlfa.layout.traffic import ring_reduce_scatter_bytes
 
 GB = 1e9
 
@@ -47,19 +48,6 @@ class Link:
         another per-message latency."""
         latency = self.latency_s if latency_s is None else latency_s
         return Link(self.gbps * efficiency, latency)
-
-
-def ring_reduce_scatter_bytes(nbytes: float, n: int) -> float:
-    """Bytes each rank sends in a ring reduce-scatter (or all-gather) of an ``nbytes`` buffer
-    over ``n`` ranks: n - 1 steps of nbytes / n."""
-    return (n - 1) / n * nbytes if n > 1 else 0.0
-
-
-def ring_all_reduce_bytes(nbytes: float, n: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of an ``nbytes`` buffer over ``n`` ranks:
-    2 (n - 1) / n * nbytes (a reduce-scatter, then an all-gather). The one rule for the
-    advisor's link traffic and the benchmarks' expected bytes."""
-    return 2 * ring_reduce_scatter_bytes(nbytes, n)
 
 
 def ring_reduce_scatter_s(nbytes: float, n: int, link: Link) -> float:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from yuanlfa.checkpoint import CheckpointError
-from yuanlfa.checkpoint.files import step_name
+from yuanlfa.checkpoint.files import step_dirs, step_name, step_of
 from yuanlfa.config import Config, ConfigError
 from yuanlfa.parallel import Mesh
 from yuanlfa.parallel.islands.ft import (
@@ -50,7 +50,7 @@ def save_island_state(
     root: str | Path, step: int, mesh: Mesh, model: nn.Module, optimizer: Any, outer: Any
 ) -> None:
     """Write this rank's file (atomically: a temporary name renamed into place) and drop the
-    files of steps whose checkpoint is gone."""
+    files of steps whose checkpoint retention removed."""
     state: dict[str, Any] = {"step": step, "outer": outer.state_dict()}
     if not mesh.joined:
         state["model"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -61,9 +61,19 @@ def save_island_state(
     torch.save(state, tmp)
     os.replace(tmp, path)
     if mesh.rank == 0:
-        for old in (Path(root) / ISLANDS_DIR).glob("step_*"):
-            if old.name != step_name(step) and not (Path(root) / old.name).exists():
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(Path(root))
+
+
+def _prune(root: Path) -> None:
+    """Remove the islands' files of checkpoints that are gone. Only those older than the newest
+    published checkpoint: a background save still in flight has no directory yet, and its
+    files must stay."""
+    published = [step_of(d) for d in step_dirs(root)]
+    if not published:
+        return
+    for old in (root / ISLANDS_DIR).glob("step_*"):
+        if step_of(old) < max(published) and not (root / old.name).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_island_state(

@@ -73,11 +73,16 @@ def stage_stats(
     runner: PipelineRunner, mesh: Mesh, mem_gb: float, device: torch.device
 ) -> dict[str, list[float]]:
     """Per pipeline rank: compute time of the last step (the rest is bubble and transfers) and
-    peak memory, gathered over the pipeline group for the log."""
-    mine = torch.tensor([runner.busy_s, mem_gb], dtype=torch.float64, device=device)
+    peak memory, gathered over the pipeline group for the log; with paced ranks also the
+    seconds by which ops overran their emulated time (the cores were too busy for the pace)."""
+    overrun = runner.pacer.overrun_s if runner.pacer is not None else 0.0
+    mine = torch.tensor([runner.busy_s, mem_gb, overrun], dtype=torch.float64, device=device)
     parts = [torch.empty_like(mine) for _ in range(mesh.pp)]
     dist.all_gather(parts, mine, group=mesh.pp_group)
-    return {
+    out = {
         "stage_busy_s": [round(float(p[0]), 5) for p in parts],
         "stage_mem_gb": [round(float(p[1]), 4) for p in parts],
     }
+    if runner.pacer is not None:
+        out["stage_overrun_s"] = [round(float(p[2]), 5) for p in parts]
+    return out

@@ -33,6 +33,7 @@ from yuanlfa.parallel.grads import sum_over
 from yuanlfa.parallel.islands import OuterSync, build_outer
 from yuanlfa.parallel.pp.build import build_runner
 from yuanlfa.train.distributed import init_distributed, world_from_env
+from yuanlfa.train.emulate import MemoryBudget, busy_summary, predicted_busy, rank_pacer
 from yuanlfa.train.fit_check import check_memory_fit
 from yuanlfa.train.islands import (
     LiveState,
@@ -143,9 +144,12 @@ class Trainer:
         self.model = parallelize(cfg, mesh, device, self.layout, param_dtype)
         self.runner = None
         if self.layout is not None:
+            pacer = rank_pacer(cfg, mesh.pp_rank)
             self.runner = build_runner(
-                cfg, mesh, self.model, self.layout, device, self.micro_batches
+                cfg, mesh, self.model, self.layout, device, self.micro_batches, pacer
             )
+        self.predicted_busy = predicted_busy(cfg) if self.runner is not None else None
+        self.budget = MemoryBudget.for_rank(cfg, mesh.pp_rank, self.model)
         self.model_dict = config_to_dict(cfg.model)
         self._init_weights()
         self.optimizer, self.grad_sync = build_optimizer_and_sync(
@@ -287,6 +291,9 @@ class Trainer:
             logger.close()
             if self.ft is not None:
                 self.ft.shutdown()
+        summary = busy_summary(self.result.records)
+        if summary is not None:
+            self.say(summary, flush=True)
         return self.result
 
     def train_step(self, loader: StepLoader) -> dict[str, Any]:
@@ -302,11 +309,12 @@ class Trainer:
         num_tokens = sum_over(sum(b["loss_mask"].sum() for b in batches), mesh.dp_group)
         # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
         self.grad_sync.start(self.micro_batches)
-        with dropout_step(self.dropout_state()):
+        with dropout_step(self.dropout_state()), self.budget.watch():
             loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
         grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad)
         skipped = not self.update(grad_norm)
         self.step += 1
+        self.budget.check(self.optimizer, self.step)
         self.consumed += t.global_batch_size
         record: dict[str, Any] = {
             "step": self.step,
@@ -318,6 +326,8 @@ class Trainer:
         }
         if self.runner is not None:
             record.update(stage_stats(self.runner, mesh, memory_gb(self.device), self.device))
+            if self.predicted_busy is not None:
+                record["predicted_busy_s"] = self.predicted_busy
         if self.outer is not None:
             record.update(self.outer.after_step(self.step))
         if skipped:

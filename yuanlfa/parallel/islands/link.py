@@ -21,13 +21,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
 from yuanlfa.parallel.collectives import collective_device
 from yuanlfa.parallel.mesh import Mesh
-
-
-def ring_bytes(nbytes: float, n: int) -> float:
-    """Bytes one rank sends in a ring all-reduce of ``nbytes`` over ``n`` ranks."""
-    return 2.0 * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
 def island_sum(values: list[float], mesh: Mesh) -> list[float]:
@@ -55,5 +51,5 @@ def joined_step_bytes(model: torch.nn.Module, mesh: Mesh) -> int:
     if mesh.islands == 1:
         return 0
     grad_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-    (total,) = island_sum([ring_bytes(grad_bytes, mesh.dp)], mesh)
+    (total,) = island_sum([ring_all_reduce_bytes(grad_bytes, mesh.dp)], mesh)
     return round(total)

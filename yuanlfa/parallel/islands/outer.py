@@ -36,7 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from yuanlfa.config import OuterConfig
-from yuanlfa.parallel.islands.link import island_dp_sum, ring_bytes
+from yuanlfa.layout.traffic import ring_all_reduce_bytes
+from yuanlfa.parallel.islands.link import island_dp_sum
 from yuanlfa.parallel.mesh import Mesh
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -244,7 +245,7 @@ class OuterSync:
             started.append(
                 _Pending(step + self.cfg.fragment_delay, i, delta, self.exchange.start_sum(delta))
             )
-            sent += round(ring_bytes(f.wire_bytes, n))
+            sent += round(ring_all_reduce_bytes(f.wire_bytes, n))
         if self.cfg.fragment_delay:
             self.pending.extend(started)  # one launch only (config check): nothing to commit
             return False, sent

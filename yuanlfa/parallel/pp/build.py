@@ -8,6 +8,7 @@ from yuanlfa.config import Config
 from yuanlfa.layout import PipelineLayout
 from yuanlfa.model.transformer import YuanModel
 from yuanlfa.parallel.mesh import Mesh
+from yuanlfa.parallel.pp.pacing import Pacer
 from yuanlfa.parallel.pp.runner import PipelineRunner
 from yuanlfa.parallel.pp.stage import build_stage_modules
 
@@ -19,6 +20,7 @@ def build_runner(
     layout: PipelineLayout,
     device: torch.device,
     num_microbatches: int,
+    pacer: Pacer | None = None,
 ) -> PipelineRunner:
     t, p = cfg.train, cfg.parallel
     modules = build_stage_modules(model, layout, mesh.pp_rank)
@@ -35,4 +37,5 @@ def build_runner(
         hidden_size=cfg.model.hidden_size,
         hidden_dtype=next(model.parameters()).dtype,
         seq_shards=p.tp if p.sequence_parallel else 1,
+        pacer=pacer,
     )

@@ -15,8 +15,10 @@ import torch
 from torch.distributed import pipelining
 from torch.distributed.pipelining import PipelineStage
 
+from yuanlfa.config import ConfigError
 from yuanlfa.layout import PipelineLayout
 from yuanlfa.layout.schedules import schedule_spec
+from yuanlfa.parallel.pp.pacing import Pacer
 from yuanlfa.parallel.pp.stage import StageModule
 
 
@@ -36,8 +38,17 @@ class PipelineRunner:
         hidden_size: int,
         hidden_dtype: torch.dtype,
         seq_shards: int = 1,
+        pacer: Pacer | None = None,
     ) -> None:
-        """``seq_shards``: tp under sequence parallelism (stages exchange sequence shards)."""
+        """``seq_shards``: tp under sequence parallelism (stages exchange sequence shards);
+        ``pacer``: stretch each op to an emulated device's time (:mod:`.pacing`)."""
+        if pacer is not None and (device.type != "cpu" or torch.get_num_threads() != 1):
+            raise ConfigError(
+                f"emulate.pace: paces ops by their thread CPU time, on CPU with one torch thread; "
+                f"this rank runs on {device.type} with {torch.get_num_threads()} threads: set "
+                "train.device=cpu and OMP_NUM_THREADS=1"
+            )
+        self.pacer = pacer
         self.num_microbatches = num_microbatches
         self.is_first = 0 in stage_ids
         self.is_last = layout.num_stages - 1 in stage_ids
@@ -101,6 +112,8 @@ class PipelineRunner:
             method = getattr(stage, name, None)
             if method is None:
                 continue
+            if self.pacer is not None:
+                method = self.pacer.wrap(method)
 
             def timed(*args, _method=method, **kwargs):
                 if device.type == "cuda":
@@ -143,6 +156,8 @@ class PipelineRunner:
         """
         self.num_tokens = num_tokens
         self._cpu_s, self._events = 0.0, []
+        if self.pacer is not None:
+            self.pacer.reset()
         args, kwargs = self._inputs(batch)
         losses: list[torch.Tensor] = []
         self.schedule.step(
