@@ -16,9 +16,14 @@ sets=(data.path=runs/data/stdlib_byte train.steps=300 train.eval_iters=0 paralle
   logging.jsonl="$out/losses.jsonl")
 free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+# Island 1's torchrun looks at its worker every 8 s, so that its restart comes after island 0
+# has gone on alone for a while (with the default 0.1 s the restarted island is often back
+# before the lighthouse has given up on the dead one); leave it short in real runs.
 for island in 0 1; do
+  monitor=$([ $island = 1 ] && echo 8 || echo 0.1)
   python -m torch.distributed.run --nproc_per_node 1 --max-restarts 1 --rdzv_backend c10d \
-    --rdzv_endpoint "127.0.0.1:$(free_port)" "${common[@]}" --island $island --set "${sets[@]}" \
+    --rdzv_endpoint "127.0.0.1:$(free_port)" --monitor-interval "$monitor" \
+    "${common[@]}" --island $island --set "${sets[@]}" \
     > "$out/island$island.log" 2>&1 &
   eval "job$island=$!"
 done
