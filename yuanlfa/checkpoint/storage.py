@@ -74,8 +74,12 @@ def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
     One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until the
     file is complete, so a single file would hold the whole checkpoint in memory."""
     writer = dcp.FileSystemWriter(directory, thread_count=1, single_file_per_rank=False)
-    with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
-        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    planner = LazySavePlanner(tensors)
+    try:
+        with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    finally:
+        planner.prefetch.close()
 
 
 class SafeReader(dcp.FileSystemReader):

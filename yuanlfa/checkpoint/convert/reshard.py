@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from yuanlfa.checkpoint.convert.common import return_freed_buffers
 from yuanlfa.checkpoint.convert.hf import BIN_INDEX, INDEX, export_hf, import_hf, verify_hf
 from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
     export_megatron,
     import_megatron,
+    reshard_megatron,
     verify_megatron,
 )
 from yuanlfa.checkpoint.errors import CheckpointError
@@ -120,6 +122,7 @@ def _to_ours(src: Path, fmt: str, out: Path, job: Reshard) -> None:
 def reshard(job: Reshard) -> Path:
     """Run ``job``; returns the output directory. A failure leaves no temporary directory
     behind, and the existing output (with --force) untouched."""
+    return_freed_buffers()
     try:
         return _reshard(job)
     except BaseException:
@@ -154,6 +157,22 @@ def _reshard(job: Reshard) -> Path:
                 count = verify_megatron(out, src, progress=job.progress, blocks=blocks)
             print(f"verified {count} tensors", flush=True)
         return out
+    if fmt == "megatron" and job.to == "megatron" and not job.verify:
+        # Directly, each source byte read once (--verify compares against our format, so it
+        # goes through it).
+        return reshard_megatron(
+            src,
+            out,
+            tp=job.target_tp,
+            pp=job.target_pp,
+            target_blocks=parse_blocks(job.target_blocks, "--target-blocks"),
+            blocks=parse_blocks(job.blocks, "--blocks"),
+            model_cfg=_model_config(job.config),
+            weights_only=job.weights_only,
+            dtype=job.dtype,
+            force=job.force,
+            progress=job.progress,
+        )
     staging = None
     ours = src
     try:
