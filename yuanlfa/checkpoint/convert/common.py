@@ -40,7 +40,7 @@ def return_freed_buffers() -> None:
     from the heap, which does not shrink while a later block is alive: measured on the 2B
     export to Megatron, the heap grew by a few MiB per tensor to about one embedding (0.5 GiB)
     beside the tensors in flight. A fixed threshold keeps it at the tensors in flight. A
-    process-wide setting, so only the conversion tools call it."""
+    process-wide setting, so only the conversion command sets it (its process entry)."""
     import ctypes
     import ctypes.util
 

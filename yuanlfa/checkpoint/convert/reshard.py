@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint.convert.common import return_freed_buffers
 from yuanlfa.checkpoint.convert.hf import BIN_INDEX, INDEX, export_hf, import_hf, verify_hf
 from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
@@ -122,7 +121,6 @@ def _to_ours(src: Path, fmt: str, out: Path, job: Reshard) -> None:
 def reshard(job: Reshard) -> Path:
     """Run ``job``; returns the output directory. A failure leaves no temporary directory
     behind, and the existing output (with --force) untouched."""
-    return_freed_buffers()
     try:
         return _reshard(job)
     except BaseException:
