@@ -3,7 +3,7 @@
 
 import sys
 
-from yuanlfa.cli.reshard import main
+from yuanlfa.cli.reshard import script
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script())

@@ -89,6 +89,25 @@ def test_async_checkpoint_is_the_state_of_the_saving_step(tmp_path: Path) -> Non
         torch.testing.assert_close(p.detach(), want[f"model.{n}"], rtol=0, atol=0, msg=k)
 
 
+def test_reserved_staging_buffers_are_the_ones_the_save_uses(tmp_path: Path) -> None:
+    cfg, model, opt, mesh = _setup()
+    _step(model, opt)
+    saver = AsyncSaver(tmp_path / "async")
+    saver.reserve(model, opt, mesh, cfg.model)  # allocated in the background
+    _step(model, opt)  # training moves on meanwhile
+    saver._stager._reserving.join()
+    reserved = [b.data_ptr() for b in saver._stager.buffers]
+    saver.save(model, opt, _state(cfg, 2), mesh, cfg.model, {})
+    assert [b.data_ptr() for b in saver._stager.buffers] == reserved
+    save_checkpoint(tmp_path / "sync", model, opt, _state(cfg, 2), mesh, cfg.model, {})
+    _step(model, opt)
+    done = saver.wait()
+    got, want = _tensors(done.path), _tensors(tmp_path / "sync" / "step_0000002")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
 def test_next_save_publishes_the_one_in_flight_and_retention(tmp_path: Path) -> None:
     cfg, model, opt, mesh = _setup()
     saver = AsyncSaver(tmp_path, keep_last=2, keep_every=3)

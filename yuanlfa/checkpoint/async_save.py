@@ -30,7 +30,13 @@ from torch import nn
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.layout_free import SaveJob, begin_save, publish, write_job
+from yuanlfa.checkpoint.layout_free import (
+    SaveJob,
+    begin_save,
+    publish,
+    save_blocks,
+    write_job,
+)
 from yuanlfa.checkpoint.manifest import TrainingState
 from yuanlfa.checkpoint.storage import distributed, first_failure
 from yuanlfa.config import ModelConfig
@@ -72,16 +78,43 @@ def _describe(error: BaseException) -> str:
 
 class _Stager:
     """Host copies of a rank's blocks, kept across saves (the block list is the same every save,
-    so after the first save staging allocates nothing)."""
+    so after the first save staging allocates nothing). :meth:`reserve` allocates them ahead,
+    in a background thread, so that the first save does not pay for it either."""
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor] = []
+        self._reserving: threading.Thread | None = None
+
+    def _fits(self, blocks: list[Block]) -> bool:
+        return len(self.buffers) == len(blocks) and all(
+            b.shape == blk.tensor.shape and b.dtype == blk.tensor.dtype
+            for b, blk in zip(self.buffers, blocks, strict=True)
+        )
+
+    def reserve(self, blocks: list[Block]) -> None:
+        """Allocate (and fault in: a fresh buffer's pages cost as much as the copy) the buffers
+        for ``blocks`` in a background thread; :meth:`stage` waits for it."""
+        if self._reserving is not None or self._fits(blocks):
+            return
+        like = [(b.tensor.shape, b.tensor.dtype, b.tensor.is_cuda) for b in blocks]
+
+        def allocate() -> None:
+            buffers = []
+            for shape, dtype, pinned in like:
+                buffers.append(torch.empty(shape, dtype=dtype, pin_memory=pinned))
+                buffers[-1].zero_()
+            self.buffers = buffers
+
+        self._reserving = threading.Thread(
+            target=allocate, name="yuanlfa-checkpoint-reserve", daemon=True
+        )
+        self._reserving.start()
 
     def stage(self, blocks: list[Block]) -> list[Block]:
-        if len(self.buffers) != len(blocks) or any(
-            b.shape != blk.tensor.shape or b.dtype != blk.tensor.dtype
-            for b, blk in zip(self.buffers, blocks, strict=True)
-        ):
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
+        if not self._fits(blocks):
             self.buffers = [self._buffer(b.tensor) for b in blocks]
         on_gpu = False
         for buf, blk in zip(self.buffers, blocks, strict=True):
@@ -127,6 +160,12 @@ class AsyncSaver:
         self._job: SaveJob | None = None
         self._started = 0.0
         self._error: BaseException | None = None
+
+    def reserve(self, model: nn.Module, optimizer, mesh: Mesh, model_cfg: ModelConfig) -> None:
+        """Allocate the staging buffers ahead of the first save, in the background (the
+        trainer calls it after its first optimizer step, when the optimizer state exists)."""
+        if self.enabled:
+            self._stager.reserve(save_blocks(model, optimizer, mesh, model_cfg))
 
     @property
     def in_flight(self) -> bool:

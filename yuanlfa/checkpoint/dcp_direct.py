@@ -20,7 +20,6 @@ import io
 import math
 import os
 import re
-import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -30,13 +29,13 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from yuanlfa.checkpoint import storage
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.torch_direct import NotDirect, record_offset
 
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip entry's local file header
 _STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")
 
 
-class _NotDirect(Exception):
-    """This chunk is not stored the way the direct path reads; DCP's reader handles it."""
+# This chunk is not stored the way the direct path reads; DCP's reader handles it.
+_NotDirect = NotDirect
 
 
 class _Window(io.RawIOBase):
@@ -83,14 +82,7 @@ def _storage_span(f, start: int, length: int) -> tuple[int, int]:
     if order and archive.read(order[0]).strip() != b"little":
         raise _NotDirect("big-endian data")
     info = entries[0]
-    f.seek(start + info.header_offset)
-    header = f.read(_LOCAL_HEADER.size)
-    if len(header) != _LOCAL_HEADER.size:
-        raise _NotDirect("truncated archive")
-    fields = _LOCAL_HEADER.unpack(header)
-    if fields[0] != b"PK\x03\x04":
-        raise _NotDirect("no local header")
-    data = start + info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    data = record_offset(f.fileno(), info, start)
     if data + info.file_size > start + length:
         raise _NotDirect("storage beyond the archive")
     return data, info.file_size

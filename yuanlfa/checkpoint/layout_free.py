@@ -160,6 +160,15 @@ class SaveJob:
         return self.root / self.name
 
 
+def save_blocks(model: nn.Module, optimizer, mesh: Mesh, model_cfg: ModelConfig) -> list[Block]:
+    """This rank's blocks of a save: views into the live parameters and optimizer state."""
+    placer = _Placer(model_cfg, mesh)
+    optim_state = checkpoint_state(optimizer)
+    optim_state.prepare(optim_state.steps())  # before the first update it has none
+    blocks = _param_blocks(model, placer, mesh, saving=True)
+    return blocks + _optimizer_blocks(optim_state, model, placer, mesh, saving=True, keys=set())
+
+
 def begin_save(
     directory: str | Path,
     model: nn.Module,
@@ -188,12 +197,9 @@ def begin_save(
                 "checkpoints already there are kept)"
             )
     _agree(problem)
-    placer = _Placer(model_cfg, mesh)
     optim_state = checkpoint_state(optimizer)
     adam_steps = optim_state.steps()
-    optim_state.prepare(adam_steps)  # before the first update it has none
-    blocks = _param_blocks(model, placer, mesh, saving=True)
-    blocks += _optimizer_blocks(optim_state, model, placer, mesh, saving=True, keys=set())
+    blocks = save_blocks(model, optimizer, mesh, model_cfg)
     meta = None
     if mesh.rank == 0:
         record = manifest.adamw_record(adam_steps, optim_state.sharded)

@@ -9,6 +9,7 @@ with the saved chunks, whatever layout wrote them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.prefetch import Prefetcher
 
 
 def _index(block: Block) -> tuple[str, tuple[int, ...]]:
@@ -126,6 +128,12 @@ class LazySavePlanner(DefaultSavePlanner):
     def __init__(self, tensors: list[LazyTensor]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.tensors = {t.key: t for t in tensors}
+        # The next tensor is read while this one is written (when both fit in the largest).
+        self.prefetch = Prefetcher(
+            list(self.tensors),
+            lambda key: self.tensors[key].load(),
+            lambda key: math.prod(self.tensors[key].shape) * self.tensors[key].dtype.itemsize,
+        )
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
         self.state_dict = state_dict
@@ -151,7 +159,7 @@ class LazySavePlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         lazy = self.tensors[write_item.index.fqn]
-        tensor = lazy.load()
+        tensor = self.prefetch.get(lazy.key)
         # The metadata was planned from the declared shape: a converter that produced anything
         # else would store bytes that read back as another tensor.
         if tuple(tensor.shape) != tuple(lazy.shape) or tensor.dtype != lazy.dtype:

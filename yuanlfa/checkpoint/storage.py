@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,9 +74,23 @@ def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
 
     One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until the
     file is complete, so a single file would hold the whole checkpoint in memory."""
-    writer = dcp.FileSystemWriter(directory, thread_count=1, single_file_per_rank=False)
-    with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
-        dcp.save({}, storage_writer=writer, planner=LazySavePlanner(tensors), no_dist=True)
+    # Synced once at the end rather than file by file as written: the kernel writes earlier
+    # files back while later ones are produced (the caller publishes only after this returns).
+    writer = dcp.FileSystemWriter(
+        directory, thread_count=1, single_file_per_rank=False, sync_files=False
+    )
+    planner = LazySavePlanner(tensors)
+    try:
+        with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            for file in sorted(Path(directory).iterdir()):
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    finally:
+        planner.prefetch.close()
 
 
 class SafeReader(dcp.FileSystemReader):

@@ -64,15 +64,33 @@ def _safe_globals() -> list[Any]:
     return [argparse.Namespace, *_numpy_globals()]
 
 
-def load_untrusted(path: str | Path) -> Any:
-    """``torch.load`` of a foreign pickle through the allow-list (see the module docstring)."""
-    path = Path(path)
+def safe_globals_scope() -> contextlib.AbstractContextManager:
+    """torch's ``weights_only`` unpickler admits the allow-list's extra globals within this."""
     globals_ = _safe_globals()
     scoped = getattr(torch.serialization, "safe_globals", None)
     if scoped is None:  # torch < 2.5: register them process-wide (the same allow-list)
         torch.serialization.add_safe_globals([g for g in globals_ if not isinstance(g, tuple)])
-        scoped = lambda _: contextlib.nullcontext()  # noqa: E731
-    with scoped(globals_):
+        return contextlib.nullcontext()
+    return scoped(globals_)
+
+
+def refused(path: Path, exc: pickle.UnpicklingError) -> CheckpointError:
+    """The one-line error for a pickle the allow-list refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch's message starts with advice to disable the check; keep only what it found.
+    found = [line for line in lines if "GLOBAL" in line or "global" in line]
+    first = (found or lines or [type(exc).__name__])[0]
+    return CheckpointError(
+        f"{path}: refused to unpickle it ({first}). Only {ALLOWED_TYPES} are accepted "
+        "from checkpoint files, so nothing in them can run code; this file holds "
+        "something else (it may be malicious, or not a Megatron checkpoint)"
+    )
+
+
+def load_untrusted(path: str | Path) -> Any:
+    """``torch.load`` of a foreign pickle through the allow-list (see the module docstring)."""
+    path = Path(path)
+    with safe_globals_scope():
         try:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -82,15 +100,7 @@ def load_untrusted(path: str | Path) -> Any:
                 # A legacy (non-zip) file cannot be memory-mapped: read it whole.
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            # torch's message starts with advice to disable the check; keep only what it found.
-            found = [line for line in lines if "GLOBAL" in line or "global" in line]
-            first = (found or lines or [type(exc).__name__])[0]
-            raise CheckpointError(
-                f"{path}: refused to unpickle it ({first}). Only {ALLOWED_TYPES} are accepted "
-                "from checkpoint files, so nothing in them can run code; this file holds "
-                "something else (it may be malicious, or not a Megatron checkpoint)"
-            ) from None
+            raise refused(path, exc) from None
         except (OSError, RuntimeError, EOFError) as exc:
             problem = str(exc).split(". ")[0] or type(exc).__name__  # torch adds paragraphs
             raise CheckpointError(
@@ -156,8 +166,16 @@ def load_pickle_restricted(stream: Any, path: str | Path) -> Any:
 class Pending:
     """A tensor of known shape and dtype, produced by ``load()`` when the file writer needs it."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, load: Callable[[], Any]):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        load: Callable[[], Any],
+        cost: int | None = None,
+    ) -> None:
         self.shape, self.dtype, self.load = tuple(shape), dtype, load
+        # Bytes held while it is loaded (a slice keeps its whole tensor alive).
+        self.cost = self.numel * dtype.itemsize if cost is None else cost
 
     @property
     def numel(self) -> int:
@@ -214,10 +232,9 @@ class _StreamingFile:
         self.writer.write_record(".format_version", "1", 1)
         self.writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
 
-    def write(self, key: int) -> int:
-        """Produce and write tensor ``key``; returns its bytes."""
+    def write(self, key: int, tensor: Any) -> int:
+        """Write tensor ``key``, produced by its ``load()``; returns its bytes."""
         pending = self.refs[key]
-        tensor = pending.load()
         if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
             raise CheckpointError(
                 f"internal: tensor {key} is {tuple(tensor.shape)} {tensor.dtype}, announced as "
@@ -252,13 +269,28 @@ def save_streaming(
     The files are written in lockstep: the first tensor of each, then the second of each, and so
     on. Files of one pipeline stage at different tp ranks hold slices of the same parameters in
     the same order, so a loader that keeps its last source tensor reads each one once.
-    ``progress(nbytes)`` is called after each tensor."""
+    ``progress(nbytes)`` is called after each tensor. The next tensor is produced while one is
+    written when both fit in the largest :attr:`Pending.cost`."""
+    from yuanlfa.checkpoint.prefetch import Prefetcher
+
     streams = [_StreamingFile(obj, path) for obj, path in files]
-    for key in range(max((len(s.refs) for s in streams), default=0)):
-        for stream in streams:
-            if key < len(stream.refs):
-                nbytes = stream.write(key)
-                if progress is not None:
-                    progress(nbytes)
+    order = [
+        (key, i)
+        for key in range(max((len(s.refs) for s in streams), default=0))
+        for i, stream in enumerate(streams)
+        if key < len(stream.refs)
+    ]
+    prefetch = Prefetcher(
+        order,
+        lambda item: streams[item[1]].refs[item[0]].load(),
+        lambda item: streams[item[1]].refs[item[0]].cost,
+    )
+    try:
+        for key, i in order:
+            nbytes = streams[i].write(key, prefetch.get((key, i)))
+            if progress is not None:
+                progress(nbytes)
+    finally:
+        prefetch.close()
     for stream in streams:
         stream.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from yuanlfa.checkpoint.convert.common import return_freed_buffers
 from yuanlfa.checkpoint.convert.reshard import FORMATS, Reshard, reshard
 from yuanlfa.cli.common import add_debug_arg, run
 
@@ -95,5 +96,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def script() -> int:
+    """The command's process: conversions free large buffers as they go (a process-wide
+    allocator setting, so not made by :func:`main`, which tests and other programs call)."""
+    return_freed_buffers()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script())

@@ -269,8 +269,14 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
         )
         try:
+            reserved = False
             while self.step < t.steps:
                 record = self.train_step(loader)
+                if not reserved and self.saver is not None:
+                    # The optimizer state exists now: the staging buffers are allocated behind
+                    # the next steps rather than in the first save.
+                    self.saver.reserve(self.model, self.optimizer, self.mesh, self.cfg.model)
+                    reserved = True
                 self.note_saved(self.saver.poll() if self.saver else None, record)
                 exiting = bool(t.exit_interval) and self.step % t.exit_interval == 0
                 exiting = exiting and self.step < t.steps

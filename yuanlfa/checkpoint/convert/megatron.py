@@ -15,15 +15,20 @@ the fp32 master weights per group. Parameters are numbered in the order of the f
 Files whose optimizer state has another layout (e.g. Megatron's distributed optimizer, which keeps
 it in separate files) convert with ``weights_only``.
 
-Both directions stream: reading memory-maps the source files, writing produces one tensor at a
-time (:func:`~yuanlfa.checkpoint.torch_files.save_streaming`, DCP's writer).
+Both directions stream: reading unpickles the source files with data-less tensors and reads each
+shard straight into its place in the whole tensor (:class:`~yuanlfa.checkpoint.torch_direct.
+TorchFile`), writing produces one tensor at a time
+(:func:`~yuanlfa.checkpoint.torch_files.save_streaming`, DCP's writer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,8 @@ from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
-from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
+from yuanlfa.checkpoint.torch_direct import TorchFile
+from yuanlfa.checkpoint.torch_files import Pending, save_streaming
 from yuanlfa.config import (
     ModelConfig,
     blocks_problem,
@@ -58,6 +64,7 @@ from yuanlfa.parallel.tp.plan import shard_pieces
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+_COMPARE_BYTES = 64 * 2**20  # row blocks of the tied-head check
 
 # Our per-layer parameter names -> the release's, in the release's module order.
 LAYER_NAMES = {
@@ -297,24 +304,38 @@ def scheduler_state(meta: dict) -> dict[str, Any]:
 
 
 class _Source:
-    """Tensor-parallel slices of tensors of our checkpoint. The last whole tensor read is kept,
-    so the tp files of a stage, written in lockstep, read each tensor once."""
+    """Tensor-parallel slices of whole tensors under our checkpoint keys (``read(key)`` gives
+    one). The last whole tensor read is kept, so the tp files of a stage, written in lockstep,
+    read each tensor once."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.meta = stored_tensors(path)
+    def __init__(self, dtypes: dict[str, torch.dtype], read: Callable[[str], torch.Tensor]):
+        self.dtypes, self.read = dtypes, read
         self._last: tuple[str, torch.Tensor] | None = None
 
+    @classmethod
+    def ours(cls, path: Path) -> _Source:
+        meta = stored_tensors(path)
+        return cls({k: m.properties.dtype for k, m in meta.items()}, lambda k: read_tensor(path, k))
+
+    @classmethod
+    def lazy(cls, tensors: list[LazyTensor]) -> _Source:
+        by_key = {t.key: t for t in tensors}
+        return cls({t.key: t.dtype for t in tensors}, lambda k: by_key[k].load())
+
     def has(self, key: str) -> bool:
-        return key in self.meta
+        return key in self.dtypes
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.meta[key].properties.dtype
+        return self.dtypes[key]
+
+    def cost(self, key: str, shape: tuple[int, ...]) -> int:
+        """Bytes held while a slice of ``key`` is loaded: the whole tensor it is cut from."""
+        return math.prod(shape) * self.dtypes.get(key, torch.float32).itemsize
 
     def whole(self, key: str) -> torch.Tensor:
         if self._last is None or self._last[0] != key:
             self._last = None  # free the previous one before reading the next
-            self._last = (key, read_tensor(self.path, key))
+            self._last = (key, self.read(key))
         return self._last[1]
 
     def shard(self, key: str, name: str, tp_rank: int, tp: int, dtype) -> Callable[[], Any]:
@@ -341,9 +362,28 @@ def export_megatron(
     progress: bool = True,
 ) -> Path:
     """Our checkpoint -> the Megatron / Yuan 2.0 layout for ``tp`` x ``pp`` and ``blocks``."""
+    src, meta, cfg = read_source(src)
+    return _export(
+        _Source.ours(src), meta, cfg, Path(output), tp, pp, blocks, weights_only, dtype, force,
+        progress,
+    )  # fmt: skip
+
+
+def _export(
+    source: _Source,
+    meta: dict,
+    cfg: ModelConfig,
+    output: Path,
+    tp: int,
+    pp: int,
+    blocks: list[int] | None,
+    weights_only: bool,
+    dtype: torch.dtype | None,
+    force: bool,
+    progress: bool,
+) -> Path:
     from tqdm import tqdm
 
-    src, meta, cfg = read_source(src)
     require_release_architecture(cfg, "Megatron")
     _check_tp(cfg, tp)
     blocks = (
@@ -351,7 +391,6 @@ def export_megatron(
         if blocks is not None
         else default_blocks(pp, cfg.num_layers, "--target-blocks")
     )
-    source = _Source(src)
     names = [(n, tuple(p.shape)) for n, p in build_model(cfg).named_parameters()]
     has_optim = all(source.has(manifest.optim_key(n, "exp_avg")) for n, _ in names)
     if progress and not has_optim and not weights_only:
@@ -377,8 +416,9 @@ def export_megatron(
             optim_params: list[tuple[str, tuple[int, ...]]] = []
             for path, name, shape in entries:
                 shard = _shard_shape(name, shape, tp_rank, tp)
-                load = source.shard(manifest.model_key(name), name, tp_rank, tp, out_dtype)
-                _set(model, path, Pending(shard, out_dtype, load))
+                key = manifest.model_key(name)
+                load = source.shard(key, name, tp_rank, tp, out_dtype)
+                _set(model, path, Pending(shard, out_dtype, load, source.cost(key, shape)))
                 optim_params.append((name, shard))
             args = megatron_args(cfg, tp, blocks, meta, out_dtype)
             state: dict[str, Any] = {
@@ -389,7 +429,7 @@ def export_megatron(
             }
             if with_optim:
                 state["optimizer"] = _optimizer_state(
-                    source, optim_params, tp_rank, tp, meta, hyper
+                    source, names, optim_params, tp_rank, tp, meta, hyper
                 )
                 state["opt_param_scheduler"] = scheduler_state(meta)
             state["rng_state"] = rng_state(run_seed(meta), tp_rank, stage)
@@ -405,6 +445,7 @@ def export_megatron(
 
 def _optimizer_state(
     source: _Source,
+    names: list[tuple[str, tuple[int, ...]]],
     params: list[tuple[str, tuple[int, ...]]],
     tp_rank: int,
     tp: int,
@@ -415,13 +456,14 @@ def _optimizer_state(
     groups: dict[bool, list[int]] = {True: [], False: []}
     masters: dict[bool, list[Pending]] = {True: [], False: []}
     state = {}
+    whole = dict(names)
     for index, (name, shard) in enumerate(params):
         decay = not no_weight_decay(name, torch.empty(shard, device="meta"))
         groups[decay].append(index)
 
         def pending(key: str, name=name, shard=shard) -> Pending:
             load = source.shard(key, name, tp_rank, tp, torch.float32)
-            return Pending(shard, torch.float32, load)
+            return Pending(shard, torch.float32, load, source.cost(key, whole[name]))
 
         state[index] = {
             "step": Pending((), torch.float32, lambda: torch.tensor(steps)),
@@ -511,7 +553,8 @@ def _layer_count(model: dict) -> int:
 
 class MegatronReader:
     """The tensors of a Megatron / Yuan 2.0 checkpoint as whole (tp-merged) tensors under our
-    names. Files are memory-mapped through the allow-list unpickler."""
+    names. Files are unpickled through the allow-list unpickler with data-less tensors; a
+    loader reads the shards' bytes into the whole tensor."""
 
     def __init__(
         self,
@@ -530,7 +573,9 @@ class MegatronReader:
                 f"reading {self.iter_dir} (tp {self.tp}, pp {self.pp}, {len(self.files)} files)",
                 flush=True,
             )
-        self.states = {key: load_untrusted(path) for key, path in sorted(self.files.items())}
+        # Pickles only: tensors carry no data until a loader reads them into place.
+        self.sources = {key: TorchFile(path) for key, path in sorted(self.files.items())}
+        self.states = {key: f.obj for key, f in self.sources.items()}
         for key, state in self.states.items():
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
                 raise CheckpointError(f"{self.files[key]}: no 'model' dict; not a Megatron file")
@@ -557,6 +602,7 @@ class MegatronReader:
                 )
         self.params = [(n, tuple(p.shape)) for n, p in build_model(self.cfg).named_parameters()]
         self.has_optimizer = all(s.get("optimizer") is not None for s in self.states.values())
+        self._pool: ThreadPoolExecutor | None = None
         self._check_accounted()
 
     def _check_accounted(self) -> None:
@@ -592,14 +638,24 @@ class MegatronReader:
 
     def check_head_copy(self) -> None:
         """The last stage's copy of the tied embedding (``word_embeddings_for_head``) equals
-        the first stage's embedding, shard by shard, as Megatron keeps them."""
+        the first stage's embedding, shard by shard, as Megatron keeps them (compared in row
+        blocks, so memory stays a fraction of the embedding)."""
         if not self.cfg.tie_embeddings or self.pp == 1:
             return
         last = self.pp - 1
         for t in range(self.tp):
             embedding = _get(self.states[(t, 0)]["model"], EMBEDDING, self.files[(t, 0)])
             copy = _get(self.states[(t, last)]["model"], HEAD_COPY, self.files[(t, last)])
-            if copy.shape != embedding.shape or not torch.equal(copy, embedding):
+            same = copy.shape == embedding.shape and copy.dtype == embedding.dtype
+            rows = max(1, _COMPARE_BYTES // max(1, embedding[0].numel() * embedding.element_size()))
+            for start in range(0, embedding.shape[0] if same else 0, rows):
+                n = min(rows, embedding.shape[0] - start)
+                a = self.sources[(t, 0)].read(embedding.narrow(0, start, n))
+                b = self.sources[(t, last)].read(copy.narrow(0, start, n))
+                if not torch.equal(a, b):
+                    same = False
+                    break
+            if not same:
                 raise CheckpointError(
                     f"{self.files[(t, last)]}: word_embeddings_for_head.weight differs from "
                     f"the embedding in {self.files[(t, 0)]}; a tied checkpoint keeps them "
@@ -607,6 +663,31 @@ class MegatronReader:
                     "tensor is output_layer.weight and args say "
                     "untie_embeddings_and_output_weights)"
                 )
+
+    def _read_all(self, reads: list[tuple[TorchFile, torch.Tensor, torch.Tensor]]) -> None:
+        """Each shard straight into its place in the whole tensor; those that land contiguously
+        (row slices) are read concurrently, one per file, the rest (column slices, staged
+        through a buffer of their size) one at a time so that staging stays one shard."""
+        direct = [r for r in reads if r[2].is_contiguous()]
+        if len(direct) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(4, self.tp * 2))
+            futures = [self._pool.submit(f.read_into, t, dest) for f, t, dest in direct]
+            for future in futures:
+                future.result()
+        else:
+            for f, t, dest in direct:
+                f.read_into(t, dest)
+        for f, t, dest in reads:
+            if not dest.is_contiguous():
+                f.read_into(t, dest)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for source in self.sources.values():
+            source.close()
 
     def check_optimizer(self) -> None:
         for key, state in self.states.items():
@@ -620,6 +701,8 @@ class MegatronReader:
     @property
     def adam_steps(self) -> int:
         step = self.states[(0, 0)]["optimizer"]["optimizer"]["state"].get(0, {}).get("step")
+        if isinstance(step, torch.Tensor):
+            step = self.sources[(0, 0)].read(step)
         return self.iteration if step is None else int(float(step))
 
     def stored(self, name: str) -> torch.Tensor:
@@ -640,6 +723,7 @@ class MegatronReader:
 
         def load() -> torch.Tensor:
             full = torch.empty(shape, dtype=dtype)
+            reads = []
             for t in range(self.tp):
                 shard = part(t)
                 expect = _shard_shape(name, shape, t, self.tp)
@@ -648,26 +732,26 @@ class MegatronReader:
                         f"{self.files[(t, stage)]}: {'.'.join(path)} is {tuple(shard.shape)}, "
                         f"expected {expect} for this model at tp {self.tp}"
                     )
+                if shard.dtype != dtype:
+                    raise CheckpointError(
+                        f"{self.files[(t, stage)]}: {'.'.join(path)} is {shard.dtype}, the "
+                        f"other shards {dtype}"
+                    )
                 dim, pieces = shard_pieces(name, shape, t, self.tp)
                 for local, start, length in pieces:
-                    full.narrow(dim, start, length).copy_(shard.narrow(dim, local, length))
+                    dest = full.narrow(dim, start, length)
+                    reads.append((self.sources[(t, stage)], shard.narrow(dim, local, length), dest))
+            self._read_all(reads)
             return full
 
         return dtype, load
 
 
-def import_megatron(
-    src: Path,
-    output: Path,
-    *,
-    blocks: list[int] | None = None,
-    model_cfg: ModelConfig | None = None,
-    weights_only: bool = False,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """A Megatron / Yuan 2.0 checkpoint -> our format (``output/step_<iteration>`` + latest)."""
-    reader = MegatronReader(src, blocks=blocks, model_cfg=model_cfg, progress=progress)
+def _as_ours(
+    reader: MegatronReader, src: Path, weights_only: bool, progress: bool
+) -> tuple[list[LazyTensor], manifest.TrainingState, dict, dict | None]:
+    """What our checkpoint of ``reader``'s would hold: its tensors (read when loaded), training
+    state, layout record and optimizer record."""
     reader.check_head_copy()
     with_optim = reader.has_optimizer and not weights_only
     if with_optim:
@@ -695,7 +779,57 @@ def import_megatron(
         "pipeline_blocks": reader.blocks,
     }
     optimizer = manifest.adamw_record(reader.adam_steps, sharded=False) if with_optim else None
-    return write_ours(output, tensors, state, layout, optimizer, force=force, progress=progress)
+    return tensors, state, layout, optimizer
+
+
+def import_megatron(
+    src: Path,
+    output: Path,
+    *,
+    blocks: list[int] | None = None,
+    model_cfg: ModelConfig | None = None,
+    weights_only: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """A Megatron / Yuan 2.0 checkpoint -> our format (``output/step_<iteration>`` + latest)."""
+    reader = MegatronReader(src, blocks=blocks, model_cfg=model_cfg, progress=progress)
+    try:
+        tensors, state, layout, optimizer = _as_ours(reader, src, weights_only, progress)
+        return write_ours(output, tensors, state, layout, optimizer, force=force, progress=progress)
+    finally:
+        reader.close()
+
+
+def reshard_megatron(
+    src: Path,
+    output: Path,
+    *,
+    tp: int,
+    pp: int,
+    target_blocks: list[int] | None = None,
+    blocks: list[int] | None = None,
+    model_cfg: ModelConfig | None = None,
+    weights_only: bool = False,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Megatron -> Megatron at another ``tp`` x ``pp`` / ``target_blocks``, directly: each
+    whole tensor is read from the source shards and written as the target's shards, with the
+    same files as going through our format (``import_megatron`` then ``export_megatron``)."""
+    reader = MegatronReader(src, blocks=blocks, model_cfg=model_cfg, progress=progress)
+    try:
+        tensors, state, layout, optimizer = _as_ours(reader, src, weights_only, progress)
+        # As our checkpoint's manifest would read back (JSON), so the files are the same.
+        meta = json.loads(json.dumps(manifest.build_meta(state, layout, optimizer)))
+        return _export(
+            _Source.lazy(tensors), meta, manifest.model_config(meta), Path(output), tp, pp,
+            target_blocks,
+            weights_only, dtype, force, progress,
+        )  # fmt: skip
+    finally:
+        reader.close()
 
 
 def verify_megatron(

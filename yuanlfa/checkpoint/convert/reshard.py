@@ -17,6 +17,7 @@ from yuanlfa.checkpoint.convert.megatron import (
     TRACKER,
     export_megatron,
     import_megatron,
+    reshard_megatron,
     verify_megatron,
 )
 from yuanlfa.checkpoint.errors import CheckpointError
@@ -154,6 +155,22 @@ def _reshard(job: Reshard) -> Path:
                 count = verify_megatron(out, src, progress=job.progress, blocks=blocks)
             print(f"verified {count} tensors", flush=True)
         return out
+    if fmt == "megatron" and job.to == "megatron" and not job.verify:
+        # Directly, each source byte read once (--verify compares against our format, so it
+        # goes through it).
+        return reshard_megatron(
+            src,
+            out,
+            tp=job.target_tp,
+            pp=job.target_pp,
+            target_blocks=parse_blocks(job.target_blocks, "--target-blocks"),
+            blocks=parse_blocks(job.blocks, "--blocks"),
+            model_cfg=_model_config(job.config),
+            weights_only=job.weights_only,
+            dtype=job.dtype,
+            force=job.force,
+            progress=job.progress,
+        )
     staging = None
     ours = src
     try:
