@@ -21,10 +21,12 @@ from yuanlfa.planner.topology import Cluster  # noqa: E402
 LOOPBACK = Link(5.0)
 
 
-def cluster(rate_mbit: float, latency_s: float) -> Cluster:
-    """Two nodes of one device; the inter-node link is the shaped veth path."""
-    inter = Link(rate_mbit * 1e6 / 8 / 1e9 * TCP_PAYLOAD_EFFICIENCY, latency_s)
-    return Cluster(2, 1, dataclasses.replace(LOOPBACK, latency_s=latency_s), inter)
+def cluster(rate_mbit: float, latency_s: float, cpu_gbps: float | None = None) -> Cluster:
+    """Two nodes of one device; the inter-node link is the shaped veth path (``cpu_gbps``: the
+    host-side throughput of the collective library, :class:`~yuanlfa.planner.links.Link`)."""
+    inter = Link(rate_mbit * 1e6 / 8 / 1e9 * TCP_PAYLOAD_EFFICIENCY, latency_s, cpu_gbps)
+    loopback = dataclasses.replace(LOOPBACK, latency_s=latency_s, cpu_gbps=cpu_gbps)
+    return Cluster(2, 1, loopback, inter)
 
 
 def source_commit() -> str | None:
