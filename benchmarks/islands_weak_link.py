@@ -9,9 +9,10 @@ benchmarks/weak_link.py) act as two nodes, one gloo process each, training weak_
                                  outer.sync_every=H: the global batch is split over the islands;
   streaming-H10 / streaming-H50  the same with outer.algorithm=streaming_diloco, 5 fragments
                                  (the 8 layers in runs of 2, 2, 1, 2, 1; H must be a multiple of
-                                 the fragments), each fragment's exchange overlapped with 2 inner
-                                 steps (outer.fragment_delay=2, at most H / 5 so that no two
-                                 fragments are in flight at once);
+                                 the fragments), each fragment's exchange overlapped with the
+                                 next inner step (outer.fragment_delay=1: below H / 5, so no two
+                                 fragments are in flight at once and a window can start where
+                                 none is: its wire bytes count whole exchanges);
   pp                             parallel.pp=2 across the link (the balancer's split, 1F1B);
   dp                             dp=2 across the link with the distributed optimizer (ZeRO-1).
 
@@ -107,7 +108,9 @@ MODEL = [
 CASES = ("islands-H10", "islands-H50", "streaming-H10", "streaming-H50", "pp", "dp")
 ISLANDS = 2
 FRAGMENTS = 5  # divides H = 10 and 50; the 8 layers split 2, 2, 1, 2, 1
-FRAGMENT_DELAY = 2  # inner steps each fragment's exchange overlaps (<= H / FRAGMENTS)
+# Inner steps each fragment's exchange overlaps; below H / FRAGMENTS so that a measuring window
+# can start where no exchange is in flight (see ``aligned``).
+FRAGMENT_DELAY = 1
 
 
 def islands_in_schema() -> str | None:
@@ -200,6 +203,20 @@ def balanced_split(data_path: str) -> tuple[int, ...]:
     return balance(cfg, get_device("cpu"), "time", model=model).blocks
 
 
+def spacing(case: str) -> int:
+    """Steps between two fragments' exchanges (streaming), else 1."""
+    return sync_every(case) // FRAGMENTS if case.startswith("streaming") else 1
+
+
+def aligned(case: str, step: int) -> int:
+    """The first step >= ``step`` at which no exchange is in flight once its record is written:
+    a streaming fragment's exchange starts after a step that is a multiple of ``spacing`` and
+    is applied ``FRAGMENT_DELAY`` steps later, so a window starting there counts whole
+    exchanges (plain DiLoCo's blocks within its step: every step is aligned)."""
+    k = spacing(case)
+    return step + (FRAGMENT_DELAY - step) % k if k > 1 else step
+
+
 def window(case: str, args: argparse.Namespace) -> int:
     H = sync_every(case)
     return args.steps if H is None else H * args.syncs
@@ -226,7 +243,7 @@ def measure(args, data_path: str, blocks: tuple[int, ...], logs: Path) -> dict:
         for repeat in range(args.repeats):
             order = args.rates if repeat % 2 == 0 else args.rates[::-1]
             for case in args.cases:
-                per_rate = args.settle + window(case, args)
+                per_rate = args.settle + window(case, args) + spacing(case) - 1
                 total = args.warmup + len(order) * per_rate
                 overrides = [*MODEL, f"data.path={data_path}", f"train.steps={total}"]
                 overrides += case_overrides(case, blocks)
@@ -239,7 +256,7 @@ def measure(args, data_path: str, blocks: tuple[int, ...], logs: Path) -> dict:
                     for i, rate in enumerate(order):
                         if i > 0:
                             net.set_rate(rate)
-                        first = args.warmup + i * per_rate + args.settle
+                        first = aligned(case, args.warmup + i * per_rate + args.settle)
                         steps = window(case, args)
                         launch.wait_for_records(first, timeout_s=1800)
                         t0, b0 = time.perf_counter(), net.tx_bytes(0)
