@@ -124,3 +124,18 @@ def test_cpu_throughput_adds_to_each_byte() -> None:
     expected = 2 * alpha + B / (wire * 1e9) + B / (cpu * 1e9)
     assert ring_all_reduce_s(B, 2, Link(wire, alpha, cpu_gbps=cpu)) == pytest.approx(expected)
     assert Link(wire, alpha, cpu).scaled(0.5).cpu_gbps == cpu
+
+
+def test_fit_cpu_gbps_recovers_the_throughput() -> None:
+    """A dp step's time at a known host throughput, fitted back from that time alone."""
+    from yuanlfa.planner.calibrate import fit_cpu_gbps
+
+    state = StateBytes(weights=4, grads=4, optimizer=8, optimizer_shards=2)
+
+    def step(cpu: float) -> float:
+        return 0.5 + dp_step_s(9_000_000, 2, state, True, 40_000_000, Link(1.2, 5e-4, cpu), "gloo")
+
+    measured = step(0.075)
+    assert fit_cpu_gbps(step, measured) == pytest.approx(0.075, rel=1e-6)
+    # Faster than even a free host: the fit says "practically free" (its upper end).
+    assert fit_cpu_gbps(step, 0.5) == 1e4
