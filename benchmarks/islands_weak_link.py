@@ -3,12 +3,18 @@ to pipeline and data parallelism across the same link, with the advisor's predic
 
 Two network namespaces joined by shaped veth links (tools/emulated_cluster.py, as
 benchmarks/weak_link.py) act as two nodes, one gloo process each, training weak_link.py's model
-(8 layers, hidden 256, sequence 128, micro batch 2, global batch 8) four ways:
+(8 layers, hidden 256, sequence 128, micro batch 2, global batch 8) six ways:
 
-  islands-H10 / islands-H50  parallel.islands=2 (one rank per island), outer.algorithm=diloco,
-                             outer.sync_every=H: the global batch is split over the islands;
-  pp                         parallel.pp=2 across the link (the balancer's split, 1F1B);
-  dp                         dp=2 across the link with the distributed optimizer (ZeRO-1).
+  islands-H10 / islands-H50      parallel.islands=2 (one rank per island), outer.algorithm=diloco,
+                                 outer.sync_every=H: the global batch is split over the islands;
+  streaming-H10 / streaming-H50  the same with outer.algorithm=streaming_diloco, 5 fragments
+                                 (the 8 layers in runs of 2, 2, 1, 2, 1; H must be a multiple of
+                                 the fragments), each fragment's exchange overlapped with the
+                                 next inner step (outer.fragment_delay=1: below H / 5, so no two
+                                 fragments are in flight at once and a window can start where
+                                 none is: its wire bytes count whole exchanges);
+  pp                             parallel.pp=2 across the link (the balancer's split, 1F1B);
+  dp                             dp=2 across the link with the distributed optimizer (ZeRO-1).
 
 Per case one launch sweeps the link rates (default 10000, 1000, 100 Mbit/s; the fastest is the
 "unthrottled" reference) with ``tc qdisc change`` as weak_link.py does. Per rate, a window of
@@ -19,10 +25,26 @@ bytes, headers and ACKs included; ``payload`` is that times the TCP payload shar
 islands the trainer's own ``link_bytes``.
 
 Predictions come from the planner (yuanlfa.planner.islands: the same ring formula and cost model
-as ``yuanlfa-plan --advise``), with two constants fitted on the fastest rate: the sustained
-FLOP/s on islands-H50 (compute-bound) and the per-message latency on dp; every other point is a
+as ``yuanlfa-plan --advise``) with three constants, each stated in the result:
+
+- the link's per-message latency, measured, not fitted: before the cases, at each rate, a gloo
+  ping-pong of a 4-byte tensor between the two nodes (benchmarks/_emulated.py ``probe_link``),
+  half the round trip; the median over the rates is used (the probe also times a 4 MB
+  all-reduce, recorded next to the link model's figure for it);
+- the sustained FLOP/s, fitted on islands-H50 at the fastest rate (compute-bound);
+- the collective library's host-side throughput (``Link.cpu_gbps``: every byte a collective or
+  P2P message sends also costs bytes / cpu_gbps of CPU time: copies, sums and the distributed
+  optimizer's gloo path on the two cores that run the model), fitted on dp at the fastest rate,
+  where the link itself costs little but dp's 57 MB of gradient and parameter traffic take the
+  cores for most of a second.
+
+The latency and FLOP/s fits see the third through the joint iteration. Every other point is a
 prediction, checked against 15%. Goals (issue 20): DiLoCo's link bytes per step at most 1/H of
 dp's; its step time within 10% of the same run on the fastest link.
+
+The dp bytes count gloo's reduce-scatter as the all-reduce it is (yuanlfa.planner.comm
+``reduce_scatter_bytes``): ZeRO-1 on gloo sends the whole gradient buffer, then the all-gather
+of the parameters, 1.5 times a ring reduce-scatter's bytes.
 
     python benchmarks/islands_weak_link.py --out benchmarks/results/islands_weak_link_cpu
 
@@ -45,7 +67,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _emulated import cluster, source_commit, wait_for_quiet
+from _emulated import busy_cores, cluster, probe_link, source_commit, wait_for_quiet
 from _env import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +78,8 @@ from yuanlfa.config import Config, load_config, resolve  # noqa: E402
 from yuanlfa.planner import balance, cost_model, get_device  # noqa: E402
 from yuanlfa.planner.calibrate import (  # noqa: E402
     TCP_PAYLOAD_EFFICIENCY,
+    fit_cpu_gbps,
     fit_flops_per_s,
-    fit_latency_s,
 )
 from yuanlfa.planner.islands import (  # noqa: E402
     Outer,
@@ -66,6 +88,7 @@ from yuanlfa.planner.islands import (  # noqa: E402
     islands_candidate,
     sync_link_bytes,
 )
+from yuanlfa.planner.links import ring_all_reduce_s  # noqa: E402
 
 TARGET = 0.15  # predictions within 15% of the measurements
 STEP_TARGET = 0.10  # islands' step time within 10% of the fastest link's
@@ -82,8 +105,12 @@ MODEL = [
     "train.eval_iters=0",
     "checkpoint.save_at_end=false",
 ]
-CASES = ("islands-H10", "islands-H50", "pp", "dp")
+CASES = ("islands-H10", "islands-H50", "streaming-H10", "streaming-H50", "pp", "dp")
 ISLANDS = 2
+FRAGMENTS = 5  # divides H = 10 and 50; the 8 layers split 2, 2, 1, 2, 1
+# Inner steps each fragment's exchange overlaps; below H / FRAGMENTS so that a measuring window
+# can start where no exchange is in flight (see ``aligned``).
+FRAGMENT_DELAY = 1
 
 
 def islands_in_schema() -> str | None:
@@ -99,17 +126,30 @@ def islands_in_schema() -> str | None:
 
 
 def sync_every(case: str) -> int | None:
-    return int(case.split("-H")[1]) if case.startswith("islands") else None
+    return int(case.split("-H")[1]) if "-H" in case else None
+
+
+def outer_of(case: str) -> Outer:
+    H = sync_every(case)
+    assert H is not None
+    if case.startswith("streaming"):
+        return Outer("streaming_diloco", H, FRAGMENTS, FRAGMENT_DELAY)
+    return Outer("diloco", H)
 
 
 def case_overrides(case: str, blocks: tuple[int, ...]) -> list[str]:
     H = sync_every(case)
     if H is not None:
-        return [
+        outer = outer_of(case)
+        out = [
             f"parallel.islands={ISLANDS}",
-            "outer.algorithm=diloco",
+            f"outer.algorithm={outer.algorithm}",
             f"outer.sync_every={H}",
         ]
+        if outer.algorithm == "streaming_diloco":
+            out += [f"outer.fragments={outer.fragments}",
+                    f"outer.fragment_delay={outer.fragment_delay}"]  # fmt: skip
+        return out
     if case == "pp":
         return ["parallel.pp=2", f"parallel.pipeline_blocks=[{','.join(map(str, blocks))}]"]
     return ["optim.distributed=true"]  # dp = 2 from the world size
@@ -131,12 +171,18 @@ def planner_config(case: str, data_path: str, blocks: tuple[int, ...]) -> Config
 
 
 def predict(
-    case: str, cfg: Config, blocks: tuple[int, ...], rate: float, flops: float, latency: float
+    case: str,
+    cfg: Config,
+    blocks: tuple[int, ...],
+    rate: float,
+    flops: float,
+    latency: float,
+    cpu_gbps: float | None,
 ) -> tuple[float, float]:
     """(step seconds, link bytes per step sent by one node / island) at ``rate`` Mbit/s."""
     device = get_device("cpu")
     options = {"flops_per_s": flops, "mfu": 0.5, "memory_limit_bytes": None}
-    net = cluster(rate, latency)
+    net = cluster(rate, latency, cpu_gbps)
     H = sync_every(case)
     if H is None:
         split = blocks if cfg.parallel.pp > 1 else (cfg.model.num_layers,)
@@ -144,7 +190,7 @@ def predict(
         model = cost_model(cfg, device, cluster=net, flops_per_s=flops)
         return r.step_time_s, sync_link_bytes(model, r.plan, net) or 0.0
     inner = as_ranked(cfg, (cfg.model.num_layers,), island_cluster(net, ISLANDS), device, options)
-    c = islands_candidate(inner, ISLANDS, Outer("diloco", H), net, device, options)
+    c = islands_candidate(inner, ISLANDS, outer_of(case), net, device, options)
     return c.step_time_s, c.link_bytes_per_step
 
 
@@ -157,19 +203,47 @@ def balanced_split(data_path: str) -> tuple[int, ...]:
     return balance(cfg, get_device("cpu"), "time", model=model).blocks
 
 
+def spacing(case: str) -> int:
+    """Steps between two fragments' exchanges (streaming), else 1."""
+    return sync_every(case) // FRAGMENTS if case.startswith("streaming") else 1
+
+
+def aligned(case: str, step: int) -> int:
+    """The first step >= ``step`` at which no exchange is in flight once its record is written:
+    a streaming fragment's exchange starts after a step that is a multiple of ``spacing`` and
+    is applied ``FRAGMENT_DELAY`` steps later, so a window starting there counts whole
+    exchanges (plain DiLoCo's blocks within its step: every step is aligned)."""
+    k = spacing(case)
+    return step + (FRAGMENT_DELAY - step) % k if k > 1 else step
+
+
 def window(case: str, args: argparse.Namespace) -> int:
     H = sync_every(case)
     return args.steps if H is None else H * args.syncs
 
 
 def measure(args, data_path: str, blocks: tuple[int, ...], logs: Path) -> dict:
-    """{(case, rate): [{"step_s", "wire_bytes", "link_bytes", ...} per launch]}."""
+    """({(case, rate): [{"step_s", "wire_bytes", "link_bytes", ...} per launch]}, the link
+    probes: [{"rate_mbit", "one_way_s", ...} per rate])."""
     runs: dict[tuple[str, float], list[dict]] = {}
+    probes = []
     with EmulatedCluster(2, args.rates[0]) as net:
+        busy = wait_for_quiet(args.quiet_wait)
+        for rate in args.rates:
+            net.set_rate(rate)
+            probe = {"rate_mbit": rate, **probe_link(net, nice=args.nice)}
+            probe["busy_cores_before"] = busy
+            probes.append(probe)
+            print(
+                f"  probe at {rate:>7g} Mbit/s: {probe['one_way_s'] * 1e3:.3f} ms one way, "
+                f"{probe['large_bytes'] / 2**20:.0f} MB all-reduce "
+                f"{probe['large_all_reduce_s'] * 1e3:.1f} ms",
+                flush=True,
+            )
         for repeat in range(args.repeats):
             order = args.rates if repeat % 2 == 0 else args.rates[::-1]
             for case in args.cases:
-                per_rate = args.settle + window(case, args)
+                per_rate = args.settle + window(case, args) + spacing(case) - 1
                 total = args.warmup + len(order) * per_rate
                 overrides = [*MODEL, f"data.path={data_path}", f"train.steps={total}"]
                 overrides += case_overrides(case, blocks)
@@ -182,7 +256,7 @@ def measure(args, data_path: str, blocks: tuple[int, ...], logs: Path) -> dict:
                     for i, rate in enumerate(order):
                         if i > 0:
                             net.set_rate(rate)
-                        first = args.warmup + i * per_rate + args.settle
+                        first = aligned(case, args.warmup + i * per_rate + args.settle)
                         steps = window(case, args)
                         launch.wait_for_records(first, timeout_s=1800)
                         t0, b0 = time.perf_counter(), net.tx_bytes(0)
@@ -209,7 +283,7 @@ def measure(args, data_path: str, blocks: tuple[int, ...], logs: Path) -> dict:
                     launch.wait(1800)
                 finally:
                     launch.stop()
-    return runs
+    return runs, probes
 
 
 def write_plot(path: str, points: list[dict]) -> None:
@@ -222,7 +296,8 @@ def write_plot(path: str, points: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    for case, color in zip(CASES, ("tab:green", "tab:olive", "tab:blue", "tab:red")):
+    colors = ("tab:green", "tab:olive", "tab:purple", "tab:pink", "tab:blue", "tab:red")
+    for case, color in zip(CASES, colors):
         mine = sorted((p for p in points if p["case"] == case), key=lambda p: p["rate_mbit"])
         if not mine:
             continue
@@ -289,7 +364,7 @@ def main() -> int:
     print(f"pp's balanced split: {list(blocks)}", flush=True)
     logs_tmp = tempfile.mkdtemp(prefix="islands_weak_link_")
     try:
-        runs = measure(args, data_path, blocks, Path(args.keep_logs or logs_tmp))
+        runs, probes = measure(args, data_path, blocks, Path(args.keep_logs or logs_tmp))
     finally:
         shutil.rmtree(logs_tmp, ignore_errors=True)
     measured = {k: statistics.median(r["step_s"] for r in v) for k, v in runs.items()}
@@ -297,27 +372,32 @@ def main() -> int:
     cfgs = {c: planner_config(c, data_path, blocks) for c in args.cases}
     fast = args.rates[0]
 
-    def at(case: str, rate: float, f: float, a: float) -> float:
-        return predict(case, cfgs[case], blocks, rate, f, a)[0]
+    def at(case: str, rate: float, f: float, c: float | None) -> float:
+        return predict(case, cfgs[case], blocks, rate, f, latency, c)[0]
 
-    flops, latency = 1e10, 0.0
+    # The latency: measured (the probe's one-way time, median over the rates).
+    latency = statistics.median(p["one_way_s"] for p in probes)
+    flops, cpu_gbps = 1e10, None
     flops_case = "islands-H50" if "islands-H50" in args.cases else args.cases[0]
-    latency_case = "dp" if "dp" in args.cases else None
+    cpu_case = "dp" if "dp" in args.cases else None
     for _ in range(8):  # each fit uses the other's current value
         flops = fit_flops_per_s(
-            lambda f, a=latency: at(flops_case, fast, f, a), measured[flops_case, fast]
+            lambda f, c=cpu_gbps: at(flops_case, fast, f, c), measured[flops_case, fast]
         )
-        if latency_case is None:
+        if cpu_case is None:
             break
-        latency = fit_latency_s(
-            lambda a, f=flops: at(latency_case, fast, f, a), measured[latency_case, fast]
+        cpu_gbps = fit_cpu_gbps(
+            lambda c, f=flops: at(cpu_case, fast, f, c), measured[cpu_case, fast]
         )
+    for probe in probes:  # the link model's figure for the probe's large all-reduce
+        link = cluster(probe["rate_mbit"], latency, cpu_gbps).inter
+        probe["model_large_all_reduce_s"] = ring_all_reduce_s(probe["large_bytes"], 2, link)
     points = []
     for (case, rate), reps in sorted(
         runs.items(), key=lambda kv: (CASES.index(kv[0][0]), -kv[0][1])
     ):
-        step, nbytes = predict(case, cfgs[case], blocks, rate, flops, latency)
-        calibration = rate == fast and case in (flops_case, latency_case)
+        step, nbytes = predict(case, cfgs[case], blocks, rate, flops, latency, cpu_gbps)
+        calibration = rate == fast and case in (flops_case, cpu_case)
         payload = wire[case, rate] * TCP_PAYLOAD_EFFICIENCY
         link = [r["link_bytes"] for r in reps if r["link_bytes"] is not None]
         points.append(
@@ -338,13 +418,13 @@ def main() -> int:
         )
     print()
     print(
-        f"{'case':<12} {'Mbit/s':>7} {'step s':>8} {'pred s':>8} {'err':>7} "
+        f"{'case':<14} {'Mbit/s':>7} {'step s':>8} {'pred s':>8} {'err':>7} "
         f"{'MB/step':>9} {'pred MB':>9} {'err':>7} {'trainer MB':>10}  role"
     )
     for p in points:
         trainer = p["trainer_link_bytes"]
         print(
-            f"{p['case']:<12} {p['rate_mbit']:>7g} {p['measured_s']:>8.3f} "
+            f"{p['case']:<14} {p['rate_mbit']:>7g} {p['measured_s']:>8.3f} "
             f"{p['predicted_s']:>8.3f} {p['step_error']:>+7.1%} {p['payload_bytes'] / 1e6:>9.3f} "
             f"{p['predicted_bytes'] / 1e6:>9.3f} {p['bytes_error'] or 0:>+7.1%} "
             f"{'-' if trainer is None else f'{trainer / 1e6:.3f}':>10}  {p['role']}"
@@ -372,8 +452,10 @@ def main() -> int:
                 slow = by[case, rate]["measured_s"] / by[case, fast]["measured_s"] - 1
                 goals.append((f"{case} step at {rate:g} within 10% of {fast:g}",
                               slow <= STEP_TARGET, f"{slow:+.1%}"))  # fmt: skip
+    cpu = "free" if cpu_gbps is None else f"{cpu_gbps * 1e3:.1f} MB/s"
     print(f"calibration at {fast:g} Mbit/s: {flops / 1e9:.1f} GFLOP/s ({flops_case}), "
-          f"{latency * 1e3:.2f} ms per message ({latency_case})")  # fmt: skip
+          f"collectives' host-side throughput {cpu} ({cpu_case}); latency "
+          f"{latency * 1e3:.3f} ms per message (measured: gloo ping-pong)")  # fmt: skip
     for name, met, detail in goals:
         print(f"{'met' if met else 'NOT met':>7}: {name} ({detail})")
     if args.out:
@@ -393,11 +475,19 @@ def main() -> int:
             "cases": {c: case_overrides(c, blocks) for c in args.cases},
             "calibration": {
                 "flops_per_s": flops,
-                "flops_from": f"{flops_case} at {fast:g}",
+                "flops_from": f"fitted on {flops_case} at {fast:g}",
+                "cpu_gbps": cpu_gbps,
+                "cpu_gbps_from": f"fitted on {cpu_case} at {fast:g}",
                 "latency_s": latency,
-                "latency_from": f"{latency_case} at {fast:g}",
+                "latency_from": "measured: median over the rates of half a gloo ping-pong of "
+                "a 4-byte tensor across the link",
                 "link_payload_efficiency": TCP_PAYLOAD_EFFICIENCY,
+                "probes": probes,
+                "load_average": os.getloadavg(),
+                "busy_cores_at_end": busy_cores(),
             },  # fmt: skip
+            "fragments": FRAGMENTS,
+            "fragment_delay": FRAGMENT_DELAY,
             "goals": [{"goal": n, "met": m, "detail": d} for n, m, d in goals],
             "points": points,
         }

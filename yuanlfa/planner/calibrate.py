@@ -1,16 +1,21 @@
-"""Calibrating the cost model on measurements: a sustained FLOP/s and a per-message latency.
+"""Calibrating the cost model on measurements: a sustained FLOP/s, a per-message latency and the
+host-side throughput of collectives.
 
-The model has two machine constants a datasheet does not give: the FLOP/s a device sustains on
-this model (peak * mfu is a guess) and the per-message latency of the links as the collective
-library sees them (software, not wire: on a busy CPU host gloo needs milliseconds per message).
-Each is fitted so that the model reproduces one measured step time; every other prediction then
-comes from the model alone.
+The model has machine constants a datasheet does not give: the FLOP/s a device sustains on this
+model (peak * mfu is a guess), the per-message latency of the links as the collective library
+sees them (software, not wire: on a busy CPU host gloo needs a fraction of a millisecond to
+milliseconds per message) and, on a host, the collective library's own work per byte (copies and
+sums on the cores that also run the model: :class:`~.links.Link` ``cpu_gbps``). Each is either
+measured directly (the latency: a small ping-pong across the link) or fitted so that the model
+reproduces one measured step time; every other prediction then comes from the model alone. A
+latency fitted on a step made of large collectives absorbs their per-byte host work and is then
+wrong for every small message: measure it, and fit the per-byte work separately.
 
 - :func:`flops_from_layer_time`: the rate implied by a timed layer forward (or any timed part
   whose FLOPs :mod:`.flops` counts).
-- :func:`fit_flops_per_s` / :func:`fit_latency_s`: the constant that makes ``predict`` return a
-  measured step time. ``predict`` is monotonic in the constant (step time falls with FLOP/s and
-  grows with latency), so a bisection finds it.
+- :func:`fit_flops_per_s` / :func:`fit_latency_s` / :func:`fit_cpu_gbps`: the constant that makes
+  ``predict`` return a measured step time. ``predict`` is monotonic in the constant (step time
+  falls with FLOP/s and the host's throughput, grows with latency), so a bisection finds it.
 """
 
 from __future__ import annotations
@@ -74,3 +79,13 @@ def fit_latency_s(predict: Callable[[float], float], measured_s: float, hi: floa
     if measured_s <= 0:
         raise ConfigError(f"measured step time must be > 0, got {measured_s}")
     return _bisect(predict, measured_s, 0.0, hi, increasing=True, log=False)
+
+
+def fit_cpu_gbps(
+    predict: Callable[[float], float], measured_s: float, lo: float = 1e-4, hi: float = 1e4
+) -> float:
+    """The collectives' host-side throughput (GB/s) with ``predict(cpu_gbps) == measured_s``
+    (``hi``, i.e. practically free, when even that predicts more than measured)."""
+    if measured_s <= 0:
+        raise ConfigError(f"measured step time must be > 0, got {measured_s}")
+    return _bisect(predict, measured_s, lo, hi, increasing=False, log=True)

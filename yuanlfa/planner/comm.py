@@ -27,6 +27,13 @@ and an all-gather of the parameters), each bucket paying its ring's latency; the
 embedding's gradient summed between the first and last pipeline stage (its dp slice under the
 distributed optimizer); under SP the replicated weights' (norms, LFA) gradients summed over tp.
 Small per-step reductions (loss, token count, gradient norm) are left out.
+
+The backend's reduce-scatter (:func:`reduce_scatter_bytes`, :func:`reduce_scatter_s`): NCCL's is
+a ring, sending (n - 1) / n of the buffer per rank. gloo (torch 2.13) has none: both
+``reduce_scatter_tensor`` and the list form send the whole buffer per rank on 2 ranks, as an
+all-reduce does (counted on a network namespace's loopback, tests/planner/test_comm_backend.py),
+so on gloo a reduce-scatter is costed as the all-reduce it performs. The all-gather and
+all-reduce are rings on both.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import math
 
 from yuanlfa.config import ModelConfig
+from yuanlfa.layout.traffic import ring_all_reduce_bytes, ring_reduce_scatter_bytes
 from yuanlfa.planner.components import component_cost
 from yuanlfa.planner.links import (
     Link,
@@ -47,6 +55,27 @@ from yuanlfa.planner.spec import ActivationSpec
 COLUMN_PARALLEL = 3  # v_proj, qk_proj, fc1: each takes its own copy (or gather) of its input
 ROW_PARALLEL = 2  # o_proj, fc2: each sums (or reduce-scatters) its output
 LOSS_STAT_BYTES = 4 + 8  # per token: the max, then (sum of exp, target logit)
+# Backends whose reduce-scatter sends what an all-reduce sends (see the module doc).
+REDUCE_SCATTER_AS_ALL_REDUCE = frozenset({"gloo"})
+
+
+def backend_of(gpu: bool) -> str:
+    """The process group's backend, as yuanlfa.train.distributed picks it."""
+    return "nccl" if gpu else "gloo"
+
+
+def reduce_scatter_bytes(nbytes: float, n: int, backend: str) -> float:
+    """Bytes each rank sends in ``backend``'s reduce-scatter of an ``nbytes`` buffer."""
+    if backend in REDUCE_SCATTER_AS_ALL_REDUCE:
+        return ring_all_reduce_bytes(nbytes, n)
+    return ring_reduce_scatter_bytes(nbytes, n)
+
+
+def reduce_scatter_s(nbytes: float, n: int, link: Link, backend: str) -> float:
+    """Seconds of ``backend``'s reduce-scatter of an ``nbytes`` buffer over ``n`` ranks."""
+    if backend in REDUCE_SCATTER_AS_ALL_REDUCE:
+        return ring_all_reduce_s(nbytes, n, link)
+    return ring_reduce_scatter_s(nbytes, n, link)
 
 
 def _act(model: ModelConfig, spec: ActivationSpec) -> int:
@@ -116,6 +145,7 @@ def dp_step_s(
     distributed: bool,
     bucket_elements: int,
     link: Link,
+    backend: str = "nccl",
 ) -> float:
     """One step's data-parallel reduction of a rank holding ``params`` parameters."""
     if dp == 1 or params == 0:
@@ -123,7 +153,8 @@ def dp_step_s(
     buckets = math.ceil(params / bucket_elements)
     grads, weights = params * state.grads / buckets, params * state.weights / buckets
     if distributed:
-        per_bucket = ring_reduce_scatter_s(grads, dp, link) + ring_all_gather_s(weights, dp, link)
+        per_bucket = reduce_scatter_s(grads, dp, link, backend)
+        per_bucket += ring_all_gather_s(weights, dp, link)
     else:
         per_bucket = ring_all_reduce_s(grads, dp, link)
     return buckets * per_bucket

@@ -204,6 +204,12 @@ class CostModel:
     rank_flops: tuple[float, ...] = ()
     rank_limits: tuple[int | None, ...] = ()
 
+    @property
+    def backend(self) -> str:
+        """The process group's backend (gloo on a host, nccl on GPUs): what its collectives send
+        differs (:mod:`.comm`)."""
+        return comm.backend_of(self.specs[0].fused_norm)
+
     def device_of(self, rank: int) -> DevicePreset:
         return self.rank_devices[rank] if self.rank_devices else self.device
 
@@ -440,7 +446,7 @@ class CostModel:
         p = self.cfg.parallel
         return comm.dp_step_s(
             params, self.dp, self.state, self.cfg.optim.distributed, p.grad_bucket_size,
-            self.links.dp,
+            self.links.dp, self.backend,
         )  # fmt: skip
 
     def sync_comm_s(self, rank: int, blocks: tuple[int, ...]) -> float:

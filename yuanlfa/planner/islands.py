@@ -24,8 +24,9 @@ its shard (the last synchronized parameters and the outer momentum) within the d
 
 Link bytes per step count what crosses nodes: per island (islands) or per node (synchronous
 layouts), what its ranks send over inter-node links, averaged over steps. For a synchronous
-layout: the dp rings' hops that join two nodes (reduce-scatter of the gradients and all-gather
-of the parameters under the distributed optimizer, else an all-reduce), each pipeline boundary
+layout: the dp rings' hops that join two nodes (reduce-scatter of the gradients, as the backend
+sends it (:func:`.comm.reduce_scatter_bytes`: on gloo an all-reduce's bytes), and all-gather of
+the parameters under the distributed optimizer, else an all-reduce), each pipeline boundary
 between nodes (one activation per microbatch forward, its gradient back) and the tied
 embedding's gradient sum; tensor parallelism across nodes is not counted (None).
 
@@ -46,9 +47,10 @@ from yuanlfa.config import Config, ConfigError
 from yuanlfa.layout import group_ranks
 from yuanlfa.layout.traffic import ring_all_reduce_bytes, ring_reduce_scatter_bytes
 from yuanlfa.planner.advisor import Advice, Layout, Ranked, advise, snippet
+from yuanlfa.planner.comm import reduce_scatter_bytes
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, DevicePreset
-from yuanlfa.planner.links import Link, ring_all_gather_s, ring_all_reduce_s
+from yuanlfa.planner.links import ring_all_gather_s, ring_all_reduce_s
 from yuanlfa.planner.params import param_counts
 from yuanlfa.planner.topology import Cluster, parse_order
 
@@ -147,7 +149,7 @@ def sync_link_bytes(model: CostModel, plan: PlanCost, cluster: Cluster) -> float
         for ranks in group_ranks(order, sizes, "dp"):
             params = plan.ranks[stage_of[ranks[0]]].params
             if distributed:
-                per_hop = ring_reduce_scatter_bytes(params * state.grads, model.dp)
+                per_hop = reduce_scatter_bytes(params * state.grads, model.dp, model.backend)
                 per_hop += ring_reduce_scatter_bytes(params * state.weights, model.dp)
             else:
                 per_hop = ring_all_reduce_bytes(params * state.grads, model.dp)
@@ -350,7 +352,7 @@ def sync_candidates(advice: Advice, device: DevicePreset, options: dict) -> list
 
 
 def _at_bandwidth(cluster: Cluster, gbps: float) -> Cluster:
-    return dataclasses.replace(cluster, inter=Link(gbps, cluster.inter.latency_s))
+    return dataclasses.replace(cluster, inter=dataclasses.replace(cluster.inter, gbps=gbps))
 
 
 def sync_step_at(r: Ranked, cluster: Cluster, device: DevicePreset, options: dict) -> float:
