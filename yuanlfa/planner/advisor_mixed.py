@@ -100,7 +100,9 @@ def advise_mixed(
             if key in seen:
                 continue
             seen.add(key)
-            options = {"devices": devices, "links": links, "mfu": mfu}
+            # The device kind decides precision and the collectives' backend, as with one
+            # device (cost_model's default follows train.device, for the trainer's own plan).
+            options = {"devices": devices, "links": links, "mfu": mfu, "gpu": devices[0].gpu}
             options["memory_limit_bytes"] = memory_limit_bytes
             model = cost_model(resolved, **options)
             static = sum(model.state.of(_total_params(model)))
