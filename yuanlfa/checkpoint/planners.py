@@ -32,7 +32,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.prefetch import Prefetcher
-from yuanlfa.checkpoint.write_behind import DirectoryWriteBehind
 
 
 def _index(block: Block) -> tuple[str, tuple[int, ...]]:
@@ -126,12 +125,9 @@ class LazyTensor:
 class LazySavePlanner(DefaultSavePlanner):
     """Saves whole tensors that are read from elsewhere one at a time (conversion tools)."""
 
-    def __init__(
-        self, tensors: list[LazyTensor], behind: DirectoryWriteBehind | None = None
-    ) -> None:
+    def __init__(self, tensors: list[LazyTensor]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.tensors = {t.key: t for t in tensors}
-        self.behind = behind
         # The next tensor is read while this one is written (when both fit in the largest).
         self.prefetch = Prefetcher(
             list(self.tensors),
@@ -163,8 +159,6 @@ class LazySavePlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         lazy = self.tensors[write_item.index.fqn]
-        if self.behind is not None:
-            self.behind.advance()  # the files written so far go to disk while this one is made
         tensor = self.prefetch.get(lazy.key)
         # The metadata was planned from the declared shape: a converter that produced anything
         # else would store bytes that read back as another tensor.

@@ -25,7 +25,6 @@ from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazySavePlanner, LazyTensor
 from yuanlfa.checkpoint.torch_files import load_pickle_restricted
-from yuanlfa.checkpoint.write_behind import DirectoryWriteBehind
 from yuanlfa.config import ConfigError
 
 
@@ -80,8 +79,7 @@ def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
     writer = dcp.FileSystemWriter(
         directory, thread_count=1, single_file_per_rank=False, sync_files=False
     )
-    behind = DirectoryWriteBehind(directory)
-    planner = LazySavePlanner(tensors, behind)
+    planner = LazySavePlanner(tensors)
     try:
         with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
@@ -93,7 +91,6 @@ def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
                     os.close(fd)
     finally:
         planner.prefetch.close()
-        behind.close()
 
 
 class SafeReader(dcp.FileSystemReader):

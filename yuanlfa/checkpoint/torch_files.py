@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.write_behind import WriteBehind
 
 ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
 
@@ -228,7 +227,6 @@ class _StreamingFile:
         _Pickler(buf, protocol=2).dump(obj)
         self.refs, self.path = refs, Path(path)
         self.writer = torch._C.PyTorchFileWriter(str(path))
-        self.behind = WriteBehind(path)
         data = buf.getvalue()
         self.writer.write_record("data.pkl", data, len(data))
         self.writer.write_record(".format_version", "1", 1)
@@ -250,13 +248,11 @@ class _StreamingFile:
         start = tensor.storage_offset() * tensor.element_size()
         data = tensor.untyped_storage()[start : start + nbytes]
         self.writer.write_record(f"data/{key}", data, nbytes)
-        self.behind.advance()
         return nbytes
 
     def close(self) -> None:
         self.writer.write_end_of_file()
         del self.writer  # closes the file
-        self.behind.close()
         fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(fd)  # on disk before the output directory is renamed into place

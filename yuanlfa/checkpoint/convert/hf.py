@@ -49,7 +49,6 @@ from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
-from yuanlfa.checkpoint.write_behind import WriteBehind
 from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
 
@@ -241,24 +240,16 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
-        behind = WriteBehind(path)
-        try:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
-                if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                    raise CheckpointError(
-                        f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}"
-                    )
-                if tensor.numel():
-                    # The bytes as they are in memory (no copy): safetensors is little-endian.
-                    f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                    f.flush()
-                    behind.advance()
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            behind.close()
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise CheckpointError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}")
+            if tensor.numel():
+                # The bytes as they are in memory (no copy): safetensors is little-endian too.
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_hf(
