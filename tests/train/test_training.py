@@ -187,6 +187,36 @@ def test_missing_latest_pointer_falls_back_and_log_is_not_duplicated(
     assert [r["loss"] for r in records] == [r["loss"] for r in full.records]
 
 
+def test_record_of_a_saved_step_survives_a_kill_before_it_was_logged(
+    small_corpus: str, tmp_path: Path
+) -> None:
+    """A process killed after its save was published but before the step's record reached the
+    log (the window that made the elastic-restart test flaky) gets the record back from the
+    checkpoint on resume: the log still has every step once."""
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    full = _run(small_corpus, train__steps=4)
+    _run(
+        small_corpus, train__steps=4, train__exit_interval=2, checkpoint__dir=str(ckpt),
+        logging__jsonl=str(log),
+    )  # fmt: skip
+    lines = log.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    log.write_text(lines[0] + "\n")  # step 2's record never made it
+    again = _run(
+        small_corpus, train__steps=4, checkpoint__dir=str(ckpt), checkpoint__resume=True,
+        logging__jsonl=str(log),
+    )  # fmt: skip
+    assert [r["step"] for r in again.records] == [3, 4]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in full.records]
+    # The restored record is the step's own, less the save timings measured after it was taken.
+    original = json.loads(lines[1])
+    assert "save_blocking_s" in original
+    assert records[1] == {k: v for k, v in original.items() if not k.startswith("save_")}
+    assert not (tmp_path / "log.jsonl.tmp").exists()
+
+
 def test_bf16_autocast_tracks_fp32(small_corpus: str) -> None:
     # The GPU default (bf16 autocast) exercised on the CPU: LFA, RoPE and the block-wise loss
     # must keep forward and backward consistent, so the curve stays close to fp32's.

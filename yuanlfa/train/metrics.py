@@ -38,29 +38,51 @@ def _fmt(key: str, value: Any) -> str:
     return f"{key} {value}"
 
 
-def _open_log(path: Path, start_step: int):
+# The manifest key under which a checkpoint carries the log record of its own step.
+LOG_RECORD = "log_record"
+
+
+def _open_log(path: Path, start_step: int, start_record: dict[str, Any] | None):
     """A fresh run starts the log anew; a resumed one keeps the records up to its starting step
-    (records of steps replayed after a crash would otherwise appear twice)."""
-    kept = []
+    (records of steps replayed after a crash would otherwise appear twice). ``start_record`` is
+    the record the checkpoint resumed from carries: a process killed between publishing that
+    save and appending the record left the log without it. The kept lines are rewritten to a
+    temporary file and renamed over the log, so a crash here loses nothing."""
+    kept: list[str] = []
+    has_start = False
     if start_step > 0 and path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= start_step:
-                    kept.append(line)
+                step = json.loads(line).get("step", 0)
             except json.JSONDecodeError:
                 continue
-    log = open(path, "w", encoding="utf-8")  # noqa: SIM115
-    log.writelines(line + "\n" for line in kept)
-    return log
+            if step <= start_step:
+                kept.append(line)
+                has_start = has_start or step == start_step
+    if start_record is not None and start_step > 0 and not has_start:
+        kept.append(json.dumps(start_record))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115
 
 
 class MetricsLogger:
     """Writes what the process holding the loss sees; other ranks pass enabled=False."""
 
     def __init__(
-        self, cfg: LoggingConfig, total_steps: int, enabled: bool = True, start_step: int = 0
+        self,
+        cfg: LoggingConfig,
+        total_steps: int,
+        enabled: bool = True,
+        start_step: int = 0,
+        start_record: dict[str, Any] | None = None,
     ) -> None:
-        """start_step: the step a resumed run continues from (0 for a fresh run)."""
+        """start_step: the step a resumed run continues from (0 for a fresh run);
+        start_record: the record of that step its checkpoint carries (see _open_log)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._jsonl = None
@@ -69,7 +91,7 @@ class MetricsLogger:
             return
         if cfg.jsonl:
             Path(cfg.jsonl).parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = _open_log(Path(cfg.jsonl), start_step)
+            self._jsonl = _open_log(Path(cfg.jsonl), start_step, start_record)
         if cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -42,7 +42,7 @@ from yuanlfa.train.islands import (
     save_island_state,
 )
 from yuanlfa.train.loader import StepLoader
-from yuanlfa.train.metrics import MetricsLogger
+from yuanlfa.train.metrics import LOG_RECORD, MetricsLogger
 from yuanlfa.train.optimizer import build_optimizer_and_sync, uses_sharded_optimizer
 from yuanlfa.train.pipeline import (
     concat_batches,
@@ -197,6 +197,7 @@ class Trainer:
     def _resume(self) -> tuple[int, int]:
         """(step, consumed samples) of the latest checkpoint when resuming, else (0, 0)."""
         step, consumed = 0, 0
+        self.resumed_record: dict[str, Any] | None = None
         if self.cfg.checkpoint.resume:
             path = latest_checkpoint(self.cfg.checkpoint.dir)
             if path is not None:
@@ -207,6 +208,7 @@ class Trainer:
                 if problem is not None:
                     raise CheckpointError(f"{path}: {problem}")
                 step, consumed = state.step, state.consumed_samples
+                self.resumed_record = state.extra.get(LOG_RECORD)
                 self.say(f"resumed from {path} at step {step}", flush=True)
         if self.mesh.world_size > 1:
             # Every rank must resume from the same step (e.g. not from a non-shared filesystem).
@@ -256,7 +258,11 @@ class Trainer:
         t = self.cfg.train
         self.say(self.describe(), flush=True)
         logger = MetricsLogger(
-            self.cfg.logging, t.steps, enabled=self.is_logger, start_step=self.step
+            self.cfg.logging,
+            t.steps,
+            enabled=self.is_logger,
+            start_step=self.step,
+            start_record=self.resumed_record,
         )
         loader = StepLoader(
             self.data.train,
@@ -412,10 +418,13 @@ class Trainer:
             save_island_state(
                 ckpt.dir, self.step, self.mesh, self.model, self.optimizer, self.outer
             )
+        # The step's record travels in the manifest: a process killed after the save is
+        # published but before the record reached the log gets it back on resume.
+        extra = {**self.extra, LOG_RECORD: dict(record)}
         started, previous = self.saver.save(
             self.model,
             self.optimizer,
-            TrainingState(self.step, self.consumed, self.model_dict, self.extra),
+            TrainingState(self.step, self.consumed, self.model_dict, extra),
             self.mesh,
             self.cfg.model,
             layout_record(self.cfg, self.layout),
