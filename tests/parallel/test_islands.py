@@ -83,9 +83,11 @@ class _Toy(nn.Module):
         self.final_norm = nn.Linear(5, 1, bias=False)
 
 
-def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, bool, int]]:
+def _outer_vs_direct(
+    rank: int, world: int, streaming: bool, merge: str = "mix"
+) -> list[tuple[int, bool, int]]:
     """2 islands x dp 2: random local progress per island, the outer step against a direct
-    computation from every island's parameters."""
+    computation from every island's parameters (streaming: merged after the delay by ``merge``)."""
     islands, h = 2, 4
     mesh = build_mesh(ParallelConfig(islands=islands), world, rank, joined=False)
     algorithm = "streaming_diloco" if streaming else "diloco"
@@ -96,7 +98,8 @@ def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, 
         momentum=0.9,
         fragments=2 if streaming else None,
         fragment_delay=1 if streaming else 0,
-        fragment_mix=0.25 if streaming else 0.0,
+        fragment_mix=0.25 if streaming and merge == "mix" else 0.0,
+        fragment_merge=merge,
     )
     torch.manual_seed(0)
     model = _Toy()
@@ -136,13 +139,17 @@ def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, 
             for n in names:
                 if fragment[n] == f:
                     ref_anchor[n] = ref_params[n].detach().clone()
-                    expected[n] = torch.lerp(ref_anchor[n], before[n], cfg.fragment_mix)
+                    if merge == "carry":  # the island's own change since the exchange began
+                        expected[n] = ref_anchor[n] + (before[n] - grads["start"][n])
+                    else:
+                        expected[n] = torch.lerp(ref_anchor[n], before[n], cfg.fragment_mix)
         for f, off in enumerate(offsets):
             if step >= off and step > 0 and (step - off) % h == 0:
                 mean = {
                     n: torch.stack([ref_anchor[n] - g for g in gathered[n]]).mean(0) for n in names
                 }
                 mean["at"] = step + delay  # type: ignore[assignment]
+                mean["start"] = {n: before[n].clone() for n in names}  # type: ignore[assignment]
                 launched[f] = mean
                 if delay == 0:
                     for n in names:
@@ -160,8 +167,12 @@ def _outer_vs_direct(rank: int, world: int, streaming: bool) -> list[tuple[int, 
     return events
 
 
-def _both(rank: int, world: int) -> dict[bool, list[tuple[int, bool, int]]]:
-    return {s: _outer_vs_direct(rank, world, s) for s in (False, True)}
+def _both(rank: int, world: int) -> dict[object, list[tuple[int, bool, int]]]:
+    runs: dict[object, list[tuple[int, bool, int]]] = {
+        s: _outer_vs_direct(rank, world, s) for s in (False, True)
+    }
+    runs["carry"] = _outer_vs_direct(rank, world, True, merge="carry")
+    return runs
 
 
 @pytest.mark.slow
@@ -169,6 +180,7 @@ def test_outer_step_equals_direct_diloco() -> None:
     runs = run_distributed(_both, 4, timeout=120)
     for streaming in (False, True):
         _check_events([run[streaming] for run in runs], streaming)
+    _check_events([run["carry"] for run in runs], True)
 
 
 def _check_events(events: list, streaming: bool) -> None:
@@ -197,6 +209,7 @@ def _fault_free_resume(rank: int, world: int, corpus: str, root: str) -> dict[st
         outer__sync_every=4,
         outer__fragments=2,
         outer__fragment_delay=1,
+        outer__fragment_merge="carry",  # its in-flight state holds the start parameters too
         optim__distributed=True,
         train__micro_batch_size=1,
         train__steps=STEPS,
@@ -224,8 +237,8 @@ def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path
                 assert a[key] == b[key]
     # The two islands (ranks 0-1 and 2-3, dp 2 each) trained on different data ...
     assert results[0]["whole"][0]["loss"] != results[2]["whole"][0]["loss"]
-    # ... and hold the same parameters where every fragment was last applied with the outer
-    # result replacing the local one (fragment_mix 0): compare the saved per-island weights.
+    # ... and hold the same anchors (the outer result of the last exchange of each fragment;
+    # the parameters differ by each island's own steps since): compare the saved state.
     step_dir = tmp_path / "full" / "islands" / step_name(STEPS)
     a = torch.load(step_dir / "rank0.pt", weights_only=True)
     b = torch.load(step_dir / "rank2.pt", weights_only=True)
@@ -243,6 +256,11 @@ def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path
             "outer.fragments: 3 fragments but model.num_layers = 2",
         ),
         ({"outer": {"lighthouse": "nohost"}}, "outer.lighthouse"),
+        ({"outer": {"fragment_merge": "avg"}}, "outer.fragment_merge: 'avg' is not one of"),
+        (
+            {"outer": {"fragment_merge": "carry", "fragment_mix": 0.5}},
+            "outer.fragment_mix: 0.5 is only used with fragment_merge: mix",
+        ),
         ({"parallel": {"islands": 0}}, "parallel.islands: must be >= 1"),
     ],
 )

@@ -325,6 +325,11 @@ class OuterConfig:
     # merged in after a delayed exchange (0: the outer result replaces them; torchft's
     # fragment_update_alpha).
     fragment_mix: float = 0.0
+    # streaming_diloco, after a delayed exchange: "mix" = lerp(outer result, local parameters,
+    # fragment_mix) (torchft's merge); "carry" = the outer result plus the fragment's local
+    # change since the exchange started (no local step is dropped or counted twice; with
+    # fragment_delay 0 both are DiLoCo).
+    fragment_merge: Literal["mix", "carry"] = "mix"
     # Send pseudo-gradients as bf16 (half the link bytes); accumulated in fp32.
     quantize: bool = False
     # Per-island launches only (yuanlfa-train --island I, torchft): "auto" = island 0 starts a

@@ -225,6 +225,11 @@ def _validate_outer(cfg: Config) -> None:
     _require(
         0.0 <= o.fragment_mix <= 1.0, f"outer.fragment_mix: must be in [0, 1], got {o.fragment_mix}"
     )
+    _require(
+        o.fragment_merge == "mix" or o.fragment_mix == 0.0,
+        f"outer.fragment_mix: {o.fragment_mix} is only used with fragment_merge: mix; set it to "
+        "0 or use fragment_merge: mix",
+    )
     streaming = o.algorithm == "streaming_diloco"
     _require(
         not streaming or o.fragments is not None,

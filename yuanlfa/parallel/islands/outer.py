@@ -16,8 +16,11 @@ fragments take turns, each every ``H`` steps. At ``t`` its pseudo-gradient is ta
 all-reduce started; the outer step is applied ``τ = outer.fragment_delay`` inner steps later (the
 exchange overlaps those steps' compute): the anchor steps as above with the gradient from ``t``,
 and the fragment's parameters become ``lerp(anchor, θ_now, α)`` with ``α = outer.fragment_mix``
-(0: the outer result replaces the ``τ`` local steps' changes; torchft's fragment_update_alpha).
-The anchor is the outer result, not the mix. With ``P = 1`` and ``τ = 0`` this is DiLoCo.
+(0: the outer result replaces the ``τ`` local steps' changes; torchft's fragment_update_alpha),
+or with ``outer.fragment_merge: carry`` ``anchor + (θ_now - θ_t)``: the outer result plus the
+island's own change over the ``τ`` steps, which then enters the next pseudo-gradient (no local
+step is lost or counted twice). The anchor is the outer result, not the merge. With ``P = 1``
+and ``τ = 0`` this is DiLoCo.
 
 The exchange is sharded over the island's dp ranks (whose parameters are equal): each sends and
 steps the outer optimizer on a disjoint 1/dp chunk, then the island all-gathers the new anchor
@@ -119,6 +122,9 @@ class _Pending:
     fragment: int
     delta: torch.Tensor
     work: Work
+    # fragment_merge carry: this rank's piece of the fragment's parameters when the exchange
+    # started (padded flat, fp32), to carry the local change since over the outer step.
+    start: torch.Tensor | None = None
 
 
 class OuterSync:
@@ -242,9 +248,10 @@ class OuterSync:
             delta = f.anchor[f.lo : f.hi] - current[f.lo : f.hi]
             if self.cfg.quantize:
                 delta = delta.to(torch.bfloat16)
-            started.append(
-                _Pending(step + self.cfg.fragment_delay, i, delta, self.exchange.start_sum(delta))
-            )
+            carry = self.cfg.fragment_merge == "carry" and self.cfg.fragment_delay > 0
+            work = self.exchange.start_sum(delta)
+            start = current if carry else None
+            started.append(_Pending(step + self.cfg.fragment_delay, i, delta, work, start))
             sent += round(ring_all_reduce_bytes(f.wire_bytes, n))
         if self.cfg.fragment_delay:
             self.pending.extend(started)  # one launch only (config check): nothing to commit
@@ -274,7 +281,10 @@ class OuterSync:
         offset = 0
         for p in f.params:
             new = f.anchor[offset : offset + p.numel()].view_as(p)
-            if mix:
+            if pending.start is not None:
+                since = p.detach().float() - pending.start[offset : offset + p.numel()].view_as(p)
+                new = new + since
+            elif mix:
                 new = torch.lerp(new, p.detach().float(), mix)
             p.copy_(new)
             offset += p.numel()
@@ -288,7 +298,9 @@ class OuterSync:
             "anchors": [f.anchor.clone() for f in self.fragments],
             "chunks": [f.chunk.detach().clone() for f in self.fragments],
             "optimizer": self.optimizer.state_dict(),
-            "pending": [(q.apply_at, q.fragment, self._finished(q)) for q in self.pending],
+            "pending": [
+                (q.apply_at, q.fragment, self._finished(q), q.start) for q in self.pending
+            ],
         }
 
     def _finished(self, pending: _Pending) -> torch.Tensor:
@@ -302,7 +314,8 @@ class OuterSync:
                 f.anchor.copy_(anchor)
                 f.chunk.copy_(chunk)
         self.optimizer.load_state_dict(state["optimizer"])
+        # (apply_at, fragment, delta[, start]): files written before fragment_merge lack start.
         self.pending = [
-            _Pending(apply_at, fragment, delta, _Done())
-            for apply_at, fragment, delta in state["pending"]
+            _Pending(entry[0], entry[1], entry[2], _Done(), entry[3] if len(entry) > 3 else None)
+            for entry in state["pending"]
         ]
