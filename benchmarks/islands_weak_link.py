@@ -13,6 +13,11 @@ benchmarks/weak_link.py) act as two nodes, one gloo process each, training weak_
                                  next inner step (outer.fragment_delay=1: below H / 5, so no two
                                  fragments are in flight at once and a window can start where
                                  none is: its wire bytes count whole exchanges);
+  overlap-H10 / overlap-H50      DiLoCo with its exchange hidden behind compute: streaming_diloco
+                                 with 2 fragments (half the model each), each exchange overlapped
+                                 with 4 inner steps and merged with outer.fragment_merge=carry
+                                 (the local steps meanwhile are kept: the quality is DiLoCo's,
+                                 benchmarks/islands_quality.py measures it);
   pp                             parallel.pp=2 across the link (the balancer's split, 1F1B);
   dp                             dp=2 across the link with the distributed optimizer (ZeRO-1).
 
@@ -105,12 +110,23 @@ MODEL = [
     "train.eval_iters=0",
     "checkpoint.save_at_end=false",
 ]
-CASES = ("islands-H10", "islands-H50", "streaming-H10", "streaming-H50", "pp", "dp")
+CASES = (
+    "islands-H10",
+    "islands-H50",
+    "streaming-H10",
+    "streaming-H50",
+    "overlap-H10",
+    "overlap-H50",
+    "pp",
+    "dp",
+)
 ISLANDS = 2
-FRAGMENTS = 5  # divides H = 10 and 50; the 8 layers split 2, 2, 1, 2, 1
-# Inner steps each fragment's exchange overlaps; below H / FRAGMENTS so that a measuring window
-# can start where no exchange is in flight (see ``aligned``).
-FRAGMENT_DELAY = 1
+# (fragments, fragment_delay) per streaming case family. The fragments divide H = 10 and 50; the
+# delay stays below H / fragments so that a measuring window can start where no exchange is in
+# flight (see ``aligned``). streaming: 5 fragments (the 8 layers in runs of 2, 2, 1, 2, 1), one
+# step of overlap; overlap: 2 fragments, 4 steps, enough to hide half the model's exchange at
+# 100 Mbit/s behind this model's ~0.5 s steps.
+STREAMING = {"streaming": (5, 1), "overlap": (2, 4)}
 
 
 def islands_in_schema() -> str | None:
@@ -132,8 +148,9 @@ def sync_every(case: str) -> int | None:
 def outer_of(case: str) -> Outer:
     H = sync_every(case)
     assert H is not None
-    if case.startswith("streaming"):
-        return Outer("streaming_diloco", H, FRAGMENTS, FRAGMENT_DELAY)
+    family = case.split("-H")[0]
+    if family in STREAMING:
+        return Outer("streaming_diloco", H, *STREAMING[family])
     return Outer("diloco", H)
 
 
@@ -149,6 +166,8 @@ def case_overrides(case: str, blocks: tuple[int, ...]) -> list[str]:
         if outer.algorithm == "streaming_diloco":
             out += [f"outer.fragments={outer.fragments}",
                     f"outer.fragment_delay={outer.fragment_delay}"]  # fmt: skip
+        if case.startswith("overlap"):
+            out.append("outer.fragment_merge=carry")
         return out
     if case == "pp":
         return ["parallel.pp=2", f"parallel.pipeline_blocks=[{','.join(map(str, blocks))}]"]
@@ -205,16 +224,19 @@ def balanced_split(data_path: str) -> tuple[int, ...]:
 
 def spacing(case: str) -> int:
     """Steps between two fragments' exchanges (streaming), else 1."""
-    return sync_every(case) // FRAGMENTS if case.startswith("streaming") else 1
+    H = sync_every(case)
+    if H is None or outer_of(case).algorithm != "streaming_diloco":
+        return 1
+    return H // outer_of(case).fragments
 
 
 def aligned(case: str, step: int) -> int:
     """The first step >= ``step`` at which no exchange is in flight once its record is written:
     a streaming fragment's exchange starts after a step that is a multiple of ``spacing`` and
-    is applied ``FRAGMENT_DELAY`` steps later, so a window starting there counts whole
+    is applied ``fragment_delay`` steps later, so a window starting there counts whole
     exchanges (plain DiLoCo's blocks within its step: every step is aligned)."""
     k = spacing(case)
-    return step + (FRAGMENT_DELAY - step) % k if k > 1 else step
+    return step + (outer_of(case).fragment_delay - step) % k if k > 1 else step
 
 
 def window(case: str, args: argparse.Namespace) -> int:
@@ -296,7 +318,8 @@ def write_plot(path: str, points: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    colors = ("tab:green", "tab:olive", "tab:purple", "tab:pink", "tab:blue", "tab:red")
+    colors = ("tab:green", "tab:olive", "tab:purple", "tab:pink", "tab:cyan", "tab:gray",
+              "tab:blue", "tab:red")  # fmt: skip
     for case, color in zip(CASES, colors):
         mine = sorted((p for p in points if p["case"] == case), key=lambda p: p["rate_mbit"])
         if not mine:
@@ -486,8 +509,7 @@ def main() -> int:
                 "load_average": os.getloadavg(),
                 "busy_cores_at_end": busy_cores(),
             },  # fmt: skip
-            "fragments": FRAGMENTS,
-            "fragment_delay": FRAGMENT_DELAY,
+            "fragments_and_delay": STREAMING,
             "goals": [{"goal": n, "met": m, "detail": d} for n, m, d in goals],
             "points": points,
         }
