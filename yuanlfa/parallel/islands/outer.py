@@ -50,7 +50,8 @@ class Work(Protocol):
 class Exchange(Protocol):
     """Sums a tensor in place over the ranks holding this piece in every live island. An
     exchange round is ``begin`` (who takes part: torchft's quorum), ``start_sum`` per fragment
-    due, then ``commit`` (whether every island may apply the outer step)."""
+    due, then ``commit`` (whether every island may apply the outer step), ``fragment_delay``
+    steps after ``begin`` (0: in the same step)."""
 
     def size(self) -> int: ...
 
@@ -228,7 +229,9 @@ class OuterSync:
         """The first quorum of a per-island launch (at ``step``: 0, or the resumed step). A
         live island ahead of this one heals it (the state callbacks load its parameters, anchor,
         outer and inner optimizer state and step); this island then takes part in the live
-        island's exchange round, as the live one does. Returns the step to continue from."""
+        island's exchange round, as the live one does (with a delay: its sums started here, its
+        commit and outer step ``fragment_delay`` steps later, in :meth:`after_step`, as the live
+        island's). Returns the step to continue from."""
         self.exchange.begin(step)
         if self.healed_to is None:
             self.exchange.commit()  # the round's closing call (torchft's step bookkeeping)
