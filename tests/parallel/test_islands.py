@@ -15,6 +15,7 @@ anchors of docs/islands.md.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -305,13 +306,16 @@ class _FakeRounds:
         self.log.append("commit")
         return self.commits.pop(0)
 
+    def healthy(self) -> bool:
+        return True
+
 
 class _NoWork:
     def wait(self) -> None:
         return None
 
 
-def _one_param_outer(exchange):
+def _one_param_outer(exchange, delay: int = 0):
     import torch
     from torch import nn
 
@@ -324,6 +328,11 @@ def _one_param_outer(exchange):
         model.weight.fill_(1.0)
     mesh = build_mesh(ParallelConfig(), 1, 0)
     cfg = OuterConfig(algorithm="diloco", sync_every=2, lr=1.0, momentum=0.0)
+    if delay:  # one fragment, its exchange overlapped with ``delay`` steps
+        cfg = OuterConfig(
+            algorithm="streaming_diloco", sync_every=2, lr=1.0, momentum=0.0, fragments=1
+        )
+        cfg = dataclasses.replace(cfg, fragment_delay=delay)
     return model, OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange)
 
 
@@ -366,3 +375,58 @@ def test_join_healed_takes_part_in_the_live_round() -> None:
     fresh = _FakeRounds(peer=0.0, commits=[True])
     _, alone = _one_param_outer(fresh)
     assert alone.join(0) == 0 and fresh.log == ["begin 0", "commit"]  # nothing to exchange
+
+
+def test_delayed_round_commits_when_applied() -> None:
+    """With fragment_delay a round's quorum and sum start after one step, its commit comes
+    fragment_delay steps later, before the next round's quorum; a round that may not commit
+    leaves the local progress (of the delay's steps too) in place."""
+    import torch
+
+    exchange = _FakeRounds(peer=0.5, commits=[False, True])
+    model, outer = _one_param_outer(exchange, delay=1)
+    with torch.no_grad():
+        model.weight.sub_(0.25)
+    assert not outer.after_step(2)["outer_sync"]  # started: quorum and sum, no commit yet
+    assert exchange.log == ["begin 2", "sum"]
+    with torch.no_grad():
+        model.weight.sub_(0.25)
+    assert not outer.after_step(3)["outer_sync"]  # no commit: nothing applied
+    assert model.weight.item() == 0.5 and outer.fragments[0].anchor.item() == 1.0
+    assert outer.after_step(4)["outer_sync"] is False  # the next round starts (pseudo-gradient 0.5)
+    assert exchange.log == ["begin 2", "sum", "commit", "begin 4", "sum"]
+    with torch.no_grad():
+        model.weight.sub_(0.125)  # a step during the exchange: replaced (fragment_mix 0)
+    record = outer.after_step(5)
+    # Commit: mean(0.5 here, 0.5 the peer) from the anchor 1.0 with lr 1.
+    assert record["outer_sync"] and model.weight.item() == 0.5
+    assert exchange.log[-1] == "commit"
+
+
+def test_live_state_is_a_copy_taken_at_a_round_start() -> None:
+    """What a live island serves a healed one is its state when the round opens, copied: the
+    live island trains on while the healed one fetches it."""
+    import types
+
+    import torch
+
+    from yuanlfa.train.islands import LiveState
+
+    exchange = _FakeRounds(peer=0.5, commits=[True])
+    model, outer = _one_param_outer(exchange, delay=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 1)).sum().backward()
+    optimizer.step()
+    holder = types.SimpleNamespace(
+        step=2, consumed=8, model=model, optimizer=optimizer, outer=outer
+    )
+    state = LiveState(holder).state_dict()
+    before = model.weight.item()
+    model(torch.ones(1, 1)).sum().backward()
+    optimizer.step()  # the live island trains on
+    assert state["model"]["weight"].item() == before != model.weight.item()
+    moments = state["inner"]["state"][0]["exp_avg"]
+    assert moments.data_ptr() != optimizer.state[model.weight]["exp_avg"].data_ptr()
+    outer.after_step(2)  # a round in flight: not a round's start
+    with pytest.raises(RuntimeError, match="exchange in flight"):
+        LiveState(holder).state_dict()

@@ -62,8 +62,10 @@ def _train_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *
         (("--island", "1", "parallel.islands=2"), "outer.algorithm: none joins the islands"),
         (
             ("--island", "0", "parallel.islands=2", "outer.algorithm=streaming_diloco")
-            + ("outer.fragments=2", "outer.sync_every=4", "outer.fragment_delay=1"),
-            "outer.fragment_delay: 1 with per-island launches",
+            + ("outer.fragments=2", "outer.sync_every=4", "outer.fragment_delay=3"),
+            "outer.fragment_delay: 3 with per-island launches overlaps a fragment's exchange "
+            "with the next one (every sync_every / fragments = 2 steps), and a torchft Manager "
+            "holds one round at a time; set it to at most 2",
         ),
         (
             ("outer.lighthouse=127.0.0.1:1",),

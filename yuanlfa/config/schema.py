@@ -319,7 +319,8 @@ class OuterConfig:
     # sync_every); fragment p syncs every sync_every steps, starting at p * sync_every / fragments.
     fragments: int | None = None
     # streaming_diloco: inner steps between the start of a fragment's exchange and its outer
-    # step (< sync_every); the exchange overlaps those steps' compute.
+    # step (< sync_every; with per-island launches at most sync_every / fragments); the
+    # exchange overlaps those steps' compute.
     fragment_delay: int = 0
     # streaming_diloco: weight of the fragment's local parameters when the outer result is
     # merged in after a delayed exchange (0: the outer result replaces them; torchft's

@@ -38,6 +38,17 @@ from yuanlfa.parallel.islands.ft import (
 ISLANDS_DIR = "islands"
 
 
+def _host_copy(value: Any) -> Any:
+    """``value`` with every tensor in it copied to the host (dicts, lists, tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "inner", optimizer)
 
@@ -118,10 +129,12 @@ def per_island_config(cfg: Config, island: int) -> Config:
             "needs them in one launch; use diloco or streaming_diloco with --island, or launch "
             "every island in one torchrun without --island"
         )
-    if o.fragment_delay:
+    gap = o.sync_every // (o.fragments or 1)  # steps between two rounds
+    if o.fragment_delay > gap:
         raise ConfigError(
-            f"outer.fragment_delay: {o.fragment_delay} with per-island launches; each exchange "
-            "is one torchft quorum and commit, applied in its own step: set it to 0"
+            f"outer.fragment_delay: {o.fragment_delay} with per-island launches overlaps a "
+            f"fragment's exchange with the next one (every sync_every / fragments = {gap} "
+            f"steps), and a torchft Manager holds one round at a time; set it to at most {gap}"
         )
     require_torchft()  # before any data is read or model built
     check_rendezvous(o, Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
@@ -162,23 +175,33 @@ class LiveState:
     """What a restarted island takes from a live one in torchft's recovery: the live rank's
     parameters (its piece), inner optimizer state, outer state (anchor, momentum) and step.
 
-    ``holder`` is the trainer: ``step``, ``consumed``, ``model``, ``optimizer``, ``outer``. The
-    tensors are handed over without copies: torchft serves them while the live island waits in
-    the exchange that the healed island joins only after fetching them, so they do not change
-    meanwhile."""
+    ``holder`` is the trainer: ``step``, ``consumed``, ``model``, ``optimizer``, ``outer``.
+
+    When it is taken: torchft calls :meth:`state_dict` inside the live island's quorum, which
+    opens a round (``OuterSync.after_step``: after the previous round was applied, before this
+    round's pseudo-gradient is taken and its all-reduce started; per-island rounds never
+    overlap). So the state holds no exchange in flight: the healed island takes the same step,
+    computes the same pseudo-gradient from the same anchor and joins the round's all-reduce as
+    one more participant, and nothing is counted twice. The tensors are copied to the host at
+    that moment: with ``outer.fragment_delay`` > 0 the live island trains on while the healed
+    one is still fetching them (on CPU torchft would otherwise serve the live tensors)."""
 
     def __init__(self, holder: Any) -> None:
         self.holder = holder
 
     def state_dict(self) -> dict[str, Any]:
         h = self.holder
-        return {
+        if h.outer.pending:
+            # Taken outside a round's start: the healed island would miss the exchange.
+            raise RuntimeError("islands: live state requested with an exchange in flight")
+        state = {
             "step": h.step,
             "consumed": h.consumed,
             "model": {n: p.detach() for n, p in h.model.named_parameters()},
             "inner": _inner(h.optimizer).state_dict(),
             "outer": h.outer.state_dict(),
         }
+        return _host_copy(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         h = self.holder

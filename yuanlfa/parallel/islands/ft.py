@@ -165,6 +165,12 @@ class ManagerExchange:
     :meth:`register`), :meth:`start_sum` all-reduces over the quorum's participants and
     :meth:`commit` is torchft's ``should_commit``. The Manager's step is set to the training
     step before each quorum, so an island behind the others (restarted) is the one healed.
+
+    With ``outer.fragment_delay`` > 0 a round spans steps: the quorum and the all-reduce start
+    after one step, the wait and ``should_commit`` come ``fragment_delay`` steps later (as in
+    torchft's Streaming DiLoCo). A Manager holds one round at a time (``should_commit`` closes
+    the quorum ``start_quorum`` opened), so rounds must not overlap: ``per_island_config``
+    requires ``fragment_delay <= sync_every / fragments``.
     """
 
     def __init__(
@@ -253,6 +259,9 @@ class ManagerExchange:
 
     def commit(self) -> bool:
         return self.manager.should_commit()
+
+    def healthy(self) -> bool:
+        return self.manager.errored() is None
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

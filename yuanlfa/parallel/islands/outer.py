@@ -53,7 +53,8 @@ class Work(Protocol):
 class Exchange(Protocol):
     """Sums a tensor in place over the ranks holding this piece in every live island. An
     exchange round is ``begin`` (who takes part: torchft's quorum), ``start_sum`` per fragment
-    due, then ``commit`` (whether every island may apply the outer step)."""
+    due, then ``commit`` (whether every island may apply the outer step), ``fragment_delay``
+    steps after ``begin`` (0: in the same step)."""
 
     def size(self) -> int: ...
 
@@ -62,6 +63,10 @@ class Exchange(Protocol):
     def start_sum(self, tensor: torch.Tensor) -> Work: ...
 
     def commit(self) -> bool: ...
+
+    def healthy(self) -> bool:
+        """False after a failure in the current round (its commit will say no)."""
+        ...
 
 
 class GroupExchange:
@@ -77,6 +82,9 @@ class GroupExchange:
         return None
 
     def commit(self) -> bool:
+        return True
+
+    def healthy(self) -> bool:
         return True
 
     def start_sum(self, tensor: torch.Tensor) -> Work:
@@ -122,6 +130,10 @@ class _Pending:
     fragment: int
     delta: torch.Tensor
     work: Work
+    islands: int  # the round's participants (what the sum is divided by)
+    # Whether the round's commit is still to be asked (a live exchange round). A round restored
+    # from a checkpoint was finished before the save and is applied as it is.
+    open: bool = True
     # fragment_merge carry: this rank's piece of the fragment's parameters when the exchange
     # started (padded flat, fp32), to carry the local change since over the outer step.
     start: torch.Tensor | None = None
@@ -196,10 +208,13 @@ class OuterSync:
         """After inner step ``step`` (1-based count of steps done): apply the exchanges due now,
         start the ones that begin now. Returns the record fields."""
         synced = False
-        for pending in [q for q in self.pending if q.apply_at <= step]:
-            self.pending.remove(pending)
-            self._apply(pending)
-            synced = True
+        finishing = [q for q in self.pending if q.apply_at <= step]
+        if finishing:
+            # A round started fragment_delay steps ago: wait for its sums, commit, apply. Before
+            # this step's round begins: with per-island launches the rounds never overlap (the
+            # config check), so each quorum is closed by its own commit.
+            self.pending = [q for q in self.pending if q.apply_at > step]
+            synced = self._finish(finishing)
         due = self.due(step)
         sent = 0
         if due:
@@ -220,7 +235,9 @@ class OuterSync:
         """The first quorum of a per-island launch (at ``step``: 0, or the resumed step). A
         live island ahead of this one heals it (the state callbacks load its parameters, anchor,
         outer and inner optimizer state and step); this island then takes part in the live
-        island's exchange round, as the live one does. Returns the step to continue from."""
+        island's exchange round, as the live one does (with a delay: its sums started here, its
+        commit and outer step ``fragment_delay`` steps later, in :meth:`after_step`, as the live
+        island's). Returns the step to continue from."""
         self.exchange.begin(step)
         if self.healed_to is None:
             self.exchange.commit()  # the round's closing call (torchft's step bookkeeping)
@@ -238,7 +255,7 @@ class OuterSync:
 
     def _round(self, step: int, due: list[int]) -> tuple[bool, int]:
         """Start the exchange of the fragments ``due`` after ``step``; apply them now (no delay,
-        when every island may commit) or ``fragment_delay`` steps later."""
+        when every island may commit) or ``fragment_delay`` steps later (:meth:`_finish`)."""
         n = self.exchange.size()
         sent = 0
         started = []
@@ -251,26 +268,31 @@ class OuterSync:
             carry = self.cfg.fragment_merge == "carry" and self.cfg.fragment_delay > 0
             work = self.exchange.start_sum(delta)
             start = current if carry else None
-            started.append(_Pending(step + self.cfg.fragment_delay, i, delta, work, start))
+            started.append(_Pending(step + self.cfg.fragment_delay, i, delta, work, n, start=start))
             sent += round(ring_all_reduce_bytes(f.wire_bytes, n))
         if self.cfg.fragment_delay:
-            self.pending.extend(started)  # one launch only (config check): nothing to commit
+            self.pending.extend(started)
             return False, sent
-        for pending in started:
+        return self._finish(started), sent
+
+    def _finish(self, round_: list[_Pending]) -> bool:
+        """Wait for a round's sums, ask its commit, apply its outer steps when committed.
+        Returns whether they were applied."""
+        for pending in round_:
             pending.work.wait()
             pending.work = _Done()
-        if not self.exchange.commit():
+        if any(q.open for q in round_) and not self.exchange.commit():
             # An island failed during the exchange: no outer step; the local progress stays
             # and enters the next exchange's pseudo-gradient.
-            return False, sent
-        for pending in started:
+            return False
+        for pending in round_:
             self._apply(pending)
-        return True, sent
+        return True
 
     def _apply(self, pending: _Pending) -> None:
         f = self.fragments[pending.fragment]
         pending.work.wait()
-        f.chunk.grad = pending.delta.float() / self.exchange.size()
+        f.chunk.grad = pending.delta.float() / pending.islands
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp_group is not None:
@@ -293,14 +315,17 @@ class OuterSync:
 
     def state_dict(self) -> dict[str, Any]:
         """The anchor (last synchronized parameters), the outer momentum, exchanges in flight
-        (finished first: a checkpoint holds no open communication)."""
+        (finished first: a checkpoint holds no open communication). A round whose exchange
+        failed is left out: its commit would say no, and without it the local progress stays,
+        as in the run that goes on."""
+        pending = [
+            (q.apply_at, q.fragment, self._finished(q), q.islands, q.start) for q in self.pending
+        ]
         return {
             "anchors": [f.anchor.clone() for f in self.fragments],
             "chunks": [f.chunk.detach().clone() for f in self.fragments],
             "optimizer": self.optimizer.state_dict(),
-            "pending": [
-                (q.apply_at, q.fragment, self._finished(q), q.start) for q in self.pending
-            ],
+            "pending": pending if self.exchange.healthy() else [],
         }
 
     def _finished(self, pending: _Pending) -> torch.Tensor:
@@ -314,8 +339,13 @@ class OuterSync:
                 f.anchor.copy_(anchor)
                 f.chunk.copy_(chunk)
         self.optimizer.load_state_dict(state["optimizer"])
-        # (apply_at, fragment, delta[, start]): files written before fragment_merge lack start.
-        self.pending = [
-            _Pending(entry[0], entry[1], entry[2], _Done(), entry[3] if len(entry) > 3 else None)
-            for entry in state["pending"]
-        ]
+        # Restored rounds were finished when saved: applied at their step without a commit (the
+        # quorum they belonged to is gone). Their participant count travels with them (older
+        # checkpoints: the configured count), and with fragment_merge carry their start.
+        self.pending = []
+        for entry in state["pending"]:
+            islands = entry[3] if len(entry) > 3 else self.exchange.size()
+            start = entry[4] if len(entry) > 4 else None
+            self.pending.append(
+                _Pending(entry[0], entry[1], entry[2], _Done(), islands, False, start)
+            )
