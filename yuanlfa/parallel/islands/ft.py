@@ -28,18 +28,13 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import ConfigError, OuterConfig
+from yuanlfa.parallel.islands import lighthouse
+from yuanlfa.parallel.islands.lighthouse import LIGHTHOUSE_FILE
 
 INSTALL = 'pip install -e ".[ft]"'
 ISLAND_ENV = "YUANLFA_ISLAND"
 # torchft's own variable for the lighthouse; with outer.lighthouse: auto it takes precedence.
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
-# With outer.lighthouse: auto, the lighthouse publishes its address in this file.
-LIGHTHOUSE_FILE = "lighthouse"
-# A dead island's Manager stops heartbeating; after this the survivors' quorum goes without it
-# (torchft's default is 5 s).
-HEARTBEAT_TIMEOUT_MS = 3000
-# How long a quorum waits for an island that heartbeats but has not asked to join yet.
-JOIN_TIMEOUT_MS = 10000
 
 
 def require_torchft() -> ModuleType:
@@ -80,13 +75,8 @@ def start_lighthouse(min_islands: int = 1, bind: str = "[::]:0") -> Any:
     islands' Managers are given; ``shutdown()`` stops it. A quorum needs ``min_islands``
     islands, 1 so that the survivors keep training when one is lost. ``outer.lighthouse: auto``
     runs it in a process of its own (:mod:`yuanlfa.parallel.islands.lighthouse`)."""
-    coordination = require_torchft()
-    return coordination.LighthouseServer(
-        bind=bind,
-        min_replicas=min_islands,
-        join_timeout_ms=JOIN_TIMEOUT_MS,
-        heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
-    )
+    require_torchft()
+    return lighthouse.new_server(min_islands, bind)
 
 
 def _reachable(coordination: ModuleType, url: str, seconds: float) -> bool:
@@ -116,8 +106,8 @@ def check_rendezvous(outer: OuterConfig, rendezvous: Path | None) -> None:
     auto = outer.lighthouse == "auto" and not os.environ.get(LIGHTHOUSE_ENV, "").strip()
     if auto and rendezvous is None:
         raise ConfigError(
-            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (island 0 "
-            "publishes the lighthouse's address there); set it, or give HOST:PORT of a running "
+            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (the lighthouse "
+            "publishes its address there); set it, or give HOST:PORT of a running "
             "torchft_lighthouse"
         )
 
@@ -136,8 +126,6 @@ def find_lighthouse(
     if outer.lighthouse != "auto" or env:
         spec = outer.lighthouse if outer.lighthouse != "auto" else env
         return check_lighthouse(replace(outer, lighthouse=spec)), None
-    from yuanlfa.parallel.islands import lighthouse
-
     coordination = require_torchft()
     check_rendezvous(outer, rendezvous)
     assert rendezvous is not None

@@ -46,8 +46,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from yuanlfa.parallel.islands import ft
-
+# The lighthouse publishes its address (and pid and host) in this file of checkpoint.dir.
+LIGHTHOUSE_FILE = "lighthouse"
+# A dead island's Manager stops heartbeating; after this the survivors' quorum goes without it
+# (torchft's default is 5 s).
+HEARTBEAT_TIMEOUT_MS = 3000
+# How long a quorum waits for an island that heartbeats but has not asked to join yet.
+JOIN_TIMEOUT_MS = 10000
 MODULE = "yuanlfa.parallel.islands.lighthouse"
 STATE_DIR = "lighthouse.d"
 # An island's rank 0 touches its heartbeat file this often ...
@@ -70,7 +75,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _published(rendezvous: Path) -> tuple[str, int | None, str]:
     try:
-        lines = (rendezvous / ft.LIGHTHOUSE_FILE).read_text().splitlines()
+        lines = (rendezvous / LIGHTHOUSE_FILE).read_text().splitlines()
     except FileNotFoundError:
         return "", None, ""
     pid, _, host = (lines[1] if len(lines) > 1 else "").partition(" ")
@@ -200,16 +205,30 @@ def watch(
         time.sleep(poll)
 
 
+def new_server(min_islands: int = 1, bind: str = "[::]:0") -> Any:
+    """torchft's lighthouse server in this process (``ft.start_lighthouse`` checks that torchft
+    is installed first)."""
+    os.environ.setdefault("RUST_LOG", "warn")  # not a line per quorum
+    from torchft.coordination import LighthouseServer
+
+    return LighthouseServer(
+        bind=bind,
+        min_replicas=min_islands,
+        join_timeout_ms=JOIN_TIMEOUT_MS,
+        heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
+    )
+
+
 def _start_server(previous: str) -> Any:
     """A server on the port of the address published before, when free: a live island whose
     Manager was given that address (a lighthouse that ended while it was away) finds it again."""
     port = previous.rsplit(":", 1)[-1] if previous else ""
     if port.isdigit():
         try:
-            return ft.start_lighthouse(bind=f"[::]:{port}")
+            return new_server(bind=f"[::]:{port}")
         except RuntimeError:  # taken
             pass
-    return ft.start_lighthouse()
+    return new_server()
 
 
 def serve(rendezvous: Path, islands: int, grace: float) -> int:
@@ -224,7 +243,7 @@ def serve(rendezvous: Path, islands: int, grace: float) -> int:
     server = _start_server(read_address(rendezvous))
     address = server.address()
     who = f"{os.getpid()} {socket.gethostname()}"
-    _write_atomic(rendezvous / ft.LIGHTHOUSE_FILE, f"{address}\n{who}\n")
+    _write_atomic(rendezvous / LIGHTHOUSE_FILE, f"{address}\n{who}\n")
     print(f"lighthouse {os.getpid()}: serving {rendezvous} at {address}", flush=True)
     why = "stopped"
     try:
@@ -233,7 +252,7 @@ def serve(rendezvous: Path, islands: int, grace: float) -> int:
         # Nobody may read the address of a lighthouse that is gone; one started meanwhile
         # cannot have replaced it (we still hold the lock).
         if read_address(rendezvous) == address:
-            (rendezvous / ft.LIGHTHOUSE_FILE).unlink(missing_ok=True)
+            (rendezvous / LIGHTHOUSE_FILE).unlink(missing_ok=True)
         server.shutdown()
         print(f"lighthouse {os.getpid()}: exiting ({why})", flush=True)
     return 0
