@@ -91,7 +91,8 @@ def _records(path: Path) -> list[dict]:
 
 
 def _outputs(tmp: Path) -> str:
-    return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(tmp.glob("*.out")))
+    files = [*sorted(tmp.glob("*.out")), *tmp.glob("ckpt/lighthouse.d/log")]
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in files)
 
 
 def _wait_for(what: str, check, procs: list[subprocess.Popen], tmp: Path, limit: float = 180.0):
