@@ -1,12 +1,13 @@
 """Losing an island and getting it back (per-island launches through torchft; docs/islands.md).
 
 Two islands of one CPU process each, launched separately (``yuanlfa-train --island I``), DiLoCo
-every 4 steps, the lighthouse started by island 0 (``outer.lighthouse: auto``). After a joint
-outer step island 1 is SIGKILLed; island 0 keeps training alone (its records go on, with
-``islands_alive`` 1); island 1 is launched again, is healed at the next quorum from island 0
-(its first step is island 0's, not 1) and trains on; at the end both islands hold the same
-parameters, compared in their saved state. The test waits for log records, never for fixed
-times, so a loaded machine only makes it slower.
+every 4 steps, the lighthouse started by island 0 in a process of its own (``outer.lighthouse:
+auto``). After a joint outer step an island is SIGKILLed: island 0 (which started the
+lighthouse) or island 1. The other keeps training alone (its records go on, with
+``islands_alive`` 1); the killed island is launched again, is healed at the next quorum from the
+survivor (its first step is the survivor's, not 1) and trains on; at the end both islands hold
+the same parameters, compared in their saved state, and the lighthouse has exited. The test
+waits for log records, never for fixed times, so a loaded machine only makes it slower.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from yuanlfa.checkpoint.files import step_name
+from yuanlfa.parallel.islands import lighthouse
 
 pytest.importorskip("torchft")
 
@@ -89,7 +91,8 @@ def _records(path: Path) -> list[dict]:
 
 
 def _outputs(tmp: Path) -> str:
-    return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(tmp.glob("*.out")))
+    files = [*sorted(tmp.glob("*.out")), *tmp.glob("ckpt/lighthouse.d/log")]
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in files)
 
 
 def _wait_for(what: str, check, procs: list[subprocess.Popen], tmp: Path, limit: float = 180.0):
@@ -108,67 +111,97 @@ def _wait_for(what: str, check, procs: list[subprocess.Popen], tmp: Path, limit:
     pytest.fail(f"timed out waiting for {what}:\n{_outputs(tmp)}")
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("killed", [0, 1], ids=["starter_killed", "other_killed"])
 def test_island_lost_keeps_training_and_rejoins_with_live_weights(
-    small_corpus: str, tmp_path: Path
+    small_corpus: str, tmp_path: Path, killed: int
 ) -> None:
-    log0, log1 = tmp_path / "run.island0.jsonl", tmp_path / "run.island1.jsonl"
-    relog1 = tmp_path / "again.island1.jsonl"
-    first = [_launch(0, small_corpus, tmp_path, "run"), _launch(1, small_corpus, tmp_path, "run")]
-    gate = tmp_path / "go"
-    again = _launch(1, small_corpus, tmp_path, "again", gate)
+    survivor = 1 - killed
+    logs = [tmp_path / f"run.island{i}.jsonl" for i in (0, 1)]
+    relog = tmp_path / f"again.island{killed}.jsonl"
+    # Island 0 starts the lighthouse: island 1 is held at a gate until it is up.
+    gate1, gate = tmp_path / "go1", tmp_path / "go"
+    first = [
+        _launch(0, small_corpus, tmp_path, "run"),
+        _launch(1, small_corpus, tmp_path, "run", gate1),
+    ]
+    again = _launch(killed, small_corpus, tmp_path, "again", gate)
     procs = [*first, again]
+    pid = None
     try:
-        # A joint outer step, seen by island 1.
-        joint = _wait_for(
-            "a joint outer step",
-            lambda: [r for r in _records(log1) if r["outer_sync"] and r["islands_alive"] == 2],
+        pid = _wait_for(
+            "the lighthouse",
+            lambda: lighthouse.read_pid(tmp_path / "ckpt"),
             procs,
             tmp_path,
         )
-        first[1].send_signal(signal.SIGKILL)
-        first[1].wait()
-        procs.remove(first[1])
-        killed_at = _records(log1)[-1]["step"]
-        # Island 0 goes on alone: an outer step with one island, then more steps.
+        # Its own process, started by island 0 (and outliving it when island 0 is killed).
+        assert lighthouse.running(pid) and _parent(pid) == first[0].pid
+        gate1.touch()
+        # A joint outer step, seen by the island to be killed.
+        joint = _wait_for(
+            "a joint outer step",
+            lambda: [
+                r for r in _records(logs[killed]) if r["outer_sync"] and r["islands_alive"] == 2
+            ],
+            procs,
+            tmp_path,
+        )
+        first[killed].send_signal(signal.SIGKILL)
+        first[killed].wait()
+        procs.remove(first[killed])
+        killed_at = _records(logs[killed])[-1]["step"]
+        # The survivor goes on alone: an outer step with one island, then more steps.
         alone = _wait_for(
-            "island 0 training alone",
+            f"island {survivor} training alone",
             lambda: [
                 r
-                for r in _records(log0)
+                for r in _records(logs[survivor])
                 if r["islands_alive"] == 1 and r["step"] > joint[0]["step"]
             ],
             procs,
             tmp_path,
         )
         _wait_for(
-            "island 0's steps to rise",
-            lambda: _records(log0)[-1]["step"] >= alone[0]["step"] + 2,
+            f"island {survivor}'s steps to rise",
+            lambda: _records(logs[survivor])[-1]["step"] >= alone[0]["step"] + 2,
             procs,
             tmp_path,
         )
-        assert first[0].poll() is None, "island 0 finished before island 1 was relaunched"
-        gate.touch()  # island 1 relaunched
+        assert first[survivor].poll() is None, "the survivor finished before the relaunch"
+        assert lighthouse.running(pid), "the lighthouse went with the killed island"
+        gate.touch()  # the killed island relaunched
         for p in procs:
             assert p.wait(timeout=240) == 0, _outputs(tmp_path)
+        # Every island finished: the lighthouse is gone, and so is its address.
+        _wait_for("the lighthouse to exit", lambda: not lighthouse.running(pid), [], tmp_path, 60)
+        assert not (tmp_path / "ckpt" / "lighthouse").exists()
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    records0, records1 = _records(log0), _records(relog1)
-    # Island 0 never restarted: every step once, in order.
-    assert [r["step"] for r in records0] == list(range(1, STEPS + 1))
-    alone_steps = [r["step"] for r in records0 if r["islands_alive"] == 1 and r["step"] > killed_at]
+        if pid is not None and lighthouse.running(pid):
+            os.kill(pid, signal.SIGKILL)
+    alive, back = _records(logs[survivor]), _records(relog)
+    # The survivor never restarted: every step once, in order (island 1, let in once the
+    # lighthouse was up, may have joined island 0 at its first quorum, taking its step).
+    assert [r["step"] for r in alive] == list(range(alive[0]["step"], STEPS + 1))
+    assert alive[0]["step"] == 1 or survivor == 1
+    alone_steps = [r["step"] for r in alive if r["islands_alive"] == 1 and r["step"] > killed_at]
     assert len(alone_steps) >= 2, alone_steps
-    # The relaunched island took island 0's step (and weights) at a quorum, not step 1 ...
-    assert records1[0]["step"] > alone_steps[0], (records1[0], alone_steps)
-    assert records1[-1]["step"] == STEPS
+    # The relaunched island took the survivor's step (and weights) at a quorum, not step 1 ...
+    assert back[0]["step"] > alone_steps[0], (back[0], alone_steps)
+    assert back[-1]["step"] == STEPS
     # ... and exchanged with it again until the end.
-    assert records0[-1]["islands_alive"] == 2 and records1[-1]["outer_sync"]
+    assert alive[-1]["islands_alive"] == 2 and back[-1]["outer_sync"]
     print(
-        f"killed island 1 at step {killed_at}; island 0 alone at steps {alone_steps[0]}.."
-        f"{alone_steps[-1]}; island 1 back at step {records1[0]['step']}; losses at the end: "
-        f"{records0[-1]['loss']:.4f} / {records1[-1]['loss']:.4f}"
+        f"killed island {killed} at step {killed_at}; island {survivor} alone at steps "
+        f"{alone_steps[0]}..{alone_steps[-1]}; island {killed} back at step {back[0]['step']}; "
+        f"losses at the end: {alive[-1]['loss']:.4f} / {back[-1]['loss']:.4f}"
     )
     states = [
         torch.load(

@@ -333,9 +333,10 @@ class OuterConfig:
     fragment_merge: Literal["mix", "carry"] = "mix"
     # Send pseudo-gradients as bf16 (half the link bytes); accumulated in fp32.
     quantize: bool = False
-    # Per-island launches only (yuanlfa-train --island I, torchft): "auto" = island 0 starts a
-    # lighthouse and publishes its address in checkpoint.dir ($TORCHFT_LIGHTHOUSE overrides);
-    # "HOST:PORT" = a running torchft_lighthouse (multi-node).
+    # Per-island launches only (yuanlfa-train --island I, torchft): "auto" = the first island up
+    # starts a lighthouse process, which publishes its address in checkpoint.dir and outlives
+    # the loss of any island ($TORCHFT_LIGHTHOUSE overrides); "HOST:PORT" = a running
+    # torchft_lighthouse (multi-node).
     lighthouse: str = "auto"
     # Seconds to wait for the lighthouse, a quorum or a peer before a one-line error; more than
     # sync_every steps take (a restarted island waits for the live islands' next outer step).

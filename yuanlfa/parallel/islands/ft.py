@@ -28,18 +28,13 @@ import torch
 import torch.distributed as dist
 
 from yuanlfa.config import ConfigError, OuterConfig
+from yuanlfa.parallel.islands import lighthouse
+from yuanlfa.parallel.islands.lighthouse import LIGHTHOUSE_FILE
 
 INSTALL = 'pip install -e ".[ft]"'
 ISLAND_ENV = "YUANLFA_ISLAND"
 # torchft's own variable for the lighthouse; with outer.lighthouse: auto it takes precedence.
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
-# With outer.lighthouse: auto, island 0 publishes its lighthouse's address in this file.
-LIGHTHOUSE_FILE = "lighthouse"
-# A dead island's Manager stops heartbeating; after this the survivors' quorum goes without it
-# (torchft's default is 5 s).
-HEARTBEAT_TIMEOUT_MS = 3000
-# How long a quorum waits for an island that heartbeats but has not asked to join yet.
-JOIN_TIMEOUT_MS = 10000
 
 
 def require_torchft() -> ModuleType:
@@ -75,17 +70,13 @@ def lighthouse_url(spec: str) -> str:
     return spec if spec.startswith(("http://", "https://")) else f"http://{spec}"
 
 
-def start_lighthouse(min_islands: int = 1) -> Any:
-    """A lighthouse in this process on a free port (``outer.lighthouse: auto``): its
-    ``address()`` is what the islands' Managers are given; ``shutdown()`` stops it. A quorum
-    needs ``min_islands`` islands, 1 so that the survivors keep training when one is lost."""
-    coordination = require_torchft()
-    return coordination.LighthouseServer(
-        bind="[::]:0",
-        min_replicas=min_islands,
-        join_timeout_ms=JOIN_TIMEOUT_MS,
-        heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
-    )
+def start_lighthouse(min_islands: int = 1, bind: str = "[::]:0") -> Any:
+    """A lighthouse in this process (by default on a free port): its ``address()`` is what the
+    islands' Managers are given; ``shutdown()`` stops it. A quorum needs ``min_islands``
+    islands, 1 so that the survivors keep training when one is lost. ``outer.lighthouse: auto``
+    runs it in a process of its own (:mod:`yuanlfa.parallel.islands.lighthouse`)."""
+    require_torchft()
+    return lighthouse.new_server(min_islands, bind)
 
 
 def _reachable(coordination: ModuleType, url: str, seconds: float) -> bool:
@@ -115,17 +106,22 @@ def check_rendezvous(outer: OuterConfig, rendezvous: Path | None) -> None:
     auto = outer.lighthouse == "auto" and not os.environ.get(LIGHTHOUSE_ENV, "").strip()
     if auto and rendezvous is None:
         raise ConfigError(
-            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (island 0 "
-            "publishes the lighthouse's address there); set it, or give HOST:PORT of a running "
+            "outer.lighthouse: auto with per-island launches needs checkpoint.dir (the lighthouse "
+            "publishes its address there); set it, or give HOST:PORT of a running "
             "torchft_lighthouse"
         )
 
 
-def find_lighthouse(outer: OuterConfig, island: int, rendezvous: Path | None) -> tuple[str, Any]:
-    """(URL, the server when this process started it) of the run's lighthouse, for rank 0 of an
-    island. ``HOST:PORT`` or ``$TORCHFT_LIGHTHOUSE``: checked. ``auto``: island 0 starts one and
-    writes its address to ``rendezvous/lighthouse``; the other islands (and a restarted island 0
-    with a live one) read it from there, within ``outer.timeout_s``."""
+def find_lighthouse(
+    outer: OuterConfig, island: int, rendezvous: Path | None, islands: int = 2
+) -> tuple[str, Any]:
+    """(URL, what :meth:`ManagerExchange.shutdown` shuts down or None) of the run's lighthouse,
+    for rank 0 of an island. ``HOST:PORT`` or ``$TORCHFT_LIGHTHOUSE``: checked. ``auto``: the
+    address published in ``rendezvous/lighthouse`` while it is reachable; else this island
+    starts a lighthouse process (the first of several islands doing so at once serves, the
+    others exit) and reads its address when published, within ``outer.timeout_s``. The island
+    keeps the lighthouse alive with a heartbeat until shut down (module
+    :mod:`yuanlfa.parallel.islands.lighthouse`)."""
     env = os.environ.get(LIGHTHOUSE_ENV, "").strip()
     if outer.lighthouse != "auto" or env:
         spec = outer.lighthouse if outer.lighthouse != "auto" else env
@@ -133,28 +129,35 @@ def find_lighthouse(outer: OuterConfig, island: int, rendezvous: Path | None) ->
     coordination = require_torchft()
     check_rendezvous(outer, rendezvous)
     assert rendezvous is not None
-    path = rendezvous / LIGHTHOUSE_FILE
-    if island == 0:
-        server = start_lighthouse()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(server.address() + "\n")
-        os.replace(tmp, path)
-        return server.address(), server
+    beat = lighthouse.Heartbeat(rendezvous, island)  # before starting one: it must see us
     deadline = time.monotonic() + outer.timeout_s
-    while True:
-        # A file left by an earlier run names a dead lighthouse: keep reading until island 0
-        # has replaced it, or the time is up.
-        url = path.read_text().strip() if path.exists() else ""
-        if url and _reachable(coordination, url, 1.0):
-            return url, None
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"outer.lighthouse: auto: no reachable lighthouse published in {path} within "
-                f"outer.timeout_s = {outer.timeout_s:g} s; launch island 0 (it starts the "
-                "lighthouse) or give HOST:PORT"
-            )
-        time.sleep(0.2)
+    started: Any = None
+    started_at = -float("inf")
+    try:
+        while True:
+            # A file left by an earlier run (or by a lighthouse killed with SIGKILL) names an
+            # unreachable address: start one, which replaces it.
+            url = lighthouse.published(rendezvous)
+            if url and _reachable(coordination, url, 1.0):
+                return url, beat
+            # Again only once the one started before has exited without serving (another held
+            # the lock, then went away before publishing), and not more often than every 5 s.
+            idle = started is None or started.poll() is not None
+            if idle and time.monotonic() - started_at > 5.0:
+                started = lighthouse.spawn(rendezvous, islands, outer.timeout_s)
+                started_at = time.monotonic()
+            if time.monotonic() > deadline:
+                log = lighthouse.state_dir(rendezvous) / "log"
+                raise ConfigError(
+                    f"outer.lighthouse: auto: no reachable lighthouse published in "
+                    f"{rendezvous / LIGHTHOUSE_FILE} within outer.timeout_s = "
+                    f"{outer.timeout_s:g} s (see {log}); check that checkpoint.dir is writable, "
+                    "or give HOST:PORT of a running torchft_lighthouse"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        beat.shutdown()
+        raise
 
 
 class ManagerExchange:
@@ -192,7 +195,7 @@ class ManagerExchange:
         self.lighthouse: Any = None
         url = ""
         if rank == 0:
-            url, self.lighthouse = find_lighthouse(outer, island, rendezvous)
+            url, self.lighthouse = find_lighthouse(outer, island, rendezvous, islands)
         # A store of this attempt for the Manager (a restarted torchrun's own store still holds
         # the dead attempt's Manager address); its address is also where the islands' process
         # group for a quorum meets, so it must be reachable from other hosts.
