@@ -140,6 +140,9 @@ def main() -> int:
         help="config overrides for every run, the synchronous baseline included (the inner "
         "hyper-parameters stay identical): e.g. optim.lr=1.5e-3 optim.min_lr=1.5e-4",
     )
+    parser.add_argument(
+        "--quantize", action="store_true", help="islands send bf16 pseudo-gradients"
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     args = parser.parse_args()
     try:
@@ -189,6 +192,9 @@ def main() -> int:
                         f"outer.nesterov={'true' if momentum > 0 else 'false'}",
                     ]  # fmt: skip
                     name = f"{n} islands DiLoCo H={h} lr{lr:g} m{momentum:g}"
+                    if args.quantize:
+                        extra.append("outer.quantize=true")
+                        name += " bf16"
                     runs.append(run(args, name, n, extra, Path(tmp)))
     goals = []
     print()
