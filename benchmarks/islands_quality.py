@@ -14,7 +14,9 @@ eval loss within 3% of synchronous dp's.
     python benchmarks/islands_quality.py --out benchmarks/results/islands_quality_cpu
 
 The defaults run in about 15 minutes on 2 cores (4 processes share them for N = 4); ``--steps``,
-``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it. Needs the islands in the
+``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it; ``--set KEY=VALUE ...``
+changes inner settings (``optim.lr``, ``train.seed``) for every run alike, the baseline included,
+and ``--quantize`` sends the islands' pseudo-gradients in bf16. Needs the islands in the
 config schema (``parallel.islands``, ``outer:``); without them it says so and exits 2.
 """
 
