@@ -14,7 +14,9 @@ eval loss within 3% of synchronous dp's.
     python benchmarks/islands_quality.py --out benchmarks/results/islands_quality_cpu
 
 The defaults run in about 15 minutes on 2 cores (4 processes share them for N = 4); ``--steps``,
-``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it. Needs the islands in the
+``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it; ``--set KEY=VALUE ...``
+changes inner settings (``optim.lr``, ``train.seed``) for every run alike, the baseline included,
+and ``--quantize`` sends the islands' pseudo-gradients in bf16. Needs the islands in the
 config schema (``parallel.islands``, ``outer:``); without them it says so and exits 2.
 """
 
@@ -56,6 +58,7 @@ def overrides(args: argparse.Namespace, jsonl: Path) -> list[str]:
         "checkpoint.save_at_end=false",
         f"logging.jsonl={jsonl}",
         "logging.log_interval=1",
+        *args.set,
     ]
 
 
@@ -131,6 +134,17 @@ def main() -> int:
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--eval-interval", type=int, default=100)
     parser.add_argument("--eval-iters", type=int, default=4)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every run, the synchronous baseline included (the inner "
+        "hyper-parameters stay identical): e.g. optim.lr=1.5e-3 optim.min_lr=1.5e-4",
+    )
+    parser.add_argument(
+        "--quantize", action="store_true", help="islands send bf16 pseudo-gradients"
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     args = parser.parse_args()
     try:
@@ -152,6 +166,12 @@ def main() -> int:
                 f"--global-batch {args.global_batch} must be a multiple of --micro-batch x "
                 f"islands = {args.micro_batch * n}"
             )
+    bad = [kv for kv in args.set if "=" not in kv or kv.startswith(("parallel.", "outer."))]
+    if bad:
+        parser.error(
+            f"--set {bad[0]}: KEY=VALUE for the inner settings; the islands and the outer "
+            "optimizer come from --islands, --sync-every and --outer"
+        )
     if min(args.steps, args.eval_interval, args.eval_iters) < 1:
         parser.error("--steps, --eval-interval and --eval-iters must be >= 1")
     missing = islands_in_schema()
@@ -174,6 +194,9 @@ def main() -> int:
                         f"outer.nesterov={'true' if momentum > 0 else 'false'}",
                     ]  # fmt: skip
                     name = f"{n} islands DiLoCo H={h} lr{lr:g} m{momentum:g}"
+                    if args.quantize:
+                        extra.append("outer.quantize=true")
+                        name += " bf16"
                     runs.append(run(args, name, n, extra, Path(tmp)))
     goals = []
     print()
