@@ -331,7 +331,8 @@ class OuterConfig:
     # change since the exchange started (no local step is dropped or counted twice; with
     # fragment_delay 0 both are DiLoCo).
     fragment_merge: Literal["mix", "carry"] = "mix"
-    # Send pseudo-gradients as bf16 (half the link bytes); accumulated in fp32.
+    # Send pseudo-gradients as bf16 (half the link bytes; the sum over the islands is in bf16,
+    # the outer step in fp32).
     quantize: bool = False
     # Per-island launches only (yuanlfa-train --island I, torchft): "auto" = the first island up
     # starts a lighthouse process, which publishes its address in checkpoint.dir and outlives
