@@ -18,6 +18,8 @@ benchmarks/weak_link.py) act as two nodes, one gloo process each, training weak_
                                  with 4 inner steps and merged with outer.fragment_merge=carry
                                  (the local steps meanwhile are kept: the quality is DiLoCo's,
                                  benchmarks/islands_quality.py measures it);
+  overlapbf16-H10 / -H50         the same with bf16 pseudo-gradients (outer.quantize=true: half
+                                 the bytes, so the exchange fits the 4 steps at 100 Mbit/s);
   pp                             parallel.pp=2 across the link (the balancer's split, 1F1B);
   dp                             dp=2 across the link with the distributed optimizer (ZeRO-1).
 
@@ -117,6 +119,8 @@ CASES = (
     "streaming-H50",
     "overlap-H10",
     "overlap-H50",
+    "overlapbf16-H10",
+    "overlapbf16-H50",
     "pp",
     "dp",
 )
@@ -126,7 +130,9 @@ ISLANDS = 2
 # flight (see ``aligned``). streaming: 5 fragments (the 8 layers in runs of 2, 2, 1, 2, 1), one
 # step of overlap; overlap: 2 fragments, 4 steps, enough to hide half the model's exchange at
 # 100 Mbit/s behind this model's ~0.5 s steps.
-STREAMING = {"streaming": (5, 1), "overlap": (2, 4)}
+STREAMING = {"streaming": (5, 1), "overlap": (2, 4), "overlapbf16": (2, 4)}
+# Families sending their pseudo-gradients as bf16 (outer.quantize).
+QUANTIZED = ("overlapbf16",)
 
 
 def islands_in_schema() -> str | None:
@@ -150,7 +156,8 @@ def outer_of(case: str) -> Outer:
     assert H is not None
     family = case.split("-H")[0]
     if family in STREAMING:
-        return Outer("streaming_diloco", H, *STREAMING[family])
+        width = 2.0 if family in QUANTIZED else 4.0
+        return Outer("streaming_diloco", H, *STREAMING[family], dtype_bytes=width)
     return Outer("diloco", H)
 
 
@@ -168,6 +175,8 @@ def case_overrides(case: str, blocks: tuple[int, ...]) -> list[str]:
                     f"outer.fragment_delay={outer.fragment_delay}"]  # fmt: skip
         if case.startswith("overlap"):
             out.append("outer.fragment_merge=carry")
+        if case.split("-H")[0] in QUANTIZED:
+            out.append("outer.quantize=true")
         return out
     if case == "pp":
         return ["parallel.pp=2", f"parallel.pipeline_blocks=[{','.join(map(str, blocks))}]"]
@@ -319,7 +328,7 @@ def write_plot(path: str, points: list[dict]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     colors = ("tab:green", "tab:olive", "tab:purple", "tab:pink", "tab:cyan", "tab:gray",
-              "tab:blue", "tab:red")  # fmt: skip
+              "tab:brown", "tab:orange", "tab:blue", "tab:red")  # fmt: skip
     for case, color in zip(CASES, colors):
         mine = sorted((p for p in points if p["case"] == case), key=lambda p: p["rate_mbit"])
         if not mine:
