@@ -260,3 +260,19 @@ def test_recompute_drops_saved_activations() -> None:
 
     none, selective, full = (saved_numel(m) for m in ("none", "selective", "full"))
     assert full < selective < none
+
+
+def test_resumed_log_takes_the_checkpoints_record_only_for_its_own_step(tmp_path: Path) -> None:
+    """An island healed from a live one starts at the live island's step, not at its own
+    checkpoint's: that checkpoint's record must not be appended out of order."""
+    from yuanlfa.config import LoggingConfig
+    from yuanlfa.train.metrics import MetricsLogger
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    cfg = LoggingConfig(jsonl=str(log))
+    MetricsLogger(cfg, 10, start_step=5, start_record={"step": 2, "loss": 9.0}).close()
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+    MetricsLogger(cfg, 10, start_step=4, start_record={"step": 4, "loss": 9.0}).close()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 9.0)]

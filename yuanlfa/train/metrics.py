@@ -59,7 +59,9 @@ def _open_log(path: Path, start_step: int, start_record: dict[str, Any] | None):
             if step <= start_step:
                 kept.append(line)
                 has_start = has_start or step == start_step
-    if start_record is not None and start_step > 0 and not has_start:
+    # Only the record of the step resumed at (an island healed from a live one starts at the
+    # live island's step, not at its checkpoint's).
+    if start_record is not None and start_record.get("step") == start_step and not has_start:
         kept.append(json.dumps(start_record))
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
