@@ -145,6 +145,14 @@ def main() -> int:
     parser.add_argument(
         "--quantize", action="store_true", help="islands send bf16 pseudo-gradients"
     )
+    parser.add_argument(
+        "--overlap",
+        default=None,
+        metavar="FRAGMENTS:DELAY",
+        help="islands run DiLoCo with its exchange overlapped: streaming_diloco with FRAGMENTS "
+        "fragments, each applied DELAY steps after its exchange starts, fragment_merge carry "
+        "(as benchmarks/islands_weak_link.py's overlap cases: 2:4)",
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     args = parser.parse_args()
     try:
@@ -172,6 +180,17 @@ def main() -> int:
             f"--set {bad[0]}: KEY=VALUE for the inner settings; the islands and the outer "
             "optimizer come from --islands, --sync-every and --outer"
         )
+    overlap = None
+    if args.overlap is not None:
+        try:
+            overlap = tuple(int(v) for v in args.overlap.split(":"))
+        except ValueError:
+            overlap = ()
+        if len(overlap) != 2 or any(h % overlap[0] or overlap[1] >= h // overlap[0] for h in hs):
+            parser.error(
+                f"--overlap {args.overlap}: FRAGMENTS:DELAY with FRAGMENTS dividing every H and "
+                "DELAY below H / FRAGMENTS (e.g. 2:4 for H = 10)"
+            )
     if min(args.steps, args.eval_interval, args.eval_iters) < 1:
         parser.error("--steps, --eval-interval and --eval-iters must be >= 1")
     missing = islands_in_schema()
@@ -194,6 +213,12 @@ def main() -> int:
                         f"outer.nesterov={'true' if momentum > 0 else 'false'}",
                     ]  # fmt: skip
                     name = f"{n} islands DiLoCo H={h} lr{lr:g} m{momentum:g}"
+                    if overlap is not None:
+                        extra[1] = "outer.algorithm=streaming_diloco"
+                        extra += [f"outer.fragments={overlap[0]}",
+                                  f"outer.fragment_delay={overlap[1]}",
+                                  "outer.fragment_merge=carry"]  # fmt: skip
+                        name += f" overlap {overlap[0]}:{overlap[1]}"
                     if args.quantize:
                         extra.append("outer.quantize=true")
                         name += " bf16"
