@@ -4,6 +4,7 @@ recompute modes), and one-line errors for bad descriptions."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -170,6 +171,77 @@ def test_no_fit_names_the_shortfall_and_the_fix() -> None:
     assert (
         "16 x H100-SXM: 2-3, 16 x A100-40GB: 0-1" in message and "optim.distributed=true" in message
     )
+
+
+def _suggested(message: str) -> list[str]:
+    """The overrides of "the smallest change that fits: K=V K=V (dp N) ... (predicted ...)"."""
+    change = message.split("the smallest change that fits: ", 1)[1]
+    return [w for w in change.split(" (predicted")[0].split() if "=" in w]
+
+
+def test_no_fit_names_a_change_of_layout_that_does_fit() -> None:
+    """102B at tp2 pp32 on 4 x 8 H100-80G + 4 x 8 A100-40G misses by 2 layers: the error names
+    the nearest layout on the same 64 devices that fits, and that layout really fits."""
+    sets = ["parallel.tp=2", "parallel.pp=32", "parallel.dp=1", "parallel.pipeline_blocks=auto"]
+    cc = groups(("h100-80g", 4, 8), ("a100-40g", 4, 8))
+    cfg = resolve(load_config(ROOT / "configs/yuan2-102b.yaml", sets), 64)
+    cfg = dataclasses.replace(cfg, cluster=config_from_dict({"cluster": cc}).cluster)
+    with pytest.raises(ConfigError) as err:
+        cluster_plan(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "2 short" in message
+    assert "the smallest change that fits: parallel.tp=" in message
+    assert "a larger parallel.pp/tp" not in message  # a concrete fix instead of the list
+    fixed = load_config(ROOT / "configs/yuan2-102b.yaml", [*sets, *_suggested(message)])
+    fixed = dataclasses.replace(resolve(fixed, 64), cluster=cfg.cluster)
+    plan = cluster_plan(fixed)
+    assert plan is not None and plan.model.evaluate(plan.blocks).fits
+
+
+def test_no_fit_names_a_smaller_micro_batch_when_that_is_enough() -> None:
+    """Activations are what overflows the small device: halving the micro batch fits, and the
+    error says so before any change of layout."""
+    data = {
+        "model": {"num_layers": 8, "hidden_size": 64, "num_heads": 4, "vocab_size": 512},
+        "parallel": {"pp": 4, "pipeline_blocks": "auto"},
+        "train": {"micro_batch_size": 8, "global_batch_size": 16, "seq_length": 256},
+        "cluster": groups(
+            ("fast", 1, 2, {"memory_gib": 1, "tflops": 2}),
+            ("slow", 1, 2, {"memory_gib": 1, "tflops": 1}),
+        ),  # fmt: skip
+    }
+    plan = cluster_plan(resolve(config_from_dict(data), 4))
+    need = max(r.memory_bytes for r in plan.model.evaluate(plan.blocks).ranks)
+    # Shrink every device until micro batch 8 overflows even with the balancer's recompute.
+    for gib in (need / GIB * f / 20 for f in range(19, 0, -1)):
+        for group in data["cluster"]["groups"]:
+            group["memory_gib"] = gib
+        try:
+            cluster_plan(resolve(config_from_dict(data), 4))
+        except ConfigError as exc:
+            message = str(exc)
+            break
+    else:
+        pytest.fail("no memory size made micro batch 8 overflow")
+    assert "the smallest change that fits: train.micro_batch_size=" in message
+    sets = _suggested(message)
+    assert len(sets) == 1
+    mbs = int(sets[0].split("=")[1])
+    data["train"]["micro_batch_size"] = mbs
+    assert cluster_plan(resolve(config_from_dict(data), 4)) is not None
+    if mbs < 4:  # the change is the smallest: the next larger micro batch does not fit
+        data["train"]["micro_batch_size"] = mbs * 2
+        with pytest.raises(ConfigError):
+            cluster_plan(resolve(config_from_dict(data), 4))
+
+
+def test_no_fit_says_when_no_change_of_these_devices_fits() -> None:
+    sets = ["parallel.tp=1", "parallel.pp=32", "parallel.dp=1", "parallel.pipeline_blocks=auto"]
+    cfg = resolve(load_config(ROOT / "configs/yuan2-102b.yaml", sets), 32)
+    cc = groups(("h100-80g", 2, 8), ("a100-40g", 2, 8))
+    cfg = dataclasses.replace(cfg, cluster=config_from_dict({"cluster": cc}).cluster)
+    with pytest.raises(ConfigError, match="other tp x pp x dp on these 32 devices fits either"):
+        cluster_plan(cfg)
 
 
 def test_102b_pp32_mixed_is_fast_and_fits_each_device() -> None:

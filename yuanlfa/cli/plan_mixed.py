@@ -20,7 +20,9 @@ from yuanlfa.config.load import read_yaml_file
 from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner.advisor import snippet
 from yuanlfa.planner.advisor_mixed import advise_mixed, stage_table
+from yuanlfa.planner.balance import NoFitError
 from yuanlfa.planner.cluster import MixedCluster, mixed_cluster, pipeline_devices
+from yuanlfa.planner.cluster_plan import with_nearest_fit
 from yuanlfa.planner.cost import PlanCost, cost_model
 from yuanlfa.planner.devices import GIB, DevicePreset
 from yuanlfa.planner.recompute import RecomputePlan, balance_recompute, with_recompute
@@ -66,7 +68,10 @@ def plan_mixed(cfg: Config, mfu: float) -> MixedPlans:
     options = {"cluster": cluster, "mfu": mfu}
     real = cost_model(cfg, **options)
     uniform = real.evaluate(uniform_blocks(cfg.model.num_layers, real.num_stages))
-    aware = balance_recompute(cfg, **options)
+    try:
+        aware = balance_recompute(cfg, **options)
+    except NoFitError as exc:
+        raise with_nearest_fit(exc, cfg, mfu) from None
     homogeneous, modes = homogeneous_plan(cfg, cluster, devices, mfu)
     return MixedPlans(cluster, devices, uniform, homogeneous, modes, aware)
 

@@ -48,10 +48,13 @@ GIB = 2**30
 
 class NoFitError(ConfigError):
     """No split fits the devices; ``short_bytes``: about how much layer state is missing
-    (infinite when a rank cannot hold even its fixed parts), for ranking near misses."""
+    (infinite when a rank cannot hold even its fixed parts), for ranking near misses;
+    ``problem``: the message without its generic list of fixes, for callers that find a
+    concrete one."""
 
-    def __init__(self, message: str, short_bytes: float) -> None:
-        super().__init__(message)
+    def __init__(self, problem: str, short_bytes: float, fixes: str = "") -> None:
+        super().__init__(f"{problem}; {fixes}" if fixes else problem)
+        self.problem = problem
         self.short_bytes = short_bytes
 
 
@@ -269,8 +272,9 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
         return NoFitError(
             f"pipeline rank {r} ({model.device_of(r).name}, {_size(limit)}) cannot hold "
             f"even its fixed parts (embedding / head) with no layers: needs {_size(need)}, "
-            f"{_size(need - limit)} more; {fixes}",
+            f"{_size(need - limit)} more",
             math.inf,
+            fixes,
         )
     short = L - sum(room)
     kinds: dict[str, list[int]] = {}
@@ -283,8 +287,9 @@ def _infeasible_message(model: CostModel, ranks: list[list[RankCandidates]]) -> 
     return NoFitError(
         f"no split of {L} layers over {model.pp} pipeline ranks fits each rank's own device: "
         f"together they hold at most {sum(room)} layers (per rank {held}), {short} short, about "
-        f"{_size(short * per_layer)} of layer state more; {fixes}",
+        f"{_size(short * per_layer)} of layer state more",
         short * per_layer,
+        fixes,
     )
 
 

@@ -17,11 +17,13 @@ the split and per-rank recompute to run, and each pipeline rank's predicted busy
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from yuanlfa.config import Config, ConfigError
+from yuanlfa.config import Config, ConfigError, resolve
 from yuanlfa.layout import resolve_blocks
-from yuanlfa.planner.cluster import mixed_cluster, pipeline_devices
+from yuanlfa.planner.balance import NoFitError
+from yuanlfa.planner.cluster import mixed_cluster, pipeline_devices, tp_mixed
 from yuanlfa.planner.cost import CostModel, PlanCost, RankCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, GIB, PRESETS, DevicePreset
 from yuanlfa.planner.recompute import MODES, balance_recompute, with_recompute
@@ -98,7 +100,10 @@ def cluster_plan(cfg: Config, mfu: float = DEFAULT_MFU) -> ClusterPlan | None:
     if options is None or cfg.parallel.pp == 1:
         return None
     if cfg.parallel.pipeline_blocks == "auto":
-        plan = balance_recompute(cfg, **options)
+        try:
+            plan = balance_recompute(cfg, **options)
+        except NoFitError as exc:
+            raise with_nearest_fit(exc, cfg, mfu) from None
         return ClusterPlan(plan.blocks, plan.recompute, plan.model)
     t, pp = cfg.train, cfg.parallel.pp
     modes = tuple(t.recompute_stages or (t.recompute,) * pp)
@@ -141,12 +146,96 @@ def _smallest_fix(
             tried[r] = MODES[MODES.index(tried[r]) + 1]
     try:
         plan = balance_recompute(cfg, **options)
-    except ConfigError as exc:
-        return f"no split fits with any recompute: {exc}"
+    except NoFitError as exc:
+        return f"no split fits with any recompute: {with_nearest_fit(exc, cfg, options['mfu'])}"
     return (
         f"it fits with parallel.pipeline_blocks={list(plan.blocks)} "
         f"train.recompute_stages={list(plan.recompute)} (or parallel.pipeline_blocks: auto)"
     )
+
+
+def with_nearest_fit(exc: NoFitError, cfg: Config, mfu: float = DEFAULT_MFU) -> NoFitError:
+    """``exc`` (no split fits with any recompute) with the smallest change found that fits, or
+    with what was tried when none does: the balancer's generic list of fixes is not a fix."""
+    change = nearest_fit(cfg, mfu)
+    if change is None:
+        tried = "a smaller train.micro_batch_size"
+        if cfg.parallel.dp and cfg.parallel.dp > 1:
+            tried += ", optim.distributed=true"
+        if cfg.cluster.groups and not cfg.emulate.memory_gib:
+            tried += f", other tp x pp x dp on these {cfg.cluster.world_size} devices"
+        return NoFitError(f"{exc}; none of {tried} fits either", exc.short_bytes)
+    return NoFitError(exc.problem, exc.short_bytes, f"the smallest change that fits: {change}")
+
+
+def _fit_candidates(cfg: Config) -> list[tuple[str, Config]]:
+    """Changes of a resolved ``cfg`` that lower what each rank holds, least disruptive first:
+    smaller micro batches (activations only), ZeRO-1 (optimizer state over dp), then the other
+    tp x pp x dp of the same devices nearest to the configured one (tp only inside nodes of one
+    kind), ZeRO-1 on where dp > 1."""
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
+    out: list[tuple[str, Config]] = []
+    mbs = t.micro_batch_size // 2
+    while mbs >= 1:
+        train = dataclasses.replace(t, micro_batch_size=mbs)
+        out.append((f"train.micro_batch_size={mbs}", dataclasses.replace(cfg, train=train)))
+        mbs //= 2
+    dp = p.dp or 1
+    if dp > 1 and not o.distributed:
+        optim = dataclasses.replace(o, distributed=True)
+        out.append(("optim.distributed=true", dataclasses.replace(cfg, optim=optim)))
+    if not cfg.cluster.groups or cfg.emulate.memory_gib:
+        return out  # an emulated pipeline has no tp or dp to trade
+    cluster = mixed_cluster(cfg.cluster)
+    width = p.tp * p.pp * dp
+    layouts = []
+    for tp in (1, 2, 4, 8, 16):
+        for pp in range(1, cfg.model.num_layers + 1):
+            if width % (tp * pp) or (tp, pp) == (p.tp, p.pp):
+                continue
+            d = width // (tp * pp)
+            if tp_mixed(cluster, tp, pp, d, p.rank_order):
+                continue
+            far = abs(math.log2(tp / p.tp)) + abs(math.log2(pp / p.pp))
+            layouts.append((far, -(tp * pp), tp, pp, d))
+    for _, _, tp, pp, d in sorted(layouts):
+        parallel = dataclasses.replace(p, tp=tp, pp=pp, dp=None, pipeline_blocks="auto")
+        train = dataclasses.replace(t, recompute_stages=None)
+        optim = dataclasses.replace(o, distributed=o.distributed or d > 1)
+        words = f"parallel.tp={tp} parallel.pp={pp} (dp {d})"
+        words += " optim.distributed=true" if optim.distributed and not o.distributed else ""
+        moved = dataclasses.replace(cfg, parallel=parallel, train=train, optim=optim)
+        out.append((words + " parallel.pipeline_blocks=auto", moved))
+    return out
+
+
+def nearest_fit(cfg: Config, mfu: float = DEFAULT_MFU, tries: int = 8) -> str | None:
+    """The first of :func:`_fit_candidates` (at most ``tries`` balanced, so that an error stays
+    a matter of seconds) whose balanced plan fits every rank's own device, as config overrides
+    with its predicted step time; None when none does."""
+    balanced = 0
+    for words, candidate in _fit_candidates(cfg):
+        try:
+            candidate = resolve(candidate, candidate.cluster.world_size or _world(candidate))
+            options = _plan_options(candidate, mfu)
+        except ConfigError:
+            continue  # e.g. tp not dividing the heads, a batch the micro batch does not divide
+        if options is None:
+            return None
+        if balanced == tries:
+            return None
+        balanced += 1
+        try:
+            plan = balance_recompute(candidate, **options)
+        except ConfigError:
+            continue
+        return f"{words} (predicted step {plan.cost.step_time_s:.3g} s)"
+    return None
+
+
+def _world(cfg: Config) -> int:
+    p = cfg.parallel
+    return p.tp * p.pp * p.cp * (p.dp or 1) * p.islands
 
 
 def predicted_busy_s(plan: ClusterPlan) -> list[float]:
