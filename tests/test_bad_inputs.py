@@ -546,3 +546,20 @@ def test_checkpoint_and_conversion_files_follow_the_umask(checkpoints: Path) -> 
     for path in checkpoints.rglob("*"):
         if path.is_file():
             assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_cluster_file_through_yuanlfa_train(tmp_path: Path, capsys) -> None:
+    """``yuanlfa-train --cluster FILE`` replaces the config's cluster section: the file's own
+    mistakes are named, before any data is read or any output written."""
+    from yuanlfa.cli.train import main as train
+
+    base = ["--config", str(TINY), "--quiet", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    clean_error(train, [*base, "--cluster", str(tmp_path / "none.yaml")], capsys, "none.yaml")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("groups:\n  - {device: h100-81g, nodes: 1, devices_per_node: 1}\n")
+    clean_error(train, [*base, "--cluster", str(unknown)], capsys, "cluster.groups[0].device")
+    two = tmp_path / "two.yaml"
+    two.write_text("cluster:\n  groups:\n    - {device: cpu, nodes: 1, devices_per_node: 2}\n")
+    message = clean_error(train, [*base, "--cluster", str(two)], capsys, "2 devices")
+    assert "launch 2" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.yaml", "unknown.yaml"]  # no ckpt

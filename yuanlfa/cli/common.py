@@ -11,11 +11,14 @@ recognised by name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from yuanlfa.config import ConfigError
+from yuanlfa.config import ClusterConfig, Config, ConfigError, config_from_dict
+from yuanlfa.config.load import read_yaml_file
 
 # The library's user-facing error types (each message names the culprit and the fix), by
 # class name so that this module imports neither torch nor the packages defining them.
@@ -37,6 +40,33 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted overrides parsed as YAML, e.g. train.steps=20 parallel.pipeline_blocks=[2,2]",
     )
+
+
+def add_cluster_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--cluster",
+        metavar="FILE",
+        help="a heterogeneous cluster (YAML: cluster.groups of device, nodes, devices_per_node; "
+        f"inter_gbps) in place of the config's cluster section: {what}",
+    )
+
+
+def _read_cluster(path: str) -> ClusterConfig:
+    """A cluster file: YAML holding a ``cluster:`` mapping, or the mapping itself."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--cluster: {path!r} not found; give a YAML file with cluster.groups")
+    data = read_yaml_file(file)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--cluster: {path} must hold a mapping with groups")
+    return config_from_dict({"cluster": data.get("cluster", data)}).cluster
+
+
+def with_cluster_file(cfg: Config, path: str | None) -> Config:
+    """``cfg`` with the cluster of ``--cluster FILE`` in place of its own section (if given)."""
+    if path is None:
+        return cfg
+    return dataclasses.replace(cfg, cluster=_read_cluster(path))
 
 
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:

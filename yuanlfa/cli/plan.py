@@ -26,8 +26,14 @@ import argparse
 import dataclasses
 import json
 
-from yuanlfa.cli.common import add_config_args, add_debug_arg, run
-from yuanlfa.cli.plan_mixed import mixed_main, read_cluster, with_cluster
+from yuanlfa.cli.common import (
+    add_cluster_arg,
+    add_config_args,
+    add_debug_arg,
+    run,
+    with_cluster_file,
+)
+from yuanlfa.cli.plan_mixed import mixed_main
 from yuanlfa.cli.plugin_costs import load_plugin_costs
 from yuanlfa.config import Config, ConfigError, ModelConfig, load_config, resolve, validate
 from yuanlfa.layout import resolve_blocks, uniform_blocks
@@ -345,13 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sustained FLOP/s per device, measured (replaces the device peak x --mfu)",
     )
-    parser.add_argument(
-        "--cluster",
-        metavar="FILE",
-        default=None,
-        help="a heterogeneous cluster (YAML: cluster.groups of device, nodes, devices_per_node; "
-        "inter_gbps): plan or --advise on each rank's own device (default: the config's cluster)",
-    )
+    add_cluster_arg(parser, "plan or --advise on each rank's own device")
     advise = parser.add_argument_group(
         "layout advisor (--advise): rank every tp x pp x dp layout of a cluster by step time"
     )
@@ -472,7 +472,7 @@ def _mixed(args: argparse.Namespace) -> int:
             "--cluster: the cluster file (or the config's cluster section) gives the devices "
             "and nodes; drop --device / --nodes / --paper-comparison"
         )
-    cfg = with_cluster(cfg, read_cluster(args.cluster) if args.cluster else None)
+    cfg = with_cluster_file(cfg, args.cluster)
     validate(cfg)  # the cluster against parallel.dp, before any planning
     cfg = _with_pipeline(cfg, args.pp, args.virtual_stages)
     return mixed_main(args, cfg, _tokenizer_vocab(cfg))

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
-from yuanlfa.config import ClusterConfig, Config, ConfigError, config_from_dict, resolve
-from yuanlfa.config.load import read_yaml_file
+from yuanlfa.config import Config, ConfigError, resolve
 from yuanlfa.layout import uniform_blocks
 from yuanlfa.planner.advisor import snippet
 from yuanlfa.planner.advisor_mixed import advise_mixed, stage_table
@@ -28,23 +26,6 @@ from yuanlfa.planner.devices import GIB, DevicePreset
 from yuanlfa.planner.recompute import RecomputePlan, balance_recompute, with_recompute
 from yuanlfa.planner.report import snippet_yaml
 from yuanlfa.planner.topology import link_plan
-
-
-def read_cluster(path: str) -> ClusterConfig:
-    """A cluster file: YAML holding a ``cluster:`` mapping, or the mapping itself."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--cluster: {path!r} not found; give a YAML file with cluster.groups")
-    data = read_yaml_file(file)
-    if not isinstance(data, dict):
-        raise ConfigError(f"--cluster: {path} must hold a mapping with groups")
-    return config_from_dict({"cluster": data.get("cluster", data)}).cluster
-
-
-def with_cluster(cfg: Config, cluster: ClusterConfig | None) -> Config:
-    if cluster is None:
-        return cfg
-    return dataclasses.replace(cfg, cluster=cluster)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from yuanlfa.cli.common import add_config_args, add_debug_arg, run
+from yuanlfa.cli.common import (
+    add_cluster_arg,
+    add_config_args,
+    add_debug_arg,
+    run,
+    with_cluster_file,
+)
 from yuanlfa.config import load_config
 
 
@@ -20,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         help="this launch is island I of parallel.islands, joined to the others through "
         "torchft (one torchrun per island; also YUANLFA_ISLAND; docs/islands.md)",
     )
+    add_cluster_arg(parser, "the devices each pipeline rank plans and runs with (docs/planning.md)")
     add_debug_arg(parser)
     args = parser.parse_args(argv)
     return run("yuanlfa-train", lambda: _run(parser, args), args)
@@ -32,7 +39,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # The library reads the island from the environment, as torchrun's ranks.
         os.environ["YUANLFA_ISLAND"] = str(args.island)
     # train() checks output paths, input files and kernels before any data is read.
-    train(load_config(args.config, args.overrides), progress=not args.quiet)
+    cfg = with_cluster_file(load_config(args.config, args.overrides), args.cluster)
+    train(cfg, progress=not args.quiet)
     return 0
 
 
