@@ -79,6 +79,15 @@ def homogeneous_plan(
     return real.evaluate(blind.blocks), blind.recompute
 
 
+def _memory_by_kind(r) -> str:
+    """The fullest rank of each device kind against its limit: "A100-40GB 37.7/40, ..."."""
+    fullest: dict[str, tuple[float, float]] = {}
+    for row in stage_table(r):
+        used = max(row["memory_gib"], fullest.get(row["device"], (0.0, 0.0))[0])
+        fullest[row["device"]] = (used, row["limit_gib"])
+    return ", ".join(f"{d} {u:.1f}/{lim:.0f}" for d, (u, lim) in sorted(fullest.items()))
+
+
 def plans_to_dict(plans: MixedPlans) -> dict:
     def one(plan: PlanCost, modes: tuple[str, ...]) -> dict:
         return {
@@ -163,10 +172,9 @@ def mixed_main(args: argparse.Namespace, cfg: Config, tokenizer_vocab: int | Non
         print(f"cluster {advice.cluster.describe()}: {advice.considered} layouts, "
               f"{advice.balanced} balanced, rejected {advice.rejected}")  # fmt: skip
         for i, r in enumerate(advice.ranked, 1):
-            devs = ",".join(sorted({row["device"] for row in stage_table(r)}))
             print(
                 f"{i:>2} {r.step_time_s:>9.4g}s x{r.step_time_s / best:.2f} "
-                f"{r.layout.describe()} | mem {r.plan.memory_max_bytes / GIB:.1f} GiB on {devs}"
+                f"{r.layout.describe()} | GiB used/limit {_memory_by_kind(r)}"
             )
         print("\nbest layout, to merge into the config:")
         print(snippet_yaml(advice.best).rstrip())
