@@ -199,6 +199,14 @@ class TrainConfig:
     # figure of a known GPU (planner/devices.py); no MFU on a CPU or an unknown GPU.
     peak_tflops: float | None = None
 
+    def recompute_of(self, pp_rank: int) -> str:
+        """Pipeline rank ``pp_rank``'s recompute mode: its entry of recompute_stages, else
+        recompute (the one rule the planner and the parallel code both follow)."""
+        return self.recompute_stages[pp_rank] if self.recompute_stages else self.recompute
+
+    def recompute_per_rank(self, pp: int) -> tuple[str, ...]:
+        return tuple(self.recompute_of(r) for r in range(pp))
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:

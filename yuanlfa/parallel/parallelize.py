@@ -15,12 +15,6 @@ from yuanlfa.parallel.recompute import apply_recompute
 from yuanlfa.parallel.tp.plan import apply_tensor_parallel, shard_full_tensor
 
 
-def recompute_mode(cfg: Config, mesh: Mesh) -> str:
-    """train.recompute, or this pipeline rank's entry of train.recompute_stages."""
-    t = cfg.train
-    return t.recompute_stages[mesh.pp_rank] if t.recompute_stages else t.recompute
-
-
 def parallelize(
     cfg: Config,
     mesh: Mesh,
@@ -57,5 +51,5 @@ def parallelize(
         [layout.layer_ids(s) for s in layout.stages_of_rank(mesh.pp_rank)] if layer_ids else None
     )
     t = cfg.train
-    mode = recompute_mode(cfg, mesh)
+    mode = cfg.train.recompute_of(mesh.pp_rank)
     return apply_recompute(model, mode, t.recompute_method, t.recompute_num_layers, stages)

@@ -87,10 +87,7 @@ def training_dtype_bytes(cfg: Config, gpu: bool) -> int:
 
 def recompute_mode(cfg: Config, pp_rank: int | None = None) -> Recompute:
     """train.recompute, or pipeline rank ``pp_rank``'s entry of train.recompute_stages."""
-    stages = cfg.train.recompute_stages
-    if stages and pp_rank is not None:
-        return stages[pp_rank]
-    return cfg.train.recompute
+    return cfg.train.recompute if pp_rank is None else cfg.train.recompute_of(pp_rank)
 
 
 def activation_spec(

@@ -151,7 +151,7 @@ def stage_table(r: Ranked) -> list[dict]:
     """Per pipeline rank of a ranked layout: its device, layers, recompute, memory and limit."""
     plan, cfg = r.plan, r.cfg
     devices = plan_devices(r)
-    modes = cfg.train.recompute_stages or (cfg.train.recompute,) * plan.pp
+    modes = cfg.train.recompute_per_rank(plan.pp)
     return [
         {
             "pipeline_rank": rc.rank,

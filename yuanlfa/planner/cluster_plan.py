@@ -106,7 +106,7 @@ def cluster_plan(cfg: Config, mfu: float = DEFAULT_MFU) -> ClusterPlan | None:
             raise with_nearest_fit(exc, cfg, mfu) from None
         return ClusterPlan(plan.blocks, plan.recompute, plan.model)
     t, pp = cfg.train, cfg.parallel.pp
-    modes = tuple(t.recompute_stages or (t.recompute,) * pp)
+    modes = t.recompute_per_rank(pp)
     model = cost_model(with_recompute(cfg, modes), **options)
     blocks = tuple(resolve_blocks(cfg.parallel, cfg.model))
     plan = model.evaluate(blocks)
