@@ -99,9 +99,11 @@ def test_cli_cluster_file_plan_and_advise(capsys, tmp_path: Path) -> None:
     assert [r["device"] for r in aware["ranks"]] == ["fast", "fast", "slow", "slow"]
     # The balancer's objective (slowest rank per microbatch), not the simulated step.
     assert aware["time_max_s"] <= out["uniform"]["time_max_s"]
-    assert main(["--config", config, "--cluster", cluster]) == 0
+    png = tmp_path / "plans.png"
+    assert main(["--config", config, "--cluster", cluster, "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "aware blocks:" in text and "limit GiB" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in text
     assert main(["--config", config, "--cluster", cluster, "--advise", "--top", "3"]) == 0
     text = capsys.readouterr().out
     snippet_text = text.split("to merge into the config:\n", 1)[1]
@@ -115,6 +117,10 @@ def test_cli_cluster_file_plan_and_advise(capsys, tmp_path: Path) -> None:
         (mixed(("h100-81g", {}), FAST), [], "cluster.groups[0].device: 'h100-81g' is not a known"),
         (mixed(FAST, SLOW), ["parallel.dp=8"], "= 16; set parallel.dp=4"),
         (mixed(FAST), ["parallel.pp=3"], "not a multiple of tp * pp * cp = 3"),
+        # One-device flags a cluster plan has no use for are refused, not ignored.
+        (mixed(FAST), ["--objective", "time"], "--objective do not apply to a cluster"),
+        (mixed(FAST), ["--p2p-gbps", "3", "--flops", "1e12"], "--flops / --p2p-gbps do not"),
+        (mixed(FAST), ["--memory-limit-gib", "9"], "--memory-limit-gib without --advise"),
     ],
 )
 def test_cli_bad_cluster_is_one_line(capsys, tmp_path: Path, cluster, sets, message) -> None:
@@ -122,8 +128,10 @@ def test_cli_bad_cluster_is_one_line(capsys, tmp_path: Path, cluster, sets, mess
     base["train"] = {**SMALL["train"], "recompute_stages": None}
     config = write(tmp_path, "base.yaml", base)
     path = write(tmp_path, "cluster.yaml", cluster)
-    assert main(["--config", config, "--cluster", path, "--set", *sets] if sets else
-                ["--config", config, "--cluster", path]) == 2  # fmt: skip
+    flags = [a for a in sets if "=" not in a]
+    sets = [a for a in sets if "=" in a]
+    assert main(["--config", config, "--cluster", path, *flags, *(["--set", *sets] if sets else [])]
+                ) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
 

@@ -330,7 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"device preset, one of {', '.join(p.name for p in PRESETS.values())} (default: "
         "H100-SXM, or cpu when train.device is cpu)",
     )
-    parser.add_argument("--objective", choices=("memory", "time"), default="memory")
+    parser.add_argument(
+        "--objective",
+        choices=("memory", "time"),
+        default=None,
+        help="what the balanced split minimizes (default: memory; with a cluster always time "
+        "within each device's memory)",
+    )
     parser.add_argument(
         "--mfu", type=float, default=DEFAULT_MFU, help="sustained fraction of peak FLOP/s"
     )
@@ -438,7 +444,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "memory_limit_bytes": limit,
     }
     model, plans, source = make_plan(
-        cfg, device, args.objective, not args.no_empty_stages, **options
+        cfg, device, args.objective or "memory", not args.no_empty_stages, **options
     )
     summary = _summary(args, cfg, model, source)
     if args.plot:
@@ -452,6 +458,21 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _mixed_unused_flags(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """Flags of the one-device plan a cluster plan has no use for (silently ignoring them would
+    show a plan the user did not ask for)."""
+    return [
+        ("--objective", args.objective),
+        ("--flops", args.flops),
+        ("--p2p-gbps", args.p2p_gbps),
+        ("--tp-gbps", args.tp_gbps),
+        ("--dp-gbps", args.dp_gbps),
+        ("--no-empty-stages", args.no_empty_stages),
+        ("--memory-limit-gib without --advise", args.memory_limit_gib and not args.advise),
+        ("--plot with --advise", args.plot and args.advise),
+    ]
 
 
 def _has_cluster(args: argparse.Namespace) -> bool:
@@ -471,6 +492,13 @@ def _mixed(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--cluster: the cluster file (or the config's cluster section) gives the devices "
             "and nodes; drop --device / --nodes / --paper-comparison"
+        )
+    unused = [flag for flag, value in _mixed_unused_flags(args) if value]
+    if unused:
+        raise ConfigError(
+            f"--cluster: {' / '.join(unused)} do not apply to a cluster (its groups give each "
+            "device's speed, memory and links; the split minimizes time within each device's "
+            "memory); drop them"
         )
     cfg = with_cluster_file(cfg, args.cluster)
     validate(cfg)  # the cluster against parallel.dp, before any planning
@@ -624,7 +652,7 @@ def _summary(args: argparse.Namespace, cfg: Config, model: CostModel, source: st
             "link_gbps": d.link_gbps,
         },
         "memory_limit_bytes": model.memory_limit_bytes,
-        "objective": args.objective,
+        "objective": args.objective or "memory",
         "mfu": model.mfu,
         "links_gbps": {"p2p": model.p2p_gbps, "tp": model.tp_gbps, "dp": model.dp_gbps},
         "num_layers": cfg.model.num_layers,

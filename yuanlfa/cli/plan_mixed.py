@@ -188,11 +188,53 @@ def mixed_main(args: argparse.Namespace, cfg: Config, tokenizer_vocab: int | Non
         )
     cfg = resolve(cfg, world, tokenizer_vocab)
     plans = plan_mixed(cfg, args.mfu)
+    if args.plot:
+        write_mixed_plot(args.plot, plans)
     if args.json:
         print(json.dumps(plans_to_dict(plans), indent=2))
     else:
         print(format_plans(plans))
+        if args.plot:
+            print(f"plot written to {args.plot}")
     return 0
+
+
+def write_mixed_plot(path: str, plans: MixedPlans) -> None:
+    """Per pipeline rank, the three splits' memory against that rank's own device limit, and
+    their time per microbatch on that device (the slowest rank sets the step)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'yuanlfa[plot]'") from None
+    d = plans_to_dict(plans)
+    names = [n for n in ("uniform", "homogeneous", "aware") if d[n] is not None]
+    pp = len(plans.devices)
+    fig, (memory, time) = plt.subplots(2, 1, figsize=(max(9.0, 0.45 * pp + 4), 8.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [r + (i - (len(names) - 1) / 2) * width for r in range(pp)]
+        rows = d[name]["ranks"]
+        label = f"{name} ({d[name]['step_time_s']:.4g} s per step, fits: {d[name]['fits']})"
+        memory.bar(xs, [row["memory_gib"] for row in rows], width, label=label)
+        time.bar(xs, [row["time_per_microbatch_s"] for row in rows], width, label=name)
+    limits = [row["limit_gib"] for row in d["aware"]["ranks"]]
+    memory.step(
+        [r - 0.5 for r in range(pp + 1)], [limits[0], *limits], where="pre", color="crimson",
+        linestyle="--", label="each rank's device limit",
+    )  # fmt: skip
+    ticks = [f"{r}\n{dev.name}" for r, dev in enumerate(plans.devices)]
+    for ax, label in ((memory, "memory per device (GiB)"), (time, "time per microbatch (s)")):
+        ax.set_xticks(range(pp), ticks, fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8, loc="upper right")
+    memory.set_title(f"{d['cluster']}: pipeline ranks on their own devices")
+    time.set_xlabel("pipeline rank and its device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def advice_dict(advice) -> dict:
