@@ -42,7 +42,12 @@ class SavedActivationProbe:
             self.live += entry[1]
             self.peak = max(self.peak, self.live)
         entry[0] += 1
-        saved = _Saved(tensor)
+        # Hold a detached alias (same storage): holding the tensor itself closes a cycle
+        # through C++ (tensor -> its grad_fn -> this packed object -> tensor) that Python's
+        # collector cannot see; a graph kept with retain_graph, as the split backward of
+        # zbv / dualpipev keeps its input-gradient part, then never died and its bytes were
+        # counted to the end of the run.
+        saved = _Saved(tensor.detach())
         weakref.finalize(saved, self._release, key)
         return saved
 
