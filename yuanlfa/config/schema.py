@@ -309,6 +309,11 @@ class OuterConfig:
     algorithm: Literal["none", "diloco", "streaming_diloco"] = "none"
     # H: inner steps between two outer steps (of the same fragment).
     sync_every: int = 100
+    # A synchronous warm start: the first warm_start_steps steps reduce the gradients across
+    # the islands every step (as algorithm none: the islands are one data-parallel run), then
+    # the outer loop starts from the parameters of that step (its first outer step
+    # sync_every steps later). 0: the islands train apart from the first step.
+    warm_start_steps: int = 0
     # The outer optimizer: SGD on the averaged pseudo-gradient (DiLoCo's 0.7, 0.9, Nesterov).
     lr: float = 0.7
     # The outer SGD's momentum (torch.optim.SGD semantics; 0: none).

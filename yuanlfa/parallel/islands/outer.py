@@ -22,6 +22,15 @@ island's own change over the ``τ`` steps, which then enters the next pseudo-gra
 step is lost or counted twice). The anchor is the outer result, not the merge. With ``P = 1``
 and ``τ = 0`` this is DiLoCo.
 
+**Synchronous warm start** (``outer.warm_start_steps = K``; DiLoCo starts its islands from a
+model trained synchronously). The first ``K`` steps the trainer sums each step's reduced
+gradients over the islands too (the grad sync's ``across`` group: the ranks holding the same
+piece, as the exchange), so the islands are one data-parallel run of ``islands * dp`` replicas
+with the same parameters and inner optimizer state; after step ``K`` the anchors are set to those
+parameters and the outer loop above counts its steps from ``K``. The gradients rather than an
+every-step outer step: an outer step averages parameters after each island's own AdamW update,
+which is not the synchronous run's update (AdamW is not linear in the gradient).
+
 The exchange is sharded over the island's dp ranks (whose parameters are equal): each sends and
 steps the outer optimizer on a disjoint 1/dp chunk, then the island all-gathers the new anchor
 over dp, so the link carries each piece once per island.
@@ -150,8 +159,12 @@ class OuterSync:
         num_layers: int,
         exchange: Exchange,
         reload_masters: Callable[[], None] | None = None,
+        warm_start_bytes: int = 0,
     ) -> None:
+        """``warm_start_bytes``: what the island sends across the link in a step of the
+        synchronous warm start (``outer.warm_start_steps``; the trainer reduces its gradients)."""
         self.cfg, self.mesh, self.exchange = cfg, mesh, exchange
+        self.warm_start_bytes = warm_start_bytes
         self.reload_masters = reload_masters
         count = cfg.fragments if cfg.algorithm == "streaming_diloco" and cfg.fragments else 1
         layer_fragment = fragment_of_layers(num_layers, count)
@@ -194,19 +207,44 @@ class OuterSync:
             return torch.zeros(0)
         return torch.cat([p.detach().reshape(-1).float() for p in params])
 
+    def synchronous(self, step: int) -> bool:
+        """Whether inner step ``step`` (0-based: the step about to run) is one of the warm
+        start's, whose gradients are reduced across the islands."""
+        return step < self.cfg.warm_start_steps
+
     def due(self, step: int) -> list[int]:
-        """The fragments whose exchange starts after inner step ``step``."""
-        h = self.cfg.sync_every
+        """The fragments whose exchange starts after inner step ``step`` (counted from the end
+        of the warm start)."""
+        h, t = self.cfg.sync_every, step - self.cfg.warm_start_steps
         return [
             i
             for i, f in enumerate(self.fragments)
-            if step > 0 and step >= f.offset and (step - f.offset) % h == 0
+            if t > 0 and t >= f.offset and (t - f.offset) % h == 0
         ]
+
+    def _restart(self) -> None:
+        """The end of the warm start: the islands hold the same parameters (they stepped
+        together); those are the first anchor. No outer step has happened, so the outer
+        optimizer has no state to reset."""
+        for f in self.fragments:
+            flat = self._flat(f.params)
+            f.anchor.copy_(torch.nn.functional.pad(flat, (0, f.anchor.numel() - f.numel)))
+            f.chunk.copy_(f.anchor[f.lo : f.hi])
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, Any]:
         """After inner step ``step`` (1-based count of steps done): apply the exchanges due now,
         start the ones that begin now. Returns the record fields."""
+        if step <= self.cfg.warm_start_steps:
+            if step == self.cfg.warm_start_steps:
+                self._restart()
+            # No outer step; the link carried the step's gradient reduction.
+            return {
+                "outer_sync": False,
+                "link_bytes": self.warm_start_bytes,
+                "islands_alive": self.exchange.size(),
+                "warm_start": True,
+            }
         synced = False
         finishing = [q for q in self.pending if q.apply_at <= step]
         if finishing:
