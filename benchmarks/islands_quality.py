@@ -16,7 +16,11 @@ eval loss within 3% of synchronous dp's.
 The defaults run in about 15 minutes on 2 cores (4 processes share them for N = 4); ``--steps``,
 ``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it; ``--set KEY=VALUE ...``
 changes inner settings (``optim.lr``, ``train.seed``) for every run alike, the baseline included,
-and ``--quantize`` sends the islands' pseudo-gradients in bf16. Needs the islands in the
+and ``--quantize`` sends the islands' pseudo-gradients in bf16. Recipes for the islands runs
+only: ``--warm-start K,...`` (``outer.warm_start_steps``: K synchronous steps first) and
+``--average-moments none,first,both`` (``outer.average_moments``: the inner AdamW moments averaged
+at each outer step); ``--baseline-from OLD.json`` reuses OLD's synchronous runs (same settings)
+for exploring. Needs the islands in the
 config schema (``parallel.islands``, ``outer:``); without them it says so and exits 2.
 """
 
@@ -179,6 +183,12 @@ def main() -> int:
         "start: the first K steps reduce the gradients across the islands; 0: none)",
     )
     parser.add_argument(
+        "--average-moments",
+        default="none",
+        help="comma list of outer.average_moments for the islands runs (none, first, both: "
+        "average the inner AdamW moments over the islands at each outer step)",
+    )
+    parser.add_argument(
         "--baseline-from",
         default=None,
         metavar="JSON",
@@ -200,6 +210,11 @@ def main() -> int:
         )
     if any(len(o) != 2 or o[0] <= 0 or not 0 <= o[1] < 1 for o in outers):
         parser.error("--outer: each LR:MOMENTUM with LR > 0 and 0 <= MOMENTUM < 1 (0.7:0.9)")
+    moments = args.average_moments.split(",")
+    if any(m not in ("none", "first", "both") for m in moments):
+        parser.error("--average-moments: a comma list of none, first, both")
+    if args.overlap is not None and moments != ["none"]:
+        parser.error("--average-moments needs DiLoCo (outer.algorithm diloco): drop --overlap")
     if min(islands) < 2 or min(hs) < 1 or min(warm_starts) < 0:
         parser.error("--islands: each >= 2; --sync-every: each >= 1; --warm-start: each >= 0")
     for n in islands:
@@ -245,7 +260,8 @@ def main() -> int:
                       f"(from {args.baseline_from})")  # fmt: skip
             else:
                 runs.append(run(args, f"dp{n} (sync)", n, [], Path(tmp)))
-            for h, (lr, momentum), warm in itertools.product(hs, outers, warm_starts):
+            grid = itertools.product(hs, outers, warm_starts, moments)
+            for h, (lr, momentum), warm, moment in grid:
                 extra = [
                     f"parallel.islands={n}", "outer.algorithm=diloco", f"outer.sync_every={h}",
                     f"outer.lr={lr:g}", f"outer.momentum={momentum:g}",
@@ -264,6 +280,9 @@ def main() -> int:
                 if warm:
                     extra.append(f"outer.warm_start_steps={warm}")
                     name += f" warm {warm}"
+                if moment != "none":
+                    extra.append(f"outer.average_moments={moment}")
+                    name += f" moments {moment}"
                 runs.append(run(args, name, n, extra, Path(tmp)))
     goals = []
     print()

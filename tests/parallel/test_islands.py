@@ -399,6 +399,33 @@ def test_warm_start_then_outer_steps_from_its_end() -> None:
     assert model.weight.item() == pytest.approx(0.4 - (0.2 + 0.5) / 2)
 
 
+def test_average_moments_with_the_outer_step() -> None:
+    """The inner AdamW moments become the islands' mean at an outer step (a fake peer island
+    adds its value to every sum), and only when the round commits."""
+    import torch
+
+    for moments, keys in (("first", ["exp_avg"]), ("both", ["exp_avg", "exp_avg_sq"])):
+        exchange = _FakeRounds(peer=0.5, commits=[False, True])
+        model, _ = _one_param_outer(exchange)
+        adam = torch.optim.AdamW(model.parameters(), lr=0.1)
+        cfg = OuterConfig(algorithm="diloco", sync_every=2, lr=1.0, momentum=0.0)
+        cfg = dataclasses.replace(cfg, average_moments=moments)
+        mesh = build_mesh(ParallelConfig(), 1, 0)
+        outer = OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange, optimizer=adam)
+        for step in (2, 4):
+            model.weight.grad = torch.ones_like(model.weight)
+            adam.step()
+            state = adam.state[model.weight]
+            before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+            record = outer.after_step(step)
+            for k, value in before.items():
+                averaged = record["outer_sync"] and k in keys
+                want = (value + 0.5) / 2 if averaged else value
+                torch.testing.assert_close(state[k], want, msg=f"{moments} {k} step {step}")
+        # Each moment adds the parameters' fp32 bytes to the round (one island of one rank).
+        assert record["link_bytes"] == round(ring_all_reduce_bytes(4 * (1 + len(keys)), 2))
+
+
 def test_outer_step_only_when_every_island_may_commit() -> None:
     import torch
 

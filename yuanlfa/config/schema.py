@@ -336,6 +336,11 @@ class OuterConfig:
     # change since the exchange started (no local step is dropped or counted twice; with
     # fragment_delay 0 both are DiLoCo).
     fragment_merge: Literal["mix", "carry"] = "mix"
+    # diloco: at each outer step also average the inner AdamW moments over the islands:
+    # "first" (exp_avg), "both" (exp_avg and exp_avg_sq), "none". Each adds the parameters'
+    # fp32 bytes to the exchange (first: 2x, both: 3x the pseudo-gradient's link bytes); islands
+    # then restart every H steps from the same optimizer state, not only the same parameters.
+    average_moments: Literal["none", "first", "both"] = "none"
     # Send pseudo-gradients as bf16 (half the link bytes; the sum over the islands is in bf16,
     # the outer step in fp32).
     quantize: bool = False

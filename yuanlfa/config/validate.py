@@ -231,6 +231,12 @@ def _validate_outer(cfg: Config) -> None:
         f"outer.warm_start_steps: {o.warm_start_steps} with algorithm none, whose every step is "
         "synchronous already; set it to 0 or use diloco / streaming_diloco",
     )
+    _require(
+        o.average_moments == "none" or o.algorithm == "diloco",
+        f"outer.average_moments: {o.average_moments} needs algorithm diloco (with none the "
+        "islands share one optimizer state already; streaming_diloco's fragments sync at "
+        "different steps); set it to none",
+    )
     _require(o.timeout_s > 0, f"outer.timeout_s: must be > 0, got {o.timeout_s}")
     _require(
         0.0 <= o.fragment_mix <= 1.0, f"outer.fragment_mix: must be in [0, 1], got {o.fragment_mix}"

@@ -44,6 +44,7 @@ def build_outer(
         exchange if exchange is not None else GroupExchange(mesh.island_group),
         getattr(optimizer, "reload_masters", None),
         warm_start_step_bytes(model, optimizer, mesh) if cfg.outer.warm_start_steps else 0,
+        optimizer,
     )
 
 
