@@ -273,6 +273,60 @@ def test_islands_resume_exactly_and_agree_after_sync(
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def _moments_runs(rank: int, world: int, corpus: str, root: str) -> dict[str, list]:
+    common = dict(
+        parallel__islands=2,
+        outer__algorithm="diloco",
+        outer__sync_every=5,
+        outer__average_moments="both",
+        train__micro_batch_size=1,
+        train__steps=STEPS,
+    )
+    runs = {}
+    for name, extra in (("replicated", {}), ("zero1", {"optim__distributed": True})):
+        cfg = tiny_overrides(corpus, checkpoint__dir=f"{root}/{name}", **common, **extra)
+        runs[name] = train(config_from_dict(cfg), progress=False).records
+    return runs
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.slow
+def test_average_moments_islands_agree_replicated_equals_zero1(
+    small_corpus: str, tmp_path: Path
+) -> None:
+    """2 islands x dp 2 averaging both AdamW moments at each outer step (steps 5 and 10): the
+    replicated optimizer (each dp rank sends a 1/dp chunk, the island all-gathers) and ZeRO-1
+    (each sends its own slice) train alike, and after the last outer step both islands hold the
+    same parameters and the same inner optimizer state, although they trained on different
+    data."""
+    results = run_distributed(_moments_runs, 4, small_corpus, str(tmp_path), timeout=600)
+    for result in results:
+        for a, b in zip(result["replicated"], result["zero1"]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+            assert a["link_bytes"] == b["link_bytes"]
+        assert [r["step"] for r in result["zero1"] if r["outer_sync"]] == [5, 10]
+    assert results[0]["zero1"][-1]["loss"] != results[2]["zero1"][-1]["loss"]
+    for name in ("replicated", "zero1"):
+        step_dir = tmp_path / name / "islands" / step_name(STEPS)
+        for rank in (0, 1):  # island 0's dp ranks against island 1's (ranks 2, 3)
+            a = torch.load(step_dir / f"rank{rank}.pt", weights_only=True)
+            b = torch.load(step_dir / f"rank{rank + 2}.pt", weights_only=True)
+            for key in ("model", "inner"):
+                pairs = list(zip(_tensors(a[key]), _tensors(b[key]), strict=True))
+                assert pairs, key
+                for x, y in pairs:
+                    torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name} {key}")
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -289,6 +343,21 @@ def test_islands_resume_exactly_and_agree_after_sync(
             "outer.fragment_mix: 0.5 is only used with fragment_merge: mix",
         ),
         ({"parallel": {"islands": 0}}, "parallel.islands: must be >= 1"),
+        (
+            {"outer": {"average_moments": "first"}},
+            "outer.average_moments: first needs algorithm diloco",
+        ),
+        (
+            {
+                "outer": {
+                    "algorithm": "streaming_diloco",
+                    "fragments": 2,
+                    "sync_every": 4,
+                    "average_moments": "both",
+                }
+            },
+            "outer.average_moments: both needs algorithm diloco",
+        ),
         (
             {"outer": {"algorithm": "diloco", "warm_start_steps": -1}},
             "outer.warm_start_steps: must be >= 0",
