@@ -226,8 +226,9 @@ def main() -> int:
     bad = [kv for kv in args.set if "=" not in kv or kv.startswith(("parallel.", "outer."))]
     if bad:
         parser.error(
-            f"--set {bad[0]}: KEY=VALUE for the inner settings; the islands and the outer "
-            "optimizer come from --islands, --sync-every and --outer"
+            f"--set {bad[0]}: KEY=VALUE for the inner settings of every run, the baseline "
+            "included; the islands and the outer loop come from --islands, --sync-every, "
+            "--outer, --warm-start, --average-moments, --overlap and --quantize"
         )
     overlap = None
     if args.overlap is not None:
