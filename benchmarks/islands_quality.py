@@ -16,7 +16,11 @@ eval loss within 3% of synchronous dp's.
 The defaults run in about 15 minutes on 2 cores (4 processes share them for N = 4); ``--steps``,
 ``--layers``, ``--hidden``, ``--seq`` and ``--global-batch`` scale it; ``--set KEY=VALUE ...``
 changes inner settings (``optim.lr``, ``train.seed``) for every run alike, the baseline included,
-and ``--quantize`` sends the islands' pseudo-gradients in bf16. Needs the islands in the
+and ``--quantize`` sends the islands' pseudo-gradients in bf16. Recipes for the islands runs
+only: ``--warm-start K,...`` (``outer.warm_start_steps``: K synchronous steps first) and
+``--average-moments none,first,both`` (``outer.average_moments``: the inner AdamW moments averaged
+at each outer step); ``--baseline-from OLD.json`` reuses OLD's synchronous runs (same settings)
+for exploring. Needs the islands in the
 config schema (``parallel.islands``, ``outer:``); without them it says so and exits 2.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -93,6 +98,24 @@ def run(args: argparse.Namespace, name: str, n: int, extra: list[str], work: Pat
     return out
 
 
+def _stored_baselines(args: argparse.Namespace, error) -> dict[int, dict]:
+    """The synchronous dp runs of an earlier result with the same settings, by island count."""
+    try:
+        old = json.loads(Path(args.baseline_from).read_text())
+    except (OSError, ValueError) as exc:
+        error(f"--baseline-from {args.baseline_from}: cannot read it ({exc})")
+    same = ("steps", "layers", "hidden", "seq", "micro_batch", "global_batch", "eval_interval",
+            "eval_iters", "set")  # fmt: skip
+    differ = [k for k in same if old["settings"].get(k) != getattr(args, k)]
+    if differ:
+        key = differ[0]
+        error(
+            f"--baseline-from {args.baseline_from}: its runs had other settings ({key}: "
+            f"{old['settings'].get(key)!r}); the baseline must train the same way"
+        )
+    return {r["processes"]: r for r in old["runs"] if not r["overrides"]}
+
+
 def write_plot(path: str, runs: list[dict], islands: list[int]) -> None:
     try:
         import matplotlib
@@ -153,21 +176,47 @@ def main() -> int:
         "fragments, each applied DELAY steps after its exchange starts, fragment_merge carry "
         "(as benchmarks/islands_weak_link.py's overlap cases: 2:4)",
     )
+    parser.add_argument(
+        "--warm-start",
+        default="0",
+        help="comma list of outer.warm_start_steps for the islands runs (a synchronous warm "
+        "start: the first K steps reduce the gradients across the islands; 0: none)",
+    )
+    parser.add_argument(
+        "--average-moments",
+        default="none",
+        help="comma list of outer.average_moments for the islands runs (none, first, both: "
+        "average the inner AdamW moments over the islands at each outer step)",
+    )
+    parser.add_argument(
+        "--baseline-from",
+        default=None,
+        metavar="JSON",
+        help="take the synchronous dp runs from this earlier result (same settings) instead of "
+        "running them: for exploring; committed figures run their baseline",
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.png")
     args = parser.parse_args()
     try:
         islands = [int(x) for x in args.islands.split(",")]
         hs = [int(x) for x in args.sync_every.split(",")]
         outers = [tuple(float(v) for v in x.split(":")) for x in args.outer.split(",")]
+        warm_starts = [int(x) for x in args.warm_start.split(",")]
     except ValueError:
         parser.error(
-            "--islands and --sync-every: comma lists of integers (2,4 and 10,50); "
+            "--islands, --sync-every and --warm-start: comma lists of integers (2,4; 10,50; "
+            "0,100); "
             "--outer: a comma list of LR:MOMENTUM (0.7:0.9,1.0:0)"
         )
     if any(len(o) != 2 or o[0] <= 0 or not 0 <= o[1] < 1 for o in outers):
         parser.error("--outer: each LR:MOMENTUM with LR > 0 and 0 <= MOMENTUM < 1 (0.7:0.9)")
-    if min(islands) < 2 or min(hs) < 1:
-        parser.error("--islands: each >= 2; --sync-every: each >= 1")
+    moments = args.average_moments.split(",")
+    if any(m not in ("none", "first", "both") for m in moments):
+        parser.error("--average-moments: a comma list of none, first, both")
+    if args.overlap is not None and moments != ["none"]:
+        parser.error("--average-moments needs DiLoCo (outer.algorithm diloco): drop --overlap")
+    if min(islands) < 2 or min(hs) < 1 or min(warm_starts) < 0:
+        parser.error("--islands: each >= 2; --sync-every: each >= 1; --warm-start: each >= 0")
     for n in islands:
         if args.global_batch % (args.micro_batch * n):
             parser.error(
@@ -177,8 +226,9 @@ def main() -> int:
     bad = [kv for kv in args.set if "=" not in kv or kv.startswith(("parallel.", "outer."))]
     if bad:
         parser.error(
-            f"--set {bad[0]}: KEY=VALUE for the inner settings; the islands and the outer "
-            "optimizer come from --islands, --sync-every and --outer"
+            f"--set {bad[0]}: KEY=VALUE for the inner settings of every run, the baseline "
+            "included; the islands and the outer loop come from --islands, --sync-every, "
+            "--outer, --warm-start, --average-moments, --overlap and --quantize"
         )
     overlap = None
     if args.overlap is not None:
@@ -191,6 +241,7 @@ def main() -> int:
                 f"--overlap {args.overlap}: FRAGMENTS:DELAY with FRAGMENTS dividing every H and "
                 "DELAY below H / FRAGMENTS (e.g. 2:4 for H = 10)"
             )
+    stored = _stored_baselines(args, parser.error) if args.baseline_from else {}
     if min(args.steps, args.eval_interval, args.eval_iters) < 1:
         parser.error("--steps, --eval-interval and --eval-iters must be >= 1")
     missing = islands_in_schema()
@@ -204,25 +255,36 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="islands_quality_") as tmp:
         for n in islands:
-            runs.append(run(args, f"dp{n} (sync)", n, [], Path(tmp)))
-            for h in hs:
-                for lr, momentum in outers:
-                    extra = [
-                        f"parallel.islands={n}", "outer.algorithm=diloco", f"outer.sync_every={h}",
-                        f"outer.lr={lr:g}", f"outer.momentum={momentum:g}",
-                        f"outer.nesterov={'true' if momentum > 0 else 'false'}",
-                    ]  # fmt: skip
-                    name = f"{n} islands DiLoCo H={h} lr{lr:g} m{momentum:g}"
-                    if overlap is not None:
-                        extra[1] = "outer.algorithm=streaming_diloco"
-                        extra += [f"outer.fragments={overlap[0]}",
-                                  f"outer.fragment_delay={overlap[1]}",
-                                  "outer.fragment_merge=carry"]  # fmt: skip
-                        name += f" overlap {overlap[0]}:{overlap[1]}"
-                    if args.quantize:
-                        extra.append("outer.quantize=true")
-                        name += " bf16"
-                    runs.append(run(args, name, n, extra, Path(tmp)))
+            if n in stored:
+                runs.append({**stored[n], "from": args.baseline_from})
+                print(f"  {stored[n]['name']}: final eval loss {stored[n]['final_eval_loss']:.4f} "
+                      f"(from {args.baseline_from})")  # fmt: skip
+            else:
+                runs.append(run(args, f"dp{n} (sync)", n, [], Path(tmp)))
+            grid = itertools.product(hs, outers, warm_starts, moments)
+            for h, (lr, momentum), warm, moment in grid:
+                extra = [
+                    f"parallel.islands={n}", "outer.algorithm=diloco", f"outer.sync_every={h}",
+                    f"outer.lr={lr:g}", f"outer.momentum={momentum:g}",
+                    f"outer.nesterov={'true' if momentum > 0 else 'false'}",
+                ]  # fmt: skip
+                name = f"{n} islands DiLoCo H={h} lr{lr:g} m{momentum:g}"
+                if overlap is not None:
+                    extra[1] = "outer.algorithm=streaming_diloco"
+                    extra += [f"outer.fragments={overlap[0]}",
+                              f"outer.fragment_delay={overlap[1]}",
+                              "outer.fragment_merge=carry"]  # fmt: skip
+                    name += f" overlap {overlap[0]}:{overlap[1]}"
+                if args.quantize:
+                    extra.append("outer.quantize=true")
+                    name += " bf16"
+                if warm:
+                    extra.append(f"outer.warm_start_steps={warm}")
+                    name += f" warm {warm}"
+                if moment != "none":
+                    extra.append(f"outer.average_moments={moment}")
+                    name += f" moments {moment}"
+                runs.append(run(args, name, n, extra, Path(tmp)))
     goals = []
     print()
     print(f"{'run':<40} {'final eval':>10} {'vs sync dp':>10}")

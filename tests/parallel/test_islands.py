@@ -35,10 +35,10 @@ from yuanlfa.train import train
 STEPS = 10
 
 
-def _losses(corpus: str, **extra: object) -> list[tuple[float, float]]:
+def _losses(corpus: str, **extra: object) -> list[tuple[float, float, int | None]]:
     cfg = tiny_overrides(corpus, train__steps=STEPS, train__micro_batch_size=2, **extra)
     records = train(config_from_dict(cfg), progress=False).records
-    return [(r["loss"], r["grad_norm"]) for r in records]
+    return [(r["loss"], r["grad_norm"], r.get("link_bytes")) for r in records]
 
 
 def _anchor_runs(rank: int, world: int, corpus: str) -> dict[str, list]:
@@ -60,6 +60,14 @@ def _anchor_runs(rank: int, world: int, corpus: str) -> dict[str, list]:
             optim__distributed=True,
         ),
         "2 islands none": _losses(corpus, parallel__islands=2),
+        # A synchronous warm start over the whole run: one data-parallel run.
+        "2 islands diloco warm start": _losses(
+            corpus,
+            parallel__islands=2,
+            outer__algorithm="diloco",
+            outer__sync_every=3,
+            outer__warm_start_steps=STEPS,
+        ),
     }
 
 
@@ -69,9 +77,13 @@ def test_one_island_diloco_and_joined_islands_equal_plain_dp(small_corpus: str) 
         ref = result.pop("plain dp2")
         for name, run in result.items():
             assert len(run) == STEPS
-            for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(run, ref)):
+            for step, ((loss, norm, _), (ref_loss, ref_norm, _)) in enumerate(zip(run, ref)):
                 assert loss == pytest.approx(ref_loss, rel=1e-5), (name, step)
                 assert norm == pytest.approx(ref_norm, rel=1e-4), (name, step)
+        # The warm start's link carries what the joined islands' gradient reduction does (dp 1
+        # per island: one ring over the two islands).
+        joined = [r[2] for r in result["2 islands none"]]
+        assert joined[0] > 0 and [r[2] for r in result["2 islands diloco warm start"]] == joined
 
 
 class _Toy(nn.Module):
@@ -203,8 +215,11 @@ def _check_events(events: list, streaming: bool) -> None:
         assert sent == (per_fragment[starts[step]] if step in starts else 0), step
 
 
-def _fault_free_resume(rank: int, world: int, corpus: str, root: str) -> dict[str, object]:
+def _fault_free_resume(
+    rank: int, world: int, corpus: str, root: str, warm: int
+) -> dict[str, object]:
     common = dict(
+        outer__warm_start_steps=warm,
         parallel__islands=2,
         outer__algorithm="streaming_diloco",
         outer__sync_every=4,
@@ -227,17 +242,28 @@ def _fault_free_resume(rank: int, world: int, corpus: str, root: str) -> dict[st
 
 
 @pytest.mark.slow
-def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path: Path) -> None:
-    results = run_distributed(_fault_free_resume, 4, small_corpus, str(tmp_path), timeout=600)
+@pytest.mark.parametrize("warm", [0, 7])
+def test_islands_resume_exactly_and_agree_after_sync(
+    small_corpus: str, tmp_path: Path, warm: int
+) -> None:
+    """Saved at step 6 with an exchange in flight (warm 0), or inside a synchronous warm start
+    that ends at step 7 (its outer rounds: fragment 1 from step 9, applied at 10)."""
+    results = run_distributed(_fault_free_resume, 4, small_corpus, str(tmp_path), warm, timeout=600)
     for result in results:
         whole, split = result["whole"], result["split"]
         assert [r["step"] for r in split] == list(range(1, STEPS + 1))
         for a, b in zip(whole, split):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
-            for key in ("outer_sync", "link_bytes", "islands_alive"):
-                assert a[key] == b[key]
+            for key in ("outer_sync", "link_bytes", "islands_alive", "warm_start"):
+                assert a.get(key) == b.get(key)
+        synced = [r["step"] for r in whole if r["outer_sync"]]
+        assert synced == ([10] if warm else [3, 5, 7, 9])
+        assert [r["step"] for r in whole if r.get("warm_start")] == list(range(1, warm + 1))
+    if warm:  # the warm start's steps are one data-parallel run: every island logs its loss
+        for r0, r2 in zip(results[0]["whole"][:warm], results[2]["whole"][:warm]):
+            assert r0["loss"] == r2["loss"]
     # The two islands (ranks 0-1 and 2-3, dp 2 each) trained on different data ...
-    assert results[0]["whole"][0]["loss"] != results[2]["whole"][0]["loss"]
+    assert results[0]["whole"][-1]["loss"] != results[2]["whole"][-1]["loss"]
     # ... and hold the same anchors (the outer result of the last exchange of each fragment;
     # the parameters differ by each island's own steps since): compare the saved state.
     step_dir = tmp_path / "full" / "islands" / step_name(STEPS)
@@ -245,6 +271,60 @@ def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path
     b = torch.load(step_dir / "rank2.pt", weights_only=True)
     for x, y in zip(a["outer"]["anchors"], b["outer"]["anchors"]):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _moments_runs(rank: int, world: int, corpus: str, root: str) -> dict[str, list]:
+    common = dict(
+        parallel__islands=2,
+        outer__algorithm="diloco",
+        outer__sync_every=5,
+        outer__average_moments="both",
+        train__micro_batch_size=1,
+        train__steps=STEPS,
+    )
+    runs = {}
+    for name, extra in (("replicated", {}), ("zero1", {"optim__distributed": True})):
+        cfg = tiny_overrides(corpus, checkpoint__dir=f"{root}/{name}", **common, **extra)
+        runs[name] = train(config_from_dict(cfg), progress=False).records
+    return runs
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+@pytest.mark.slow
+def test_average_moments_islands_agree_replicated_equals_zero1(
+    small_corpus: str, tmp_path: Path
+) -> None:
+    """2 islands x dp 2 averaging both AdamW moments at each outer step (steps 5 and 10): the
+    replicated optimizer (each dp rank sends a 1/dp chunk, the island all-gathers) and ZeRO-1
+    (each sends its own slice) train alike, and after the last outer step both islands hold the
+    same parameters and the same inner optimizer state, although they trained on different
+    data."""
+    results = run_distributed(_moments_runs, 4, small_corpus, str(tmp_path), timeout=600)
+    for result in results:
+        for a, b in zip(result["replicated"], result["zero1"]):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+            assert a["link_bytes"] == b["link_bytes"]
+        assert [r["step"] for r in result["zero1"] if r["outer_sync"]] == [5, 10]
+    assert results[0]["zero1"][-1]["loss"] != results[2]["zero1"][-1]["loss"]
+    for name in ("replicated", "zero1"):
+        step_dir = tmp_path / name / "islands" / step_name(STEPS)
+        for rank in (0, 1):  # island 0's dp ranks against island 1's (ranks 2, 3)
+            a = torch.load(step_dir / f"rank{rank}.pt", weights_only=True)
+            b = torch.load(step_dir / f"rank{rank + 2}.pt", weights_only=True)
+            for key in ("model", "inner"):
+                pairs = list(zip(_tensors(a[key]), _tensors(b[key]), strict=True))
+                assert pairs, key
+                for x, y in pairs:
+                    torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize(
@@ -263,6 +343,29 @@ def test_islands_resume_exactly_and_agree_after_sync(small_corpus: str, tmp_path
             "outer.fragment_mix: 0.5 is only used with fragment_merge: mix",
         ),
         ({"parallel": {"islands": 0}}, "parallel.islands: must be >= 1"),
+        (
+            {"outer": {"average_moments": "first"}},
+            "outer.average_moments: first needs algorithm diloco",
+        ),
+        (
+            {
+                "outer": {
+                    "algorithm": "streaming_diloco",
+                    "fragments": 2,
+                    "sync_every": 4,
+                    "average_moments": "both",
+                }
+            },
+            "outer.average_moments: both needs algorithm diloco",
+        ),
+        (
+            {"outer": {"algorithm": "diloco", "warm_start_steps": -1}},
+            "outer.warm_start_steps: must be >= 0",
+        ),
+        (
+            {"outer": {"warm_start_steps": 10}},
+            "outer.warm_start_steps: 10 with algorithm none",
+        ),
     ],
 )
 def test_bad_outer_config(overrides: dict, match: str) -> None:
@@ -315,7 +418,7 @@ class _NoWork:
         return None
 
 
-def _one_param_outer(exchange, delay: int = 0):
+def _one_param_outer(exchange, delay: int = 0, warm: int = 0):
     import torch
     from torch import nn
 
@@ -333,7 +436,63 @@ def _one_param_outer(exchange, delay: int = 0):
             algorithm="streaming_diloco", sync_every=2, lr=1.0, momentum=0.0, fragments=1
         )
         cfg = dataclasses.replace(cfg, fragment_delay=delay)
-    return model, OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange)
+    cfg = dataclasses.replace(cfg, warm_start_steps=warm)
+    return model, OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange, warm_start_bytes=8)
+
+
+def test_warm_start_then_outer_steps_from_its_end() -> None:
+    import torch
+
+    exchange = _FakeRounds(peer=0.5, commits=[True])
+    model, outer = _one_param_outer(exchange, warm=3)
+    for step, weight in ((1, 0.8), (2, 0.6), (3, 0.4)):  # steps reduced across the islands
+        assert outer.synchronous(step - 1)
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        record = outer.after_step(step)
+        assert record == {
+            "outer_sync": False,
+            "link_bytes": 8,
+            "islands_alive": 2,
+            "warm_start": True,
+        }
+    assert not outer.synchronous(3) and exchange.log == []
+    # The first anchor is the warm start's end, not the initial parameters.
+    assert outer.fragments[0].anchor.item() == pytest.approx(0.4)
+    with torch.no_grad():
+        model.weight.fill_(0.2)
+    assert not outer.after_step(4)["outer_sync"]  # sync_every 2 counts from step 3
+    record = outer.after_step(5)
+    assert record["outer_sync"] and record["link_bytes"] > 0 and exchange.log[0] == "begin 5"
+    # Pseudo-gradient 0.4 - 0.2, averaged with the peer's 0.5; outer lr 1.
+    assert model.weight.item() == pytest.approx(0.4 - (0.2 + 0.5) / 2)
+
+
+def test_average_moments_with_the_outer_step() -> None:
+    """The inner AdamW moments become the islands' mean at an outer step (a fake peer island
+    adds its value to every sum), and only when the round commits."""
+    import torch
+
+    for moments, keys in (("first", ["exp_avg"]), ("both", ["exp_avg", "exp_avg_sq"])):
+        exchange = _FakeRounds(peer=0.5, commits=[False, True])
+        model, _ = _one_param_outer(exchange)
+        adam = torch.optim.AdamW(model.parameters(), lr=0.1)
+        cfg = OuterConfig(algorithm="diloco", sync_every=2, lr=1.0, momentum=0.0)
+        cfg = dataclasses.replace(cfg, average_moments=moments)
+        mesh = build_mesh(ParallelConfig(), 1, 0)
+        outer = OuterSync(model, mesh, cfg, num_layers=1, exchange=exchange, optimizer=adam)
+        for step in (2, 4):
+            model.weight.grad = torch.ones_like(model.weight)
+            adam.step()
+            state = adam.state[model.weight]
+            before = {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}
+            record = outer.after_step(step)
+            for k, value in before.items():
+                averaged = record["outer_sync"] and k in keys
+                want = (value + 0.5) / 2 if averaged else value
+                torch.testing.assert_close(state[k], want, msg=f"{moments} {k} step {step}")
+        # Each moment adds the parameters' fp32 bytes to the round (one island of one rank).
+        assert record["link_bytes"] == round(ring_all_reduce_bytes(4 * (1 + len(keys)), 2))
 
 
 def test_outer_step_only_when_every_island_may_commit() -> None:

@@ -76,6 +76,12 @@ def _train_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *
             "holds one round at a time; set it to at most 2",
         ),
         (
+            ("--island", "0", "parallel.islands=2", "outer.algorithm=diloco")
+            + ("outer.warm_start_steps=50",),
+            "outer.warm_start_steps: 50 reduces the gradients across the islands in every "
+            "warm-up step, which needs them in one launch",
+        ),
+        (
             ("outer.lighthouse=127.0.0.1:1",),
             "outer.lighthouse: 127.0.0.1:1 is for per-island launches",
         ),

@@ -1,5 +1,6 @@
-"""Streaming DiLoCo with overlapped exchanges (``outer.fragment_delay`` > 0) across per-island
-launches through torchft equals the same run with both islands in one launch.
+"""Streaming DiLoCo with overlapped exchanges (``outer.fragment_delay`` > 0), and DiLoCo averaging
+the inner AdamW moments (``outer.average_moments``), across per-island launches through torchft
+equal the same run with both islands in one launch.
 
 The one-launch run (``GroupExchange`` over gloo) is the reference: tests/parallel/test_islands.py
 proves it against a direct computation of the outer steps. Here two islands of one CPU process
@@ -37,7 +38,17 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 
 
-def _overrides(corpus: str, root: Path, delay: int, mix: float) -> list[str]:
+def _overrides(corpus: str, root: Path, delay: int, mix: float, moments: str = "none") -> list[str]:
+    """Streaming DiLoCo with ``delay`` and ``mix``; or with ``moments`` other than none DiLoCo
+    averaging the inner AdamW moments at its outer steps (delay and mix unused)."""
+    outer = [
+        "outer.algorithm=streaming_diloco",
+        "outer.fragments=2",
+        f"outer.fragment_delay={delay}",
+        f"outer.fragment_mix={mix}",
+    ]
+    if moments != "none":
+        outer = ["outer.algorithm=diloco", f"outer.average_moments={moments}"]
     return [
         f"data.path={corpus}",
         "model.num_layers=2",
@@ -49,11 +60,8 @@ def _overrides(corpus: str, root: Path, delay: int, mix: float) -> list[str]:
         "train.eval_iters=0",
         "train.eval_interval=0",
         "parallel.islands=2",
-        "outer.algorithm=streaming_diloco",
+        *outer,
         "outer.sync_every=4",
-        "outer.fragments=2",
-        f"outer.fragment_delay={delay}",
-        f"outer.fragment_mix={mix}",
         "outer.timeout_s=60",
         f"checkpoint.dir={root}/ckpt",
         f"logging.jsonl={root}/log.jsonl",
@@ -79,9 +87,11 @@ FIELDS = ("step", "loss", "grad_norm", "lr", "outer_sync", "link_bytes", "island
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("delay", "mix"), [(1, 0.25), (2, 0.0)])
+@pytest.mark.parametrize(
+    ("delay", "mix", "moments"), [(1, 0.25, "none"), (2, 0.0, "none"), (0, 0.0, "both")]
+)
 def test_per_island_streaming_with_delay_equals_one_launch(
-    small_corpus: str, tmp_path: Path, delay: int, mix: float
+    small_corpus: str, tmp_path: Path, delay: int, mix: float, moments: str
 ) -> None:
     from torchft.coordination import LighthouseServer
 
@@ -97,13 +107,13 @@ def test_per_island_streaming_with_delay_equals_one_launch(
         for island in (0, 1):
             cmd = [sys.executable, "-m", "yuanlfa.cli.train", "--config", "configs/tiny.yaml"]
             cmd += ["--quiet", "--island", str(island), "--set"]
-            cmd += _overrides(small_corpus, apart, delay, mix)
+            cmd += _overrides(small_corpus, apart, delay, mix, moments)
             cmd.append(f"outer.lighthouse=127.0.0.1:{port}")
             out = open(tmp_path / f"island{island}.out", "w")  # noqa: SIM115 - closed by the process
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=out))
         # Meanwhile the same config with both islands in one launch of two ranks.
         ranks = run_distributed(
-            _one_launch, 2, _overrides(small_corpus, together, delay, mix), timeout=300
+            _one_launch, 2, _overrides(small_corpus, together, delay, mix, moments), timeout=300
         )
         for p in procs:
             p.wait(timeout=300)
@@ -128,8 +138,14 @@ def test_per_island_streaming_with_delay_equals_one_launch(
             torch.testing.assert_close(got["model"][name], value, rtol=0, atol=0, msg=name)
         for a, b in zip(got["outer"]["anchors"], want["outer"]["anchors"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # Exchanges were overlapped and applied (fragment 1 starts at 2, 6, 10; fragment 0 at 4, 8).
+        for name, value in want["inner"]["state"].items():  # the averaged moments too
+            for key, t in value.items():
+                torch.testing.assert_close(got["inner"]["state"][name][key], t, rtol=0, atol=0)
     applied = [r["step"] for r in ranks[0] if r["outer_sync"]]
+    if moments != "none":  # DiLoCo: every 4 steps
+        assert applied == [4, 8], applied
+        return
+    # Exchanges were overlapped and applied (fragment 1 starts at 2, 6, 10; fragment 0 at 4, 8).
     assert applied == [s + delay for s in (2, 4, 6, 8) if s + delay <= STEPS], applied
 
 

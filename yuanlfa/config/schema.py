@@ -317,6 +317,11 @@ class OuterConfig:
     algorithm: Literal["none", "diloco", "streaming_diloco"] = "none"
     # H: inner steps between two outer steps (of the same fragment).
     sync_every: int = 100
+    # A synchronous warm start: the first warm_start_steps steps reduce the gradients across
+    # the islands every step (as algorithm none: the islands are one data-parallel run), then
+    # the outer loop starts from the parameters of that step (its first outer step
+    # sync_every steps later). 0: the islands train apart from the first step.
+    warm_start_steps: int = 0
     # The outer optimizer: SGD on the averaged pseudo-gradient (DiLoCo's 0.7, 0.9, Nesterov).
     lr: float = 0.7
     # The outer SGD's momentum (torch.optim.SGD semantics; 0: none).
@@ -339,6 +344,11 @@ class OuterConfig:
     # change since the exchange started (no local step is dropped or counted twice; with
     # fragment_delay 0 both are DiLoCo).
     fragment_merge: Literal["mix", "carry"] = "mix"
+    # diloco: at each outer step also average the inner AdamW moments over the islands:
+    # "first" (exp_avg), "both" (exp_avg and exp_avg_sq), "none". Each adds the parameters'
+    # fp32 bytes to the exchange (first: 2x, both: 3x the pseudo-gradient's link bytes); islands
+    # then restart every H steps from the same optimizer state, not only the same parameters.
+    average_moments: Literal["none", "first", "both"] = "none"
     # Send pseudo-gradients as bf16 (half the link bytes; the sum over the islands is in bf16,
     # the outer step in fp32).
     quantize: bool = False

@@ -221,6 +221,22 @@ def _validate_outer(cfg: Config) -> None:
     _require(o.sync_every >= 1, f"outer.sync_every: must be >= 1, got {o.sync_every}")
     _require(math.isfinite(o.lr) and o.lr > 0, f"outer.lr: must be a positive number, got {o.lr}")
     _require(0.0 <= o.momentum < 1.0, f"outer.momentum: must be in [0, 1), got {o.momentum}")
+    _require(
+        o.warm_start_steps >= 0,
+        f"outer.warm_start_steps: must be >= 0 (0: no synchronous warm start), got "
+        f"{o.warm_start_steps}",
+    )
+    _require(
+        o.warm_start_steps == 0 or o.algorithm != "none",
+        f"outer.warm_start_steps: {o.warm_start_steps} with algorithm none, whose every step is "
+        "synchronous already; set it to 0 or use diloco / streaming_diloco",
+    )
+    _require(
+        o.average_moments == "none" or o.algorithm == "diloco",
+        f"outer.average_moments: {o.average_moments} needs algorithm diloco (with none the "
+        "islands share one optimizer state already; streaming_diloco's fragments sync at "
+        "different steps); set it to none",
+    )
     _require(o.timeout_s > 0, f"outer.timeout_s: must be > 0, got {o.timeout_s}")
     _require(
         0.0 <= o.fragment_mix <= 1.0, f"outer.fragment_mix: must be in [0, 1], got {o.fragment_mix}"

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch.distributed as dist
 from torch import nn
 
-from yuanlfa.parallel.dp.reducer import GradReducer
+from yuanlfa.parallel.dp.reducer import GradReducer, allreduce_flat
 from yuanlfa.parallel.dp.zero import ShardedAdamW
 from yuanlfa.parallel.grads import allreduce_replicated_grads, clip_grads, global_grad_norm
 from yuanlfa.parallel.mesh import Mesh
@@ -31,9 +32,11 @@ class GradSync(Protocol):
     def start(self, backward_passes: int) -> None:
         """Zero the gradients; arm the reduction overlapping the last of ``backward_passes``."""
 
-    def finish(self, max_norm: float) -> float:
+    def finish(self, max_norm: float, across: dist.ProcessGroup | None = None) -> float:
         """Complete the gradients, clip them to ``max_norm`` (0: no clipping); return the global
-        norm before clipping (inf or nan: the caller skips the update)."""
+        norm before clipping (inf or nan: the caller skips the update). ``across``: a group of
+        ranks holding the same piece in other islands to sum the reduced gradients over too
+        (``outer.warm_start_steps``: islands stepping synchronously)."""
 
 
 class ReplicatedGradSync:
@@ -63,12 +66,15 @@ class ReplicatedGradSync:
         if self.reducer is not None:
             self.reducer.start(backward_passes)
 
-    def finish(self, max_norm: float) -> float:
+    def finish(self, max_norm: float, across: dist.ProcessGroup | None = None) -> float:
         mesh = self.mesh
         if self.reducer is not None:
             self.reducer.finish()
             for p in self.params:  # torch's AdamW steps with .grad: the reduced buffers
                 p.grad = p.main_grad
+        if across is not None:
+            # Linear like the sums below, so the order of the reductions does not matter.
+            allreduce_flat([p.grad for p in self.params if p.grad is not None], across)
         if mesh.pp > 1:
             sync_tied_embedding_grads(self.model, mesh)
         if mesh.tp > 1 and self.sequence_parallel:
@@ -85,7 +91,7 @@ class ShardedGradSync:
     def start(self, backward_passes: int) -> None:
         self.optimizer.start_step(backward_passes)
 
-    def finish(self, max_norm: float) -> float:
-        norm = self.optimizer.reduce_gradients()
+    def finish(self, max_norm: float, across: dist.ProcessGroup | None = None) -> float:
+        norm = self.optimizer.reduce_gradients(across)
         self.optimizer.clip(max_norm, norm)
         return norm

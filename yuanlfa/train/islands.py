@@ -129,6 +129,12 @@ def per_island_config(cfg: Config, island: int) -> Config:
             "needs them in one launch; use diloco or streaming_diloco with --island, or launch "
             "every island in one torchrun without --island"
         )
+    if o.warm_start_steps:
+        raise ConfigError(
+            f"outer.warm_start_steps: {o.warm_start_steps} reduces the gradients across the "
+            "islands in every warm-up step, which needs them in one launch (as algorithm none); "
+            "launch every island in one torchrun without --island, or set it to 0"
+        )
     gap = o.sync_every // (o.fragments or 1)  # steps between two rounds
     if o.fragment_delay > gap:
         raise ConfigError(

@@ -316,14 +316,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = loader.next_step()
+        # A synchronous warm-start step (outer.warm_start_steps): the islands reduce their
+        # gradients together, as the ranks of one data-parallel run.
+        across = None
+        if isinstance(self.outer, OuterSync) and self.outer.synchronous(self.step):
+            across = mesh.island_group
         # Normalize by the tokens of the whole global batch, so the gradient is that of the
         # global-batch mean loss however the batch is split into microbatches and ranks.
-        num_tokens = sum_over(sum(b["loss_mask"].sum() for b in batches), mesh.dp_group)
+        num_tokens = sum(b["loss_mask"].sum() for b in batches)
+        num_tokens = sum_over(sum_over(num_tokens, mesh.dp_group), across)
         # Zero the gradient buffers; arm the reduction that overlaps the last backward pass.
         self.grad_sync.start(self.micro_batches)
         with dropout_step(self.dropout_state()), self.budget.watch():
             loss_sum = sum_over(self.forward_backward(batches, num_tokens), mesh.dp_group)
-        grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad)
+        loss_sum = sum_over(loss_sum, across)
+        grad_norm = self.grad_sync.finish(self.cfg.optim.clip_grad, across)
         skipped = not self.update(grad_norm)
         self.step += 1
         self.budget.check(self.optimizer, self.step)

@@ -133,13 +133,16 @@ class ShardedAdamW:
         """Zero the gradients and arm the overlapped reduction for this step's backward passes."""
         self.reducer.start(backward_passes)
 
-    def reduce_gradients(self) -> float:
+    def reduce_gradients(self, across: dist.ProcessGroup | None = None) -> float:
         """Finish the reduce-scatter of the gradients onto the slices (most of it already ran
         during backward); sum what other ranks hold (tied embedding, sequence-parallel partial
-        sums); return the global gradient norm."""
+        sums; with ``across``, the same slice in other islands); return the global gradient
+        norm."""
         self.reducer.finish()
         for b in self.buckets:
             b.shard.grad = b.grads.reduced
+        if across is not None:
+            allreduce_flat([b.shard.grad for b in self.buckets], across)
         if self.sequence_parallel and self.tp_group is not None:
             # Linear, so summing the dp-reduced slices equals reducing the tp-summed gradients.
             allreduce_flat([b.shard.grad for b in self.buckets if not b.tp_sharded], self.tp_group)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from yuanlfa.config import Config
-from yuanlfa.parallel.islands.link import joined_step_bytes
+from yuanlfa.parallel.islands.link import joined_step_bytes, warm_start_step_bytes
 from yuanlfa.parallel.islands.outer import Exchange, GroupExchange, OuterSync
 from yuanlfa.parallel.mesh import Mesh
 
@@ -43,6 +43,8 @@ def build_outer(
         cfg.model.num_layers,
         exchange if exchange is not None else GroupExchange(mesh.island_group),
         getattr(optimizer, "reload_masters", None),
+        warm_start_step_bytes(model, optimizer, mesh) if cfg.outer.warm_start_steps else 0,
+        optimizer,
     )
 
 

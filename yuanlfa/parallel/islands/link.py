@@ -10,6 +10,10 @@ figure is the bandwidth-optimal one every algorithm approaches for large tensors
   its ring crosses each island boundary once: per tp/pp piece, the island sends
   ``2 (n - 1) / n * G`` (``G``: the piece's fp32 gradient bytes, ``n``: the dp ranks of every
   island), every step.
+- A synchronous warm start (``outer.warm_start_steps``): every warm-up step each rank all-reduces
+  the gradients it steps (its ZeRO slice, or the whole piece) over the ``N`` ranks holding the
+  same piece in the other islands: ``2 (N - 1) / N * G_r`` per rank (``G_r``: those fp32 bytes),
+  summed over the island's ranks.
 - DiLoCo: each exchange all-reduces the pseudo-gradient of a fragment over the ``islands`` ranks
   holding the same piece; the island's dp ranks each send a disjoint 1/dp chunk, so per piece the
   island sends ``2 (N - 1) / N * F`` (``F``: the fragment's bytes on the wire, fp32 or bf16 with
@@ -52,4 +56,16 @@ def joined_step_bytes(model: torch.nn.Module, mesh: Mesh) -> int:
         return 0
     grad_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
     (total,) = island_sum([ring_all_reduce_bytes(grad_bytes, mesh.dp)], mesh)
+    return round(total)
+
+
+def warm_start_step_bytes(model: torch.nn.Module, optimizer: object, mesh: Mesh) -> int:
+    """A synchronous warm-start step: the bytes the island sends across the link (0 with one
+    island). Collective over the island's ranks."""
+    buckets = getattr(optimizer, "buckets", None)  # ShardedAdamW: its slices' gradients
+    if buckets is not None:
+        grad_bytes = sum(4 * b.shard.numel() for b in buckets)
+    else:
+        grad_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
+    (total,) = island_dp_sum([ring_all_reduce_bytes(grad_bytes, mesh.islands)], mesh)
     return round(total)

@@ -22,6 +22,15 @@ island's own change over the ``τ`` steps, which then enters the next pseudo-gra
 step is lost or counted twice). The anchor is the outer result, not the merge. With ``P = 1``
 and ``τ = 0`` this is DiLoCo.
 
+**Synchronous warm start** (``outer.warm_start_steps = K``; DiLoCo starts its islands from a
+model trained synchronously). The first ``K`` steps the trainer sums each step's reduced
+gradients over the islands too (the grad sync's ``across`` group: the ranks holding the same
+piece, as the exchange), so the islands are one data-parallel run of ``islands * dp`` replicas
+with the same parameters and inner optimizer state; after step ``K`` the anchors are set to those
+parameters and the outer loop above counts its steps from ``K``. The gradients rather than an
+every-step outer step: an outer step averages parameters after each island's own AdamW update,
+which is not the synchronous run's update (AdamW is not linear in the gradient).
+
 The exchange is sharded over the island's dp ranks (whose parameters are equal): each sends and
 steps the outer optimizer on a disjoint 1/dp chunk, then the island all-gathers the new anchor
 over dp, so the link carries each piece once per island.
@@ -137,6 +146,9 @@ class _Pending:
     # fragment_merge carry: this rank's piece of the fragment's parameters when the exchange
     # started (padded flat, fp32), to carry the local change since over the outer step.
     start: torch.Tensor | None = None
+    # outer.average_moments: this rank's chunk of the inner AdamW moments being summed.
+    moments: torch.Tensor | None = None
+    moments_work: Work | None = None
 
 
 class OuterSync:
@@ -150,8 +162,20 @@ class OuterSync:
         num_layers: int,
         exchange: Exchange,
         reload_masters: Callable[[], None] | None = None,
+        warm_start_bytes: int = 0,
+        optimizer: Any = None,
     ) -> None:
+        """``warm_start_bytes``: what the island sends across the link in a step of the
+        synchronous warm start (``outer.warm_start_steps``; the trainer reduces its gradients).
+        ``optimizer``: the inner optimizer, whose moments ``outer.average_moments`` averages
+        (torch's AdamW or :class:`~yuanlfa.parallel.dp.zero.ShardedAdamW`)."""
         self.cfg, self.mesh, self.exchange = cfg, mesh, exchange
+        self.warm_start_bytes = warm_start_bytes
+        self.inner = optimizer
+        keys = {"none": (), "first": ("exp_avg",), "both": ("exp_avg", "exp_avg_sq")}
+        self.moment_keys = keys[cfg.average_moments]
+        if self.moment_keys and optimizer is None:
+            raise ValueError("outer.average_moments needs the inner optimizer")
         self.reload_masters = reload_masters
         count = cfg.fragments if cfg.algorithm == "streaming_diloco" and cfg.fragments else 1
         layer_fragment = fragment_of_layers(num_layers, count)
@@ -174,8 +198,19 @@ class OuterSync:
             offset = p_index * cfg.sync_every // count
             self.fragments.append(_Fragment(params, anchor, chunk, lo, hi, flat.numel(), offset, 0))
             own.append(per_rank * wire)
-        for f, total in zip(self.fragments, island_dp_sum(own, mesh)):
+        # The moments: a ZeRO-1 optimizer holds a disjoint slice on each dp rank (sent whole);
+        # a replicated one the same moments on every dp rank (each sends a 1/dp chunk, then the
+        # island all-gathers the averages, as the anchor).
+        self.moments_sharded = getattr(optimizer, "dp", 1) > 1
+        per_rank = self._moment_numel() * len(self.moment_keys)
+        if not self.moments_sharded:
+            per_rank = -(-per_rank // dp)
+        self.moment_chunk = per_rank
+        own.append(4 * per_rank)  # fp32 on the wire
+        *totals, moment_total = island_dp_sum(own, mesh)
+        for f, total in zip(self.fragments, totals):
             f.wire_bytes = total
+        self.moment_wire_bytes = moment_total
         # The step a live island healed this one to (torchft's recovery; set by the state
         # callbacks through :meth:`healed`).
         self.healed_to: int | None = None
@@ -188,25 +223,99 @@ class OuterSync:
         )
         self.pending: list[_Pending] = []
 
+    def _moment_params(self) -> list[torch.Tensor]:
+        """The tensors whose AdamW state this rank holds, in a fixed order (every island the
+        same)."""
+        if not self.moment_keys:
+            return []
+        buckets = getattr(self.inner, "buckets", None)
+        if buckets is not None:  # ShardedAdamW: its slices
+            return [b.shard for b in buckets]
+        return [p for group in self.inner.param_groups for p in group["params"]]
+
+    def _moment_numel(self) -> int:
+        return sum(p.numel() for p in self._moment_params())
+
+    def _moment_state(self) -> list[dict[str, torch.Tensor]]:
+        inner = getattr(self.inner, "inner", self.inner)  # ShardedAdamW wraps torch's AdamW
+        return [inner.state.get(p, {}) for p in self._moment_params()]
+
+    def _moments_chunk(self) -> torch.Tensor:
+        """This rank's share of the moments, flat fp32 (zeros where a state does not exist yet:
+        no inner step has run)."""
+        parts = []
+        for state, p in zip(self._moment_state(), self._moment_params()):
+            for key in self.moment_keys:
+                t = state.get(key)
+                parts.append(p.new_zeros(p.numel()) if t is None else t.detach().reshape(-1))
+        flat = torch.cat([t.float() for t in parts])
+        if self.moments_sharded:
+            return flat
+        rank = dist.get_rank(self.dp_group) if self.dp_group is not None else 0
+        flat = torch.nn.functional.pad(flat, (0, self.moment_chunk * self.dp - flat.numel()))
+        return flat[rank * self.moment_chunk : (rank + 1) * self.moment_chunk].clone()
+
+    def _set_moments(self, chunk: torch.Tensor) -> None:
+        """The averaged moments back into the inner optimizer's state."""
+        flat = chunk
+        if not self.moments_sharded:
+            flat = chunk.new_empty(self.moment_chunk * self.dp)
+            if self.dp_group is not None:
+                dist.all_gather_into_tensor(flat, chunk, group=self.dp_group)
+            else:
+                flat.copy_(chunk)
+        offset = 0
+        for state, p in zip(self._moment_state(), self._moment_params()):
+            for key in self.moment_keys:
+                t = state.get(key)
+                if t is not None:
+                    t.copy_(flat[offset : offset + p.numel()].view_as(t))
+                offset += p.numel()
+
     @staticmethod
     def _flat(params: list[nn.Parameter]) -> torch.Tensor:
         if not params:
             return torch.zeros(0)
         return torch.cat([p.detach().reshape(-1).float() for p in params])
 
+    def synchronous(self, step: int) -> bool:
+        """Whether inner step ``step`` (0-based: the step about to run) is one of the warm
+        start's, whose gradients are reduced across the islands."""
+        return step < self.cfg.warm_start_steps
+
     def due(self, step: int) -> list[int]:
-        """The fragments whose exchange starts after inner step ``step``."""
-        h = self.cfg.sync_every
+        """The fragments whose exchange starts after inner step ``step`` (counted from the end
+        of the warm start)."""
+        h, t = self.cfg.sync_every, step - self.cfg.warm_start_steps
         return [
             i
             for i, f in enumerate(self.fragments)
-            if step > 0 and step >= f.offset and (step - f.offset) % h == 0
+            if t > 0 and t >= f.offset and (t - f.offset) % h == 0
         ]
+
+    def _restart(self) -> None:
+        """The end of the warm start: the islands hold the same parameters (they stepped
+        together); those are the first anchor. No outer step has happened, so the outer
+        optimizer has no state to reset."""
+        for f in self.fragments:
+            flat = self._flat(f.params)
+            f.anchor.copy_(torch.nn.functional.pad(flat, (0, f.anchor.numel() - f.numel)))
+            f.chunk.copy_(f.anchor[f.lo : f.hi])
 
     @torch.no_grad()
     def after_step(self, step: int) -> dict[str, Any]:
         """After inner step ``step`` (1-based count of steps done): apply the exchanges due now,
         start the ones that begin now. Returns the record fields."""
+        if step <= self.cfg.warm_start_steps:
+            if step == self.cfg.warm_start_steps:
+                self._restart()
+            # No outer step; the link carried the step's gradient reduction.
+            return {
+                "outer_sync": False,
+                "link_bytes": self.warm_start_bytes,
+                "islands_alive": self.exchange.size(),
+                "warm_start": True,
+            }
         synced = False
         finishing = [q for q in self.pending if q.apply_at <= step]
         if finishing:
@@ -270,6 +379,11 @@ class OuterSync:
             start = current if carry else None
             started.append(_Pending(step + self.cfg.fragment_delay, i, delta, work, n, start=start))
             sent += round(ring_all_reduce_bytes(f.wire_bytes, n))
+        if self.moment_keys:  # diloco (validated): one fragment, no delay
+            moments = self._moments_chunk()
+            started[-1].moments = moments
+            started[-1].moments_work = self.exchange.start_sum(moments)
+            sent += round(ring_all_reduce_bytes(self.moment_wire_bytes, n))
         if self.cfg.fragment_delay:
             self.pending.extend(started)
             return False, sent
@@ -281,6 +395,9 @@ class OuterSync:
         for pending in round_:
             pending.work.wait()
             pending.work = _Done()
+            if pending.moments_work is not None:
+                pending.moments_work.wait()
+                pending.moments_work = None
         if any(q.open for q in round_) and not self.exchange.commit():
             # An island failed during the exchange: no outer step; the local progress stays
             # and enters the next exchange's pseudo-gradient.
@@ -312,6 +429,8 @@ class OuterSync:
             offset += p.numel()
         if self.reload_masters is not None:
             self.reload_masters()
+        if pending.moments is not None:
+            self._set_moments(pending.moments / pending.islands)
 
     def state_dict(self) -> dict[str, Any]:
         """The anchor (last synchronized parameters), the outer momentum, exchanges in flight
