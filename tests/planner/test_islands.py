@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from yuanlfa.cli.plan import main
-from yuanlfa.config import load_config, resolve
+from yuanlfa.config import ConfigError, load_config, resolve
 from yuanlfa.layout.traffic import ring_all_reduce_bytes
 from yuanlfa.planner import advise, get_device
 from yuanlfa.planner.advisor import Layout, apply_layout
@@ -21,6 +21,7 @@ from yuanlfa.planner.islands import (
     island_cluster,
     island_config,
     islands_link_bytes,
+    islands_snippet,
     outer_step_s,
     sync_link_bytes,
 )
@@ -97,6 +98,23 @@ def test_island_link_bytes_equal_an_independent_count() -> None:
     crossings = lay.pp * lay.virtual_stages - 1
     expected = crossings * microbatches * activation + 4 * embedding
     assert pp.link_bytes_per_step == pytest.approx(expected)
+
+
+def test_averaged_moments_are_priced_as_two_more_fp32_values_per_parameter() -> None:
+    """outer.average_moments both: the pseudo-gradient and both AdamW moments, fp32 each, in
+    one exchange: 3 x 4 bytes per parameter; the snippet names the setting."""
+    cfg, advice = _advice(0.0125)
+    ia = advise_islands(
+        cfg, advice, CPU, sync_every=(10,), fragments=2, moments=2, flops_per_s=FLOPS,
+        tokenizer_vocab=VOCAB,
+    )  # fmt: skip
+    params = _total_params(cfg)
+    assert ia.islands and all(c.outer.algorithm == "diloco" for c in ia.islands)
+    for c in ia.islands:
+        assert c.link_bytes_per_step == pytest.approx(12 * params * 2 * (2 - 1) / 2 / 10)
+        assert islands_snippet(c)["outer"]["average_moments"] == "both"
+    with pytest.raises(ConfigError, match="average_moments"):
+        Outer("streaming_diloco", 10, 2, 1, moments=1)
 
 
 def test_island_bytes_with_pipeline_and_tensor_parallel_islands() -> None:

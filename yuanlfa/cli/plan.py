@@ -41,7 +41,7 @@ from yuanlfa.planner.advisor import advise
 from yuanlfa.planner.balance import balance
 from yuanlfa.planner.cost import CostModel, PlanCost, cost_model
 from yuanlfa.planner.devices import DEFAULT_MFU, PRESETS, DevicePreset, get_device
-from yuanlfa.planner.islands import advise_islands
+from yuanlfa.planner.islands import MOMENTS, advise_islands
 from yuanlfa.planner.links import Link
 from yuanlfa.planner.report import (
     advice_to_dict,
@@ -400,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         help="islands: bytes per exchanged parameter (4: fp32; less for a quantized exchange)",
     )
     advise.add_argument(
+        "--average-moments",
+        choices=MOMENTS,
+        default="none",
+        help="islands: price DiLoCo with outer.average_moments (each moment adds 4 bytes per "
+        "exchanged parameter; plain DiLoCo only)",
+    )
+    advise.add_argument(
         "--islands-gain",
         type=float,
         default=0.1,
@@ -585,7 +592,8 @@ def _advise_main(args: argparse.Namespace) -> int:
         island_advice = advise_islands(
             cfg, advice, device, sync_every=sync_every, islands=islands, fragments=fragments,
             fragment_delay=args.fragment_delay, dtype_bytes=args.outer_bytes,
-            gain=args.islands_gain, mfu=args.mfu, flops_per_s=args.flops,
+            moments=MOMENTS.index(args.average_moments), gain=args.islands_gain, mfu=args.mfu,
+            flops_per_s=args.flops,
             memory_limit_bytes=limit, tokenizer_vocab=vocab,
         )  # fmt: skip
     advice = dataclasses.replace(advice, ranked=advice.ranked[: args.top])

@@ -59,6 +59,10 @@ DEFAULT_SYNC_EVERY = (10, 50)
 # DiLoCo's extra state per shard element: the last synchronized parameters and the outer
 # Nesterov momentum, both fp32.
 OUTER_STATE_BYTES = 8
+# outer.average_moments: each averaged moment (exp_avg, exp_avg_sq) goes over the link in fp32.
+MOMENT_BYTES = 4
+# outer.average_moments by the number of moments it averages.
+MOMENTS = ("none", "first", "both")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,14 @@ class Outer:
     fragments: int = 1
     fragment_delay: int = 0
     dtype_bytes: float = 4.0  # per exchanged element: fp32, or a quantized width
+    # Inner AdamW moments averaged at each outer step (outer.average_moments: first 1, both 2),
+    # each another fp32 value per parameter in the same exchange.
+    moments: int = 0
+
+    @property
+    def bytes_per_param(self) -> float:
+        """Bytes one exchange sends per parameter of a shard (before the ring's factor)."""
+        return self.dtype_bytes + MOMENT_BYTES * self.moments
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -90,10 +102,15 @@ class Outer:
             )
         if not self.dtype_bytes > 0:
             raise ConfigError(f"outer bytes per element must be > 0, got {self.dtype_bytes}")
+        if self.moments not in (0, 1, 2) or (self.moments and self.algorithm != "diloco"):
+            raise ConfigError(
+                f"outer.average_moments: {self.moments} moments; 0-2, with diloco only"
+            )
 
     def describe(self) -> str:
         if self.algorithm == "diloco":
-            return f"DiLoCo H={self.sync_every}"
+            moments = f" + {MOMENTS[self.moments]} moments" if self.moments else ""
+            return f"DiLoCo H={self.sync_every}{moments}"
         return (
             f"streaming DiLoCo H={self.sync_every} F={self.fragments} delay={self.fragment_delay}"
         )
@@ -120,7 +137,8 @@ def islands_link_bytes(plan: PlanCost, tp: int, dp: int, islands: int, outer: Ou
     """Bytes one island sends to the others per step (averaged over the H steps of a sync):
     each of its tp x dp ranks per pipeline rank all-reduces its shard over the islands."""
     shards = shard_params(plan, dp)
-    per_sync = tp * dp * sum(ring_all_reduce_bytes(s * outer.dtype_bytes, islands) for s in shards)
+    width = outer.bytes_per_param
+    per_sync = tp * dp * sum(ring_all_reduce_bytes(s * width, islands) for s in shards)
     return per_sync / outer.sync_every
 
 
@@ -310,7 +328,7 @@ def islands_candidate(
     def sync_s(share: float) -> float:
         slowest = 0.0
         for rank, shard in zip(plan.ranks, shards):
-            t = ring_all_reduce_s(shard * outer.dtype_bytes * share, islands, cluster.inter)
+            t = ring_all_reduce_s(shard * outer.bytes_per_param * share, islands, cluster.inter)
             if lay.dp > 1:  # the island's dp group regathers the piece
                 t += ring_all_gather_s(
                     rank.params * model.state.weights * share, lay.dp, model.links.dp
@@ -421,6 +439,7 @@ def advise_islands(
     fragments: int = 0,
     fragment_delay: int = 1,
     dtype_bytes: float = 4.0,
+    moments: int = 0,
     gain: float = 0.1,
     mfu: float = DEFAULT_MFU,
     flops_per_s: float | None = None,
@@ -446,8 +465,8 @@ def advise_islands(
     sync = sync_candidates(advice, device, options)
     counts = islands if islands is not None else [n for n in range(2, cluster.nodes + 1)
                                                   if cluster.nodes % n == 0]  # fmt: skip
-    outers = [Outer("diloco", h, dtype_bytes=dtype_bytes) for h in sync_every]
-    if fragments:
+    outers = [Outer("diloco", h, dtype_bytes=dtype_bytes, moments=moments) for h in sync_every]
+    if fragments and not moments:  # averaged moments: plain DiLoCo only
         outers += [
             Outer("streaming_diloco", h, fragments, fragment_delay, dtype_bytes) for h in sync_every
         ]
@@ -492,5 +511,7 @@ def islands_snippet(c: IslandsCandidate) -> dict:
         outer.update(fragments=c.outer.fragments, fragment_delay=c.outer.fragment_delay)
     if c.outer.dtype_bytes == 2:
         outer["quantize"] = True  # bf16 pseudo-gradients
+    if c.outer.moments:
+        outer["average_moments"] = MOMENTS[c.outer.moments]
     out["outer"] = outer
     return out
