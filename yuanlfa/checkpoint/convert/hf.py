@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,9 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
     run_tokenizer,
     write_tokenizer_files,
 )
-from yuanlfa.checkpoint.dcp_direct import read_tensor
+from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
@@ -219,14 +219,21 @@ ST_NAMES = {v: k for k, v in HF_DTYPES.items()}
 
 
 def write_safetensors(
-    path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterator
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator,
+    sync: bool = True,
 ) -> None:
     """A safetensors file written as a stream: the header (names, dtypes, shapes, offsets) is
-    known from ``entries`` up front, then each tensor of ``tensors`` (in ``entries`` order) is
-    appended as it comes, so only one is in memory. Same bytes as ``safetensors.save_file``'s
-    layout: u64 header size, JSON header padded to 8 bytes, then the data."""
+    known from ``entries`` up front, then each item of ``tensors`` (in ``entries`` order) is
+    appended as it comes, so only one is in memory: a tensor, or a list of
+    :class:`~yuanlfa.checkpoint.file_copy.FileRange` holding its exact bytes, copied file to
+    file. Same bytes as ``safetensors.save_file``'s layout: u64 header size, JSON header padded
+    to 8 bytes, then the data. ``sync`` false: the caller fsyncs the file
+    (:func:`~yuanlfa.checkpoint.file_copy.fsync_files`)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
+    sizes = []
     for name, shape, dtype in entries:
         size = dtype.itemsize
         for dim in shape:
@@ -237,19 +244,23 @@ def write_safetensors(
             "data_offsets": [offset, offset + size],
         }
         offset += size
+        sizes.append(size)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise CheckpointError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}")
-            if tensor.numel():
-                # The bytes as they are in memory (no copy): safetensors is little-endian too.
-                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
+    with OutputFile(path) as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for (name, shape, dtype), size, item in zip(entries, sizes, tensors, strict=True):
+            if isinstance(item, list):  # byte ranges of the source: a kernel copy
+                if sum(r.nbytes for r in item) != size:
+                    raise CheckpointError(f"internal: {name}'s source ranges are not {size} bytes")
+                for where in item:
+                    f.copy(where)
+                continue
+            if tuple(item.shape) != shape or item.dtype != dtype:
+                raise CheckpointError(f"internal: {name} is {tuple(item.shape)} {item.dtype}")
+            # The bytes as they are in memory (no copy): safetensors is little-endian too.
+            f.write(item)
+        f.close(sync)
 
 
 def export_hf(
@@ -304,13 +315,23 @@ def export_hf(
     tmp = prepare_output(Path(output), force)
     bar = tqdm(total=len(plan), desc="export", disable=not progress, unit="tensor")
     current: dict[int, torch.Tensor] = {}  # the one parameter being written
+    # Where a parameter is stored in the output's dtype as blocks of whole rows, each HF tensor
+    # (a row range) is a byte range of the source files: copied file to file, never read.
+    located: dict[int, tuple | None] = {}
 
     def pieces(shard):
         for i, _, start, rows in shard:
-            if i not in current:
-                current.clear()
-                current[i] = read_tensor(src, params[i][1])
-            yield current[i][start : start + rows].to(out_dtype)
+            key = params[i][1]
+            if i not in located:
+                same = stored[key].properties.dtype == out_dtype
+                located[i] = row_ranges(src, key) if same else None
+            if located[i] is not None:
+                yield row_slice(located[i], start, rows)
+            else:
+                if i not in current:
+                    current.clear()
+                    current[i] = read_tensor(src, key)
+                yield current[i][start : start + rows].to(out_dtype)
             bar.update(1)
 
     weight_map: dict[str, str] = {}
@@ -323,8 +344,10 @@ def export_hf(
             entries.append((hf, shape, out_dtype))
             weight_map[hf] = file
             total += math.prod(shape) * out_dtype.itemsize
-        write_safetensors(tmp / file, entries, pieces(shard))
+        # Synced all at once below: each shard goes to disk while the next one is written.
+        write_safetensors(tmp / file, entries, pieces(shard), sync=False)
     current.clear()
+    fsync_files(sorted(tmp.glob("*.safetensors")))
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))

@@ -1,0 +1,102 @@
+"""File-to-file copies of converted tensors (checkpoint/file_copy.py): the kernel copy, the
+read/write fallback (forced, and when the kernel refuses) and the tensors-in-memory path give
+the same bytes, and the HF export through each is identical to the export that reads every
+tensor."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
+from yuanlfa.checkpoint import file_copy
+from yuanlfa.checkpoint.convert import export_hf, hf
+from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
+
+
+def _refuse(*args, **kwargs):
+    raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+
+@pytest.fixture(params=["kernel", "forced fallback", "kernel refuses"])
+def copy_mode(request, monkeypatch):
+    if request.param == "forced fallback":
+        monkeypatch.setattr(file_copy, "KERNEL_COPY", False)
+    elif request.param == "kernel refuses":
+        monkeypatch.setattr(file_copy.os, "copy_file_range", _refuse, raising=False)
+        monkeypatch.setattr(file_copy, "KERNEL_COPY", True)
+    elif not hasattr(os, "copy_file_range"):
+        pytest.skip("no copy_file_range on this platform")
+    return request.param
+
+
+def test_ranges_and_tensors_are_appended_exactly(tmp_path: Path, copy_mode, monkeypatch) -> None:
+    monkeypatch.setattr(file_copy, "_FALLBACK_CHUNK", 1000)  # several buffer rounds
+    src = tmp_path / "src"
+    data = os.urandom(10_000)
+    src.write_bytes(data)
+    tensor = torch.arange(300, dtype=torch.bfloat16).reshape(3, 100)
+    with OutputFile(tmp_path / "out") as f:
+        f.write(b"head")
+        f.copy(FileRange(src, 17, 4321))
+        f.write(tensor[1:])  # a contiguous view: its own bytes only
+        f.copy(FileRange(src, 0, 0))
+        f.copy(FileRange(src, 9000, 1000))
+    expected = b"head" + data[17:4338] + tensor[1:].view(torch.int16).numpy().tobytes() + data[9000:]
+    assert (tmp_path / "out").read_bytes() == expected
+
+
+def test_a_short_source_is_named(tmp_path: Path, copy_mode) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 100)
+    with pytest.raises(CheckpointError, match="truncated"), OutputFile(tmp_path / "o") as f:
+        f.copy(FileRange(src, 50, 100))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hf_export_by_file_copy_equals_the_export_that_reads(
+    tmp_path: Path, copy_mode, tied, monkeypatch
+) -> None:
+    cfg = _model_cfg(tie_embeddings=tied)
+    model = _model(cfg).to(torch.bfloat16)
+    src = _checkpoint(tmp_path / "ours", cfg, model, RUN)
+    # Small shards: several files, each synced after the next is written.
+    copied = export_hf(src, tmp_path / "copied", max_shard_bytes=2**20, progress=False)
+    with monkeypatch.context() as m:  # every tensor read into memory and written from it
+        m.setattr(hf, "row_ranges", lambda path, key: None)
+        read = export_hf(src, tmp_path / "read", max_shard_bytes=2**20, progress=False)
+    files = sorted(p.name for p in read.glob("*.safetensors"))
+    assert files == sorted(p.name for p in copied.glob("*.safetensors")) and len(files) > 1
+    for name in files:
+        assert (copied / name).read_bytes() == (read / name).read_bytes(), name
+    # And what safetensors reads is the model's parameters, rows split as the format says.
+    tensors = {}
+    for name in files:
+        tensors |= load_file(copied / name)
+    assert torch.equal(tensors["model.embed_tokens.weight"], model.embed.weight)
+    head = model.embed.weight if tied else model.output.weight
+    assert torch.equal(tensors["lm_head.weight"], head)
+    qk = model.layers["1"].attn.qk_proj.weight
+    q, k = (
+        tensors["model.layers.1.self_attn.q_proj.weight"],
+        tensors["model.layers.1.self_attn.k_proj.weight"],
+    )
+    assert torch.equal(torch.cat([q, k]), qk)
+
+
+def test_hf_export_with_another_dtype_reads_and_casts(tmp_path: Path) -> None:
+    cfg = _model_cfg()
+    model = _model(cfg).to(torch.bfloat16)
+    src = _checkpoint(tmp_path / "ours", cfg, model, RUN)
+    out = export_hf(src, tmp_path / "hf", dtype=torch.float32, progress=False)
+    tensors = {}
+    for file in out.glob("*.safetensors"):
+        tensors |= load_file(file)
+    assert tensors["model.norm.weight"].dtype == torch.float32
+    assert torch.equal(tensors["model.norm.weight"], model.final_norm.weight.float())
