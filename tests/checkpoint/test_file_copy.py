@@ -48,7 +48,8 @@ def test_ranges_and_tensors_are_appended_exactly(tmp_path: Path, copy_mode, monk
         f.write(tensor[1:])  # a contiguous view: its own bytes only
         f.copy(FileRange(src, 0, 0))
         f.copy(FileRange(src, 9000, 1000))
-    expected = b"head" + data[17:4338] + tensor[1:].view(torch.int16).numpy().tobytes() + data[9000:]
+    rows = tensor[1:].view(torch.int16).numpy().tobytes()
+    expected = b"head" + data[17:4338] + rows + data[9000:]
     assert (tmp_path / "out").read_bytes() == expected
 
 
