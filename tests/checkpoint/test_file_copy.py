@@ -1,7 +1,7 @@
 """File-to-file copies of converted tensors (checkpoint/file_copy.py): the kernel copy, the
 read/write fallback (forced, and when the kernel refuses) and the tensors-in-memory path give
 the same bytes, and the HF export through each is identical to the export that reads every
-tensor."""
+tensor. The HF import's no-copy view of back-to-back parts equals the concatenation."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
-from yuanlfa.checkpoint import file_copy
-from yuanlfa.checkpoint.convert import export_hf, hf
+from yuanlfa.checkpoint import file_copy, latest_checkpoint, manifest
+from yuanlfa.checkpoint.convert import export_hf, hf, import_hf
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
+from yuanlfa.checkpoint.storage import read_tensor
 
 
 def _refuse(*args, **kwargs):
@@ -101,3 +102,28 @@ def test_hf_export_with_another_dtype_reads_and_casts(tmp_path: Path) -> None:
         tensors |= load_file(file)
     assert tensors["model.norm.weight"].dtype == torch.float32
     assert torch.equal(tensors["model.norm.weight"], model.final_norm.weight.float())
+
+
+def test_hf_import_writes_back_to_back_parts_without_a_copy(tmp_path: Path, monkeypatch) -> None:
+    """Our export's q / k and up / gate lie back to back: the import hands the writer one view
+    over the file's pages; the result equals the import that concatenates copies, and the
+    model's parameters."""
+    cfg = _model_cfg()
+    model = _model(cfg).to(torch.bfloat16)
+    out = export_hf(
+        _checkpoint(tmp_path / "ours", cfg, model, RUN), tmp_path / "hf", progress=False
+    )
+    reader = hf._HFReader(out)
+    names = [n for n, _ in hf.hf_parts("layers.0.mlp.fc1.weight", cfg)]
+    view = reader.rows(names)
+    assert view is not None and view.untyped_storage().nbytes() == view.numel() * 2
+    assert reader.rows(list(reversed(names))) is None  # not back to back in that order
+    direct = import_hf(out, tmp_path / "direct", force=False, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(hf._HFReader, "rows", lambda self, names: None)
+        copied = import_hf(out, tmp_path / "copied", force=False, progress=False)
+    a, b = latest_checkpoint(direct), latest_checkpoint(copied)
+    for name, p in model.named_parameters():
+        key = manifest.model_key(name)
+        assert torch.equal(read_tensor(a, key), p.detach()), name
+        assert torch.equal(read_tensor(b, key), p.detach()), name

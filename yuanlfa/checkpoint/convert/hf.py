@@ -19,6 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
+import os
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,6 +383,8 @@ class _HFReader:
         self.path = path
         self.bin = False
         self._bins: dict[str, dict] = {}
+        self._headers: dict[Path, dict] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         if (path / INDEX).is_file() or (path / "model.safetensors").is_file():
             _safetensors()  # a clear error now if the package is missing, not at the first read
         if (path / INDEX).is_file():
@@ -448,6 +454,62 @@ class _HFReader:
             return self._bin(self._file(name))[name]
         with self._open(name) as f:
             return f.get_tensor(name)
+
+    def _spans(self, file: Path) -> dict[str, tuple[str, list[int], int, int]]:
+        """name -> (dtype label, shape, file offset, bytes) from a safetensors header (a u64
+        length, then JSON); an empty dict where it is not plainly readable."""
+        if file not in self._headers:
+            spans = {}
+            try:
+                with open(file, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    size = os.fstat(f.fileno()).st_size
+                    header = json.loads(f.read(n)) if 8 + n <= size else {}
+                for name, entry in header.items():
+                    if name == "__metadata__":
+                        continue
+                    begin, end = entry["data_offsets"]
+                    if not 0 <= begin <= end <= size - 8 - n:
+                        spans = {}
+                        break
+                    spans[name] = (entry["dtype"], list(entry["shape"]), 8 + n + begin, end - begin)
+            except (OSError, ValueError, KeyError, TypeError):
+                spans = {}  # safe_open names the damage when the tensor is read
+            self._headers[file] = spans
+        return self._headers[file]
+
+    def rows(self, names: list[str]) -> torch.Tensor | None:
+        """The tensors ``names`` concatenated along rows without a copy, when they lie back to
+        back in one safetensors file with one dtype (our exports write q / k and up / gate
+        so): a tensor over the file's pages (memory-mapped, read-only), which the writer of
+        our format writes straight from the page cache. None otherwise (then torch.cat)."""
+        if self.bin or sys.byteorder != "little" or not names:
+            return None
+        file = self._file(names[0])
+        spans = self._spans(file)
+        if any(self._file(n) != file or n not in spans for n in names):
+            return None
+        label, shape, offset, _ = spans[names[0]]
+        dtype = HF_DTYPES.get(label)
+        end, rows = offset, 0
+        for n in names:
+            lab, shp, start, nbytes = spans[n]
+            if lab != label or shp[1:] != shape[1:] or start != end or not shp:
+                return None
+            if nbytes != math.prod(shp) * (dtype.itemsize if dtype else 0) or dtype is None:
+                return None
+            end, rows = start + nbytes, rows + shp[0]
+        if end == offset:
+            return None
+        if file not in self._maps:
+            with open(file, "rb") as f:
+                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only buffer: nothing writes into it
+            flat = torch.frombuffer(
+                self._maps[file], dtype=dtype, count=(end - offset) // dtype.itemsize, offset=offset
+            )
+        return flat.view(rows, *shape[1:])
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if self.bin:
@@ -525,7 +587,9 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
         used.update(hf for hf, _ in parts)
 
         def load(parts=parts) -> torch.Tensor:
-            return torch.cat([reader.get(hf) for hf, _ in parts])
+            names = [hf for hf, _ in parts]
+            whole = reader.rows(names)  # no copy where the parts lie back to back
+            return whole if whole is not None else torch.cat([reader.get(n) for n in names])
 
         tensors.append(LazyTensor(manifest.model_key(name), tuple(param.shape), dtype, load))
     _check_extra(reader, used, cfg, src)
