@@ -12,12 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 
 from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
-from yuanlfa.checkpoint import file_copy, latest_checkpoint, manifest
+from yuanlfa.checkpoint import dcp_direct, file_copy, latest_checkpoint, manifest, storage
 from yuanlfa.checkpoint.convert import export_hf, hf, import_hf
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
+from yuanlfa.checkpoint.planners import LazySavePlanner
 from yuanlfa.checkpoint.storage import read_tensor
 
 
@@ -127,3 +139,67 @@ def test_hf_import_writes_back_to_back_parts_without_a_copy(tmp_path: Path, monk
         key = manifest.model_key(name)
         assert torch.equal(read_tensor(a, key), p.detach()), name
         assert torch.equal(read_tensor(b, key), p.detach()), name
+
+
+class _SplitPlanner(LazySavePlanner):
+    """Stores each matrix as two chunks, split along ``dim`` (as a sharded run stores its
+    column- and row-parallel weights)."""
+
+    dim = 0
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for t in self.tensors.values():
+            bounds = [(0, t.shape[0])] if len(t.shape) < 2 else None
+            if bounds is None:
+                n = t.shape[self.dim]
+                # Uneven: an HF tensor (q of [q; k], up of fc1) spans both chunks.
+                bounds = [(0, n // 3), (n // 3, n - n // 3)]
+            for start, length in bounds:
+                offsets, sizes = [0] * len(t.shape), list(t.shape)
+                if len(t.shape) >= 2:
+                    offsets[self.dim], sizes[self.dim] = start, length
+                items.append(
+                    WriteItem(
+                        index=MetadataIndex(t.key, torch.Size(offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+                            properties=TensorProperties(dtype=t.dtype),
+                            size=torch.Size(t.shape),
+                        ),
+                    )
+                )
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        whole = self.tensors[write_item.index.fqn].load()
+        chunk = write_item.tensor_data.chunk
+        for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+            whole = whole.narrow(dim, start, length)
+        return whole.contiguous().clone()
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_hf_export_of_a_checkpoint_stored_in_chunks(tmp_path: Path, dim, monkeypatch) -> None:
+    """Row blocks (tp's column-parallel weights): a tensor's rows span two chunks, copied range
+    by range; column blocks (row-parallel weights): not contiguous, read. Both as exported
+    from a checkpoint stored whole."""
+    cfg = _model_cfg()
+    model = _model(cfg).to(torch.bfloat16)
+    whole = export_hf(
+        _checkpoint(tmp_path / "whole", cfg, model, RUN), tmp_path / "a", progress=False
+    )
+    planner = type("Split", (_SplitPlanner,), {"dim": dim})
+    with monkeypatch.context() as m:
+        m.setattr(storage, "LazySavePlanner", planner)
+        split = _checkpoint(tmp_path / "split", cfg, model, RUN)
+    path = latest_checkpoint(split)
+    key = manifest.model_key("layers.0.mlp.fc1.weight")
+    assert len(storage.stored_tensors(path)[key].chunks) == 2
+    ranges = dcp_direct.row_ranges(path, key)
+    assert (ranges is not None) == (dim == 0)
+    out = export_hf(split, tmp_path / "b", progress=False)
+    for name in sorted(p.name for p in whole.glob("*.safetensors")):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
