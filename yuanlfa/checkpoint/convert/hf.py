@@ -3,8 +3,10 @@
 Names and splits are the public format's (docs/yuan2_facts.md): q_proj / k_proj are the first and
 second halves (rows) of our fused per-head [q; k] projection, up_proj (the SiLU branch) and
 gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding (or the
-untied head). Tensors are streamed one at a time: the export holds at most one output
-shard, the import one tensor.
+untied head). Tensors are streamed one at a time: the export holds at most one parameter (none
+where each HF tensor, a row range of a stored parameter in the output's dtype, is copied file to
+file: :mod:`~yuanlfa.checkpoint.file_copy`), the import one tensor (none where its parts lie back
+to back in one file: a view over the file's pages).
 
 ``config.json`` carries every attribute Yuan 2.0's ``YuanForCausalLM`` (its
 ``megatron/model/yuan_hf_model.py``) reads, with values that describe the run; settings its code
