@@ -387,7 +387,6 @@ class _HFReader:
         self.bin = False
         self._bins: dict[str, dict] = {}
         self._headers: dict[Path, dict] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
         if (path / INDEX).is_file() or (path / "model.safetensors").is_file():
             _safetensors()  # a clear error now if the package is missing, not at the first read
         if (path / INDEX).is_file():
@@ -504,17 +503,18 @@ class _HFReader:
             end, rows = start + nbytes, rows + shp[0]
         if end == offset:
             return None
-        if file not in self._maps:
-            with open(file, "rb") as f:
-                self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # A mapping of this range only, unmapped when the tensor is freed: the process maps at
+        # most the tensors in flight, not the whole file.
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(file, "rb") as f:
+            region = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_READ, offset=start)
         if hasattr(mmap, "MADV_WILLNEED"):  # read ahead in large requests, not page by page
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
             with contextlib.suppress(OSError):
-                self._maps[file].madvise(mmap.MADV_WILLNEED, start, end - start)
+                region.madvise(mmap.MADV_WILLNEED)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a read-only buffer: nothing writes into it
             flat = torch.frombuffer(
-                self._maps[file], dtype=dtype, count=(end - offset) // dtype.itemsize, offset=offset
+                region, dtype=dtype, count=(end - offset) // dtype.itemsize, offset=offset - start
             )
         return flat.view(rows, *shape[1:])
 
