@@ -4,10 +4,14 @@ A randomly initialized Yuan 2.0 2B checkpoint (``configs/yuan2-2b.yaml``, bf16 w
 our format tensor by tensor) is converted by ``yuanlfa-reshard`` the ways users convert: ours ->
 Hugging Face and back, ours -> Megatron (tp 2, pp 2), Megatron -> ours, and Megatron (tp 2, pp 2)
 -> Megatron (tp 1, pp 1). Each conversion runs in a fresh process; we measure its wall time and its
-memory, next to ``cp -r`` of the same checkpoint (the floor any conversion has to move the bytes;
-run at the start, in the middle and at the end, as a shared disk's speed drifts: the median is the
-floor). Every case is timed until its output is on disk (``sync``), as the converters fsync what
-they write. Memory is reported two ways: the kernel's peak resident set (VmHWM, which also counts
+memory, next to ``cp -r`` of the conversion's own input (the floor: any conversion has to move
+those bytes), run right before and right after each conversion (and after each of its
+``--repeats``), as a shared disk's speed drifts within minutes: the ratio is the conversion's
+median time over the median of its own copies. Copies and conversions alike start with their
+input in the page cache (read once just before) and are timed until their output is on disk
+(``sync``), as the converters fsync what they write. The bytes written differ from the copy's
+where the format does (HF stores the tied head's copy): ``output_vs_input_bytes`` says by how
+much. Memory is reported two ways: the kernel's peak resident set (VmHWM, which also counts
 pages of memory-mapped input files, reclaimable page cache) and the peak anonymous memory (RssAnon,
 sampled every 5 ms: what the process really allocates), both above the baseline of a process that
 imports the same modules. Targets (issues #7, #19): time within 2x the copy; peak anonymous memory
@@ -122,6 +126,12 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "yuan2-2b.yaml"))
     p.add_argument("--workdir", help="where to write the checkpoints (default: a temp dir)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each conversion, each followed by a copy of its input (median reported)",
+    )
     args = p.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="yuanlfa-reshard-bench-"))
@@ -165,23 +175,56 @@ def main() -> int:
             ),
         }  # fmt: skip
         results = {}
-        copies = []  # the floor, measured at the start, in the middle and at the end
+        copies = []  # every floor measured, in order
 
-        def copy_floor() -> None:
-            shutil.rmtree(work / "copy", ignore_errors=True)
-            copies.append(measure(["cp", "-r", str(src), str(work / "copy")])["wall_s"])
-            shutil.rmtree(work / "copy", ignore_errors=True)
+        def warm(path: Path) -> None:
+            # Conversions and copies alike start from a warm page cache: their input read once.
+            files = [str(f) for f in path.rglob("*") if f.is_file()]
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
 
-        for i, (name, (cmd, output)) in enumerate(cases.items()):
-            if i == len(cases) // 2:
-                copy_floor()
+        def copy_floor(path: Path) -> float:
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            warm(path)
+            wall = measure(["cp", "-r", str(path), str(work / "copy")])["wall_s"]
+            shutil.rmtree(work / "copy", ignore_errors=True)
+            os.sync()  # the deletion's write-back out of the next measurement
+            copies.append(wall)
+            return wall
+
+        for name, (cmd, output) in cases.items():
             print(f"{name} ...", flush=True)
-            r = measure(cmd)
+            if "floor" in name:
+                r = measure(cmd)
+                r["output_bytes"] = dir_bytes(output)
+                r["throughput_gb_s"] = weight_bytes / r["wall_s"] / 1e9
+                copies.append(r["wall_s"])
+                results[name] = r
+                shutil.rmtree(output, ignore_errors=True)
+                continue
+            source = Path(cmd[cmd.index("--input") + 1])
+            # Side by side: the copy of this conversion's own input right before and after
+            # it (and between repeats), so that the disk's drift spoils no ratio.
+            floors, runs = [copy_floor(source)], []
+            for _ in range(args.repeats):
+                shutil.rmtree(output, ignore_errors=True)
+                warm(source)
+                runs.append(measure(cmd))
+                floors.append(copy_floor(source))
+            r = min(runs, key=lambda x: x["wall_s"])  # peaks: the worst run's, below
+            r = {**r, "wall_s": statistics.median(x["wall_s"] for x in runs)}
+            for kind in ("rss", "anon"):
+                r[f"peak_{kind}_bytes"] = max(x[f"peak_{kind}_bytes"] for x in runs)
+                extra = r[f"peak_{kind}_bytes"] - baseline[f"peak_{kind}_bytes"]
+                r[f"peak_{kind}_above_baseline_vs_largest_tensor"] = extra / largest
+            r["runs_s"] = [x["wall_s"] for x in runs]
+            r["input_bytes"] = dir_bytes(source)
             r["output_bytes"] = dir_bytes(output)
-            if "floor" not in name:
-                for kind in ("rss", "anon"):
-                    extra = r[f"peak_{kind}_bytes"] - baseline[f"peak_{kind}_bytes"]
-                    r[f"peak_{kind}_above_baseline_vs_largest_tensor"] = extra / largest
+            # HF's output holds the tied head's copy besides the embedding: more bytes
+            # written than the copy of its input writes.
+            r["output_vs_input_bytes"] = r["output_bytes"] / r["input_bytes"]
+            r["copy_floor_runs_s"] = floors
+            r["copy_floor_s"] = statistics.median(floors)
+            r["time_vs_copy"] = r["wall_s"] / r["copy_floor_s"]
             r["throughput_gb_s"] = weight_bytes / r["wall_s"] / 1e9
             results[name] = r
             if name == "hf -> ours":  # disk space
@@ -189,38 +232,36 @@ def main() -> int:
             if name in ("hf -> ours", "megatron tp2 pp2 -> ours"):
                 shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(work / "copy", ignore_errors=True)
-        copy_floor()
-        # A shared disk's speed drifts by several times within minutes: the median of the
-        # three copies is the floor, and all of them are recorded.
         first_copy = results["cp -r + sync (floor)"]
-        first_copy["runs_s"] = [first_copy["wall_s"], *copies]
-        copy_s = statistics.median(first_copy["runs_s"])
-        for name, r in results.items():
-            if "floor" not in name:
-                r["time_vs_copy"] = r["wall_s"] / copy_s
+        first_copy["runs_s"] = copies
+        copy_s = statistics.median(copies)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\ncp -r + sync runs: {[round(x, 1) for x in first_copy['runs_s']]} s, floor (median) "
-          f"{copy_s:.1f} s")  # fmt: skip
+    print(f"\ncp -r + sync runs: {[round(x, 1) for x in first_copy['runs_s']]} s (median "
+          f"{copy_s:.1f} s); each conversion is compared with the copies of its own input "
+          "right before and after it")  # fmt: skip
     print(f"weights {weight_bytes / 2**30:.2f} GiB, largest tensor {largest / 2**20:.0f} MiB, "
           f"baseline process RSS {baseline['peak_rss_bytes'] / 2**20:.0f} MiB "
           f"(anon {baseline['peak_anon_bytes'] / 2**20:.0f} MiB)")  # fmt: skip
-    print(f"{'case':40s} {'wall s':>8s} {'GB/s':>6s} {'x copy':>7s} {'anon+':>7s} {'rss+':>7s} "
-          f"{'anon+ GiB':>9s}")  # fmt: skip
+    print(f"{'case':40s} {'wall s':>8s} {'copy s':>7s} {'GB/s':>6s} {'x copy':>7s} "
+          f"{'out/in':>6s} {'anon+':>7s} {'rss+':>7s} {'anon+ GiB':>9s}")  # fmt: skip
     for name, r in results.items():
         vs = r.get("time_vs_copy")
         anon = r.get("peak_anon_above_baseline_vs_largest_tensor")
         rss = r.get("peak_rss_above_baseline_vs_largest_tensor")
-        print(f"{name:40s} {r['wall_s']:8.1f} {r['throughput_gb_s']:6.2f} "
+        floor, ratio = r.get("copy_floor_s", r["wall_s"]), r.get("output_vs_input_bytes")
+        print(f"{name:40s} {r['wall_s']:8.1f} {floor:7.1f} {r['throughput_gb_s']:6.2f} "
               f"{'' if vs is None else f'{vs:7.2f}':>7s} "
+              f"{'' if ratio is None else f'{ratio:6.2f}':>6s} "
               f"{'' if anon is None else f'{anon:7.2f}':>7s} "
               f"{'' if rss is None else f'{rss:7.2f}':>7s} "
               f"{'' if anon is None else f'{anon * largest / 2**30:9.2f}':>9s}")  # fmt: skip
     print(
-        "(x copy: time / the median cp time; anon+ / rss+: peak above the baseline process, in "
-        "units of the largest tensor)"
+        "(x copy: time / the median time of cp -r + sync of the conversion's input, measured "
+        "right before and after it; out/in: bytes written / bytes of the input; anon+ / rss+: "
+        "peak above the baseline process, in units of the largest tensor)"
     )
     conversions = {k: v for k, v in results.items() if "time_vs_copy" in v}
     worst_time = max(v["time_vs_copy"] for v in conversions.values())

@@ -5,6 +5,9 @@ previous checkpoint intact. Retention keeps the newest ``keep_last`` and every `
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from tests.distributed.launcher import run_distributed
 from yuanlfa.checkpoint import (
     CheckpointError,
     TrainingState,
+    async_save,
     latest_checkpoint,
     load_checkpoint,
     read_tensor,
@@ -237,3 +241,25 @@ def test_config_keys() -> None:
     c = config_from_dict({"checkpoint": {"keep_every": 5, "async_save": True}}).checkpoint
     assert (c.keep_every, c.async_save) == (5, True)
     assert config_from_dict({}).checkpoint.async_save is None  # auto: on GPU
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_background_writer_yields_the_cpu_to_training(tmp_path: Path, monkeypatch) -> None:
+    """The writer thread runs at WRITER_NICE; the training thread's priority is untouched."""
+    cfg, model, opt, mesh = _setup()
+    seen = []
+    write = lf.write_job
+
+    def spy(job, group=None):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return write(job, group)
+
+    monkeypatch.setattr(async_save, "write_job", spy)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    saver = AsyncSaver(tmp_path)
+    _step(model, opt)
+    saver.save(model, opt, _state(cfg, 1), mesh, cfg.model, {})
+    saver.wait()
+    assert seen == [max(async_save.WRITER_NICE, before)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert latest_checkpoint(tmp_path).name == "step_0000001"

@@ -18,6 +18,9 @@ partial directory is removed and ``latest`` still names the previous complete ch
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -74,6 +77,23 @@ def _describe(error: BaseException) -> str:
         error = first_failure(error)
         return f"rank {rank}: {type(error).__name__}: {error}"
     return f"{type(error).__name__}: {error}"
+
+
+# The background writer's scheduling priority (Linux nice, 0-19): where training and the
+# writer compete for a core, the scheduler gives it to training, and the writer uses what
+# training leaves. Measured on 2 shared cores under load from other jobs (a 1 GB save every
+# 5 steps): steps overlapping the writer took 2x as long at nice 0 and as long as steps
+# without it at nice 19. On a machine with a core to spare for the writer it changes nothing.
+WRITER_NICE = 19
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread (only it: Linux's setpriority takes a thread id) run at
+    ``nice``; raising it needs no privilege. Elsewhere it is left as it is."""
+    if sys.platform.startswith("linux") and nice > 0:
+        with contextlib.suppress(OSError):  # a sandbox may refuse: the save still works
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 class _Stager:
@@ -202,7 +222,10 @@ class AsyncSaver:
         job = replace(job, blocks=self._stager.stage(job.blocks))
         self._job, self._started, self._error = job, started, None
         self._thread = threading.Thread(
-            target=self._run, args=(job,), name="yuanlfa-checkpoint-writer", daemon=True
+            target=self._run_in_background,
+            args=(job,),
+            name="yuanlfa-checkpoint-writer",
+            daemon=True,
         )
         self._thread.start()
         return SaveStarted(job.final, time.perf_counter() - started), previous
@@ -240,6 +263,10 @@ class AsyncSaver:
                 "stops here, "
                 "the last complete checkpoint (named by latest) is kept"
             ) from error
+
+    def _run_in_background(self, job: SaveJob) -> None:
+        _lower_priority(WRITER_NICE)
+        self._run(job)
 
     def _run(self, job: SaveJob) -> None:
         """The writer (a background thread, or inline): write, agree, publish, agree. Any

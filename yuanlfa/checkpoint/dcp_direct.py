@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from yuanlfa.checkpoint import storage
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.torch_direct import NotDirect, record_offset
 
 _STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")
@@ -140,6 +141,62 @@ def _read_direct(path: Path, key: str) -> torch.Tensor:
     finally:
         for f in files.values():
             f.close()
+    return out
+
+
+def row_ranges(path: str | Path, key: str) -> tuple[list[tuple[int, int, FileRange]], int] | None:
+    """Where the rows of tensor ``key`` of our checkpoint at ``path`` lie in its files, when
+    every stored chunk is a block of whole rows (then any row range of a chunk is one byte
+    range of its file): ``([(first row, rows, bytes of the chunk)], bytes per row)``, in row
+    order, the chunks covering every row once. None when the bytes are not plainly there
+    (column blocks, stream transforms, another serialization, a big-endian host, a 0-d
+    tensor): read the tensor instead."""
+    if sys.byteorder != "little":
+        return None
+    path = Path(path)
+    metadata = storage.storage_reader(path).read_metadata()
+    md = metadata.state_dict_metadata[key]
+    size = tuple(md.size)
+    if not size:
+        return None
+    row_bytes = math.prod(size[1:]) * md.properties.dtype.itemsize
+    found = []
+    for chunk in md.chunks:
+        if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != size[1:]:
+            return None  # a column block: its rows are not contiguous in the whole tensor
+        info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        if getattr(info, "transform_descriptors", None):
+            return None
+        file = path / info.relative_path
+        try:
+            with open(file, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size < info.offset + info.length:
+                    return None  # read_tensor names the damage
+                data, nbytes = _storage_span(f, info.offset, info.length)
+        except (_NotDirect, OSError):
+            return None
+        if nbytes != chunk.sizes[0] * row_bytes:
+            return None
+        found.append((int(chunk.offsets[0]), int(chunk.sizes[0]), FileRange(file, data, nbytes)))
+    found.sort(key=lambda c: c[0])
+    row = 0
+    for start, rows, _ in found:
+        if start != row:
+            return None  # a gap or an overlap: not this simple layout
+        row += rows
+    return (found, row_bytes) if row == size[0] else None
+
+
+def row_slice(ranges: tuple[list[tuple[int, int, FileRange]], int], start: int, rows: int):
+    """The byte ranges holding rows ``[start, start + rows)`` of a tensor located by
+    :func:`row_ranges`, in order."""
+    chunks, row_bytes = ranges
+    out = []
+    for first, count, where in chunks:
+        lo, hi = max(start, first), min(start + rows, first + count)
+        if lo < hi:
+            offset = where.offset + (lo - first) * row_bytes
+            out.append(FileRange(where.path, offset, (hi - lo) * row_bytes))
     return out
 
 

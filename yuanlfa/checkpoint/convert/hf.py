@@ -3,8 +3,10 @@
 Names and splits are the public format's (docs/yuan2_facts.md): q_proj / k_proj are the first and
 second halves (rows) of our fused per-head [q; k] projection, up_proj (the SiLU branch) and
 gate_proj the two halves of fc1, ``lm_head.weight`` a copy of the tied embedding (or the
-untied head). Tensors are streamed one at a time: the export holds at most one output
-shard, the import one tensor.
+untied head). Tensors are streamed one at a time: the export holds at most one parameter (none
+where each HF tensor, a row range of a stored parameter in the output's dtype, is copied file to
+file: :mod:`~yuanlfa.checkpoint.file_copy`), the import one tensor (none where its parts lie back
+to back in one file: a view over the file's pages).
 
 ``config.json`` carries every attribute Yuan 2.0's ``YuanForCausalLM`` (its
 ``megatron/model/yuan_hf_model.py``) reads, with values that describe the run; settings its code
@@ -16,10 +18,14 @@ never writes), safetensors or ``pytorch_model*.bin`` weights, with or without ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import mmap
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +50,9 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
     run_tokenizer,
     write_tokenizer_files,
 )
-from yuanlfa.checkpoint.dcp_direct import read_tensor
+from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
@@ -219,14 +226,21 @@ ST_NAMES = {v: k for k, v in HF_DTYPES.items()}
 
 
 def write_safetensors(
-    path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors: Iterator
+    path: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator,
+    sync: bool = True,
 ) -> None:
     """A safetensors file written as a stream: the header (names, dtypes, shapes, offsets) is
-    known from ``entries`` up front, then each tensor of ``tensors`` (in ``entries`` order) is
-    appended as it comes, so only one is in memory. Same bytes as ``safetensors.save_file``'s
-    layout: u64 header size, JSON header padded to 8 bytes, then the data."""
+    known from ``entries`` up front, then each item of ``tensors`` (in ``entries`` order) is
+    appended as it comes, so only one is in memory: a tensor, or a list of
+    :class:`~yuanlfa.checkpoint.file_copy.FileRange` holding its exact bytes, copied file to
+    file. Same bytes as ``safetensors.save_file``'s layout: u64 header size, JSON header padded
+    to 8 bytes, then the data. ``sync`` false: the caller fsyncs the file
+    (:func:`~yuanlfa.checkpoint.file_copy.fsync_files`)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
+    sizes = []
     for name, shape, dtype in entries:
         size = dtype.itemsize
         for dim in shape:
@@ -237,19 +251,23 @@ def write_safetensors(
             "data_offsets": [offset, offset + size],
         }
         offset += size
+        sizes.append(size)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for (name, shape, dtype), tensor in zip(entries, tensors, strict=True):
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise CheckpointError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}")
-            if tensor.numel():
-                # The bytes as they are in memory (no copy): safetensors is little-endian too.
-                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
+    with OutputFile(path) as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for (name, shape, dtype), size, item in zip(entries, sizes, tensors, strict=True):
+            if isinstance(item, list):  # byte ranges of the source: a kernel copy
+                if sum(r.nbytes for r in item) != size:
+                    raise CheckpointError(f"internal: {name}'s source ranges are not {size} bytes")
+                for where in item:
+                    f.copy(where)
+                continue
+            if tuple(item.shape) != shape or item.dtype != dtype:
+                raise CheckpointError(f"internal: {name} is {tuple(item.shape)} {item.dtype}")
+            # The bytes as they are in memory (no copy): safetensors is little-endian too.
+            f.write(item)
+        f.close(sync)
 
 
 def export_hf(
@@ -304,13 +322,23 @@ def export_hf(
     tmp = prepare_output(Path(output), force)
     bar = tqdm(total=len(plan), desc="export", disable=not progress, unit="tensor")
     current: dict[int, torch.Tensor] = {}  # the one parameter being written
+    # Where a parameter is stored in the output's dtype as blocks of whole rows, each HF tensor
+    # (a row range) is a byte range of the source files: copied file to file, never read.
+    located: dict[int, tuple | None] = {}
 
     def pieces(shard):
         for i, _, start, rows in shard:
-            if i not in current:
-                current.clear()
-                current[i] = read_tensor(src, params[i][1])
-            yield current[i][start : start + rows].to(out_dtype)
+            key = params[i][1]
+            if i not in located:
+                same = stored[key].properties.dtype == out_dtype
+                located[i] = row_ranges(src, key) if same else None
+            if located[i] is not None:
+                yield row_slice(located[i], start, rows)
+            else:
+                if i not in current:
+                    current.clear()
+                    current[i] = read_tensor(src, key)
+                yield current[i][start : start + rows].to(out_dtype)
             bar.update(1)
 
     weight_map: dict[str, str] = {}
@@ -323,8 +351,10 @@ def export_hf(
             entries.append((hf, shape, out_dtype))
             weight_map[hf] = file
             total += math.prod(shape) * out_dtype.itemsize
-        write_safetensors(tmp / file, entries, pieces(shard))
+        # Synced all at once below: each shard goes to disk while the next one is written.
+        write_safetensors(tmp / file, entries, pieces(shard), sync=False)
     current.clear()
+    fsync_files(sorted(tmp.glob("*.safetensors")))
     bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2))
@@ -356,6 +386,7 @@ class _HFReader:
         self.path = path
         self.bin = False
         self._bins: dict[str, dict] = {}
+        self._headers: dict[Path, dict] = {}
         if (path / INDEX).is_file() or (path / "model.safetensors").is_file():
             _safetensors()  # a clear error now if the package is missing, not at the first read
         if (path / INDEX).is_file():
@@ -425,6 +456,67 @@ class _HFReader:
             return self._bin(self._file(name))[name]
         with self._open(name) as f:
             return f.get_tensor(name)
+
+    def _spans(self, file: Path) -> dict[str, tuple[str, list[int], int, int]]:
+        """name -> (dtype label, shape, file offset, bytes) from a safetensors header (a u64
+        length, then JSON); an empty dict where it is not plainly readable."""
+        if file not in self._headers:
+            spans = {}
+            try:
+                with open(file, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    size = os.fstat(f.fileno()).st_size
+                    header = json.loads(f.read(n)) if 8 + n <= size else {}
+                for name, entry in header.items():
+                    if name == "__metadata__":
+                        continue
+                    begin, end = entry["data_offsets"]
+                    if not 0 <= begin <= end <= size - 8 - n:
+                        spans = {}
+                        break
+                    spans[name] = (entry["dtype"], list(entry["shape"]), 8 + n + begin, end - begin)
+            except (OSError, ValueError, KeyError, TypeError):
+                spans = {}  # safe_open names the damage when the tensor is read
+            self._headers[file] = spans
+        return self._headers[file]
+
+    def rows(self, names: list[str]) -> torch.Tensor | None:
+        """The tensors ``names`` concatenated along rows without a copy, when they lie back to
+        back in one safetensors file with one dtype (our exports write q / k and up / gate
+        so): a tensor over the file's pages (memory-mapped, read-only), which the writer of
+        our format writes straight from the page cache. None otherwise (then torch.cat)."""
+        if self.bin or sys.byteorder != "little" or not names:
+            return None
+        file = self._file(names[0])
+        spans = self._spans(file)
+        if any(self._file(n) != file or n not in spans for n in names):
+            return None
+        label, shape, offset, _ = spans[names[0]]
+        dtype = HF_DTYPES.get(label)
+        end, rows = offset, 0
+        for n in names:
+            lab, shp, start, nbytes = spans[n]
+            if lab != label or shp[1:] != shape[1:] or start != end or not shp:
+                return None
+            if nbytes != math.prod(shp) * (dtype.itemsize if dtype else 0) or dtype is None:
+                return None
+            end, rows = start + nbytes, rows + shp[0]
+        if end == offset:
+            return None
+        # A mapping of this range only, unmapped when the tensor is freed: the process maps at
+        # most the tensors in flight, not the whole file.
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(file, "rb") as f:
+            region = mmap.mmap(f.fileno(), end - start, access=mmap.ACCESS_READ, offset=start)
+        if hasattr(mmap, "MADV_WILLNEED"):  # read ahead in large requests, not page by page
+            with contextlib.suppress(OSError):
+                region.madvise(mmap.MADV_WILLNEED)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only buffer: nothing writes into it
+            flat = torch.frombuffer(
+                region, dtype=dtype, count=(end - offset) // dtype.itemsize, offset=offset - start
+            )
+        return flat.view(rows, *shape[1:])
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if self.bin:
@@ -502,7 +594,9 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
         used.update(hf for hf, _ in parts)
 
         def load(parts=parts) -> torch.Tensor:
-            return torch.cat([reader.get(hf) for hf, _ in parts])
+            names = [hf for hf, _ in parts]
+            whole = reader.rows(names)  # no copy where the parts lie back to back
+            return whole if whole is not None else torch.cat([reader.get(n) for n in names])
 
         tensors.append(LazyTensor(manifest.model_key(name), tuple(param.shape), dtype, load))
     _check_extra(reader, used, cfg, src)
