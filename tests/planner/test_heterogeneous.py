@@ -36,6 +36,19 @@ def groups(*specs) -> dict:
     }
 
 
+def two_kinds(micro_batch: int, seq: int) -> dict:
+    """8 small layers on pp 4: two ranks of a device twice as fast as the other two."""
+    return {
+        "model": {"num_layers": 8, "hidden_size": 64, "num_heads": 4, "vocab_size": 512},
+        "parallel": {"pp": 4, "pipeline_blocks": "auto"},
+        "train": {"micro_batch_size": micro_batch, "global_batch_size": 16, "seq_length": seq},
+        "cluster": groups(
+            ("fast", 1, 2, {"memory_gib": 1, "tflops": 2}),
+            ("slow", 1, 2, {"memory_gib": 1, "tflops": 1}),
+        ),
+    }
+
+
 def brute_force(cfg, devices, limits) -> tuple:
     """The lexicographic optimum of recompute.CRITERIA over every split and every mode per
     rank, each plan costed by its own cost model (one split and one mode tuple at a time)."""
@@ -201,15 +214,7 @@ def test_no_fit_names_a_change_of_layout_that_does_fit() -> None:
 def test_no_fit_names_a_smaller_micro_batch_when_that_is_enough() -> None:
     """Activations are what overflows the small device: halving the micro batch fits, and the
     error says so before any change of layout."""
-    data = {
-        "model": {"num_layers": 8, "hidden_size": 64, "num_heads": 4, "vocab_size": 512},
-        "parallel": {"pp": 4, "pipeline_blocks": "auto"},
-        "train": {"micro_batch_size": 8, "global_batch_size": 16, "seq_length": 256},
-        "cluster": groups(
-            ("fast", 1, 2, {"memory_gib": 1, "tflops": 2}),
-            ("slow", 1, 2, {"memory_gib": 1, "tflops": 1}),
-        ),  # fmt: skip
-    }
+    data = two_kinds(micro_batch=8, seq=256)
     plan = cluster_plan(resolve(config_from_dict(data), 4))
     need = max(r.memory_bytes for r in plan.model.evaluate(plan.blocks).ranks)
     # Shrink every device until micro batch 8 overflows even with the balancer's recompute.
@@ -261,15 +266,7 @@ def test_102b_pp32_mixed_is_fast_and_fits_each_device() -> None:
 
 
 def test_cluster_plan_for_the_trainer() -> None:
-    data = {
-        "model": {"num_layers": 8, "hidden_size": 64, "num_heads": 4, "vocab_size": 512},
-        "parallel": {"pp": 4, "pipeline_blocks": "auto"},
-        "train": {"micro_batch_size": 2, "global_batch_size": 16, "seq_length": 64},
-        "cluster": groups(
-            ("fast", 1, 2, {"memory_gib": 1, "tflops": 2}),
-            ("slow", 1, 2, {"memory_gib": 1, "tflops": 1}),
-        ),
-    }
+    data = two_kinds(micro_batch=2, seq=64)
     cfg = resolve(config_from_dict(data), 4)
     plan = cluster_plan(cfg)
     assert sum(plan.blocks[:2]) > sum(plan.blocks[2:])
