@@ -1,7 +1,8 @@
 """Any supported format to any other: the format of the input is detected; our own format needs
 no resharding between layouts (any tp / pp / dp loads any checkpoint), so conversions between two
-foreign formats go through ours in a temporary directory next to the output. Outputs appear only
-when complete and are never overwritten without ``force``."""
+foreign formats go through ours in a temporary directory next to the output, except Megatron ->
+Megatron without ``--verify``, which is direct. Outputs appear only when complete and are never
+overwritten without ``force``."""
 
 from __future__ import annotations
 
