@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -26,7 +27,7 @@ from torch.distributed.checkpoint.planner import (
 
 from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
 from yuanlfa.checkpoint import dcp_direct, file_copy, latest_checkpoint, manifest, storage
-from yuanlfa.checkpoint.convert import export_hf, hf, import_hf
+from yuanlfa.checkpoint.convert import common, export_hf, hf, import_hf
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
 from yuanlfa.checkpoint.planners import LazySavePlanner
@@ -141,6 +142,13 @@ def test_hf_import_writes_back_to_back_parts_without_a_copy(tmp_path: Path, monk
         assert torch.equal(read_tensor(b, key), p.detach()), name
 
 
+def _dcp_save(directory: Path, planner: LazySavePlanner) -> None:
+    """DCP's own writer, planned by ``planner`` (ours writes one chunk per tensor)."""
+    writer = dcp.FileSystemWriter(directory, single_file_per_rank=False)
+    with storage.quiet_single_process():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+
+
 class _SplitPlanner(LazySavePlanner):
     """Stores each matrix as two chunks, split along ``dim`` (as a sharded run stores its
     column- and row-parallel weights)."""
@@ -193,7 +201,7 @@ def test_hf_export_of_a_checkpoint_stored_in_chunks(tmp_path: Path, dim, monkeyp
     )
     planner = type("Split", (_SplitPlanner,), {"dim": dim})
     with monkeypatch.context() as m:
-        m.setattr(storage, "LazySavePlanner", planner)
+        m.setattr(common, "save_lazy", lambda d, tensors: _dcp_save(d, planner(tensors)))
         split = _checkpoint(tmp_path / "split", cfg, model, RUN)
     path = latest_checkpoint(split)
     key = manifest.model_key("layers.0.mlp.fc1.weight")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -120,10 +121,15 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    # Where its rows already lie in existing files, when they do (see
+    # :func:`yuanlfa.checkpoint.dcp_direct.row_ranges`): writers copy them file to file.
+    rows: Any = None
 
 
 class LazySavePlanner(DefaultSavePlanner):
-    """Saves whole tensors that are read from elsewhere one at a time (conversion tools)."""
+    """Saves whole tensors that are read from elsewhere one at a time through DCP's own writer:
+    the reference that :func:`yuanlfa.checkpoint.dcp_write.write_dcp` (what the conversions
+    use) is tested against."""
 
     def __init__(self, tensors: list[LazyTensor]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from yuanlfa.checkpoint.blocks import Block
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazyTensor
 from yuanlfa.checkpoint.torch_files import load_pickle_restricted
 from yuanlfa.config import ConfigError
 
@@ -70,27 +69,12 @@ def first_failure(exc: CheckpointException) -> BaseException:
 
 
 def save_lazy(directory: Path, tensors: list[LazyTensor]) -> None:
-    """Write whole tensors produced one at a time (conversion tools), single process.
+    """Write whole tensors produced one at a time (conversion tools), single process, in DCP's
+    format (:func:`yuanlfa.checkpoint.dcp_write.write_dcp`: one file per tensor, those whose
+    rows already lie in files copied file to file)."""
+    from yuanlfa.checkpoint.dcp_write import write_dcp
 
-    One file per tensor: torch's FileSystemWriter keeps every tensor of a file alive until the
-    file is complete, so a single file would hold the whole checkpoint in memory."""
-    # Synced once at the end rather than file by file as written: the kernel writes earlier
-    # files back while later ones are produced (the caller publishes only after this returns).
-    writer = dcp.FileSystemWriter(
-        directory, thread_count=1, single_file_per_rank=False, sync_files=False
-    )
-    planner = LazySavePlanner(tensors)
-    try:
-        with quiet_single_process(), dcp_errors(directory, "write the checkpoint"):
-            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
-            for file in sorted(Path(directory).iterdir()):
-                fd = os.open(file, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    finally:
-        planner.prefetch.close()
+    write_dcp(directory, tensors)
 
 
 class SafeReader(dcp.FileSystemReader):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.torch_files import load_untrusted, refused, safe_globals_scope
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip entry's local file header
@@ -184,6 +185,20 @@ class TorchFile:
             raise CheckpointError(
                 f"{self.path}: cannot read it ({exc}); the file is truncated or unreadable"
             ) from None
+
+    def range_of(self, t: torch.Tensor) -> FileRange | None:
+        """Where the bytes of a contiguous data-less tensor (or view) of :attr:`obj` lie in the
+        file, for a file-to-file copy; None when they are not one plain range."""
+        if t.device.type != "meta" or self._fd is None or sys.byteorder != "little":
+            return None
+        if not t.is_contiguous():
+            return None
+        offset, nbytes = self._spans[t.untyped_storage()._cdata]
+        item = t.element_size()
+        start, size = t.storage_offset() * item, t.numel() * item
+        if start + size > nbytes:
+            return None  # read_into names the damage
+        return FileRange(self.path, offset + start, size)
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of :attr:`obj` with its data (contiguous)."""

@@ -24,9 +24,7 @@ import argparse
 import collections
 import contextlib
 import io
-import os
 import pickle
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import FileRange, fsync_files
 
 ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
 
@@ -172,8 +171,12 @@ class Pending:
         dtype: torch.dtype,
         load: Callable[[], Any],
         cost: int | None = None,
+        source: list[FileRange] | None = None,
     ) -> None:
         self.shape, self.dtype, self.load = tuple(shape), dtype, load
+        # The tensor's exact bytes (row-major, this dtype) as ranges of existing files: the
+        # writer copies them file to file and never calls ``load``.
+        self.source = source
         # Bytes held while it is loaded (a slice keeps its whole tensor alive).
         self.cost = self.numel * dtype.itemsize if cost is None else cost
 
@@ -208,29 +211,16 @@ def _storage_type(dtype: torch.dtype):
 
 
 class _StreamingFile:
-    """One ``torch.save``-format file: the pickle first, then the tensor records as they come."""
+    """One ``torch.save``-format file: the pickle first, then the tensor records as they come
+    (:class:`~yuanlfa.checkpoint.torch_zip.ArchiveWriter`: a tensor whose bytes lie in a source
+    file is copied file to file)."""
 
     def __init__(self, obj: Any, path: str | Path) -> None:
-        refs: list[Pending] = []
+        from yuanlfa.checkpoint.torch_zip import ArchiveWriter, write_header_records
 
-        class _Pickler(pickle.Pickler):
-            def persistent_id(self, item: Any):
-                if isinstance(item, _StorageRef):
-                    refs.append(item.pending)
-                    kind = _storage_type(item.pending.dtype)
-                    return ("storage", kind, str(len(refs) - 1), "cpu", item.pending.numel)
-                if isinstance(item, torch.Tensor | torch.UntypedStorage | torch.TypedStorage):
-                    raise TypeError("save_streaming: wrap tensors in Pending")
-                return None
-
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=2).dump(obj)
-        self.refs, self.path = refs, Path(path)
-        self.writer = torch._C.PyTorchFileWriter(str(path))
-        data = buf.getvalue()
-        self.writer.write_record("data.pkl", data, len(data))
-        self.writer.write_record(".format_version", "1", 1)
-        self.writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self.refs, self.path = pickle_pending(obj), Path(path)
+        self.writer = ArchiveWriter(path)
+        write_header_records(self.writer, self.refs.data)
 
     def write(self, key: int, tensor: Any) -> int:
         """Write tensor ``key``, produced by its ``load()``; returns its bytes."""
@@ -240,24 +230,52 @@ class _StreamingFile:
                 f"internal: tensor {key} is {tuple(tensor.shape)} {tensor.dtype}, announced as "
                 f"{pending.shape} {pending.dtype}"
             )
-        tensor = tensor.detach().cpu().contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        # A storage object, not a data pointer (deprecated, to become an error): the slice of
-        # the tensor's storage that it covers, which shares the memory, so a contiguous view
-        # into a larger storage is written without a copy.
-        start = tensor.storage_offset() * tensor.element_size()
-        data = tensor.untyped_storage()[start : start + nbytes]
-        self.writer.write_record(f"data/{key}", data, nbytes)
-        return nbytes
+        return self.writer.write_tensor(f"data/{key}", tensor)
 
-    def close(self) -> None:
-        self.writer.write_end_of_file()
-        del self.writer  # closes the file
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # on disk before the output directory is renamed into place
-        finally:
-            os.close(fd)
+    def copy(self, key: int) -> int:
+        """Write tensor ``key`` from its :attr:`Pending.source` ranges; returns its bytes."""
+        pending = self.refs[key]
+        nbytes = sum(r.nbytes for r in pending.source)
+        if nbytes != pending.numel * pending.dtype.itemsize:
+            raise CheckpointError(
+                f"internal: tensor {key}'s source holds {nbytes} bytes, announced as "
+                f"{pending.shape} {pending.dtype}"
+            )
+        return self.writer.copy_ranges(f"data/{key}", pending.source)
+
+    def close(self, sync: bool = True) -> None:
+        self.writer.close(sync=sync)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class PickledRefs(list):
+    """The pickle of an object holding :class:`Pending` tensors (``data``) and those tensors in
+    storage-key order (the list)."""
+
+    data: bytes
+
+
+def pickle_pending(obj: Any) -> PickledRefs:
+    """Pickle ``obj`` as ``torch.save`` does, each :class:`Pending` as a storage named by its
+    index in the returned list."""
+    refs = PickledRefs()
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, item: Any):
+            if isinstance(item, _StorageRef):
+                refs.append(item.pending)
+                kind = _storage_type(item.pending.dtype)
+                return ("storage", kind, str(len(refs) - 1), "cpu", item.pending.numel)
+            if isinstance(item, torch.Tensor | torch.UntypedStorage | torch.TypedStorage):
+                raise TypeError("save_streaming: wrap tensors in Pending")
+            return None
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    refs.data = buf.getvalue()
+    return refs
 
 
 def save_streaming(
@@ -273,24 +291,38 @@ def save_streaming(
     written when both fit in the largest :attr:`Pending.cost`."""
     from yuanlfa.checkpoint.prefetch import Prefetcher
 
-    streams = [_StreamingFile(obj, path) for obj, path in files]
-    order = [
-        (key, i)
-        for key in range(max((len(s.refs) for s in streams), default=0))
-        for i, stream in enumerate(streams)
-        if key < len(stream.refs)
-    ]
-    prefetch = Prefetcher(
-        order,
-        lambda item: streams[item[1]].refs[item[0]].load(),
-        lambda item: streams[item[1]].refs[item[0]].cost,
-    )
+    streams = []
     try:
-        for key, i in order:
-            nbytes = streams[i].write(key, prefetch.get((key, i)))
-            if progress is not None:
-                progress(nbytes)
-    finally:
-        prefetch.close()
-    for stream in streams:
-        stream.close()
+        for obj, path in files:
+            streams.append(_StreamingFile(obj, path))
+        order = [
+            (key, i)
+            for key in range(max((len(s.refs) for s in streams), default=0))
+            for i, stream in enumerate(streams)
+            if key < len(stream.refs)
+        ]
+        # Tensors with a source are copied file to file: nothing to produce in memory.
+        produced = [item for item in order if streams[item[1]].refs[item[0]].source is None]
+        prefetch = Prefetcher(
+            produced,
+            lambda item: streams[item[1]].refs[item[0]].load(),
+            lambda item: streams[item[1]].refs[item[0]].cost,
+        )
+        try:
+            for key, i in order:
+                if streams[i].refs[key].source is not None:
+                    nbytes = streams[i].copy(key)
+                else:
+                    nbytes = streams[i].write(key, prefetch.get((key, i)))
+                if progress is not None:
+                    progress(nbytes)
+        finally:
+            prefetch.close()
+        # Each file's write-back starts when it is complete; the fsyncs come last, together.
+        for stream in streams:
+            stream.close(sync=False)
+        fsync_files([s.path for s in streams])
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise

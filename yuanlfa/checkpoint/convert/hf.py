@@ -52,7 +52,7 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import OutputFile, fsync_files
+from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
@@ -480,27 +480,63 @@ class _HFReader:
             self._headers[file] = spans
         return self._headers[file]
 
+    def _part_spans(self, names: list[str]):
+        """``(dtype, [(file, offset, bytes, rows)])`` of the tensors ``names`` stacked along
+        rows, when each is plainly stored in a safetensors file with one dtype and the same
+        trailing shape; None otherwise."""
+        if self.bin or sys.byteorder != "little" or not names:
+            return None
+        parts, dtype, trailing = [], None, None
+        for n in names:
+            file = self._file(n)
+            spans = self._spans(file)
+            if n not in spans:
+                return None
+            label, shape, start, nbytes = spans[n]
+            if not shape or HF_DTYPES.get(label) is None:
+                return None
+            if dtype is None:
+                dtype, trailing = HF_DTYPES[label], shape[1:]
+            if HF_DTYPES[label] != dtype or shape[1:] != trailing:
+                return None
+            if nbytes != math.prod(shape) * dtype.itemsize:
+                return None
+            parts.append((file, start, nbytes, shape[0]))
+        return dtype, parts
+
+    def file_rows(self, names: list[str]):
+        """Where the rows of ``names`` stacked lie in the shards (as
+        :func:`~yuanlfa.checkpoint.dcp_direct.row_ranges` gives them): the writer of our
+        format copies them file to file. None where they are not plainly stored."""
+        found = self._part_spans(names)
+        if found is None:
+            return None
+        dtype, parts = found
+        chunks, row = [], 0
+        for file, start, nbytes, rows in parts:
+            if rows:
+                chunks.append((row, rows, FileRange(file, start, nbytes)))
+            row += rows
+        if not chunks:
+            return None
+        return chunks, chunks[0][2].nbytes // chunks[0][1]
+
     def rows(self, names: list[str]) -> torch.Tensor | None:
         """The tensors ``names`` concatenated along rows without a copy, when they lie back to
         back in one safetensors file with one dtype (our exports write q / k and up / gate
         so): a tensor over the file's pages (memory-mapped, read-only), which the writer of
         our format writes straight from the page cache. None otherwise (then torch.cat)."""
-        if self.bin or sys.byteorder != "little" or not names:
+        found = self._part_spans(names)
+        if found is None:
             return None
-        file = self._file(names[0])
-        spans = self._spans(file)
-        if any(self._file(n) != file or n not in spans for n in names):
-            return None
-        label, shape, offset, _ = spans[names[0]]
-        dtype = HF_DTYPES.get(label)
+        dtype, parts = found
+        file, offset = parts[0][0], parts[0][1]
+        shape = [0, *self._spans(file)[names[0]][1][1:]]
         end, rows = offset, 0
-        for n in names:
-            lab, shp, start, nbytes = spans[n]
-            if lab != label or shp[1:] != shape[1:] or start != end or not shp:
+        for f, start, nbytes, count in parts:
+            if f != file or start != end:
                 return None
-            if nbytes != math.prod(shp) * (dtype.itemsize if dtype else 0) or dtype is None:
-                return None
-            end, rows = start + nbytes, rows + shp[0]
+            end, rows = start + nbytes, rows + count
         if end == offset:
             return None
         # A mapping of this range only, unmapped when the tensor is freed: the process maps at
@@ -598,7 +634,9 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
             whole = reader.rows(names)  # no copy where the parts lie back to back
             return whole if whole is not None else torch.cat([reader.get(n) for n in names])
 
-        tensors.append(LazyTensor(manifest.model_key(name), tuple(param.shape), dtype, load))
+        rows = reader.file_rows([hf for hf, _ in parts])
+        key = manifest.model_key(name)
+        tensors.append(LazyTensor(key, tuple(param.shape), dtype, load, rows))
     _check_extra(reader, used, cfg, src)
     # Kept so that an export of this checkpoint (never trained here) describes it as the
     # source did: special ids, position limit, data settings.

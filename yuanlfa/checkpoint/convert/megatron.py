@@ -43,8 +43,9 @@ from yuanlfa.checkpoint.convert.common import (
     verify_weights,
     write_ours,
 )
-from yuanlfa.checkpoint.dcp_direct import read_tensor
+from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
+from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_direct import TorchFile
@@ -308,19 +309,46 @@ class _Source:
     one). The last whole tensor read is kept, so the tp files of a stage, written in lockstep,
     read each tensor once."""
 
-    def __init__(self, dtypes: dict[str, torch.dtype], read: Callable[[str], torch.Tensor]):
-        self.dtypes, self.read = dtypes, read
+    def __init__(
+        self,
+        dtypes: dict[str, torch.dtype],
+        read: Callable[[str], torch.Tensor],
+        rows: Callable[[str], Any] = lambda key: None,
+    ):
+        self.dtypes, self.read, self._rows = dtypes, read, rows
         self._last: tuple[str, torch.Tensor] | None = None
+        self._located: dict[str, Any] = {}
 
     @classmethod
     def ours(cls, path: Path) -> _Source:
         meta = stored_tensors(path)
-        return cls({k: m.properties.dtype for k, m in meta.items()}, lambda k: read_tensor(path, k))
+        return cls(
+            {k: m.properties.dtype for k, m in meta.items()},
+            lambda k: read_tensor(path, k),
+            lambda k: row_ranges(path, k),
+        )
 
     @classmethod
     def lazy(cls, tensors: list[LazyTensor]) -> _Source:
         by_key = {t.key: t for t in tensors}
-        return cls({t.key: t.dtype for t in tensors}, lambda k: by_key[k].load())
+        return cls(
+            {t.key: t.dtype for t in tensors}, lambda k: by_key[k].load(), lambda k: by_key[k].rows
+        )
+
+    def ranges(
+        self, key: str, name: str, shape: tuple[int, ...], tp_rank: int, tp: int, dtype
+    ) -> list[FileRange] | None:
+        """The byte ranges of existing files that hold this rank's shard exactly, in order, when
+        they exist (same dtype, a block of whole rows): the writer copies them file to file."""
+        if dtype != self.dtypes.get(key):
+            return None
+        if key not in self._located:
+            self._located[key] = self._rows(key)
+        rows = self._located[key]
+        dim, pieces = shard_pieces(name, shape, tp_rank, tp)
+        if rows is None or dim != 0:
+            return None
+        return [r for _, start, length in pieces for r in row_slice(rows, start, length)]
 
     def has(self, key: str) -> bool:
         return key in self.dtypes
@@ -418,7 +446,9 @@ def _export(
                 shard = _shard_shape(name, shape, tp_rank, tp)
                 key = manifest.model_key(name)
                 load = source.shard(key, name, tp_rank, tp, out_dtype)
-                _set(model, path, Pending(shard, out_dtype, load, source.cost(key, shape)))
+                ranges = source.ranges(key, name, shape, tp_rank, tp, out_dtype)
+                pending = Pending(shard, out_dtype, load, source.cost(key, shape), ranges)
+                _set(model, path, pending)
                 optim_params.append((name, shard))
             args = megatron_args(cfg, tp, blocks, meta, out_dtype)
             state: dict[str, Any] = {
@@ -746,6 +776,46 @@ class MegatronReader:
 
         return dtype, load
 
+    def rows(self, name: str, what: str = "weight") -> Any:
+        """Where the rows of the whole tensor lie in the shards' files (as
+        :func:`~yuanlfa.checkpoint.dcp_direct.row_ranges` gives them for ours), when every
+        shard is a block of whole rows stored plainly; None otherwise (then ``loader`` reads)."""
+        shape = dict(self.params)[name]
+        if not shape:
+            return None
+        stage, path = places(name, self.blocks, self.cfg.tie_embeddings)[0]
+        dtype = self.stored(name).dtype if what == "weight" else torch.float32  # as loader's
+        found = []
+        for t in range(self.tp):
+            state = self.states[(t, stage)]
+            try:
+                if what == "weight":
+                    shard = _get(state["model"], path, self.files[(t, stage)])
+                else:
+                    shard = _optimizer_tensor(state, path, what, self.files[(t, stage)])
+            except (CheckpointError, KeyError, ValueError, IndexError, TypeError):
+                return None  # the loader names it
+            dim, pieces = shard_pieces(name, shape, t, self.tp)
+            expect = _shard_shape(name, shape, t, self.tp)
+            if not isinstance(shard, torch.Tensor) or tuple(shard.shape) != expect:
+                return None
+            if dim != 0 or shard.dtype != dtype:
+                return None
+            for local, start, length in pieces:
+                where = self.sources[(t, stage)].range_of(shard.narrow(0, local, length))
+                if where is None:
+                    return None
+                found.append((start, length, where))
+            if pieces == [(0, 0, shape[0])]:
+                break  # replicated: every rank holds the whole tensor
+        found.sort(key=lambda f: f[0])
+        row = 0
+        for start, length, _ in found:
+            if start != row:
+                return None
+            row += length
+        return (found, math.prod(shape[1:]) * dtype.itemsize) if row == shape[0] else None
+
 
 def _as_ours(
     reader: MegatronReader, src: Path, weights_only: bool, progress: bool
@@ -761,13 +831,15 @@ def _as_ours(
     tensors: list[LazyTensor] = []
     for name, shape in reader.params:
         dtype, load = reader.loader(name)
-        tensors.append(LazyTensor(manifest.model_key(name), shape, dtype, load))
+        tensors.append(LazyTensor(manifest.model_key(name), shape, dtype, load, reader.rows(name)))
         if not with_optim:
             continue
         whats = ["exp_avg", "exp_avg_sq"] + (["master"] if dtype != torch.float32 else [])
         for what in whats:
             key = manifest.optim_key(name, what)
-            tensors.append(LazyTensor(key, shape, *reader.loader(name, what)))
+            what_dtype, what_load = reader.loader(name, what)
+            rows = reader.rows(name, what)
+            tensors.append(LazyTensor(key, shape, what_dtype, what_load, rows))
     state = manifest.TrainingState(
         reader.iteration, reader.consumed_samples, config_to_dict(reader.cfg), {}
     )
