@@ -119,7 +119,7 @@ setup(
             "yuanlfa-info=yuanlfa.cli.info:main",
             "yuanlfa-preprocess=yuanlfa.cli.preprocess:main",
             "yuanlfa-plan=yuanlfa.cli.plan:main",
-            "yuanlfa-reshard=yuanlfa.cli.reshard:main",
+            "yuanlfa-reshard=yuanlfa.cli.reshard:script",
             "yuanlfa-train-tokenizer=yuanlfa.cli.train_tokenizer:main",
             "yuanlfa-convert-args=yuanlfa.cli.convert_args:main",
         ]

@@ -117,6 +117,16 @@ def measure(cmd: list[str]) -> dict:
     }
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (root on Linux); False where not allowed."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -146,6 +156,9 @@ def main() -> int:
               f"{largest / 2**20:.0f} MiB", flush=True)  # fmt: skip
         # Warm the page cache the same way for everyone: read the source once.
         subprocess.run(["cat", *map(str, src.rglob("*.distcp"))], stdout=subprocess.DEVNULL)
+        dropped = drop_caches()
+        if not dropped:
+            print("note: cannot empty the page cache here (not root): timings vary more")
         baseline = measure([py, "-c", "import yuanlfa.cli.reshard, torch"])
         cases = {
             "cp -r + sync (floor)": (["cp", "-r", str(src), str(work / "copy")], work / "copy"),
@@ -178,9 +191,15 @@ def main() -> int:
         copies = []  # every floor measured, in order
 
         def warm(path: Path) -> None:
-            # Conversions and copies alike start from a warm page cache: their input read once.
+            # Conversions and copies alike start from the same memory: the page cache emptied
+            # where we may (else the kernel first reclaims what earlier runs left, which
+            # measured up to 2x on either side), then their input and the interpreter's own
+            # files read once.
+            os.sync()
+            drop_caches()
             files = [str(f) for f in path.rglob("*") if f.is_file()]
             subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+            subprocess.run([py, "-c", "import yuanlfa.cli.reshard, torch"], check=True)
 
         def copy_floor(path: Path) -> float:
             shutil.rmtree(work / "copy", ignore_errors=True)
@@ -225,6 +244,9 @@ def main() -> int:
             r["copy_floor_runs_s"] = floors
             r["copy_floor_s"] = statistics.median(floors)
             r["time_vs_copy"] = r["wall_s"] / r["copy_floor_s"]
+            # The same without the interpreter's start and imports (the baseline process: a
+            # fixed cost, about 2 s, whatever the checkpoint's size).
+            r["time_vs_copy_after_start"] = (r["wall_s"] - baseline["wall_s"]) / r["copy_floor_s"]
             r["throughput_gb_s"] = weight_bytes / r["wall_s"] / 1e9
             results[name] = r
             if name == "hf -> ours":  # disk space
@@ -290,6 +312,7 @@ def main() -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             # Other processes on the machine distort every timing here: say how busy it was.
             "load_average_at_end": os.getloadavg(),
+            "page_cache_dropped_before_each_run": dropped,
             "copy_floor_s": copy_s,
             "weight_bytes": weight_bytes,
             "largest_tensor_bytes": largest,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,18 @@ def test_hf_export_of_a_checkpoint_stored_in_chunks(tmp_path: Path, dim, monkeyp
     out = export_hf(split, tmp_path / "b", progress=False)
     for name in sorted(p.name for p in whole.glob("*.safetensors")):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's sync_file_range")
+def test_write_back_reaches_the_kernel(tmp_path: Path) -> None:
+    """Python's os has no sync_file_range: the call goes to libc (it was once a silent no-op
+    behind a hasattr test). A real call succeeds on an open file and fails on a closed one."""
+    call = file_copy._sync_file_range()
+    assert call is not None
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 10_000)
+        assert call(fd, 0, 0, file_copy._SYNC_FILE_RANGE_WRITE) == 0
+    finally:
+        os.close(fd)
+    assert call(fd, 0, 0, file_copy._SYNC_FILE_RANGE_WRITE) == -1  # EBADF: it ran

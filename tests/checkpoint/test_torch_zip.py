@@ -28,7 +28,7 @@ from yuanlfa.checkpoint.convert import (
 )
 from yuanlfa.checkpoint.convert.megatron import reshard_megatron
 from yuanlfa.checkpoint.dcp_write import write_dcp
-from yuanlfa.checkpoint.file_copy import FileRange
+from yuanlfa.checkpoint.file_copy import FileRange, Stored
 from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
 from yuanlfa.checkpoint.torch_direct import TorchFile
 from yuanlfa.checkpoint.torch_files import Pending, save_streaming
@@ -71,8 +71,8 @@ def test_archives_read_back_everywhere(tmp_path: Path, zip64: bool, monkeypatch)
     if zip64:  # offsets and sizes past the (lowered) limit: the Zip64 records real files need
         monkeypatch.setattr(torch_zip, "_ZIP64_FROM", 300)
     t = _tensors()
-    # The bf16 matrix from two source files (rows 0-19 and 20-36), at offsets off a 64-byte
-    # boundary and on one.
+    # The bf16 matrix from two source files (rows 0-19 and 20-36), at offsets on a 64-byte
+    # boundary and off one.
     first, second = _source_file(tmp_path, t["w"][:20], 192), _source_file(tmp_path, t["w"][20:], 5)
     row = 11 * 2
     obj = {
@@ -109,12 +109,10 @@ def test_archives_read_back_everywhere(tmp_path: Path, zip64: bool, monkeypatch)
                 ["unzip", "-t", str(ours)], capture_output=True, text=True, check=True
             ).stdout
         )
-    # Data 64-byte aligned (torch.load(mmap=True)); the copied tensor at its source's place
-    # in a page (a whole-page kernel copy).
+    # Data 64-byte aligned, as torch.load(mmap=True) expects (copied or written).
     with TorchFile(ours) as f:
-        where = f.range_of(f.obj["model"]["w"])
-        assert where.offset % 4096 == 192 and where.nbytes == 37 * row
-        for key in ("b", "i"):
+        assert f.range_of(f.obj["model"]["w"]).nbytes == 37 * row
+        for key in ("w", "b", "i"):
             assert f.range_of(f.obj["model"][key]).offset % 64 == 0
 
 
@@ -136,9 +134,7 @@ def test_dcp_directory_matches_dcps_own_writer_and_reader(tmp_path: Path) -> Non
     t = _tensors()
     w = t["w"]
     src = _source_file(tmp_path, w, 100)  # rows copied from a file, 100 bytes in
-    rows = {
-        "w": ([(0, 30, FileRange(src, 100, 30 * 22)), (30, 7, FileRange(src, 760, 7 * 22))], 22)
-    }
+    rows = {"w": Stored([FileRange(src, 100, 30 * 22), FileRange(src, 760, 7 * 22)])}
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     write_dcp(ours, _lazy(t, rows))
     with storage.quiet_single_process():
@@ -161,26 +157,49 @@ def test_dcp_directory_matches_dcps_own_writer_and_reader(tmp_path: Path) -> Non
     with storage.quiet_single_process():
         dcp.load(state, storage_reader=dcp.FileSystemReader(ours), no_dist=True)
     _equal_trees(state, t)
-    # The copied tensor is one archive in its file, where the metadata says.
-    assert dcp_direct.row_ranges(ours, "w")[0][0][2].offset % 4096 == 100
 
 
-def test_rows_that_do_not_fit_the_declared_shape_are_read_and_checked(tmp_path: Path) -> None:
+def test_stored_bytes_that_do_not_fit_the_declared_shape_are_read_and_checked(
+    tmp_path: Path,
+) -> None:
     t = {"w": _tensors()["w"]}
     src = _source_file(tmp_path, t["w"], 0)
-    # Rows of another width over the same bytes: not copied; the tensor is read instead.
-    wrong = {"w": ([(0, 11, FileRange(src, 0, 37 * 22))], 37 * 2)}
-    write_dcp(tmp_path / "o", _lazy(t, wrong))
+    # A location of too few bytes: not copied; the tensor is read instead.
+    short = {"w": Stored([FileRange(src, 0, 36 * 22)])}
+    write_dcp(tmp_path / "o", _lazy(t, short))
     assert torch.equal(dcp_direct.read_tensor(tmp_path / "o", "w"), t["w"])
     bad = [LazyTensor("w", (37, 11), torch.bfloat16, lambda: torch.zeros(11, 37))]
     with pytest.raises(Exception, match="the source gives"):
         write_dcp(tmp_path / "p", bad)
 
 
+def test_stored_slices_rows_and_column_blocks() -> None:
+    """A tensor's bytes over three ranges of two files: row blocks and column blocks of it are
+    the byte ranges the tensor's own slicing gives."""
+    whole = torch.arange(6 * 4, dtype=torch.int16).reshape(6, 4)
+    data = whole.view(torch.uint8).reshape(-1).numpy().tobytes()
+    files = {Path("a"): b"..." + data[:20], Path("b"): data[20:30] + b"-" + data[30:]}
+    where = Stored(
+        [FileRange(Path("a"), 3, 20), FileRange(Path("b"), 0, 10), FileRange(Path("b"), 11, 18)]
+    )
+
+    def read(ranges) -> bytes:
+        return b"".join(files[r.path][r.offset : r.offset + r.nbytes] for r in ranges)
+
+    assert read(where.ranges) == data
+    for dim, pieces in [(0, [(0, 1, 3)]), (0, [(0, 0, 1), (1, 4, 2)]), (1, [(0, 1, 2)]),
+                        (1, [(0, 0, 1), (1, 3, 1)])]:  # fmt: skip
+        expect = torch.cat([whole.narrow(dim, start, n) for _, start, n in pieces], dim=dim)
+        got = read(where.block((6, 4), 2, dim, pieces))
+        assert got == expect.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    assert where.block((6, 4), 2, 2, [(0, 0, 1)]) is None  # no third dim to split
+    assert where.block((5, 4), 2, 0, [(0, 0, 5)]) is None  # another size
+
+
 def _no_rows(monkeypatch) -> None:
     monkeypatch.setattr(megatron._Source, "ranges", lambda self, *a: None)
-    monkeypatch.setattr(megatron.MegatronReader, "rows", lambda self, *a: None)
-    monkeypatch.setattr(import_hf.__globals__["_HFReader"], "file_rows", lambda self, n: None)
+    monkeypatch.setattr(megatron.MegatronReader, "located", lambda self, *a: None)
+    monkeypatch.setattr(import_hf.__globals__["_HFReader"], "located", lambda self, *a: None)
 
 
 def _load_all(root: Path) -> dict:
@@ -217,7 +236,7 @@ def test_conversions_by_file_copy_equal_the_conversions_that_read(
             key = manifest.model_key(name)
             assert torch.equal(dcp_direct.read_tensor(pa, key), p.detach()), name
             assert torch.equal(storage.read_tensor(pb, key), p.detach()), name
-    # The copy path copied: the tp files' column-parallel shards are ranges of ours.
-    rows = megatron.MegatronReader(runs["copy"][0], progress=False)
-    assert rows.rows("layers.0.attn.qk_proj.weight") is not None
-    rows.close()
+    # The copy path copied: every tensor of the tp files (row and column blocks) is located.
+    reader = megatron.MegatronReader(runs["copy"][0], progress=False)
+    assert all(reader.located(name) is not None for name, _ in reader.params)
+    reader.close()

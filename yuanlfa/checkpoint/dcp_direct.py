@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from yuanlfa.checkpoint import storage
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange
+from yuanlfa.checkpoint.file_copy import FileRange, Stored
 from yuanlfa.checkpoint.torch_direct import NotDirect, record_offset
 
 _STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")
@@ -198,6 +198,13 @@ def row_slice(ranges: tuple[list[tuple[int, int, FileRange]], int], start: int, 
             offset = where.offset + (lo - first) * row_bytes
             out.append(FileRange(where.path, offset, (hi - lo) * row_bytes))
     return out
+
+
+def stored(path: str | Path, key: str) -> Stored | None:
+    """Where the bytes of tensor ``key`` of our checkpoint lie, in order (see
+    :func:`row_ranges`), or None."""
+    found = row_ranges(path, key)
+    return None if found is None else Stored([where for _, _, where in found[0]])
 
 
 def read_tensor(path: str | Path, key: str) -> torch.Tensor:

@@ -42,21 +42,11 @@ from yuanlfa.checkpoint.torch_zip import ArchiveWriter, write_header_records
 METADATA = ".metadata"  # DCP's name for it
 
 
-def _rows_source(t: LazyTensor):
+def _stored_source(t: LazyTensor):
     """The file ranges holding all of ``t`` in order, or None."""
-    if t.rows is None or not t.shape:
+    if t.stored is None or t.stored.nbytes != math.prod(t.shape) * t.dtype.itemsize:
         return None
-    chunks, row_bytes = t.rows
-    chunks = sorted(chunks, key=lambda c: c[0])
-    # Whole rows of this shape, each once, in order: anything else is read and checked.
-    if row_bytes != math.prod(t.shape[1:]) * t.dtype.itemsize:
-        return None
-    row = 0
-    for first, rows, where in chunks:
-        if first != row or where.nbytes != rows * row_bytes:
-            return None
-        row += rows
-    return [where for _, _, where in chunks] if row == t.shape[0] else None
+    return t.stored.ranges
 
 
 def write_dcp(directory: Path, tensors: list[LazyTensor]) -> None:
@@ -66,7 +56,7 @@ def write_dcp(directory: Path, tensors: list[LazyTensor]) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     by_key = {t.key: t for t in tensors}
-    sources = {t.key: _rows_source(t) for t in tensors}
+    sources = {t.key: _stored_source(t) for t in tensors}
     prefetch = Prefetcher(
         [t.key for t in tensors if sources[t.key] is None],
         lambda key: by_key[key].load(),
@@ -79,19 +69,13 @@ def write_dcp(directory: Path, tensors: list[LazyTensor]) -> None:
             files.append(directory / name)
             refs = pickle_pending(Pending(t.shape, t.dtype, t.load))
             with OutputFile(directory / name) as out:
-                if sources[t.key] is not None:
-                    # The archive starts where its data can keep both torch's 64-byte alignment
-                    # and the copied bytes' place in their page (a whole-page kernel copy); DCP
-                    # reads an item from its recorded offset.
-                    out.write(bytes(sources[t.key][0].offset % 64))
-                start = out.position
                 archive = ArchiveWriter(name="archive", file=out)
                 try:
                     _write_one(archive, refs.data, t, sources[t.key], prefetch)
                 except BaseException:
                     archive.abort()
                     raise
-                length = out.position - start
+                length = out.position
                 out.close(sync=False)  # write-back starts; fsynced below, all together
             offsets = torch.Size([0] * len(t.shape))
             state_dict_metadata[t.key] = TensorStorageMetadata(
@@ -99,7 +83,7 @@ def write_dcp(directory: Path, tensors: list[LazyTensor]) -> None:
                 size=torch.Size(t.shape),
                 chunks=[ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(t.shape))],
             )
-            storage_data[MetadataIndex(t.key, offsets, 0)] = _StorageInfo(name, start, length)
+            storage_data[MetadataIndex(t.key, offsets, 0)] = _StorageInfo(name, 0, length)
     finally:
         prefetch.close()
     metadata = Metadata(

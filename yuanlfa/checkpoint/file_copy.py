@@ -12,9 +12,15 @@ from their memory with large positional writes. The file is fsynced once, when c
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
+import math
+import mmap
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,9 @@ from yuanlfa.checkpoint.errors import CheckpointError
 # copy_file_range's answers that mean "not here, copy it yourself".
 _REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 _FALLBACK_CHUNK = 16 * 2**20  # the staging buffer of the read/write fallback
+WRITE_BACK_BYTES = 64 * 2**20  # dirty bytes of a file after which its write-back starts
+SMALL_RANGE = 2**20  # ranges below this are gathered into one write, not copied one by one
+_IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
 # Tests switch it off to cover the read/write path; it is also the answer on platforms without
 # the call.
 KERNEL_COPY = hasattr(os, "copy_file_range")
@@ -39,6 +48,84 @@ class FileRange:
     nbytes: int
 
 
+class Stored:
+    """A tensor's bytes (row-major) as they already lie in files: ``ranges`` in order. Slices
+    of it by byte, row or column block are again lists of ranges, for a writer to copy."""
+
+    def __init__(self, ranges: list[FileRange]) -> None:
+        self.ranges = [r for r in ranges if r.nbytes]
+        self.starts = list(itertools.accumulate((r.nbytes for r in self.ranges), initial=0))
+
+    @property
+    def nbytes(self) -> int:
+        return self.starts[-1]
+
+    def slice(self, offset: int, nbytes: int) -> list[FileRange]:
+        """The ranges holding bytes ``[offset, offset + nbytes)``."""
+        out = []
+        i = bisect.bisect_right(self.starts, offset) - 1
+        end = offset + nbytes
+        while nbytes and offset < end:
+            r, start = self.ranges[i], self.starts[i]
+            lo, hi = offset - start, min(r.nbytes, end - start)
+            out.append(FileRange(r.path, r.offset + lo, hi - lo))
+            offset, i = start + hi, i + 1
+        return out
+
+    def block(
+        self, shape: tuple[int, ...], itemsize: int, dim: int, pieces
+    ) -> list[FileRange] | None:
+        """The ranges of a tensor-parallel shard: ``pieces`` ``(local, start, length)`` along
+        ``dim`` (0: blocks of rows; 1: a block of columns of every row), None for other dims."""
+        if not shape or self.nbytes != math.prod(shape) * itemsize:
+            return None
+        row = math.prod(shape[1:]) * itemsize
+        if dim == 0:
+            return [r for _, start, n in pieces for r in self.slice(start * row, n * row)]
+        if dim != 1 or len(shape) < 2:
+            return None
+        inner = row // shape[1]
+        return [
+            r
+            for i in range(shape[0])
+            for _, start, n in pieces
+            for r in self.slice(i * row + start * inner, n * inner)
+        ]
+
+
+class SourceMaps:
+    """Read-only maps of whole source files (the page cache, no copy), opened once each: many
+    small ranges (a column block's rows) are written from them with few calls, and checksums
+    read them. Thread-safe; :meth:`close` when done."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+
+    def view(self, src: FileRange) -> memoryview:
+        with self._lock:
+            m = self._maps.get(src.path)
+            if m is None:
+                with open(src.path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
+                self._maps[src.path] = m
+        if src.offset + src.nbytes > len(m):
+            raise CheckpointError(
+                f"{src.path}: ends before byte {src.offset + src.nbytes}, where the checkpoint's "
+                "metadata puts data; the file is truncated, copy it again"
+            )
+        return memoryview(m)[src.offset : src.offset + src.nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                if isinstance(m, mmap.mmap):
+                    with contextlib.suppress(BufferError):  # a view still alive: freed later
+                        m.close()
+            self._maps.clear()
+
+
 class OutputFile:
     """A file written front to back from tensors and :class:`FileRange` copies, fsynced by
     :meth:`close`. Use as a context manager; a failure leaves the file for the caller's
@@ -49,6 +136,8 @@ class OutputFile:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.position = 0
         self._sources: dict[Path, int] = {}  # read-only fds of the copied files
+        self._written_back = 0  # where the write-back started last
+        self._maps: SourceMaps | None = None  # for runs of small ranges
 
     def write(self, data: torch.Tensor | bytes | memoryview) -> None:
         """Append ``data`` (a tensor's bytes as they are in memory: contiguous, no copy)."""
@@ -60,6 +149,7 @@ class OutputFile:
         while view.nbytes:
             n = os.pwrite(self.fd, view, self.position)
             view, self.position = view[n:], self.position + n
+        self._write_back()
 
     def copy(self, src: FileRange) -> None:
         """Append the bytes of ``src``: in the kernel where it copies, else through a buffer."""
@@ -77,11 +167,47 @@ class OutputFile:
                             "checkpoint's metadata puts data; the file is truncated, copy it again"
                         )
                     offset, left, self.position = offset + n, left - n, self.position + n
+                self._write_back()
                 return
             except OSError as exc:
                 if exc.errno not in _REFUSED:
                     raise
         self._copy_through_buffer(fd, src.path, offset, left)
+
+    def copy_all(self, ranges: list[FileRange]) -> None:
+        """Append the bytes of ``ranges`` in order: large ones copied in the kernel, runs of
+        small ones (the rows of a column block: thousands of a few KiB) gathered from maps of
+        their files into one positional write each, instead of a call per range."""
+        i = 0
+        while i < len(ranges):
+            if ranges[i].nbytes >= SMALL_RANGE or not hasattr(os, "pwritev"):
+                self.copy(ranges[i])
+                i += 1
+                continue
+            if self._maps is None:
+                self._maps = SourceMaps()
+            batch = []
+            while i < len(ranges) and ranges[i].nbytes < SMALL_RANGE and len(batch) < _IOV_MAX:
+                if ranges[i].nbytes:
+                    batch.append(self._maps.view(ranges[i]))
+                i += 1
+            while batch:
+                n = os.pwritev(self.fd, batch, self.position)
+                self.position += n
+                while batch and n >= batch[0].nbytes:  # drop what was written
+                    n -= batch.pop(0).nbytes
+                if batch and n:
+                    batch[0] = batch[0][n:]
+            self._write_back()
+
+    def _write_back(self) -> None:
+        # Start writing the bytes appended since the last call to disk once they are many:
+        # the kernel otherwise lets a conversion's gigabytes pile up dirty until it throttles
+        # the writer (measured on the 2B export to Megatron: copies slowed from about 3 GB/s
+        # to 0.4 GB/s after the first gigabytes). The fsync at the end still makes it durable.
+        if self.position - self._written_back >= WRITE_BACK_BYTES:
+            start_writeback(self.fd, self._written_back, self.position - self._written_back)
+            self._written_back = self.position
 
     def _copy_through_buffer(self, fd: int, path: Path, offset: int, left: int) -> None:
         buffer = memoryview(bytearray(min(left, _FALLBACK_CHUNK)))
@@ -102,6 +228,8 @@ class OutputFile:
         for fd in self._sources.values():
             os.close(fd)
         self._sources.clear()
+        if self._maps is not None:
+            self._maps.close()
         if self.fd >= 0:
             try:
                 if sync:
@@ -122,18 +250,43 @@ class OutputFile:
             for fd in self._sources.values():
                 os.close(fd)
             self._sources.clear()
+            if self._maps is not None:
+                self._maps.close()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
 
 
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the file's dirty pages to disk now, without waiting
-    (Linux; elsewhere the final fsync does it all)."""
-    if hasattr(os, "sync_file_range"):
-        # Advice only: the fsync that follows makes the file durable.
-        with contextlib.suppress(OSError):
-            os.sync_file_range(fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Ask the kernel to start writing the file's dirty pages (``nbytes`` from ``offset``; 0:
+    to the end) to disk now, without waiting (Linux's ``sync_file_range``, which Python's
+    ``os`` does not offer; elsewhere the final fsync does it all). Advice only: the fsync that
+    follows makes the file durable."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # an error only loses the advice
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
+_SYNC_CALL: list = []  # [the libc function or None], looked up once
+
+
+def _sync_file_range():
+    if not _SYNC_CALL:
+        call = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import ctypes.util
+
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+                call = libc.sync_file_range
+                call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                call.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                call = None
+        _SYNC_CALL.append(call)
+    return _SYNC_CALL[0]
 
 
 def fsync_files(paths: list[Path]) -> None:

@@ -121,9 +121,9 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
-    # Where its rows already lie in existing files, when they do (see
-    # :func:`yuanlfa.checkpoint.dcp_direct.row_ranges`): writers copy them file to file.
-    rows: Any = None
+    # Where its bytes already lie in existing files, when they do (a
+    # :class:`~yuanlfa.checkpoint.file_copy.Stored`): writers copy them file to file.
+    stored: Any = None
 
 
 class LazySavePlanner(DefaultSavePlanner):

@@ -17,8 +17,10 @@ without --force.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -96,11 +98,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def script() -> int:
+def script() -> NoReturn:
     """The command's process: conversions free large buffers as they go (a process-wide
-    allocator setting, so not made by :func:`main`, which tests and other programs call)."""
+    allocator setting, so not made by :func:`main`, which tests and other programs call), and
+    the process ends without the interpreter's teardown once :func:`main` has returned (every
+    output is written and fsynced by then; tearing down torch's modules and thread pools took
+    0.4 s of a 2B conversion's 5-9 s)."""
     return_freed_buffers()
-    return main()
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

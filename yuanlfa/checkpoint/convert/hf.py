@@ -52,7 +52,7 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
+from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, Stored, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_files import load_untrusted
@@ -504,22 +504,18 @@ class _HFReader:
             parts.append((file, start, nbytes, shape[0]))
         return dtype, parts
 
-    def file_rows(self, names: list[str]):
-        """Where the rows of ``names`` stacked lie in the shards (as
-        :func:`~yuanlfa.checkpoint.dcp_direct.row_ranges` gives them): the writer of our
-        format copies them file to file. None where they are not plainly stored."""
+    def located(self, names: list[str], shape: tuple[int, ...]) -> Stored | None:
+        """Where the bytes of ``names`` stacked along rows lie in the shards, when that stack
+        is plainly stored with the shape ``shape``: the writer of our format copies them file
+        to file. None otherwise."""
         found = self._part_spans(names)
         if found is None:
             return None
         dtype, parts = found
-        chunks, row = [], 0
-        for file, start, nbytes, rows in parts:
-            if rows:
-                chunks.append((row, rows, FileRange(file, start, nbytes)))
-            row += rows
-        if not chunks:
+        trailing = self._spans(parts[0][0])[names[0]][1][1:]
+        if [sum(rows for *_, rows in parts), *trailing] != list(shape):
             return None
-        return chunks, chunks[0][2].nbytes // chunks[0][1]
+        return Stored([FileRange(file, start, nbytes) for file, start, nbytes, _ in parts])
 
     def rows(self, names: list[str]) -> torch.Tensor | None:
         """The tensors ``names`` concatenated along rows without a copy, when they lie back to
@@ -634,9 +630,9 @@ def import_hf(src: Path, output: Path, *, force: bool = False, progress: bool = 
             whole = reader.rows(names)  # no copy where the parts lie back to back
             return whole if whole is not None else torch.cat([reader.get(n) for n in names])
 
-        rows = reader.file_rows([hf for hf, _ in parts])
+        where = reader.located([hf for hf, _ in parts], tuple(param.shape))
         key = manifest.model_key(name)
-        tensors.append(LazyTensor(key, tuple(param.shape), dtype, load, rows))
+        tensors.append(LazyTensor(key, tuple(param.shape), dtype, load, where))
     _check_extra(reader, used, cfg, src)
     # Kept so that an export of this checkpoint (never trained here) describes it as the
     # source did: special ids, position limit, data settings.

@@ -43,9 +43,9 @@ from yuanlfa.checkpoint.convert.common import (
     verify_weights,
     write_ours,
 )
-from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
+from yuanlfa.checkpoint.dcp_direct import read_tensor, stored
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange
+from yuanlfa.checkpoint.file_copy import FileRange, Stored
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.torch_direct import TorchFile
@@ -313,9 +313,9 @@ class _Source:
         self,
         dtypes: dict[str, torch.dtype],
         read: Callable[[str], torch.Tensor],
-        rows: Callable[[str], Any] = lambda key: None,
+        located: Callable[[str], Stored | None] = lambda key: None,
     ):
-        self.dtypes, self.read, self._rows = dtypes, read, rows
+        self.dtypes, self.read, self._locate = dtypes, read, located
         self._last: tuple[str, torch.Tensor] | None = None
         self._located: dict[str, Any] = {}
 
@@ -325,30 +325,33 @@ class _Source:
         return cls(
             {k: m.properties.dtype for k, m in meta.items()},
             lambda k: read_tensor(path, k),
-            lambda k: row_ranges(path, k),
+            lambda k: stored(path, k),
         )
 
     @classmethod
     def lazy(cls, tensors: list[LazyTensor]) -> _Source:
         by_key = {t.key: t for t in tensors}
         return cls(
-            {t.key: t.dtype for t in tensors}, lambda k: by_key[k].load(), lambda k: by_key[k].rows
+            {t.key: t.dtype for t in tensors},
+            lambda k: by_key[k].load(),
+            lambda k: by_key[k].stored,
         )
 
     def ranges(
         self, key: str, name: str, shape: tuple[int, ...], tp_rank: int, tp: int, dtype
     ) -> list[FileRange] | None:
-        """The byte ranges of existing files that hold this rank's shard exactly, in order, when
-        they exist (same dtype, a block of whole rows): the writer copies them file to file."""
+        """The byte ranges of existing files that hold this rank's shard exactly, in order,
+        when they exist (same dtype; a block of rows, or of columns of every row): the writer
+        copies them file to file."""
         if dtype != self.dtypes.get(key):
             return None
         if key not in self._located:
-            self._located[key] = self._rows(key)
-        rows = self._located[key]
-        dim, pieces = shard_pieces(name, shape, tp_rank, tp)
-        if rows is None or dim != 0:
+            self._located[key] = self._locate(key)
+        where = self._located[key]
+        if where is None:
             return None
-        return [r for _, start, length in pieces for r in row_slice(rows, start, length)]
+        dim, pieces = shard_pieces(name, shape, tp_rank, tp)
+        return where.block(shape, dtype.itemsize, dim, pieces)
 
     def has(self, key: str) -> bool:
         return key in self.dtypes
@@ -776,16 +779,16 @@ class MegatronReader:
 
         return dtype, load
 
-    def rows(self, name: str, what: str = "weight") -> Any:
-        """Where the rows of the whole tensor lie in the shards' files (as
-        :func:`~yuanlfa.checkpoint.dcp_direct.row_ranges` gives them for ours), when every
-        shard is a block of whole rows stored plainly; None otherwise (then ``loader`` reads)."""
+    def located(self, name: str, what: str = "weight") -> Stored | None:
+        """Where the bytes of the whole (tp-merged) tensor lie in the shards' files, in order,
+        when every shard is stored plainly and split by rows or by columns; None otherwise
+        (then ``loader`` reads it)."""
         shape = dict(self.params)[name]
         if not shape:
             return None
         stage, path = places(name, self.blocks, self.cfg.tie_embeddings)[0]
-        dtype = self.stored(name).dtype if what == "weight" else torch.float32  # as loader's
-        found = []
+        dtype = self.stored(name).dtype if what == "weight" else torch.float32
+        blocks = []  # per rank: (dim, [(global start, length, the piece's ranges by row)])
         for t in range(self.tp):
             state = self.states[(t, stage)]
             try:
@@ -799,22 +802,41 @@ class MegatronReader:
             expect = _shard_shape(name, shape, t, self.tp)
             if not isinstance(shard, torch.Tensor) or tuple(shard.shape) != expect:
                 return None
-            if dim != 0 or shard.dtype != dtype:
+            if shard.dtype != dtype or dim not in (0, 1) or len(shape) < 1 + dim:
                 return None
-            for local, start, length in pieces:
-                where = self.sources[(t, stage)].range_of(shard.narrow(0, local, length))
-                if where is None:
-                    return None
-                found.append((start, length, where))
-            if pieces == [(0, 0, shape[0])]:
+            where = self.sources[(t, stage)].range_of(shard)
+            if where is None:
+                return None
+            blocks.append((dim, pieces, Stored([where])))
+            if pieces == [(0, 0, shape[0])] and dim == 0:
                 break  # replicated: every rank holds the whole tensor
-        found.sort(key=lambda f: f[0])
-        row = 0
-        for start, length, _ in found:
-            if start != row:
-                return None
-            row += length
-        return (found, math.prod(shape[1:]) * dtype.itemsize) if row == shape[0] else None
+        dim = blocks[0][0]
+        itemsize = dtype.itemsize
+        if dim == 0:  # the shards' row blocks, in global row order
+            row = math.prod(shape[1:]) * itemsize
+            parts = sorted(
+                (start, s.slice(local * row, n * row))
+                for _, pieces, s in blocks
+                for local, start, n in pieces
+            )
+            return Stored([r for _, ranges in parts for r in ranges])
+        # Column blocks: row i of the whole is row i of each shard's pieces, in column order.
+        inner = math.prod(shape[2:]) * itemsize
+        order = sorted(
+            (start, s, local, n, expect_cols)
+            for (_, pieces, s), expect_cols in zip(
+                blocks, [_shard_shape(name, shape, t, self.tp)[1] for t in range(len(blocks))]
+            )
+            for local, start, n in pieces
+        )
+        return Stored(
+            [
+                r
+                for i in range(shape[0])
+                for _, s, local, n, cols in order
+                for r in s.slice((i * cols + local) * inner, n * inner)
+            ]
+        )
 
 
 def _as_ours(
@@ -831,15 +853,16 @@ def _as_ours(
     tensors: list[LazyTensor] = []
     for name, shape in reader.params:
         dtype, load = reader.loader(name)
-        tensors.append(LazyTensor(manifest.model_key(name), shape, dtype, load, reader.rows(name)))
+        where = reader.located(name)
+        tensors.append(LazyTensor(manifest.model_key(name), shape, dtype, load, where))
         if not with_optim:
             continue
         whats = ["exp_avg", "exp_avg_sq"] + (["master"] if dtype != torch.float32 else [])
         for what in whats:
             key = manifest.optim_key(name, what)
             what_dtype, what_load = reader.loader(name, what)
-            rows = reader.rows(name, what)
-            tensors.append(LazyTensor(key, shape, what_dtype, what_load, rows))
+            where = reader.located(name, what)
+            tensors.append(LazyTensor(key, shape, what_dtype, what_load, where))
     state = manifest.TrainingState(
         reader.iteration, reader.consumed_samples, config_to_dict(reader.cfg), {}
     )
