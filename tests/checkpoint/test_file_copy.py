@@ -68,6 +68,38 @@ def test_ranges_and_tensors_are_appended_exactly(tmp_path: Path, copy_mode, monk
     assert (tmp_path / "out").read_bytes() == expected
 
 
+def test_runs_of_small_ranges_are_gathered_exactly(tmp_path: Path, monkeypatch) -> None:
+    """copy_all: runs of small ranges (a column block's rows) from two files, more than one
+    pwritev takes, between large ones, with the kernel writing less than asked at times; a
+    range past a file's end is named as a truncation."""
+    monkeypatch.setattr(file_copy, "SMALL_RANGE", 64)
+    monkeypatch.setattr(file_copy, "_IOV_MAX", 7)
+    real = os.pwritev
+
+    def short_pwritev(fd, buffers, offset):  # at most 100 bytes a call, cutting buffers
+        taken, left = [], 100
+        for b in buffers:
+            taken.append(memoryview(b)[:left])
+            left -= taken[-1].nbytes
+            if not left:
+                break
+        return real(fd, taken, offset)
+
+    monkeypatch.setattr(file_copy.os, "pwritev", short_pwritev)
+    a, b = tmp_path / "a", tmp_path / "b"
+    data = {a: os.urandom(5000), b: os.urandom(3000)}
+    for path, content in data.items():
+        path.write_bytes(content)
+    ranges = [FileRange(a if i % 3 else b, 37 * i, 1 + i % 40) for i in range(50)]
+    ranges[20:20] = [FileRange(a, 100, 2000), FileRange(b, 5, 0)]
+    with OutputFile(tmp_path / "out") as f:
+        f.copy_all(ranges)
+    expected = b"".join(data[r.path][r.offset : r.offset + r.nbytes] for r in ranges)
+    assert (tmp_path / "out").read_bytes() == expected
+    with pytest.raises(CheckpointError, match="truncated"), OutputFile(tmp_path / "o") as f:
+        f.copy_all([FileRange(b, 0, 10), FileRange(b, 2995, 10)])
+
+
 def test_a_short_source_is_named(tmp_path: Path, copy_mode) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"x" * 100)

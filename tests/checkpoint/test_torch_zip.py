@@ -174,24 +174,29 @@ def test_stored_bytes_that_do_not_fit_the_declared_shape_are_read_and_checked(
 
 
 def test_stored_slices_rows_and_column_blocks() -> None:
-    """A tensor's bytes over three ranges of two files: row blocks and column blocks of it are
-    the byte ranges the tensor's own slicing gives."""
+    """A tensor's bytes over three ranges of two files, and in one range of a third (the
+    usual case, taken without a search): row blocks and column blocks of it are the byte
+    ranges the tensor's own slicing gives."""
     whole = torch.arange(6 * 4, dtype=torch.int16).reshape(6, 4)
     data = whole.view(torch.uint8).reshape(-1).numpy().tobytes()
     files = {Path("a"): b"..." + data[:20], Path("b"): data[20:30] + b"-" + data[30:]}
-    where = Stored(
+    files[Path("c")] = b"12345" + data
+    split = Stored(
         [FileRange(Path("a"), 3, 20), FileRange(Path("b"), 0, 10), FileRange(Path("b"), 11, 18)]
     )
+    one = Stored([FileRange(Path("c"), 5, len(data))])
 
     def read(ranges) -> bytes:
         return b"".join(files[r.path][r.offset : r.offset + r.nbytes] for r in ranges)
 
-    assert read(where.ranges) == data
-    for dim, pieces in [(0, [(0, 1, 3)]), (0, [(0, 0, 1), (1, 4, 2)]), (1, [(0, 1, 2)]),
-                        (1, [(0, 0, 1), (1, 3, 1)])]:  # fmt: skip
-        expect = torch.cat([whole.narrow(dim, start, n) for _, start, n in pieces], dim=dim)
-        got = read(where.block((6, 4), 2, dim, pieces))
-        assert got == expect.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    for where in (split, one):
+        assert read(where.ranges) == data
+        for dim, pieces in [(0, [(0, 1, 3)]), (0, [(0, 0, 1), (1, 4, 2)]), (1, [(0, 1, 2)]),
+                            (1, [(0, 0, 1), (1, 3, 1)])]:  # fmt: skip
+            expect = torch.cat([whole.narrow(dim, start, n) for _, start, n in pieces], dim=dim)
+            got = read(where.block((6, 4), 2, dim, pieces))
+            assert got == expect.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    where = split
     assert where.block((6, 4), 2, 2, [(0, 0, 1)]) is None  # no third dim to split
     assert where.block((5, 4), 2, 0, [(0, 0, 5)]) is None  # another size
 

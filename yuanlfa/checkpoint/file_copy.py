@@ -85,6 +85,13 @@ class Stored:
         if dim != 1 or len(shape) < 2:
             return None
         inner = row // shape[1]
+        if len(self.ranges) == 1:  # the usual case, a whole tensor in one place: no search
+            path, base = self.ranges[0].path, self.ranges[0].offset
+            return [
+                FileRange(path, base + i * row + start * inner, n * inner)
+                for i in range(shape[0])
+                for _, start, n in pieces
+            ]
         return [
             r
             for i in range(shape[0])
@@ -103,19 +110,34 @@ class SourceMaps:
         self._lock = threading.Lock()
 
     def view(self, src: FileRange) -> memoryview:
+        return self.views([src])[0]
+
+    def views(self, ranges: list[FileRange]) -> list[memoryview]:
+        """Views of many ranges at once (a column block's thousands of rows: one lookup of
+        each file, not one per range)."""
+        out = []
+        path, whole = None, memoryview(b"")
+        for r in ranges:
+            if r.path != path:
+                path, whole = r.path, self._whole(r.path)
+            end = r.offset + r.nbytes
+            if end > len(whole):
+                raise CheckpointError(
+                    f"{r.path}: ends before byte {end}, where the checkpoint's metadata puts "
+                    "data; the file is truncated, copy it again"
+                )
+            out.append(whole[r.offset : end])
+        return out
+
+    def _whole(self, path: Path) -> memoryview:
         with self._lock:
-            m = self._maps.get(src.path)
+            m = self._maps.get(path)
             if m is None:
-                with open(src.path, "rb") as f:
+                with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-                self._maps[src.path] = m
-        if src.offset + src.nbytes > len(m):
-            raise CheckpointError(
-                f"{src.path}: ends before byte {src.offset + src.nbytes}, where the checkpoint's "
-                "metadata puts data; the file is truncated, copy it again"
-            )
-        return memoryview(m)[src.offset : src.offset + src.nbytes]
+                self._maps[path] = m
+        return memoryview(m)
 
     def close(self) -> None:
         with self._lock:
@@ -186,18 +208,19 @@ class OutputFile:
                 continue
             if self._maps is None:
                 self._maps = SourceMaps()
-            batch = []
-            while i < len(ranges) and ranges[i].nbytes < SMALL_RANGE and len(batch) < _IOV_MAX:
-                if ranges[i].nbytes:
-                    batch.append(self._maps.view(ranges[i]))
-                i += 1
-            while batch:
-                n = os.pwritev(self.fd, batch, self.position)
+            j = i
+            while j < len(ranges) and ranges[j].nbytes < SMALL_RANGE and j - i < _IOV_MAX:
+                j += 1
+            batch, first = self._maps.views(ranges[i:j]), 0
+            i = j
+            while first < len(batch):
+                n = os.pwritev(self.fd, batch[first:], self.position)
                 self.position += n
-                while batch and n >= batch[0].nbytes:  # drop what was written
-                    n -= batch.pop(0).nbytes
-                if batch and n:
-                    batch[0] = batch[0][n:]
+                while first < len(batch) and n >= batch[first].nbytes:  # skip what was written
+                    n -= batch[first].nbytes
+                    first += 1
+                if n:
+                    batch[first] = batch[first][n:]
             self._write_back()
 
     def _write_back(self) -> None:

@@ -132,11 +132,11 @@ class ArchiveWriter:
 
         def crc_all() -> int:  # from maps of the sources (the page cache, no copy)
             crc = 0
-            for r in ranges:
-                view = maps.view(r)
-                for start in range(0, r.nbytes, _CRC_CHUNK):
-                    crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
-                view.release()
+            for first in range(0, len(ranges), 1024):  # views of a bounded number at a time
+                for view in maps.views(ranges[first : first + 1024]):
+                    for start in range(0, view.nbytes, _CRC_CHUNK):
+                        crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
+                    view.release()
             return crc
 
         crc = self._crc_async(crc_all)
