@@ -7,8 +7,9 @@ Hugging Face and back, ours -> Megatron (tp 2, pp 2), Megatron -> ours, and Mega
 memory, next to ``cp -r`` of the conversion's own input (the floor: any conversion has to move
 those bytes), run right before and right after each conversion (and after each of its
 ``--repeats``), as a shared disk's speed drifts within minutes: the ratio is the conversion's
-median time over the median of its own copies. Copies and conversions alike start with their
-input in the page cache (read once just before) and are timed until their output is on disk
+median time over the median of its own copies. Copies and conversions alike start from an
+emptied page cache (as root) with their input and the interpreter's files read once just
+before, and are timed until their output is on disk
 (``sync``), as the converters fsync what they write. The bytes written differ from the copy's
 where the format does (HF stores the tied head's copy): ``output_vs_input_bytes`` says by how
 much. Memory is reported two ways: the kernel's peak resident set (VmHWM, which also counts
@@ -159,7 +160,6 @@ def main() -> int:
         dropped = drop_caches()
         if not dropped:
             print("note: cannot empty the page cache here (not root): timings vary more")
-        baseline = measure([py, "-c", "import yuanlfa.cli.reshard, torch"])
         cases = {
             "cp -r + sync (floor)": (["cp", "-r", str(src), str(work / "copy")], work / "copy"),
             "ours -> hf": (
@@ -210,6 +210,10 @@ def main() -> int:
             copies.append(wall)
             return wall
 
+        # The process every conversion starts with (interpreter, imports), from the same warm
+        # cache as the conversions: the fixed cost taken out of `time_vs_copy_after_start`.
+        warm(src)
+        baseline = measure([py, "-c", "import yuanlfa.cli.reshard, torch"])
         for name, (cmd, output) in cases.items():
             print(f"{name} ...", flush=True)
             if "floor" in name:
