@@ -100,6 +100,25 @@ def test_runs_of_small_ranges_are_gathered_exactly(tmp_path: Path, monkeypatch) 
         f.copy_all([FileRange(b, 0, 10), FileRange(b, 2995, 10)])
 
 
+def test_sources_held_open_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """A source checkpoint may hold a file per tensor and an output file take ranges from
+    thousands: at most OPEN_SOURCES descriptors and maps are held (least recently used one
+    closed), and the bytes are the same."""
+    monkeypatch.setattr(file_copy, "OPEN_SOURCES", 2)
+    monkeypatch.setattr(file_copy, "SMALL_RANGE", 64)
+    files = {tmp_path / f"t{i}": os.urandom(500) for i in range(5)}
+    for path, content in files.items():
+        path.write_bytes(content)
+    paths = list(files)
+    ranges = [FileRange(paths[i % 5], i, 100 if i % 2 else 10) for i in range(40)]
+    with OutputFile(tmp_path / "out") as f:
+        for start in range(0, 40, 4):
+            f.copy_all(ranges[start : start + 4])
+            assert len(f._sources) <= 2 and len(f._maps._maps) <= 2
+    expected = b"".join(files[r.path][r.offset : r.offset + r.nbytes] for r in ranges)
+    assert (tmp_path / "out").read_bytes() == expected
+
+
 def test_a_short_source_is_named(tmp_path: Path, copy_mode) -> None:
     src = tmp_path / "src"
     src.write_bytes(b"x" * 100)

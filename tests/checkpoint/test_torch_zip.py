@@ -28,8 +28,9 @@ from yuanlfa.checkpoint.convert import (
 )
 from yuanlfa.checkpoint.convert.megatron import reshard_megatron
 from yuanlfa.checkpoint.dcp_write import write_dcp
-from yuanlfa.checkpoint.file_copy import FileRange, Stored
+from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.stored import Stored
 from yuanlfa.checkpoint.torch_direct import TorchFile
 from yuanlfa.checkpoint.torch_files import Pending, save_streaming
 

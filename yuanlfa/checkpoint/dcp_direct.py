@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from yuanlfa.checkpoint import storage
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange, Stored
+from yuanlfa.checkpoint.file_copy import FileRange
+from yuanlfa.checkpoint.stored import Stored
 from yuanlfa.checkpoint.torch_direct import NotDirect, record_offset
 
 _STORAGE_ENTRY = re.compile(r"[^/]+/data/\d+")

@@ -6,23 +6,24 @@ whole tensor or a block of its rows), :class:`OutputFile` copies that range with
 cache. Measured on the 2B checkpoint's embedding (553 MB, ext4 in a VM): 0.14-0.6 s, against
 0.2-2.3 s for ``write()`` of the same bytes from a tensor in memory. When the kernel refuses a
 copy (another file system, an old kernel, a file system without support) the range goes through
-a bounded buffer with ``pread`` / ``pwrite`` instead: the same bytes. Other tensors are written
-from their memory with large positional writes. The file is fsynced once, when complete.
+a bounded buffer with ``pread`` / ``pwrite`` instead: the same bytes. Runs of short ranges (the
+rows of a column block) are gathered from read-only maps of their files into one ``pwritev``
+each. Other tensors are written from their memory with large positional writes. The disk's
+write-back is started as the file grows; the file is fsynced once, when complete (by
+:meth:`OutputFile.close`, or by the caller with :func:`fsync_files`).
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
-import itertools
-import math
 import mmap
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,70 +35,20 @@ _FALLBACK_CHUNK = 16 * 2**20  # the staging buffer of the read/write fallback
 WRITE_BACK_BYTES = 64 * 2**20  # dirty bytes of a file after which its write-back starts
 SMALL_RANGE = 2**20  # ranges below this are gathered into one write, not copied one by one
 _IOV_MAX = 1024  # buffers per pwritev (Linux's limit)
+OPEN_SOURCES = 64  # source files held open (or mapped) per output file at once
 # Tests switch it off to cover the read/write path; it is also the answer on platforms without
 # the call.
 KERNEL_COPY = hasattr(os, "copy_file_range")
 
 
-@dataclass(frozen=True)
-class FileRange:
-    """``nbytes`` bytes of ``path`` from ``offset``: a converted tensor's exact bytes."""
+class FileRange(NamedTuple):
+    """``nbytes`` bytes of ``path`` from ``offset``: a converted tensor's exact bytes. (A
+    named tuple: converters make millions of them, and it is made twice as fast as a frozen
+    dataclass.)"""
 
     path: Path
     offset: int
     nbytes: int
-
-
-class Stored:
-    """A tensor's bytes (row-major) as they already lie in files: ``ranges`` in order. Slices
-    of it by byte, row or column block are again lists of ranges, for a writer to copy."""
-
-    def __init__(self, ranges: list[FileRange]) -> None:
-        self.ranges = [r for r in ranges if r.nbytes]
-        self.starts = list(itertools.accumulate((r.nbytes for r in self.ranges), initial=0))
-
-    @property
-    def nbytes(self) -> int:
-        return self.starts[-1]
-
-    def slice(self, offset: int, nbytes: int) -> list[FileRange]:
-        """The ranges holding bytes ``[offset, offset + nbytes)``."""
-        out = []
-        i = bisect.bisect_right(self.starts, offset) - 1
-        end = offset + nbytes
-        while nbytes and offset < end:
-            r, start = self.ranges[i], self.starts[i]
-            lo, hi = offset - start, min(r.nbytes, end - start)
-            out.append(FileRange(r.path, r.offset + lo, hi - lo))
-            offset, i = start + hi, i + 1
-        return out
-
-    def block(
-        self, shape: tuple[int, ...], itemsize: int, dim: int, pieces
-    ) -> list[FileRange] | None:
-        """The ranges of a tensor-parallel shard: ``pieces`` ``(local, start, length)`` along
-        ``dim`` (0: blocks of rows; 1: a block of columns of every row), None for other dims."""
-        if not shape or self.nbytes != math.prod(shape) * itemsize:
-            return None
-        row = math.prod(shape[1:]) * itemsize
-        if dim == 0:
-            return [r for _, start, n in pieces for r in self.slice(start * row, n * row)]
-        if dim != 1 or len(shape) < 2:
-            return None
-        inner = row // shape[1]
-        if len(self.ranges) == 1:  # the usual case, a whole tensor in one place: no search
-            path, base = self.ranges[0].path, self.ranges[0].offset
-            return [
-                FileRange(path, base + i * row + start * inner, n * inner)
-                for i in range(shape[0])
-                for _, start, n in pieces
-            ]
-        return [
-            r
-            for i in range(shape[0])
-            for _, start, n in pieces
-            for r in self.slice(i * row + start * inner, n * inner)
-        ]
 
 
 class SourceMaps:
@@ -131,13 +82,28 @@ class SourceMaps:
 
     def _whole(self, path: Path) -> memoryview:
         with self._lock:
-            m = self._maps.get(path)
+            m = self._maps.pop(path, None)
             if m is None:
+                # A map holds a descriptor of its own: at most OPEN_SOURCES of them (a source
+                # checkpoint may hold a file per tensor), the least recently used one closed.
+                while len(self._maps) >= OPEN_SOURCES and self._drop_oldest():
+                    pass
                 with open(path, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else b""
-                self._maps[path] = m
+            self._maps[path] = m  # last: the most recently used
         return memoryview(m)
+
+    def _drop_oldest(self) -> bool:
+        for path, m in self._maps.items():
+            try:
+                if isinstance(m, mmap.mmap):
+                    m.close()
+            except BufferError:  # a view of it is still in use: keep it
+                continue
+            del self._maps[path]
+            return True
+        return False
 
     def close(self) -> None:
         with self._lock:
@@ -150,8 +116,8 @@ class SourceMaps:
 
 class OutputFile:
     """A file written front to back from tensors and :class:`FileRange` copies, fsynced by
-    :meth:`close`. Use as a context manager; a failure leaves the file for the caller's
-    temporary directory to remove."""
+    :meth:`close` (unless told the caller does it). Use as a context manager; a failure leaves
+    the file for the caller's temporary directory to remove."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -175,9 +141,12 @@ class OutputFile:
 
     def copy(self, src: FileRange) -> None:
         """Append the bytes of ``src``: in the kernel where it copies, else through a buffer."""
-        if src.path not in self._sources:
-            self._sources[src.path] = os.open(src.path, os.O_RDONLY)
-        fd = self._sources[src.path]
+        fd = self._sources.pop(src.path, None)
+        if fd is None:
+            if len(self._sources) >= OPEN_SOURCES:  # the least recently used one goes
+                os.close(self._sources.pop(next(iter(self._sources))))
+            fd = os.open(src.path, os.O_RDONLY)
+        self._sources[src.path] = fd  # last: the most recently used
         offset, left = src.offset, src.nbytes
         if KERNEL_COPY:
             try:
@@ -196,32 +165,42 @@ class OutputFile:
                     raise
         self._copy_through_buffer(fd, src.path, offset, left)
 
-    def copy_all(self, ranges: list[FileRange]) -> None:
+    def copy_all(self, ranges: Iterable[FileRange]) -> None:
         """Append the bytes of ``ranges`` in order: large ones copied in the kernel, runs of
         small ones (the rows of a column block: thousands of a few KiB) gathered from maps of
         their files into one positional write each, instead of a call per range."""
-        i = 0
-        while i < len(ranges):
-            if ranges[i].nbytes >= SMALL_RANGE or not hasattr(os, "pwritev"):
-                self.copy(ranges[i])
-                i += 1
-                continue
-            if self._maps is None:
-                self._maps = SourceMaps()
-            j = i
-            while j < len(ranges) and ranges[j].nbytes < SMALL_RANGE and j - i < _IOV_MAX:
-                j += 1
-            batch, first = self._maps.views(ranges[i:j]), 0
-            i = j
-            while first < len(batch):
-                n = os.pwritev(self.fd, batch[first:], self.position)
-                self.position += n
-                while first < len(batch) and n >= batch[first].nbytes:  # skip what was written
-                    n -= batch[first].nbytes
-                    first += 1
-                if n:
-                    batch[first] = batch[first][n:]
-            self._write_back()
+        run: list[FileRange] = []
+        for r in ranges:
+            if r.nbytes >= SMALL_RANGE or not hasattr(os, "pwritev"):
+                self._gather(run)
+                run = []
+                self.copy(r)
+            else:
+                run.append(r)
+                if len(run) == _IOV_MAX:
+                    self._gather(run)
+                    run = []
+        self._gather(run)
+
+    def _gather(self, run: list[FileRange]) -> None:
+        if not run:
+            return
+        if self._maps is None:
+            self._maps = SourceMaps()
+        batch, first = self._maps.views(run), 0
+        while first < len(batch):
+            n = os.pwritev(self.fd, batch[first:], self.position)
+            if n == 0 and any(v.nbytes for v in batch[first:]):
+                raise OSError(errno.EIO, f"{self.path}: the system wrote nothing")
+            self.position += n
+            while first < len(batch) and n >= batch[first].nbytes:  # skip what was written
+                n -= batch[first].nbytes
+                first += 1
+            if n:
+                batch[first] = batch[first][n:]
+        for view in batch:
+            view.release()
+        self._write_back()
 
     def _write_back(self) -> None:
         # Start writing the bytes appended since the last call to disk once they are many:

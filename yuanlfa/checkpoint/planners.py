@@ -122,7 +122,7 @@ class LazyTensor:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
     # Where its bytes already lie in existing files, when they do (a
-    # :class:`~yuanlfa.checkpoint.file_copy.Stored`): writers copy them file to file.
+    # :class:`~yuanlfa.checkpoint.stored.Stored`): writers copy them file to file.
     stored: Any = None
 
 

@@ -26,7 +26,7 @@ import contextlib
 import io
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, fsync_files
+from yuanlfa.checkpoint.stored import Ranges
 
 ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
 
@@ -171,7 +172,7 @@ class Pending:
         dtype: torch.dtype,
         load: Callable[[], Any],
         cost: int | None = None,
-        source: list[FileRange] | None = None,
+        source: Sequence[FileRange] | None = None,
     ) -> None:
         self.shape, self.dtype, self.load = tuple(shape), dtype, load
         # The tensor's exact bytes (row-major, this dtype) as ranges of existing files: the
@@ -235,7 +236,8 @@ class _StreamingFile:
     def copy(self, key: int) -> int:
         """Write tensor ``key`` from its :attr:`Pending.source` ranges; returns its bytes."""
         pending = self.refs[key]
-        nbytes = sum(r.nbytes for r in pending.source)
+        src = pending.source
+        nbytes = src.nbytes if isinstance(src, Ranges) else sum(r.nbytes for r in src)
         if nbytes != pending.numel * pending.dtype.itemsize:
             raise CheckpointError(
                 f"internal: tensor {key}'s source holds {nbytes} bytes, announced as "

@@ -11,23 +11,28 @@ source file is copied inside the kernel, never read into this process), with zli
 (several GB/s, computed on a worker thread from a read-only map of the source while the kernel
 copies). Each entry is laid out as torch lays it out (a local header with the data descriptor
 flag, an ``FB`` padding field up to the alignment, the data, the descriptor) and Zip64 records
-are added where offsets or sizes pass 4 GiB, so that torch (miniz), Python's ``zipfile`` and
-``unzip`` read the result, CRCs checked.
+are added where offsets or sizes pass 4 GiB (in the descriptors and the central directory; unlike
+torch's, our local headers then carry no Zip64 field: readers that go by the central directory,
+as torch (miniz), Python's ``zipfile`` and ``unzip`` do, read the result, CRCs checked; a
+streaming reader of a record over 4 GiB might not).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import sys
 import threading
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, SourceMaps
+from yuanlfa.checkpoint.stored import Ranges
 
 ALIGNMENT = 64  # torch's default (its .storage_alignment record)
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -122,18 +127,19 @@ class ArchiveWriter:
         self._end(entry, view.nbytes, crc.result())
         return view.nbytes
 
-    def copy_ranges(self, name: str, ranges: list[FileRange]) -> int:
+    def copy_ranges(self, name: str, ranges: Sequence[FileRange]) -> int:
         """A record whose bytes are the concatenation of ``ranges``, copied file to file.
         Returns its bytes."""
         entry = self._begin(name)
         if self._maps is None:
             self._maps = SourceMaps()
         maps = self._maps
+        nbytes = ranges.nbytes if isinstance(ranges, Ranges) else sum(r.nbytes for r in ranges)
 
         def crc_all() -> int:  # from maps of the sources (the page cache, no copy)
-            crc = 0
-            for first in range(0, len(ranges), 1024):  # views of a bounded number at a time
-                for view in maps.views(ranges[first : first + 1024]):
+            crc, it = 0, iter(ranges)
+            while run := list(itertools.islice(it, 1024)):  # a bounded number of views at once
+                for view in maps.views(run):
                     for start in range(0, view.nbytes, _CRC_CHUNK):
                         crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
                     view.release()
@@ -141,8 +147,8 @@ class ArchiveWriter:
 
         crc = self._crc_async(crc_all)
         self.file.copy_all(ranges)
-        self._end(entry, sum(r.nbytes for r in ranges), crc.result())
-        return sum(r.nbytes for r in ranges)
+        self._end(entry, nbytes, crc.result())
+        return nbytes
 
     def _crc_async(self, job) -> Future:
         # A worker thread: zlib and copy_file_range both let go of the GIL, so the checksum

@@ -52,9 +52,10 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, Stored, fsync_files
+from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
+from yuanlfa.checkpoint.stored import Stored
 from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model

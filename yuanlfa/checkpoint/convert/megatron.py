@@ -17,8 +17,10 @@ it in separate files) convert with ``weights_only``.
 
 Both directions stream: reading unpickles the source files with data-less tensors and reads each
 shard straight into its place in the whole tensor (:class:`~yuanlfa.checkpoint.torch_direct.
-TorchFile`), writing produces one tensor at a time
-(:func:`~yuanlfa.checkpoint.torch_files.save_streaming`, DCP's writer).
+TorchFile`); writing (:func:`~yuanlfa.checkpoint.torch_files.save_streaming` for Megatron files,
+:func:`~yuanlfa.checkpoint.dcp_write.write_dcp` for ours) copies each tensor whose bytes lie in
+the source file to file (:mod:`~yuanlfa.checkpoint.stored` says where) and produces the others
+one at a time.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from yuanlfa.checkpoint.convert.common import (
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, stored
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange, Stored
+from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
+from yuanlfa.checkpoint.stored import Block, Part, Ranges, Stored
 from yuanlfa.checkpoint.torch_direct import TorchFile
 from yuanlfa.checkpoint.torch_files import Pending, save_streaming
 from yuanlfa.config import (
@@ -788,7 +791,7 @@ class MegatronReader:
             return None
         stage, path = places(name, self.blocks, self.cfg.tie_embeddings)[0]
         dtype = self.stored(name).dtype if what == "weight" else torch.float32
-        blocks = []  # per rank: (dim, [(global start, length, the piece's ranges by row)])
+        blocks = []  # per rank: (dim, its pieces, its bytes as Stored and as a range)
         for t in range(self.tp):
             state = self.states[(t, stage)]
             try:
@@ -807,7 +810,7 @@ class MegatronReader:
             where = self.sources[(t, stage)].range_of(shard)
             if where is None:
                 return None
-            blocks.append((dim, pieces, Stored([where])))
+            blocks.append((dim, pieces, Stored([where]), where))
             if pieces == [(0, 0, shape[0])] and dim == 0:
                 break  # replicated: every rank holds the whole tensor
         dim = blocks[0][0]
@@ -815,27 +818,34 @@ class MegatronReader:
         if dim == 0:  # the shards' row blocks, in global row order
             row = math.prod(shape[1:]) * itemsize
             parts = sorted(
-                (start, s.slice(local * row, n * row))
-                for _, pieces, s in blocks
-                for local, start, n in pieces
-            )
-            return Stored([r for _, ranges in parts for r in ranges])
-        # Column blocks: row i of the whole is row i of each shard's pieces, in column order.
+                ((start, s.slice(local * row, n * row)) for _, pieces, s, _ in blocks
+                 for local, start, n in pieces),
+                key=lambda part: part[0],
+            )  # fmt: skip
+            return Stored(Ranges([b for _, ranges in parts for b in ranges.blocks]))
+        # Column blocks: row i of the whole is row i of each shard's pieces, in column order;
+        # one block of rows (however many), each shard's piece a part.
         inner = math.prod(shape[2:]) * itemsize
         order = sorted(
-            (start, s, local, n, expect_cols)
-            for (_, pieces, s), expect_cols in zip(
-                blocks, [_shard_shape(name, shape, t, self.tp)[1] for t in range(len(blocks))]
-            )
-            for local, start, n in pieces
+            (
+                (start, where, local, n, _shard_shape(name, shape, t, self.tp)[1])
+                for t, (_, pieces, _, where) in enumerate(blocks)
+                for local, start, n in pieces
+            ),
+            key=lambda part: part[0],
         )
         return Stored(
-            [
-                r
-                for i in range(shape[0])
-                for _, s, local, n, cols in order
-                for r in s.slice((i * cols + local) * inner, n * inner)
-            ]
+            Ranges(
+                [
+                    Block(
+                        shape[0],
+                        tuple(
+                            Part(where.path, where.offset + local * inner, cols * inner, n * inner)
+                            for _, where, local, n, cols in order
+                        ),
+                    )
+                ]
+            )
         )
 
 
