@@ -223,20 +223,37 @@ def test_conversions_by_file_copy_equal_the_conversions_that_read(
     model = _model(cfg).to(torch.bfloat16)
     src = _checkpoint(tmp_path / "ours", cfg, model, RUN)
     runs = {}
+    copied = {"shards": 0, "hf": 0}  # copies the writers were given, in the copy run
+
+    def counting(what, real):
+        def wrapped(*args):
+            found = real(*args)
+            copied[what] += found is not None
+            return found
+
+        return wrapped
+
     for mode in ("copy", "read"):
         with monkeypatch.context() as m:
             if mode == "read":
                 _no_rows(m)
+            else:
+                m.setattr(megatron._Source, "ranges", counting("shards", megatron._Source.ranges))
+                reader_cls = import_hf.__globals__["_HFReader"]
+                m.setattr(reader_cls, "located", counting("hf", reader_cls.located))
             d = tmp_path / mode
             mega = export_megatron(src, d / "mega", tp=2, pp=2, progress=False)
             one = reshard_megatron(mega, d / "mega1", tp=1, pp=1, progress=False)
+            # tp 2 -> tp 2 on other stages: column blocks cut from column-split shards.
+            two = reshard_megatron(mega, d / "mega2", tp=2, pp=1, progress=False)
             back = import_megatron(one, d / "back", progress=False)
             hf_dir = export_hf(src, d / "hf", progress=False)
             from_hf = import_hf(hf_dir, d / "from_hf", progress=False)
-            runs[mode] = (mega, one, back, from_hf)
-    for a, b in zip(runs["copy"][:2], runs["read"][:2], strict=True):
+            runs[mode] = (mega, one, two, back, from_hf)
+    assert copied["shards"] > 0 and copied["hf"] > 0, copied
+    for a, b in zip(runs["copy"][:3], runs["read"][:3], strict=True):
         _equal_trees(_load_all(a), _load_all(b))
-    for a, b in zip(runs["copy"][2:], runs["read"][2:], strict=True):
+    for a, b in zip(runs["copy"][3:], runs["read"][3:], strict=True):
         pa, pb = latest_checkpoint(a), latest_checkpoint(b)
         for name, p in model.named_parameters():
             key = manifest.model_key(name)
