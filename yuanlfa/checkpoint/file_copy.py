@@ -60,9 +60,6 @@ class SourceMaps:
         self._maps: dict[Path, mmap.mmap] = {}
         self._lock = threading.Lock()
 
-    def view(self, src: FileRange) -> memoryview:
-        return self.views([src])[0]
-
     def views(self, ranges: list[FileRange]) -> list[memoryview]:
         """Views of many ranges at once (a column block's thousands of rows: one lookup of
         each file, not one per range)."""
