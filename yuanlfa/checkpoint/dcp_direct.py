@@ -188,19 +188,6 @@ def row_ranges(path: str | Path, key: str) -> tuple[list[tuple[int, int, FileRan
     return (found, row_bytes) if row == size[0] else None
 
 
-def row_slice(ranges: tuple[list[tuple[int, int, FileRange]], int], start: int, rows: int):
-    """The byte ranges holding rows ``[start, start + rows)`` of a tensor located by
-    :func:`row_ranges`, in order."""
-    chunks, row_bytes = ranges
-    out = []
-    for first, count, where in chunks:
-        lo, hi = max(start, first), min(start + rows, first + count)
-        if lo < hi:
-            offset = where.offset + (lo - first) * row_bytes
-            out.append(FileRange(where.path, offset, (hi - lo) * row_bytes))
-    return out
-
-
 def stored(path: str | Path, key: str) -> Stored | None:
     """Where the bytes of tensor ``key`` of our checkpoint lie, in order (see
     :func:`row_ranges`), or None."""

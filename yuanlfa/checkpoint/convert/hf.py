@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint import dcp_direct, manifest
 from yuanlfa.checkpoint.convert.common import (
     HF,
     YUAN_NORM_EPS,
@@ -50,7 +50,7 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
     run_tokenizer,
     write_tokenizer_files,
 )
-from yuanlfa.checkpoint.dcp_direct import read_tensor, row_ranges, row_slice
+from yuanlfa.checkpoint.dcp_direct import read_tensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
@@ -234,7 +234,7 @@ def write_safetensors(
 ) -> None:
     """A safetensors file written as a stream: the header (names, dtypes, shapes, offsets) is
     known from ``entries`` up front, then each item of ``tensors`` (in ``entries`` order) is
-    appended as it comes, so only one is in memory: a tensor, or a list of
+    appended as it comes, so only one is in memory: a tensor, or a sequence of
     :class:`~yuanlfa.checkpoint.file_copy.FileRange` holding its exact bytes, copied file to
     file. Same bytes as ``safetensors.save_file``'s layout: u64 header size, JSON header padded
     to 8 bytes, then the data. ``sync`` false: the caller fsyncs the file
@@ -258,11 +258,10 @@ def write_safetensors(
     with OutputFile(path) as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for (name, shape, dtype), size, item in zip(entries, sizes, tensors, strict=True):
-            if isinstance(item, list):  # byte ranges of the source: a kernel copy
+            if not isinstance(item, torch.Tensor):  # byte ranges of the source: a kernel copy
                 if sum(r.nbytes for r in item) != size:
                     raise CheckpointError(f"internal: {name}'s source ranges are not {size} bytes")
-                for where in item:
-                    f.copy(where)
+                f.copy_all(item)
                 continue
             if tuple(item.shape) != shape or item.dtype != dtype:
                 raise CheckpointError(f"internal: {name} is {tuple(item.shape)} {item.dtype}")
@@ -325,16 +324,17 @@ def export_hf(
     current: dict[int, torch.Tensor] = {}  # the one parameter being written
     # Where a parameter is stored in the output's dtype as blocks of whole rows, each HF tensor
     # (a row range) is a byte range of the source files: copied file to file, never read.
-    located: dict[int, tuple | None] = {}
+    located: dict[int, Stored | None] = {}
 
     def pieces(shard):
         for i, _, start, rows in shard:
             key = params[i][1]
             if i not in located:
                 same = stored[key].properties.dtype == out_dtype
-                located[i] = row_ranges(src, key) if same else None
+                located[i] = dcp_direct.stored(src, key) if same else None
             if located[i] is not None:
-                yield row_slice(located[i], start, rows)
+                row = math.prod(stored[key].size[1:]) * out_dtype.itemsize
+                yield located[i].slice(start * row, rows * row)
             else:
                 if i not in current:
                     current.clear()

@@ -47,7 +47,6 @@ from yuanlfa.checkpoint.convert.common import (
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, stored
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.stored import Block, Part, Ranges, Stored
@@ -342,7 +341,7 @@ class _Source:
 
     def ranges(
         self, key: str, name: str, shape: tuple[int, ...], tp_rank: int, tp: int, dtype
-    ) -> list[FileRange] | None:
+    ) -> Ranges | None:
         """The byte ranges of existing files that hold this rank's shard exactly, in order,
         when they exist (same dtype; a block of rows, or of columns of every row): the writer
         copies them file to file."""
