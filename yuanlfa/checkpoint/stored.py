@@ -146,6 +146,11 @@ def _cut(block: Block, row: int, lo: int, nbytes: int) -> Block:
     return Block(1, tuple(parts))
 
 
+def nbytes_of(ranges: Iterable[FileRange]) -> int:
+    """The bytes of ``ranges``: counted by blocks for :class:`Ranges` (no range made)."""
+    return ranges.nbytes if isinstance(ranges, Ranges) else sum(r.nbytes for r in ranges)
+
+
 class Stored:
     """A tensor's bytes (row-major) as they already lie in files: ``ranges`` in order. Slices
     of it by byte, row or column block are again :class:`Ranges`, for a writer to copy."""

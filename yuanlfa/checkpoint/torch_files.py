@@ -34,7 +34,7 @@ import torch
 
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, fsync_files
-from yuanlfa.checkpoint.stored import Ranges
+from yuanlfa.checkpoint.stored import nbytes_of
 
 ALLOWED_TYPES = "tensors, containers, argparse.Namespace and Python/numpy RNG states"
 
@@ -236,8 +236,7 @@ class _StreamingFile:
     def copy(self, key: int) -> int:
         """Write tensor ``key`` from its :attr:`Pending.source` ranges; returns its bytes."""
         pending = self.refs[key]
-        src = pending.source
-        nbytes = src.nbytes if isinstance(src, Ranges) else sum(r.nbytes for r in src)
+        nbytes = nbytes_of(pending.source)
         if nbytes != pending.numel * pending.dtype.itemsize:
             raise CheckpointError(
                 f"internal: tensor {key}'s source holds {nbytes} bytes, announced as "

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, SourceMaps
-from yuanlfa.checkpoint.stored import Ranges
+from yuanlfa.checkpoint.stored import nbytes_of
 
 ALIGNMENT = 64  # torch's default (its .storage_alignment record)
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -134,7 +134,7 @@ class ArchiveWriter:
         if self._maps is None:
             self._maps = SourceMaps()
         maps = self._maps
-        nbytes = ranges.nbytes if isinstance(ranges, Ranges) else sum(r.nbytes for r in ranges)
+        nbytes = nbytes_of(ranges)
 
         def crc_all() -> int:  # from maps of the sources (the page cache, no copy)
             crc, it = 0, iter(ranges)

@@ -55,7 +55,7 @@ from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
 from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import stored_tensors
-from yuanlfa.checkpoint.stored import Stored
+from yuanlfa.checkpoint.stored import Stored, nbytes_of
 from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig, config_to_dict
 from yuanlfa.model import build_model
@@ -259,7 +259,7 @@ def write_safetensors(
         f.write(len(raw).to_bytes(8, "little") + raw)
         for (name, shape, dtype), size, item in zip(entries, sizes, tensors, strict=True):
             if not isinstance(item, torch.Tensor):  # byte ranges of the source: a kernel copy
-                if sum(r.nbytes for r in item) != size:
+                if nbytes_of(item) != size:
                     raise CheckpointError(f"internal: {name}'s source ranges are not {size} bytes")
                 f.copy_all(item)
                 continue
