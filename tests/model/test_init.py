@@ -152,3 +152,32 @@ def test_lfa_conv_init_bounds(hidden: int) -> None:
             w = conv.weight.detach()
             assert abs(w.mean().item()) < 0.05 * bound
             assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_meta_build_imports_no_compiler() -> None:
+    """Every process that saves, loads or converts a checkpoint builds the model on the meta
+    device for its names and shapes; that must not drag in torch._dynamo (the embedding's own
+    N(0, 1) init of a meta tensor did: 1.1 s of each 2B conversion)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tests.model.test_init import model_cfg\n"
+        "from yuanlfa.model import build_model\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        "model = build_model(model_cfg(2))\n"
+        "assert model.embed.weight.is_meta\n"
+        "print(before, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_embedding_on_a_real_device_keeps_torch_init() -> None:
+    """Built on a real device (no materialize), the embedding is N(0, 1) as nn.Embedding's own."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg(1, hidden=256), device="cpu")
+    weight = model.embed.weight
+    assert isinstance(model.embed, torch.nn.Embedding) and weight.requires_grad
+    assert abs(weight.std().item() - 1.0) < 0.05 and abs(weight.mean().item()) < 0.05
