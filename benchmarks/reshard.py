@@ -50,9 +50,9 @@ def make_checkpoint(config: str, out: Path) -> tuple[int, int]:
     import torch
 
     from yuanlfa.checkpoint import TrainingState
+    from yuanlfa.checkpoint.blocks import LazyTensor
     from yuanlfa.checkpoint.convert.common import write_ours
     from yuanlfa.checkpoint.manifest import model_key
-    from yuanlfa.checkpoint.planners import LazyTensor
     from yuanlfa.config import config_to_dict, load_config, resolve
     from yuanlfa.data import build_tokenizer
     from yuanlfa.model import build_model

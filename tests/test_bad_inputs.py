@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from yuanlfa.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from yuanlfa.checkpoint.files import write_text_atomic
-from yuanlfa.checkpoint.storage import _cached_reader
+from yuanlfa.checkpoint.storage import forget_metadata
 from yuanlfa.cli import common
 from yuanlfa.cli.info import main as info
 from yuanlfa.cli.preprocess import main as preprocess
@@ -144,7 +144,7 @@ def test_truncated_checkpoint_files_are_clean_errors(
         case = tmp_path / f"cut{frac}"
         src = copy_of(checkpoints / fmt, case)
         _cut(src / rel, frac)
-        _cached_reader.cache_clear()
+        forget_metadata()
         before = tree_digest(case)
         out = case / "out"
         argv = ["--input", str(src), "--output", str(out), "--quiet", *flags]
@@ -299,7 +299,7 @@ def test_missing_metadata_and_data_file_are_named(checkpoints: Path, tmp_path: P
     for name in (".metadata", "__0_0.distcp"):
         src = copy_of(checkpoints / "ours", tmp_path / name)
         (src / "step_0000001" / name).unlink()
-        _cached_reader.cache_clear()
+        forget_metadata()
         argv = ["--input", str(src), "--output", str(tmp_path / name / "o"), "--to", "hf"]
         clean_error(reshard, [*argv, "--quiet"], capsys, str(src / "step_0000001" / name))
 

@@ -58,7 +58,7 @@ def test_direct_reads_equal_dcp_reads(tmp_path: Path, monkeypatch) -> None:
     def no_fallback(*_):
         raise AssertionError("fell back to DCP's reader")
 
-    monkeypatch.setattr(direct.storage, "read_tensor", no_fallback)
+    monkeypatch.setattr(storage, "read_tensor", no_fallback)
     for key, t in TENSORS.items():
         got = direct.read_tensor(tmp_path, key)
         assert got.dtype == t.dtype and got.shape == t.shape

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.planner import (
 
 from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
 from yuanlfa.checkpoint import dcp_direct, file_copy, latest_checkpoint, manifest, storage
-from yuanlfa.checkpoint.convert import common, export_hf, hf, import_hf
+from yuanlfa.checkpoint.convert import export_hf, hf, import_hf
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
 from yuanlfa.checkpoint.planners import LazySavePlanner
@@ -253,7 +253,7 @@ def test_hf_export_of_a_checkpoint_stored_in_chunks(tmp_path: Path, dim, monkeyp
     )
     planner = type("Split", (_SplitPlanner,), {"dim": dim})
     with monkeypatch.context() as m:
-        m.setattr(common, "save_lazy", lambda d, tensors: _dcp_save(d, planner(tensors)))
+        m.setattr(storage, "save_lazy", lambda d, tensors: _dcp_save(d, planner(tensors)))
         split = _checkpoint(tmp_path / "split", cfg, model, RUN)
     path = latest_checkpoint(split)
     key = manifest.model_key("layers.0.mlp.fc1.weight")

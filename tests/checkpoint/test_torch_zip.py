@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 
 from tests.checkpoint.test_yuan_formats import RUN, _checkpoint, _model, _model_cfg
 from yuanlfa.checkpoint import dcp_direct, latest_checkpoint, manifest, storage, torch_zip
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.convert import (
     export_hf,
     export_megatron,
@@ -29,7 +30,7 @@ from yuanlfa.checkpoint.convert import (
 from yuanlfa.checkpoint.convert.megatron import reshard_megatron
 from yuanlfa.checkpoint.dcp_write import write_dcp
 from yuanlfa.checkpoint.file_copy import FileRange
-from yuanlfa.checkpoint.planners import LazySavePlanner, LazyTensor
+from yuanlfa.checkpoint.planners import LazySavePlanner
 from yuanlfa.checkpoint.stored import Stored
 from yuanlfa.checkpoint.torch_direct import TorchFile
 from yuanlfa.checkpoint.torch_files import Pending, save_streaming

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from yuanlfa.checkpoint import CheckpointError, TrainingState, load_checkpoint, save_checkpoint
-from yuanlfa.checkpoint.storage import _cached_reader, stored_tensors
+from yuanlfa.checkpoint.dcp_records import stored_tensors
+from yuanlfa.checkpoint.storage import forget_metadata
 from yuanlfa.cli.reshard import main as reshard
 from yuanlfa.config import config_from_dict, config_to_dict
 from yuanlfa.model import create_model
@@ -53,7 +54,7 @@ def test_a_crafted_metadata_file_is_refused_and_runs_nothing(tmp_path: Path, cap
     metadata = pickle.loads((path / ".metadata").read_bytes())  # our own, trusted here
     metadata.planner_data = _Evil(marker)
     (path / ".metadata").write_bytes(pickle.dumps(metadata))
-    _cached_reader.cache_clear()
+    forget_metadata()
 
     with pytest.raises(CheckpointError, match=r"refused to unpickle.*posix\.system|os\.system"):
         load_checkpoint(path, model, opt, config_to_dict(cfg.model), mesh, cfg.model)
@@ -81,6 +82,6 @@ def test_a_truncated_metadata_file_is_a_clear_error(tmp_path: Path) -> None:
     data = (path / ".metadata").read_bytes()
     for cut in (0, 1, len(data) // 2, len(data) - 1):
         (path / ".metadata").write_bytes(data[:cut])
-        _cached_reader.cache_clear()
+        forget_metadata()
         with pytest.raises(CheckpointError, match=r"\.metadata"):
             load_checkpoint(path, model, opt, config_to_dict(cfg.model), mesh, cfg.model)

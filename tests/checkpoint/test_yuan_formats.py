@@ -26,10 +26,10 @@ import torch
 
 from tests.checkpoint.yuan_reader import YUAN_READS, yuan_logits
 from yuanlfa.checkpoint import latest_checkpoint, manifest
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.convert import export_hf, export_megatron, import_hf, import_megatron
 from yuanlfa.checkpoint.convert.common import write_ours
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.storage import read_tensor
 from yuanlfa.checkpoint.torch_files import Pending, load_untrusted, save_streaming
 from yuanlfa.cli.reshard import main as reshard

@@ -9,7 +9,9 @@ saving and loading copy nothing beyond what the storage layer does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +22,19 @@ class Block:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     tensor: torch.Tensor  # a view into the rank's storage, shaped like the block
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A whole tensor to save, produced only when the writer reaches it (bounded memory)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+    # Where its bytes already lie in existing files, when they do (a
+    # :class:`~yuanlfa.checkpoint.stored.Stored`): writers copy them file to file.
+    stored: Any = None
 
 
 def flat_range_blocks(

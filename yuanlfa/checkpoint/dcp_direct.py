@@ -3,7 +3,7 @@
 DCP's own reader loads each stored chunk into a bytes buffer, unpickles a tensor from it and
 copies that into the destination: about three copies of a tensor in memory and three passes
 over its bytes. The format is plain enough to skip all that. The checkpoint's metadata (read
-through :func:`yuanlfa.checkpoint.storage.storage_reader`'s allow-list unpickler) maps each
+through :func:`yuanlfa.checkpoint.dcp_records.read_metadata`'s allow-list unpickler) maps each
 chunk to a byte range ``[offset, offset + length)`` of a ``.distcp`` file; that range is one
 ``torch.save`` archive (an uncompressed zip) whose single storage entry ``<name>/data/0`` holds
 the chunk's elements in row-major order (DCP clones a tensor whose storage is larger than it,
@@ -25,9 +25,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from yuanlfa.checkpoint import storage
+from yuanlfa.checkpoint.dcp_records import MetadataIndex, read_metadata
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange
 from yuanlfa.checkpoint.stored import Stored
@@ -102,8 +101,7 @@ def _fill(f, offset: int, dest: torch.Tensor) -> None:
 
 
 def _read_direct(path: Path, key: str) -> torch.Tensor:
-    reader = storage.storage_reader(path)
-    metadata = reader.read_metadata()
+    metadata = read_metadata(path)
     md = metadata.state_dict_metadata[key]
     dtype = md.properties.dtype
     out = torch.empty(tuple(md.size), dtype=dtype)
@@ -155,7 +153,7 @@ def row_ranges(path: str | Path, key: str) -> tuple[list[tuple[int, int, FileRan
     if sys.byteorder != "little":
         return None
     path = Path(path)
-    metadata = storage.storage_reader(path).read_metadata()
+    metadata = read_metadata(path)
     md = metadata.state_dict_metadata[key]
     size = tuple(md.size)
     if not size:
@@ -204,4 +202,6 @@ def read_tensor(path: str | Path, key: str) -> torch.Tensor:
             return _read_direct(path, key)
         except _NotDirect:
             pass
+    from yuanlfa.checkpoint import storage  # DCP's reader, imported only when needed
+
     return storage.read_tensor(path, key)

@@ -32,9 +32,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import OutputFile, fsync_files
-from yuanlfa.checkpoint.planners import LazyTensor
 from yuanlfa.checkpoint.prefetch import Prefetcher
 from yuanlfa.checkpoint.torch_files import Pending, pickle_pending
 from yuanlfa.checkpoint.torch_zip import ArchiveWriter, write_header_records

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
@@ -30,7 +28,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from yuanlfa.checkpoint.blocks import Block
+from yuanlfa.checkpoint.blocks import Block, LazyTensor
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.prefetch import Prefetcher
 
@@ -111,19 +109,6 @@ class BlockLoadPlanner(DefaultLoadPlanner):
         # DCP's default unpickles byte items with weights_only=False; our checkpoints hold only
         # tensors, so a byte item is refused rather than run.
         raise ValueError(f"{read_item.dest_index.fqn}: checkpoint holds a non-tensor item")
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyTensor:
-    """A whole tensor to save, produced only when the writer reaches it (bounded memory)."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
-    # Where its bytes already lie in existing files, when they do (a
-    # :class:`~yuanlfa.checkpoint.stored.Stored`): writers copy them file to file.
-    stored: Any = None
 
 
 class LazySavePlanner(DefaultSavePlanner):

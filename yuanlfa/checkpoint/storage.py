@@ -12,18 +12,17 @@ import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import StorageMeta
 
-from yuanlfa.checkpoint.blocks import Block
+from yuanlfa.checkpoint.blocks import Block, LazyTensor
+from yuanlfa.checkpoint.dcp_records import forget_records, open_metadata, stored_tensors
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.planners import BlockLoadPlanner, LazyTensor
-from yuanlfa.checkpoint.torch_files import load_pickle_restricted
+from yuanlfa.checkpoint.planners import BlockLoadPlanner
 from yuanlfa.config import ConfigError
 
 
@@ -85,20 +84,7 @@ class SafeReader(dcp.FileSystemReader):
 
     def read_metadata(self, *args, **kwargs):
         if not hasattr(self, "_metadata"):
-            path = Path(self.path) / ".metadata"
-            try:
-                with open(path, "rb") as f:
-                    metadata = load_pickle_restricted(f, path)
-            except OSError as exc:
-                raise CheckpointError(
-                    f"{path}: cannot read the checkpoint's metadata ({exc.strerror}); the "
-                    "checkpoint is incomplete"
-                ) from None
-            if not isinstance(metadata, Metadata):
-                raise CheckpointError(
-                    f"{path}: holds a {type(metadata).__name__}, not checkpoint metadata"
-                )
-            _check_sizes(Path(self.path), metadata)
+            metadata = open_metadata(Path(self.path), records=False)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -106,31 +92,15 @@ class SafeReader(dcp.FileSystemReader):
         return self._metadata
 
 
-def _check_sizes(directory: Path, metadata: Metadata) -> None:
-    """Every data file is at least as long as the metadata says: a truncated copy (an
-    interrupted download or rsync) is named here, not found as garbage or an EOFError later."""
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        end = int(info.offset) + int(info.length)
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for name, end in sorted(needed.items()):
-        file = directory / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            raise CheckpointError(
-                f"{file}: missing; the checkpoint's metadata lists it, so the copy is incomplete"
-            ) from None
-        if size < end:
-            raise CheckpointError(
-                f"{file}: {size} bytes, but the checkpoint's metadata needs {end}; the file is "
-                "truncated (an interrupted copy?), copy the checkpoint again"
-            )
-
-
 @functools.lru_cache(maxsize=8)
 def _cached_reader(path: str, stamp: tuple[int, int]) -> SafeReader:
     return SafeReader(path)
+
+
+def forget_metadata() -> None:
+    """Drop every cached reader and metadata (for tests that rewrite a checkpoint in place)."""
+    _cached_reader.cache_clear()
+    forget_records()
 
 
 def storage_reader(path: str | Path) -> SafeReader:
@@ -141,11 +111,6 @@ def storage_reader(path: str | Path) -> SafeReader:
     except OSError:
         return SafeReader(path)  # raises a CheckpointError naming the file on use
     return _cached_reader(str(Path(path).resolve()), (st.st_mtime_ns, st.st_ino))
-
-
-def stored_tensors(path: str | Path) -> dict[str, Any]:
-    """Key -> DCP tensor metadata (global size, dtype) of the checkpoint at ``path``."""
-    return storage_reader(path).read_metadata().state_dict_metadata
 
 
 def load_blocks(path: Path, blocks: list[Block]) -> None:

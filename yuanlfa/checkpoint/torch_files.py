@@ -26,7 +26,7 @@ import contextlib
 import io
 import pickle
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +137,27 @@ def _dcp_metadata_allowed(module: str, name: str) -> bool:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, stream: Any, replace: Mapping[tuple[str, str], type]) -> None:
+        super().__init__(stream)
+        self.replace = replace
+
     def find_class(self, module: str, name: str) -> Any:
         if not _dcp_metadata_allowed(module, name):
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if (module, name) in self.replace:
+            return self.replace[module, name]
         return super().find_class(module, name)
 
 
-def load_pickle_restricted(stream: Any, path: str | Path) -> Any:
+def load_pickle_restricted(
+    stream: Any, path: str | Path, replace: Mapping[tuple[str, str], type] | None = None
+) -> Any:
     """Unpickle a checkpoint's ``.metadata`` from ``stream`` through the allow-list above;
-    ``path`` names the file in errors."""
+    ``path`` names the file in errors. ``replace``: allowed globals built as other classes
+    instead, by (module, name) (:mod:`~yuanlfa.checkpoint.dcp_records`' records, read without
+    importing DCP)."""
     try:
-        return _RestrictedUnpickler(stream).load()
+        return _RestrictedUnpickler(stream, replace or {}).load()
     except pickle.UnpicklingError as exc:
         if "is not allowed" in str(exc):
             raise CheckpointError(

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.dcp_direct import read_tensor
+from yuanlfa.checkpoint.dcp_records import stored_tensors
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.files import fsync_dir, resolve_checkpoint, step_name
-from yuanlfa.checkpoint.layout_free import publish
-from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import save_lazy, stored_tensors
 from yuanlfa.config import ModelConfig
 from yuanlfa.model import build_model
 
@@ -141,6 +140,11 @@ def write_ours(
 ) -> Path:
     """Our checkpoint directory (``output/step_<N>`` + latest) from tensors produced one at a
     time; ``output`` appears only when complete."""
+    # DCP's writer side (the publishing of a checkpoint imports torch.distributed.checkpoint):
+    # only conversions into our format need it.
+    from yuanlfa.checkpoint.layout_free import publish
+    from yuanlfa.checkpoint.storage import save_lazy
+
     out_root = Path(output)
     tmp = prepare_output(out_root, force)
     name = step_name(state.step)

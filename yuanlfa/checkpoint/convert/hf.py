@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from yuanlfa.checkpoint import dcp_direct, manifest
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.convert.common import (
     HF,
     YUAN_NORM_EPS,
@@ -51,10 +52,9 @@ from yuanlfa.checkpoint.convert.hf_tokenizer import (
     write_tokenizer_files,
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor
+from yuanlfa.checkpoint.dcp_records import stored_tensors
 from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile, fsync_files
-from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.stored import Stored, nbytes_of
 from yuanlfa.checkpoint.torch_files import load_untrusted
 from yuanlfa.config import ModelConfig, config_to_dict

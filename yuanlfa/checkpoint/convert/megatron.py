@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from yuanlfa.checkpoint import manifest
+from yuanlfa.checkpoint.blocks import LazyTensor
 from yuanlfa.checkpoint.convert.common import (
     prepare_output,
     read_source,
@@ -46,9 +47,8 @@ from yuanlfa.checkpoint.convert.common import (
     write_ours,
 )
 from yuanlfa.checkpoint.dcp_direct import read_tensor, stored
+from yuanlfa.checkpoint.dcp_records import stored_tensors
 from yuanlfa.checkpoint.errors import CheckpointError
-from yuanlfa.checkpoint.planners import LazyTensor
-from yuanlfa.checkpoint.storage import stored_tensors
 from yuanlfa.checkpoint.stored import Block, Part, Ranges, Stored
 from yuanlfa.checkpoint.torch_direct import TorchFile
 from yuanlfa.checkpoint.torch_files import Pending, save_streaming
