@@ -33,6 +33,7 @@ from yuanlfa.checkpoint.errors import CheckpointError
 from yuanlfa.checkpoint.file_copy import FileRange, OutputFile
 from yuanlfa.checkpoint.planners import LazySavePlanner
 from yuanlfa.checkpoint.storage import read_tensor
+from yuanlfa.checkpoint.stored import Block, Part, Ranges
 
 
 def _refuse(*args, **kwargs):
@@ -98,6 +99,43 @@ def test_runs_of_small_ranges_are_gathered_exactly(tmp_path: Path, monkeypatch) 
     assert (tmp_path / "out").read_bytes() == expected
     with pytest.raises(CheckpointError, match="truncated"), OutputFile(tmp_path / "o") as f:
         f.copy_all([FileRange(b, 0, 10), FileRange(b, 2995, 10)])
+
+
+@pytest.mark.parametrize("gather", ["pwritev", "no pwritev"])
+def test_blocks_of_rows_are_gathered_exactly(tmp_path: Path, monkeypatch, gather) -> None:
+    """copy_all of :class:`Ranges` (a column block of two parts from two files over more rows
+    than one pwritev takes, a row block, a block of one short row) and the CRC's views of
+    them: the same bytes as the ranges listed one by one; a block reaching past a file's end
+    is named as a truncation."""
+    monkeypatch.setattr(file_copy, "SMALL_RANGE", 64)
+    monkeypatch.setattr(file_copy, "_IOV_MAX", 7)
+    if gather == "no pwritev":
+        monkeypatch.delattr(file_copy.os, "pwritev")
+    a, b = tmp_path / "a", tmp_path / "b"
+    data = {a: os.urandom(5000), b: os.urandom(3000)}
+    for path, content in data.items():
+        path.write_bytes(content)
+    ranges = Ranges(
+        [
+            Block(23, (Part(a, 10, 100, 30), Part(b, 7, 90, 12))),  # a column block
+            Block(2, (Part(a, 2500, 1000, 1000),)),  # two long rows
+            Block(1, (Part(b, 2990, 0, 10),)),
+        ]
+    )
+    expected = b"".join(data[r.path][r.offset : r.offset + r.nbytes] for r in ranges)
+    assert len(list(ranges)) == 23 * 2 + 2 + 1
+    with OutputFile(tmp_path / "out") as f:
+        f.copy_all(ranges)
+    assert (tmp_path / "out").read_bytes() == expected
+    maps = file_copy.SourceMaps()
+    batches = list(maps.batches(ranges))
+    assert all(len(batch) <= 7 for batch in batches)
+    assert b"".join(bytes(v) for batch in batches for v in batch) == expected
+    del batches
+    maps.close()
+    past_end = Ranges([Block(3, (Part(b, 0, 1000, 10), Part(b, 995, 1000, 10)))])
+    with pytest.raises(CheckpointError, match="truncated"), OutputFile(tmp_path / "o") as f:
+        f.copy_all(past_end)
 
 
 def test_sources_held_open_are_bounded(tmp_path: Path, monkeypatch) -> None:

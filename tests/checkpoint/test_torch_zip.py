@@ -125,6 +125,24 @@ def test_a_source_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
         save_streaming([(bad, tmp_path / "o.pt")])
 
 
+def test_a_failed_first_write_leaves_no_open_file(tmp_path: Path, monkeypatch) -> None:
+    """A stream whose first records cannot be written (a full disk) closes its file: the
+    caller never held it to abort it."""
+    import errno
+    import os
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    state = {"w": Pending((4,), torch.bfloat16, lambda: torch.zeros(4, dtype=torch.bfloat16))}
+    save_streaming([(state, tmp_path / "warm.pt")])  # modules and pools set up beforehand
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(torch_zip, "write_header_records", full)
+    with pytest.raises(OSError, match="No space"):
+        save_streaming([(state, tmp_path / "a.pt"), (state, tmp_path / "b.pt")])
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def _lazy(t: dict[str, torch.Tensor], rows: dict | None = None) -> list[LazyTensor]:
     return [
         LazyTensor(k, tuple(v.shape), v.dtype, lambda v=v: v.clone(), (rows or {}).get(k))

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,7 +67,7 @@ class SourceMaps:
         out = []
         path, whole = None, memoryview(b"")
         for r in ranges:
-            if r.path != path:
+            if r.path is not path and r.path != path:  # (ranges of a file share its path)
                 path, whole = r.path, self._whole(r.path)
             end = r.offset + r.nbytes
             if end > len(whole):
@@ -76,6 +77,45 @@ class SourceMaps:
                 )
             out.append(whole[r.offset : end])
         return out
+
+    def batches(self, ranges: Iterable[FileRange]) -> Iterator[list[memoryview]]:
+        """Views of all of ``ranges`` in order, at most ``_IOV_MAX`` at a time (blocks of rows
+        of :class:`~yuanlfa.checkpoint.stored.Ranges` without a range object per row)."""
+        blocks = getattr(ranges, "blocks", None)
+        if blocks is not None:
+            for rows, parts in blocks:
+                yield from self.block_views(rows, parts)
+            return
+        it = iter(ranges)
+        while run := list(itertools.islice(it, _IOV_MAX)):
+            yield self.views(run)
+
+    def block_views(
+        self, rows: int, parts: tuple[tuple[Path, int, int, int], ...]
+    ) -> Iterator[list[memoryview]]:
+        """Views of a block of ``rows`` rows, at most ``_IOV_MAX`` at a time: part ``(path,
+        offset, stride, length)`` of row ``i`` is ``length`` bytes at ``offset + i * stride``
+        (a column block: one map lookup per part, not one per range)."""
+        step = max(_IOV_MAX // max(len(parts), 1), 1)
+        for first in range(0, rows, step):
+            yield self._rows(range(first, min(first + step, rows)), parts)
+
+    def _rows(self, rows: range, parts: tuple[tuple[Path, int, int, int], ...]) -> list[memoryview]:
+        wholes = []
+        for path, offset, stride, length in parts:
+            whole = self._whole(path)
+            end = offset + (rows[-1] if rows else 0) * stride + length
+            if end > len(whole):
+                raise CheckpointError(
+                    f"{path}: ends before byte {end}, where the checkpoint's metadata puts "
+                    "data; the file is truncated, copy it again"
+                )
+            wholes.append((whole, offset, stride, length))
+        return [
+            whole[offset + i * stride : offset + i * stride + length]
+            for i in rows
+            for whole, offset, stride, length in wholes
+        ]
 
     def _whole(self, path: Path) -> memoryview:
         with self._lock:
@@ -165,7 +205,26 @@ class OutputFile:
     def copy_all(self, ranges: Iterable[FileRange]) -> None:
         """Append the bytes of ``ranges`` in order: large ones copied in the kernel, runs of
         small ones (the rows of a column block: thousands of a few KiB) gathered from maps of
-        their files into one positional write each, instead of a call per range."""
+        their files into one positional write each, instead of a call per range. Ranges held
+        as blocks of rows (:class:`~yuanlfa.checkpoint.stored.Ranges`, whose ``blocks`` are
+        ``(rows, parts)``) gather a block of short parts straight from its parts, without a
+        range object per row."""
+        blocks = getattr(ranges, "blocks", None)
+        if blocks is not None and hasattr(os, "pwritev"):
+            for rows, parts in blocks:
+                if all(p[3] < SMALL_RANGE for p in parts):
+                    for batch in self._source_maps().block_views(rows, parts):
+                        self._gather_views(batch)
+                else:
+                    self._copy_listed(
+                        FileRange(path, offset + i * stride, length)
+                        for i in range(rows)
+                        for path, offset, stride, length in parts
+                    )
+            return
+        self._copy_listed(ranges)
+
+    def _copy_listed(self, ranges: Iterable[FileRange]) -> None:
         run: list[FileRange] = []
         for r in ranges:
             if r.nbytes >= SMALL_RANGE or not hasattr(os, "pwritev"):
@@ -179,12 +238,18 @@ class OutputFile:
                     run = []
         self._gather(run)
 
-    def _gather(self, run: list[FileRange]) -> None:
-        if not run:
-            return
+    def _source_maps(self) -> SourceMaps:
         if self._maps is None:
             self._maps = SourceMaps()
-        batch, first = self._maps.views(run), 0
+        return self._maps
+
+    def _gather(self, run: list[FileRange]) -> None:
+        if run:
+            self._gather_views(self._source_maps().views(run))
+
+    def _gather_views(self, batch: list[memoryview]) -> None:
+        """Append ``batch`` (views of the source maps) with positional gather writes."""
+        first = 0
         while first < len(batch):
             n = os.pwritev(self.fd, batch[first:], self.position)
             if n == 0 and any(v.nbytes for v in batch[first:]):

@@ -231,7 +231,11 @@ class _StreamingFile:
 
         self.refs, self.path = pickle_pending(obj), Path(path)
         self.writer = ArchiveWriter(path)
-        write_header_records(self.writer, self.refs.data)
+        try:
+            write_header_records(self.writer, self.refs.data)
+        except BaseException:  # (a full disk): the caller never sees this stream to abort it
+            self.writer.abort()
+            raise
 
     def write(self, key: int, tensor: Any) -> int:
         """Write tensor ``key``, produced by its ``load()``; returns its bytes."""

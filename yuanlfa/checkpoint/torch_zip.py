@@ -19,7 +19,6 @@ streaming reader of a record over 4 GiB might not).
 
 from __future__ import annotations
 
-import itertools
 import os
 import struct
 import sys
@@ -137,9 +136,9 @@ class ArchiveWriter:
         nbytes = nbytes_of(ranges)
 
         def crc_all() -> int:  # from maps of the sources (the page cache, no copy)
-            crc, it = 0, iter(ranges)
-            while run := list(itertools.islice(it, 1024)):  # a bounded number of views at once
-                for view in maps.views(run):
+            crc = 0
+            for batch in maps.batches(ranges):  # a bounded number of views at once
+                for view in batch:
                     for start in range(0, view.nbytes, _CRC_CHUNK):
                         crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
                     view.release()
