@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.metadata import MetadataIndex as DcpIndex
 
 from tests.checkpoint.test_dcp_direct import TENSORS, _save
 from yuanlfa.checkpoint import CheckpointError, TrainingState, dcp_records, save_checkpoint, storage
@@ -40,7 +41,7 @@ def test_records_hold_what_dcp_classes_hold(tmp_path: Path) -> None:
         for chunk in md.chunks:
             # Looked up with a plain tuple, as the direct readers do.
             got = ours.storage_data[dcp_records.MetadataIndex(key, tuple(chunk.offsets))]
-            want = theirs.storage_data[type(next(iter(theirs.storage_data)))(key, chunk.offsets)]
+            want = theirs.storage_data[DcpIndex(key, chunk.offsets)]
             assert (got.relative_path, got.offset, got.length) == (
                 want.relative_path,
                 want.offset,

@@ -45,22 +45,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = [
-    "AsyncSaver",
-    "FORMAT",
-    "LATEST",
-    "CheckpointError",
-    "TrainingState",
-    "holds_checkpoints",
-    "is_complete",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "read_meta",
-    "read_tensor",
-    "SaveDone",
-    "SaveStarted",
-    "resolve_checkpoint",
-    "save_checkpoint",
-    "stored_tensors",
-    "use_async",
-]
+__all__ = sorted(_WHERE)
