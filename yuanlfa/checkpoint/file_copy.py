@@ -42,6 +42,14 @@ OPEN_SOURCES = 64  # source files held open (or mapped) per output file at once
 KERNEL_COPY = hasattr(os, "copy_file_range")
 
 
+def truncated(path: Path, end: int) -> CheckpointError:
+    """The error for a source file shorter than the metadata that points into it."""
+    return CheckpointError(
+        f"{path}: ends before byte {end}, where the checkpoint's metadata puts data; the file is "
+        "truncated, copy it again"
+    )
+
+
 class FileRange(NamedTuple):
     """``nbytes`` bytes of ``path`` from ``offset``: a converted tensor's exact bytes. (A
     named tuple: converters make millions of them, and it is made twice as fast as a frozen
@@ -71,10 +79,7 @@ class SourceMaps:
                 path, whole = r.path, self._whole(r.path)
             end = r.offset + r.nbytes
             if end > len(whole):
-                raise CheckpointError(
-                    f"{r.path}: ends before byte {end}, where the checkpoint's metadata puts "
-                    "data; the file is truncated, copy it again"
-                )
+                raise truncated(r.path, end)
             out.append(whole[r.offset : end])
         return out
 
@@ -106,10 +111,7 @@ class SourceMaps:
             whole = self._whole(path)
             end = offset + (rows[-1] if rows else 0) * stride + length
             if end > len(whole):
-                raise CheckpointError(
-                    f"{path}: ends before byte {end}, where the checkpoint's metadata puts "
-                    "data; the file is truncated, copy it again"
-                )
+                raise truncated(path, end)
             wholes.append((whole, offset, stride, length))
         return [
             whole[offset + i * stride : offset + i * stride + length]
@@ -190,10 +192,7 @@ class OutputFile:
                 while left:
                     n = os.copy_file_range(fd, self.fd, left, offset, self.position)
                     if n == 0:
-                        raise CheckpointError(
-                            f"{src.path}: ends before byte {offset + left}, where the "
-                            "checkpoint's metadata puts data; the file is truncated, copy it again"
-                        )
+                        raise truncated(src.path, offset + left)
                     offset, left, self.position = offset + n, left - n, self.position + n
                 self._write_back()
                 return
@@ -278,10 +277,7 @@ class OutputFile:
         while left:
             n = os.preadv(fd, [buffer[: min(left, len(buffer))]], offset)
             if n == 0:
-                raise CheckpointError(
-                    f"{path}: ends before byte {offset + left}, where the checkpoint's metadata "
-                    "puts data; the file is truncated, copy it again"
-                )
+                raise truncated(path, offset + left)
             self.write(buffer[:n])
             offset, left = offset + n, left - n
 
