@@ -60,6 +60,16 @@ class FileRange(NamedTuple):
     nbytes: int
 
 
+def block_ranges(rows: int, parts: Iterable[tuple[Path, int, int, int]]) -> Iterator[FileRange]:
+    """The ranges of a block of ``rows`` rows, row by row: part ``(path, offset, stride,
+    length)`` of row ``i`` is ``length`` bytes at ``offset + i * stride`` (the layout of
+    :class:`~yuanlfa.checkpoint.stored.Ranges`' blocks)."""
+    parts = tuple(parts)
+    for i in range(rows):
+        for path, offset, stride, length in parts:
+            yield FileRange(path, offset + i * stride, length)
+
+
 class SourceMaps:
     """Read-only maps of whole source files (the page cache, no copy), opened once each: many
     small ranges (a column block's rows) are written from them with few calls, and checksums
@@ -215,11 +225,7 @@ class OutputFile:
                     for batch in self._source_maps().block_views(rows, parts):
                         self._gather_views(batch)
                 else:
-                    self._copy_listed(
-                        FileRange(path, offset + i * stride, length)
-                        for i in range(rows)
-                        for path, offset, stride, length in parts
-                    )
+                    self._copy_listed(block_ranges(rows, parts))
             return
         self._copy_listed(ranges)
 

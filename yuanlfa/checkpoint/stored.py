@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from yuanlfa.checkpoint.file_copy import FileRange
+from yuanlfa.checkpoint.file_copy import FileRange, block_ranges
 
 
 class Part(NamedTuple):
@@ -70,9 +70,7 @@ class Ranges(Sequence[FileRange]):
 
     def __iter__(self) -> Iterator[FileRange]:
         for rows, parts in self.blocks:
-            for i in range(rows):
-                for path, offset, stride, length in parts:
-                    yield FileRange(path, offset + i * stride, length)
+            yield from block_ranges(rows, parts)
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
